@@ -1,0 +1,290 @@
+"""One validated settings object, built from environment variables, then a TOML file, then defaults.
+
+Precedence: ``MLDASH_*`` environment variables > the TOML file (``$MLDASH_CONFIG``, else
+``$XDG_CONFIG_HOME/mldash/config.toml``) > the embedded defaults under ``$XDG_DATA_HOME/mldash``,
+which need no setup at all. Every field is listed in `FIELDS` with its env var and meaning; the
+TOML file uses the field names as keys. Unknown keys and bad values raise `ConfigError` naming the
+key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mldash.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as "512MiB", "10GB", "1.5 GiB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative")
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size; use bytes or e.g. '512MiB', '10GB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean; use 1/0, true/false, yes/no")
+
+
+def _parse_float(minimum: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        number = float(value)
+        if not number >= minimum:
+            raise ValueError(f"{value!r} must be ≥ {minimum}")
+        return number
+    return parse
+
+
+def _parse_int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{value!r} is not an integer")
+        number = int(value)
+        if number < minimum:
+            raise ValueError(f"{value!r} must be ≥ {minimum}")
+        return number
+    return parse
+
+
+def _parse_optional_size(value: Any) -> int | None:
+    if value in (None, "", "0", 0, "none", "unlimited"):
+        return None
+    return parse_size(value)
+
+
+def _parse_path(value: Any) -> Path:
+    text = str(value)
+    if not text or "\x00" in text:
+        raise ValueError(f"{value!r} is not a path")
+    return Path(os.path.expanduser(text)).absolute()
+
+
+def _parse_store(value: Any) -> str:
+    url = str(value)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise ValueError(f"{url!r}: a file store must be an absolute 'file:///abs/dir' URL")
+        return url
+    if parsed.scheme == "s3":
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc or ""):
+            raise ValueError(f"{url!r}: 's3://bucket[/root-prefix]' needs a valid bucket name")
+        return url
+    raise ValueError(f"{url!r}: accepted stores are 'file:///abs/dir' and 's3://bucket[/root-prefix]'")
+
+
+def _parse_catalog(value: Any) -> str:
+    url = str(value)
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        if not parsed.path.startswith("/") or parsed.netloc:
+            raise ValueError(f"{url!r}: a SQLite catalog must be 'sqlite:///abs/file'")
+        return url
+    if parsed.scheme in ("mongodb", "mongodb+srv"):
+        return url
+    raise ValueError(f"{url!r}: accepted catalogs are 'sqlite:///abs/file' and 'mongodb://…' URIs")
+
+
+def _parse_durability(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("process", "power"):
+        raise ValueError(f"{value!r}: accepted durability levels are 'process' (default) and 'power'")
+    return text
+
+
+def _parse_experiment(value: Any) -> str:
+    text = str(value).strip("/")
+    if text.count("/") != 2:
+        raise ValueError(f"{value!r}: expected 'namespace/project/experiment'")
+    return text
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mldash"
+
+
+def _config_home() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mldash"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    env: str
+    parse: Callable[[Any], Any]
+    default: Callable[[], Any]
+    doc: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("spool", "MLDASH_SPOOL", _parse_path, lambda: _data_home() / "spool",
+          "Spool directory (local disk of the training node). Artifacts wait here until synced."),
+    Field("store", "MLDASH_STORE", _parse_store, lambda: (_data_home() / "store").as_uri(),
+          "Where bytes go: 'file:///abs/dir' (embedded default) or 's3://bucket[/root-prefix]'."),
+    Field("s3_endpoint_url", "MLDASH_S3_ENDPOINT_URL", str, lambda: None,
+          "Endpoint of an S3-compatible service (MinIO, Ceph…); unset means AWS S3."),
+    Field("s3_region", "MLDASH_S3_REGION", str, lambda: None,
+          "S3 region; unset means the standard AWS chain (AWS_REGION, profile), else us-east-1."),
+    Field("catalog", "MLDASH_CATALOG", _parse_catalog, lambda: "sqlite://" + str(_data_home() / "catalog.sqlite"),
+          "Where metadata goes: 'sqlite:///abs/file' (embedded default) or a 'mongodb://' URI."),
+    Field("mongo_database", "MLDASH_MONGO_DATABASE", str, lambda: "mldash",
+          "MongoDB database holding the 'files' collection."),
+    Field("autostart", "MLDASH_AUTOSTART", _parse_bool, lambda: True,
+          "Start a detached mldash-syncd for the spool on the first save if none runs (0 = never)."),
+    Field("durability", "MLDASH_DURABILITY", _parse_durability, lambda: "process",
+          "'process': an acknowledged save survives any process crash. 'power': also power loss "
+          "(fsync of files and directories, SQLite synchronous=FULL); slower."),
+    Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_optional_size, lambda: None,
+          "Maximum bytes of artifacts held in the spool (e.g. '50GiB'); unset = only the disk limits it."),
+    Field("save_timeout", "MLDASH_SAVE_TIMEOUT", _parse_float(0.0), lambda: 60.0,
+          "Seconds a save blocks waiting for spool space (quota or full disk) before SpoolFullError."),
+    Field("max_file_size", "MLDASH_MAX_FILE_SIZE", parse_size, lambda: 100 * 10**9,
+          "Largest accepted artifact, checked before copying (default 100 GB)."),
+    Field("experiment", "MLDASH_EXPERIMENT", _parse_experiment, lambda: "local/default/dxp",
+          "'namespace/project/experiment' of the module-level `dxp` experiment."),
+    Field("max_concurrent_files", "MLDASH_MAX_CONCURRENT_FILES", _parse_int(1), lambda: 8,
+          "Daemon: files uploaded at once."),
+    Field("max_concurrent_parts", "MLDASH_MAX_CONCURRENT_PARTS", _parse_int(1), lambda: 4,
+          "Daemon: multipart parts in flight at once, over all files (memory ≈ this × part size)."),
+    Field("multipart_threshold", "MLDASH_MULTIPART_THRESHOLD", parse_size, lambda: 16 * 2**20,
+          "Daemon: files at least this large use multipart upload."),
+    Field("part_size", "MLDASH_PART_SIZE", parse_size, lambda: 8 * 2**20,
+          "Daemon: minimum multipart part size (raised to size/10,000 for huge files; ≥ 5 MiB)."),
+    Field("request_timeout", "MLDASH_REQUEST_TIMEOUT", _parse_float(0.1), lambda: 60.0,
+          "Daemon: deadline in seconds of every single S3/MongoDB call (parts scale it by size)."),
+    Field("lease_seconds", "MLDASH_LEASE_SECONDS", _parse_float(1.0), lambda: 300.0,
+          "Daemon: how long a claim on an entry lasts without renewal."),
+    Field("max_attempts", "MLDASH_MAX_ATTEMPTS", _parse_int(1), lambda: 20,
+          "Daemon: attempts per entry for transient errors before it is left 'failed'."),
+    Field("keep_committed", "MLDASH_KEEP_COMMITTED", _parse_int(0), lambda: 0,
+          "Daemon: committed artifacts whose bytes stay in the spool (newest first) for fast local reads."),
+    Field("evict_after", "MLDASH_EVICT_AFTER", _parse_float(0.0), lambda: 0.0,
+          "Daemon: seconds after commit before bytes beyond keep_committed are evicted."),
+    Field("idle_exit", "MLDASH_IDLE_EXIT", _parse_float(0.0), lambda: 300.0,
+          "Autostarted daemon: exit after this many idle seconds (0 = never). Ignored by 'run' as a service."),
+    Field("log_level", "MLDASH_LOG_LEVEL", lambda v: str(v).upper(), lambda: "INFO",
+          "Daemon log level (DEBUG, INFO, WARNING, ERROR). botocore's wire log is never shown."),
+)
+
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    spool: Path
+    store: str
+    s3_endpoint_url: str | None
+    s3_region: str | None
+    catalog: str
+    mongo_database: str
+    autostart: bool
+    durability: str
+    spool_quota: int | None
+    save_timeout: float
+    max_file_size: int
+    experiment: str
+    max_concurrent_files: int
+    max_concurrent_parts: int
+    multipart_threshold: int
+    part_size: int
+    request_timeout: float
+    lease_seconds: float
+    max_attempts: int
+    keep_committed: int
+    evict_after: float
+    idle_exit: float
+    log_level: str
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `env` (default: os.environ), the TOML file, defaults, then `overrides`."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        config_file = Path(env["MLDASH_CONFIG"]) if env.get("MLDASH_CONFIG") else _config_home() / "config.toml"
+        if config_file.is_file() or env.get("MLDASH_CONFIG"):
+            values.update(_read_toml(config_file))
+        for field in FIELDS:
+            if env.get(field.env, "") != "":
+                values[field.name] = _parse(field, env[field.env], f"environment variable {field.env}")
+        for name, raw in overrides.items():
+            if name not in _BY_NAME:
+                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
+            values[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else None
+        for field in FIELDS:
+            if field.name not in values:
+                values[field.name] = field.default()
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def _check(self) -> None:
+        if self.part_size < 5 * 2**20:
+            raise ConfigError(f"part_size = {self.part_size} bytes; S3 needs at least 5 MiB (5242880)")
+        if self.multipart_threshold < self.part_size:
+            raise ConfigError(
+                f"multipart_threshold ({self.multipart_threshold}) must be ≥ part_size ({self.part_size})")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level = {self.log_level!r}; accepted: DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def power_safe(self) -> bool:
+        return self.durability == "power"
+
+    @property
+    def experiment_parts(self) -> tuple[str, str, str]:
+        namespace, project, experiment = self.experiment.split("/")
+        return namespace, project, experiment
+
+
+def _parse(field: Field, raw: Any, source: str) -> Any:
+    try:
+        return field.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{field.name} ({source}): {exc}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} (from MLDASH_CONFIG) does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    section = data.get("mldash", data)  # both a flat file and an [mldash] table are accepted
+    values: dict[str, Any] = {}
+    for key, raw in section.items():
+        if key == "mldash" and section is data:
+            continue
+        if key not in _BY_NAME:
+            raise ConfigError(f"unknown key {key!r} in {str(path)!r}; known keys: {', '.join(_BY_NAME)}")
+        values[key] = _parse(_BY_NAME[key], raw, f"{path}")
+    return values

@@ -1,0 +1,164 @@
+"""Atomic enqueue — the client's only write path into the spool (it never touches SQLite).
+
+Order of operations, each step safe to be interrupted by kill -9:
+
+1. write bytes to ``tmp/{pid}-{id}.blob.part`` (0600), hashing them on the way;
+2. (quota) take the quota lock, wait for room;
+3. ``link`` the temp file to ``blobs/{id}`` — link, not rename, because it fails on an existing
+   name instead of overwriting: an id collision is detected, never silent;
+4. write the manifest to ``tmp/``, then ``link`` it to ``manifests/{id}.msgpack``: **the commit
+   point.** Before it the entry does not exist; after it the daemon will find it (inotify or scan);
+5. remove the temp names.
+
+A crash before 4 leaves only debris (temp files whose pid is gone, a blob without manifest) that
+the daemon removes at start-up; it never leaves a manifest without its complete blob.
+With durability "power", file data and both directories are fsynced before the commit point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mldash.config import Settings
+from mldash.errors import FileTooLargeError, SpoolFullError
+from mldash.ids import new_id
+from mldash.spool.hashing import HashingSink
+from mldash.spool.layout import SpoolLayout, fsync_dir, open_private
+from mldash.spool.manifest import Manifest
+from mldash.spool.quota import quota_lock, spooled_bytes
+
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """Everything about a new artifact except its bytes; names must already be validated."""
+
+    namespace: str
+    project: str
+    experiment: str
+    prefix: str
+    filename: str
+    content_type: str
+    kind: str
+    description: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+Writer = Callable[[HashingSink], None]
+
+
+class Enqueuer:
+    """Writes entries into one spool for one process. Cheap to create; holds no open files."""
+
+    def __init__(self, settings: Settings, layout: SpoolLayout | None = None) -> None:
+        self.settings = settings
+        self.layout = (layout or SpoolLayout(settings.spool)).ensure()
+
+    def enqueue(self, spec: EntrySpec, write: Writer, *, expected_size: int | None = None) -> Manifest:
+        """Spool one artifact; returns its manifest once it is durable (see module doc)."""
+        limit = self.settings.max_file_size
+        if expected_size is not None and expected_size > limit:
+            raise FileTooLargeError(f"{spec.filename!r} is {expected_size} bytes; the maximum is {limit} bytes "
+                                    "(setting max_file_size)")
+        quota = self.settings.spool_quota
+        if quota is not None and expected_size is not None and expected_size > quota:
+            raise SpoolFullError(f"{spec.filename!r} ({expected_size} bytes) can never fit the spool quota of "
+                                 f"{quota} bytes (setting spool_quota)", requested=expected_size, used=0, quota=quota)
+        deadline = time.monotonic() + self.settings.save_timeout
+        delay = 0.05
+        while True:
+            try:
+                return self._attempt(spec, write, deadline)
+            except OSError as exc:
+                if exc.errno not in _SPACE_ERRNOS:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise SpoolFullError(
+                        f"the spool filesystem at {self.layout.root} is full ({os.strerror(exc.errno)}); waited "
+                        f"{self.settings.save_timeout:g}s (setting save_timeout) for {spec.filename!r}; "
+                        "nothing was written", requested=expected_size or 0, used=0, quota=quota) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _attempt(self, spec: EntrySpec, write: Writer, deadline: float) -> Manifest:
+        file_id = new_id()
+        tmp_blob = self.layout.tmp_path(file_id, "blob")
+        fd = open_private(tmp_blob)
+        try:
+            try:
+                sink = HashingSink(fd)
+                write(sink)
+                if self.settings.power_safe:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if sink.size > self.settings.max_file_size:
+                raise FileTooLargeError(f"{spec.filename!r} serialized to {sink.size} bytes; the maximum is "
+                                        f"{self.settings.max_file_size} bytes (setting max_file_size)")
+            manifest = Manifest(
+                id=file_id, namespace=spec.namespace, project=spec.project, experiment=spec.experiment,
+                prefix=spec.prefix, filename=spec.filename, size=sink.size, sha256=sink.hexdigest(),
+                content_type=spec.content_type, created_at=time.time(), kind=spec.kind,
+                description=spec.description, tags=list(spec.tags), metadata=dict(spec.metadata),
+                host=_HOST, pid=os.getpid(),
+            )
+            quota = self.settings.spool_quota
+            if quota is None:
+                return self._publish(manifest, tmp_blob)
+            return self._publish_within_quota(manifest, tmp_blob, quota, deadline)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_blob)
+
+    def _publish_within_quota(self, manifest: Manifest, tmp_blob: os.PathLike, quota: int,
+                              deadline: float) -> Manifest:
+        delay = 0.02
+        while True:
+            with quota_lock(self.layout):
+                used = spooled_bytes(self.layout)
+                if used + manifest.size <= quota:
+                    return self._publish(manifest, tmp_blob)
+            if time.monotonic() + delay > deadline:
+                raise SpoolFullError(
+                    f"spool quota full: {used} of {quota} bytes in use, {manifest.filename!r} needs "
+                    f"{manifest.size}; waited {self.settings.save_timeout:g}s (setting save_timeout) for the "
+                    "daemon to drain; nothing was written", requested=manifest.size, used=used, quota=quota)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _publish(self, manifest: Manifest, tmp_blob: os.PathLike) -> Manifest:
+        blob = self.layout.blob_path(manifest.id)
+        os.link(tmp_blob, blob)  # FileExistsError on an id collision: surfaces, never overwrites
+        committed = False
+        tmp_manifest = self.layout.tmp_path(manifest.id, "manifest")
+        try:
+            fd = open_private(tmp_manifest)
+            try:
+                os.write(fd, manifest.encode())
+                if self.settings.power_safe:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if self.settings.power_safe:
+                fsync_dir(self.layout.blobs_dir)
+            os.link(tmp_manifest, self.layout.manifest_path(manifest.id))  # the commit point
+            committed = True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_manifest)
+            if not committed:  # leave no orphan blob behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(blob)
+        if self.settings.power_safe:
+            fsync_dir(self.layout.manifests_dir)
+        return manifest

@@ -1,0 +1,307 @@
+"""The spool index: a SQLite (WAL) table of every entry's state, lease, attempts and upload progress.
+
+The daemon is its one writer (plus short CLI commands such as `retry`); training processes only ever
+read it, so they never wait on its write lock. It holds no information that cannot be derived again:
+`rebuild()` recreates it from the manifests, and every step after that is idempotent (an object
+already in the store with the right checksum is not re-sent; catalog upserts are keyed by id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from mldash.spool.layout import FILE_MODE, SpoolLayout
+from mldash.spool.manifest import Manifest
+from mldash.spool.states import PENDING, State, check_transition
+
+SCHEMA_VERSION = 1
+_MAX_EVENTS = 1000
+
+_ENTRY_COLUMNS: dict[str, Any] = {
+    "id": int, "state": str,
+    "namespace": str, "project": str, "experiment": str, "prefix": str, "filename": str,
+    "size": int, "sha256": str, "content_type": str, "created_at": float,
+    "attempts": int,            # counted *before* each try, so a crash mid-try still counts
+    "next_attempt_at": float,   # not before this Unix time (backoff)
+    "last_error": str, "error_kind": str,
+    "lease_owner": str, "lease_expires": float,
+    "upload_id": str, "part_size": int, "store_key": str, "store_checksum": str,
+    "bytes_sent": int,          # bytes put on the wire for this entry, over all attempts
+    "uploaded_at": float, "committed_at": float, "evicted_at": float, "updated_at": float,
+}
+
+
+def _connect(path: Path, *, readonly: bool, power_safe: bool) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, isolation_level=None,
+                               check_same_thread=False)
+    else:
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+        os.chmod(path, FILE_MODE)
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if power_safe else 'NORMAL'}")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class SpoolIndex:
+    """Read/write access to one spool's index. Not thread-safe: one per thread/event loop."""
+
+    def __init__(self, layout: SpoolLayout, *, power_safe: bool = False, readonly: bool = False) -> None:
+        self.layout = layout
+        self.readonly = readonly
+        self.conn = _connect(layout.index_path, readonly=readonly, power_safe=power_safe)
+        if not readonly:
+            self._create_schema()
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(str(layout.index_path) + suffix, FILE_MODE)
+
+    @classmethod
+    def open_readonly(cls, layout: SpoolLayout) -> SpoolIndex | None:
+        """A read-only view, or None when no daemon has created the index yet."""
+        if not layout.index_path.exists():
+            return None
+        try:
+            return cls(layout, readonly=True)
+        except sqlite3.Error:
+            return None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _create_schema(self) -> None:
+        db = sqlite_utils.Database(self.conn)
+        db["entries"].create(_ENTRY_COLUMNS, pk="id", not_null={"state"},
+                             defaults={"attempts": 0, "next_attempt_at": 0.0, "bytes_sent": 0}, if_not_exists=True)
+        db["parts"].create({"entry_id": int, "part_number": int, "size": int, "etag": str, "sha256": str},
+                           pk=("entry_id", "part_number"), if_not_exists=True)
+        db["events"].create({"seq": int, "ts": float, "entry_id": int, "level": str, "message": str},
+                            pk="seq", if_not_exists=True)
+        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db["entries"].create_index(["state", "next_attempt_at"], if_not_exists=True)
+        db["entries"].create_index(["namespace", "project", "experiment"], if_not_exists=True)
+        self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ---- ingest -------------------------------------------------------------------------------
+    def known_ids(self) -> set[int]:
+        return {row[0] for row in self.conn.execute("SELECT id FROM entries")}
+
+    def ingest(self, manifests: Iterable[Manifest], now: float | None = None) -> int:
+        """Add new manifests as queued; ids already present are left alone. Returns how many were new."""
+        now = time.time() if now is None else now
+        rows = [(m.id, State.QUEUED.value, m.namespace, m.project, m.experiment, m.prefix, m.filename, m.size,
+                 m.sha256, m.content_type, m.created_at, now) for m in manifests]
+        if not rows:
+            return 0
+        with self.transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO entries (id, state, namespace, project, experiment, prefix, filename, size,"
+                " sha256, content_type, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            return conn.total_changes - before
+
+    def ingest_broken(self, file_id: int, reason: str, now: float | None = None) -> None:
+        """Record an entry whose manifest cannot be read: quarantined, with the reason."""
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO entries (id, state, created_at, updated_at) VALUES (?,?,?,?)",
+                         (file_id, State.QUARANTINED.value, now, now))
+            conn.execute("UPDATE entries SET state=?, last_error=?, error_kind='corrupt', updated_at=?"
+                         " WHERE id=? AND state NOT IN ('committed','evicted')",
+                         (State.QUARANTINED.value, reason, now, file_id))
+        self.add_event(file_id, "error", reason)
+
+    # ---- reads --------------------------------------------------------------------------------
+    def get(self, file_id: int) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM entries WHERE id=?", (file_id,)).fetchone()
+        return dict(row) if row else None
+
+    def states_of(self, ids: Iterable[int]) -> dict[int, State]:
+        ids = list(ids)
+        out: dict[int, State] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(f"SELECT id, state FROM entries WHERE id IN ({marks})", chunk):
+                out[row[0]] = State(row[1])
+        return out
+
+    def rows(self, *, states: Iterable[State] | None = None, experiment: tuple[str, str, str] | None = None,
+             ids: Iterable[int] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM entries WHERE 1=1", []
+        if states is not None:
+            states = list(states)
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += [s.value for s in states]
+        if experiment is not None:
+            sql += " AND namespace=? AND project=? AND experiment=?"
+            args += list(experiment)
+        if ids is not None:
+            ids = list(ids)
+            sql += f" AND id IN ({','.join('?' * len(ids))})"
+            args += ids
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [dict(r) for r in self.conn.execute(sql, args)]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out = {s.value: {"count": 0, "bytes": 0} for s in State}
+        for state, count, size in self.conn.execute(
+                "SELECT state, COUNT(*), COALESCE(SUM(size),0) FROM entries GROUP BY state"):
+            out[state] = {"count": count, "bytes": size}
+        return out
+
+    def oldest_pending_created_at(self) -> float | None:
+        marks = ",".join("?" * len(PENDING))
+        row = self.conn.execute(f"SELECT MIN(created_at) FROM entries WHERE state IN ({marks})",
+                                [s.value for s in PENDING]).fetchone()
+        return row[0]
+
+    def next_due(self) -> float | None:
+        """Earliest next_attempt_at among entries waiting for work (queued or uploaded)."""
+        row = self.conn.execute("SELECT MIN(next_attempt_at) FROM entries WHERE state IN ('queued','uploaded')"
+                                ).fetchone()
+        return row[0]
+
+    # ---- leases and transitions ---------------------------------------------------------------
+    def claim(self, owner: str, lease_seconds: float, limit: int, now: float | None = None,
+              states: tuple[State, ...] = (State.QUEUED,)) -> list[dict[str, Any]]:
+        """Lease up to `limit` due entries in `states` (oldest first) and mark queued ones uploading."""
+        now = time.time() if now is None else now
+        marks = ",".join("?" * len(states))
+        with self.transaction() as conn:
+            rows = [dict(r) for r in conn.execute(
+                f"SELECT * FROM entries WHERE state IN ({marks}) AND next_attempt_at <= ? "
+                f"AND (lease_expires IS NULL OR lease_expires < ?) ORDER BY next_attempt_at, id LIMIT ?",
+                [*(s.value for s in states), now, now, limit])]
+            for row in rows:
+                target = State.UPLOADING if row["state"] == State.QUEUED.value else State(row["state"])
+                conn.execute("UPDATE entries SET state=?, lease_owner=?, lease_expires=?, attempts=attempts+1,"
+                             " updated_at=? WHERE id=?",
+                             (target.value, owner, now + lease_seconds, now, row["id"]))
+                row.update(state=target.value, lease_owner=owner, lease_expires=now + lease_seconds,
+                           attempts=row["attempts"] + 1)
+        return rows
+
+    def renew_lease(self, file_id: int, owner: str, lease_seconds: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        cur = self.conn.execute("UPDATE entries SET lease_expires=? WHERE id=? AND lease_owner=?",
+                                (now + lease_seconds, file_id, owner))
+        return cur.rowcount == 1
+
+    def release_expired_leases(self, now: float | None = None) -> int:
+        """Leases whose owner died: uploading → queued (progress kept), others just unleased."""
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            changed = conn.execute("UPDATE entries SET state='queued', lease_owner=NULL, lease_expires=NULL,"
+                                   " updated_at=? WHERE state='uploading' AND lease_expires < ?", (now, now)).rowcount
+            conn.execute("UPDATE entries SET lease_owner=NULL, lease_expires=NULL WHERE state!='uploading'"
+                         " AND lease_expires < ?", (now,))
+        return changed
+
+    def release_all_leases(self, owner: str) -> int:
+        """At start-up of the one daemon holding the spool lock, no other lease can be live."""
+        with self.transaction() as conn:
+            changed = conn.execute("UPDATE entries SET state='queued', lease_owner=NULL, lease_expires=NULL"
+                                   " WHERE state='uploading'").rowcount
+            conn.execute("UPDATE entries SET lease_owner=NULL, lease_expires=NULL WHERE lease_owner IS NOT NULL")
+        return changed
+
+    def transition(self, file_id: int, target: State, *, release: bool = True, **fields: Any) -> None:
+        """Move an entry to `target` (checked against the state machine) and set `fields`."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT state FROM entries WHERE id=?", (file_id,)).fetchone()
+            if row is None:
+                raise KeyError(file_id)
+            current = State(row[0])
+            if current != target:
+                check_transition(file_id, current, target)
+            fields = {**fields, "state": target.value, "updated_at": time.time()}
+            if release:
+                fields.update(lease_owner=None, lease_expires=None)
+            assignments = ", ".join(f"{name}=?" for name in fields)
+            conn.execute(f"UPDATE entries SET {assignments} WHERE id=?", [*fields.values(), file_id])
+
+    def update(self, file_id: int, **fields: Any) -> None:
+        """Set bookkeeping fields without a state change (upload id, bytes sent…)."""
+        assignments = ", ".join(f"{name}=?" for name in fields)
+        self.conn.execute(f"UPDATE entries SET {assignments} WHERE id=?", [*fields.values(), file_id])
+
+    def add_bytes_sent(self, file_id: int, count: int) -> None:
+        self.conn.execute("UPDATE entries SET bytes_sent=bytes_sent+? WHERE id=?", (count, file_id))
+
+    def retry(self, ids: Iterable[int] | None = None) -> list[int]:
+        """Re-queue failed/quarantined entries (all of them when `ids` is None), attempts reset."""
+        with self.transaction() as conn:
+            if ids is None:
+                targets = [r[0] for r in conn.execute("SELECT id FROM entries WHERE state IN ('failed','quarantined')")]
+            else:
+                targets = []
+                for file_id in ids:
+                    row = conn.execute("SELECT state FROM entries WHERE id=?", (file_id,)).fetchone()
+                    if row and row[0] in ("failed", "quarantined"):
+                        targets.append(file_id)
+            for file_id in targets:
+                conn.execute("UPDATE entries SET state='queued', attempts=0, next_attempt_at=0, error_kind=NULL,"
+                             " lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?", (time.time(), file_id))
+        return targets
+
+    # ---- multipart progress -------------------------------------------------------------------
+    def record_part(self, file_id: int, part_number: int, size: int, etag: str, sha256_b64: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO parts VALUES (?,?,?,?,?)",
+                          (file_id, part_number, size, etag, sha256_b64))
+
+    def parts(self, file_id: int) -> dict[int, dict[str, Any]]:
+        return {r["part_number"]: dict(r) for r in self.conn.execute(
+            "SELECT * FROM parts WHERE entry_id=? ORDER BY part_number", (file_id,))}
+
+    def clear_parts(self, file_id: int) -> None:
+        self.conn.execute("DELETE FROM parts WHERE entry_id=?", (file_id,))
+
+    # ---- events and compaction ----------------------------------------------------------------
+    def add_event(self, file_id: int | None, level: str, message: str) -> None:
+        self.conn.execute("INSERT INTO events (ts, entry_id, level, message) VALUES (?,?,?,?)",
+                          (time.time(), file_id, level, message))
+        self.conn.execute("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (_MAX_EVENTS,))
+
+    def recent_events(self, limit: int = 20, level: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM events", []
+        if level:
+            sql, args = sql + " WHERE level=?", [level]
+        return [dict(r) for r in self.conn.execute(sql + " ORDER BY seq DESC LIMIT ?", [*args, limit])]
+
+    def delete(self, ids: Iterable[int]) -> None:
+        with self.transaction() as conn:
+            for file_id in ids:
+                conn.execute("DELETE FROM parts WHERE entry_id=?", (file_id,))
+                conn.execute("DELETE FROM entries WHERE id=?", (file_id,))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?,?)", (key, value))

@@ -1,0 +1,128 @@
+"""Where things live inside a spool directory — the only module that builds spool paths.
+
+    {spool}/
+      SPOOL                    layout marker: "mldash-spool 1"
+      tmp/                     client temp files: "{pid}-{id}.{blob|manifest}.part" (debris if the pid is gone)
+      blobs/{id}               artifact bytes, immutable once linked into place
+      manifests/{id}.msgpack   one manifest per artifact; linking it into place is the commit point
+      index.sqlite             the daemon's index (WAL); rebuildable from manifests/ at any time
+      daemon.lock              flock held by the one mldash-syncd draining this spool
+
+Nothing inside records an absolute path or a host, so a spool can be copied to another machine.
+Directories are 0700 and files 0600 whatever the umask: artifacts can be private research.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mldash.errors import SpoolCorruptError
+
+LAYOUT_VERSION = 1
+_MARKER = f"mldash-spool {LAYOUT_VERSION}\n"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+MANIFEST_SUFFIX = ".msgpack"
+
+
+def make_private_dir(path: Path) -> None:
+    """mkdir -p with 0700 on every directory we create, regardless of umask."""
+    if path.is_dir():
+        return
+    make_private_dir(path.parent) if not path.parent.exists() else None
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; chmod is not
+
+
+def open_private(path: Path | str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL) -> int:
+    """os.open with mode 0600 enforced (umask-proof); returns the fd."""
+    fd = os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return fd
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SpoolLayout:
+    root: Path
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.sqlite"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "daemon.lock"
+
+    @property
+    def quota_lock_path(self) -> Path:
+        return self.root / "quota.lock"
+
+    @property
+    def daemon_log_path(self) -> Path:
+        return self.root / "daemon.log"
+
+    def blob_path(self, file_id: int) -> Path:
+        return self.blobs_dir / str(file_id)
+
+    def manifest_path(self, file_id: int) -> Path:
+        return self.manifests_dir / f"{file_id}{MANIFEST_SUFFIX}"
+
+    def tmp_path(self, file_id: int, kind: str) -> Path:
+        return self.tmp_dir / f"{os.getpid()}-{file_id}.{kind}.part"
+
+    @staticmethod
+    def manifest_id(name: str) -> int | None:
+        """The id a manifest file name stands for, or None for anything that is not a manifest."""
+        stem = name[: -len(MANIFEST_SUFFIX)] if name.endswith(MANIFEST_SUFFIX) else ""
+        return int(stem) if stem.isdigit() else None
+
+    @staticmethod
+    def tmp_owner_pid(name: str) -> int | None:
+        head = name.split("-", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def ensure(self) -> SpoolLayout:
+        """Create the spool directories (0700) and the layout marker; check an existing marker."""
+        marker = self.root / "SPOOL"
+        if marker.exists():
+            text = marker.read_text(encoding="utf-8", errors="replace")
+            if text != _MARKER:
+                raise SpoolCorruptError(
+                    f"{self.root} holds a spool of layout {text.strip()!r}; this mldash reads {_MARKER.strip()!r}")
+        for directory in (self.root, self.tmp_dir, self.blobs_dir, self.manifests_dir):
+            make_private_dir(directory)
+        if not marker.exists():
+            tmp = self.tmp_dir / f"{os.getpid()}-SPOOL.part"
+            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(_MARKER)
+            os.replace(tmp, marker)
+        return self
+
+    def exists(self) -> bool:
+        return (self.root / "SPOOL").exists()

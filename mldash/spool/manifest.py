@@ -1,0 +1,122 @@
+"""The manifest: one immutable msgpack map per artifact, the source of truth of the spool.
+
+Format version 1 (see docs/spool-format.md). Keys are short but readable; unknown keys are kept
+when decoding so a newer minor writer does not break an older daemon; an unknown *major* format
+version is refused (the entry is quarantined, never guessed at).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from mldash.errors import SpoolCorruptError
+from mldash.keys import object_key
+
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 4 * 2**20  # metadata is small; anything bigger is corrupt or hostile
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: int
+    namespace: str
+    project: str
+    experiment: str
+    prefix: str          # "" or "models/checkpoints" (no leading/trailing slash)
+    filename: str
+    size: int
+    sha256: str          # hex digest of the spooled bytes, computed while they were written
+    content_type: str
+    created_at: float    # Unix seconds
+    kind: str = "blob"   # which call produced it: upload, json, text, blob, torch, pkl, fig, video, image
+    description: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    host: str = ""       # producing host and pid: for people reading `ls`, never used as a path
+    pid: int = 0
+    format: int = FORMAT_VERSION
+
+    @property
+    def path(self) -> str:
+        """The logical folder shown to users (ML-Dash's `path`): "/models/checkpoints", or "/"."""
+        return "/" + self.prefix
+
+    @property
+    def logical_path(self) -> str:
+        """Folder and filename: "/models/checkpoints/model.pt"."""
+        return "/" + (f"{self.prefix}/" if self.prefix else "") + self.filename
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.namespace}/{self.project}/{self.experiment}"
+
+    def key(self, root: str = "") -> str:
+        return object_key(namespace=self.namespace, project=self.project, experiment=self.experiment,
+                          prefix=self.prefix, file_id=self.id, filename=self.filename, root=root)
+
+    def encode(self) -> bytes:
+        return msgpack.packb(asdict(self), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes, *, source: str = "manifest") -> Manifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise SpoolCorruptError(f"{source}: {len(data)} bytes is too large for a manifest")
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types for truncated input
+            raise SpoolCorruptError(f"{source}: not a valid msgpack manifest ({exc})") from None
+        if not isinstance(raw, dict):
+            raise SpoolCorruptError(f"{source}: manifest is a {type(raw).__name__}, expected a map")
+        version = raw.get("format")
+        if version != FORMAT_VERSION:
+            raise SpoolCorruptError(f"{source}: unknown manifest format {version!r}; this mldash reads "
+                                    f"format {FORMAT_VERSION}")
+        known = {name: raw[name] for name in cls.__dataclass_fields__ if name in raw}
+        try:
+            manifest = cls(**known)
+        except TypeError as exc:
+            raise SpoolCorruptError(f"{source}: manifest is missing fields ({exc})") from None
+        manifest._check(source)
+        return manifest
+
+    def _check(self, source: str) -> None:
+        checks = [
+            (isinstance(self.id, int) and self.id > 0, "id"),
+            (isinstance(self.size, int) and self.size >= 0, "size"),
+            (isinstance(self.sha256, str) and len(self.sha256) == 64, "sha256"),
+            (all(isinstance(v, str) for v in (self.namespace, self.project, self.experiment, self.prefix,
+                                               self.filename, self.content_type)), "names"),
+            (isinstance(self.tags, list) and isinstance(self.metadata, dict), "tags/metadata"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise SpoolCorruptError(f"{source}: manifest field {what} is invalid")
+        from mldash import names  # validated again: a manifest could have been edited by hand
+
+        try:
+            for part in (self.namespace, self.project, self.experiment, self.filename):
+                names.validate_segment(part, "name")
+            names.validate_prefix(self.prefix)
+        except ValueError as exc:
+            raise SpoolCorruptError(f"{source}: {exc}") from None
+
+    def to_public(self) -> dict[str, Any]:
+        """The user-facing dict (camelCase, as ML-Dash returns it)."""
+        return {
+            "id": str(self.id),
+            "namespace": self.namespace,
+            "project": self.project,
+            "experiment": self.experiment,
+            "path": self.path,
+            "filename": self.filename,
+            "sizeBytes": self.size,
+            "checksum": self.sha256,
+            "contentType": self.content_type,
+            "description": self.description,
+            "tags": list(self.tags),
+            "metadata": dict(self.metadata),
+            "createdAt": self.created_at,
+        }

@@ -1,0 +1,157 @@
+"""Bringing the index in line with the manifests: ingest, debris clean-up, repair, rebuild.
+
+Run by the daemon at start-up (and on every scan for `ingest_new`) and by `mldash-syncd reindex`.
+Each problem is detected, reported as an index event, and either repaired or quarantined; none
+raises out of here, so one bad file never blocks the rest of the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from mldash.errors import SpoolCorruptError
+from mldash.spool.index import SpoolIndex
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.manifest import Manifest
+from mldash.spool.states import PENDING, State
+
+log = logging.getLogger("mldash.spool")
+
+# A blob without a manifest is normal for the microseconds between the client's two links;
+# only an old one is debris. ctime, not mtime: link() updates ctime, a slow write does not matter.
+ORPHAN_BLOB_GRACE = 600.0
+STALE_TMP_AGE = 24 * 3600.0
+
+
+def read_manifest(layout: SpoolLayout, file_id: int) -> Manifest:
+    path = layout.manifest_path(file_id)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpoolCorruptError(f"manifest {path.name}: cannot be read ({exc.strerror})") from None
+    manifest = Manifest.decode(data, source=f"manifest {path.name}")
+    if manifest.id != file_id:
+        raise SpoolCorruptError(f"manifest {path.name}: holds id {manifest.id}, not {file_id}")
+    return manifest
+
+
+def manifest_ids(layout: SpoolLayout) -> set[int]:
+    ids = set()
+    with os.scandir(layout.manifests_dir) as entries:
+        for entry in entries:
+            file_id = SpoolLayout.manifest_id(entry.name)
+            if file_id is not None:
+                ids.add(file_id)
+    return ids
+
+
+def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int]) -> list[int]:
+    """Index manifests not in `known` (updated in place); corrupt ones are quarantined with the reason."""
+    fresh, good = [], []
+    for file_id in sorted(manifest_ids(layout) - known):
+        try:
+            manifest = read_manifest(layout, file_id)
+            blob = layout.blob_path(file_id)
+            size = blob.stat().st_size
+            if size != manifest.size:
+                raise SpoolCorruptError(f"blob {file_id}: {size} bytes, manifest says {manifest.size}")
+            good.append(manifest)
+        except FileNotFoundError:
+            index.ingest_broken(file_id, f"blob {file_id} is missing; manifest present")
+            log.error("quarantined %s: blob missing", file_id)
+        except SpoolCorruptError as exc:
+            index.ingest_broken(file_id, str(exc))
+            log.error("quarantined %s: %s", file_id, exc)
+        known.add(file_id)
+        fresh.append(file_id)
+    index.ingest(good)
+    return fresh
+
+
+@dataclass
+class RecoveryReport:
+    removed_tmp: list[str] = field(default_factory=list)
+    removed_orphan_blobs: list[int] = field(default_factory=list)
+    quarantined: list[int] = field(default_factory=list)
+    released_leases: int = 0
+    ingested: int = 0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None = None,
+                 orphan_grace: float = ORPHAN_BLOB_GRACE) -> None:
+    """Remove temp files of dead writers and blobs whose manifest never landed."""
+    now = time.time() if now is None else now
+    with os.scandir(layout.tmp_dir) as entries:
+        for entry in entries:
+            pid = SpoolLayout.tmp_owner_pid(entry.name)
+            with contextlib.suppress(FileNotFoundError):
+                age = now - entry.stat(follow_symlinks=False).st_ctime
+                if pid is None or not _pid_alive(pid) or age > STALE_TMP_AGE:
+                    os.unlink(entry.path)
+                    report.removed_tmp.append(entry.name)
+    manifests = manifest_ids(layout)
+    with os.scandir(layout.blobs_dir) as entries:
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) in manifests:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat(follow_symlinks=False).st_ctime > orphan_grace:
+                    os.unlink(entry.path)
+                    report.removed_orphan_blobs.append(int(entry.name))
+
+
+def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) -> None:
+    """Pending index rows whose manifest or blob disappeared are quarantined, never silently dropped."""
+    manifests = manifest_ids(layout)
+    for row in index.rows(states=PENDING - {State.QUARANTINED}):
+        file_id = row["id"]
+        if file_id not in manifests:
+            reason = "manifest disappeared from the spool"
+        elif not layout.blob_path(file_id).exists():
+            reason = f"blob {file_id} disappeared from the spool"
+        else:
+            continue
+        index.transition(file_id, State.QUARANTINED, last_error=reason, error_kind="corrupt")
+        index.add_event(file_id, "error", reason)
+        report.quarantined.append(file_id)
+
+
+def recover(index: SpoolIndex, layout: SpoolLayout, owner: str) -> RecoveryReport:
+    """Start-up of the daemon that holds the spool lock: leases, debris, repair, ingest."""
+    report = RecoveryReport()
+    report.released_leases = index.release_all_leases(owner)
+    clean_debris(layout, report)
+    reconcile(index, layout, report)
+    report.ingested = len(ingest_new(index, layout, index.known_ids()))
+    return report
+
+
+def rebuild(layout: SpoolLayout, *, power_safe: bool = False) -> RecoveryReport:
+    """`reindex`: throw the index away and rebuild it from the manifests (all pending → queued)."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(layout.index_path) + suffix)
+    index = SpoolIndex(layout, power_safe=power_safe)
+    try:
+        report = RecoveryReport()
+        clean_debris(layout, report)
+        report.ingested = len(ingest_new(index, layout, set()))
+        return report
+    finally:
+        index.close()
