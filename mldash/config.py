@@ -182,6 +182,13 @@ FIELDS: tuple[Field, ...] = (
           "Daemon: how long a claim on an entry lasts without renewal."),
     Field("max_attempts", "MLDASH_MAX_ATTEMPTS", _parse_int(1), lambda: 20,
           "Daemon: attempts per entry for transient errors before it is left 'failed'."),
+    Field("retry_base_delay", "MLDASH_RETRY_BASE_DELAY", _parse_float(0.0), lambda: 1.0,
+          "Daemon: first backoff step in seconds (exponential, full jitter)."),
+    Field("retry_max_delay", "MLDASH_RETRY_MAX_DELAY", _parse_float(0.0), lambda: 300.0,
+          "Daemon: longest backoff in seconds."),
+    Field("verify_etag", "MLDASH_VERIFY_ETAG", _parse_bool, lambda: True,
+          "Daemon: also check S3 ETags against the MD5 of the bytes sent (catches corruption in flight on "
+          "stores that do not validate checksums). Turn off for SSE-KMS buckets, whose ETags are not MD5s."),
     Field("keep_committed", "MLDASH_KEEP_COMMITTED", _parse_int(0), lambda: 0,
           "Daemon: committed artifacts whose bytes stay in the spool (newest first) for fast local reads."),
     Field("evict_after", "MLDASH_EVICT_AFTER", _parse_float(0.0), lambda: 0.0,
@@ -216,6 +223,9 @@ class Settings:
     request_timeout: float
     lease_seconds: float
     max_attempts: int
+    retry_base_delay: float
+    retry_max_delay: float
+    verify_etag: bool
     keep_committed: int
     evict_after: float
     idle_exit: float

@@ -1,0 +1,5 @@
+import sys
+
+from mldash_syncd.cli import main
+
+sys.exit(main())

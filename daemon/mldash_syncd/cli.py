@@ -1,0 +1,308 @@
+"""`mldash-syncd`: run the daemon and inspect or repair a spool.
+
+Every command takes the same configuration as the client (MLDASH_* variables, then the TOML file);
+`--spool DIR` overrides the spool directory for one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+from mldash.config import Settings
+from mldash.errors import ConfigError, DaemonBusyError, MldashError
+from mldash.spool.index import SpoolIndex
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.lock import DaemonLock, holder_pid, is_held
+from mldash.spool.recovery import rebuild
+from mldash.spool.states import State
+from mldash_syncd.logs import redact, setup_logging
+from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
+
+EXIT_OK, EXIT_LEFT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "spool", None):
+        overrides["spool"] = args.spool
+    return Settings.load(**overrides)
+
+
+def _open_index(settings: Settings, *, write: bool = False) -> tuple[SpoolLayout, SpoolIndex | None]:
+    layout = SpoolLayout(settings.spool)
+    if not layout.exists():
+        raise MldashError(f"no spool at {settings.spool} (set MLDASH_SPOOL or pass --spool)")
+    if write:
+        return layout, SpoolIndex(layout.ensure(), power_safe=settings.power_safe)
+    return layout, SpoolIndex.open_readonly(layout)
+
+
+# ---- run ------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from mldash_syncd.service import Daemon
+
+    settings = _settings(args)
+    setup_logging("WARNING" if args.quiet else settings.log_level)
+    bar = None
+    if args.once and not args.quiet:
+        total_files = total_bytes = 0
+        layout = SpoolLayout(settings.spool)
+        index = SpoolIndex.open_readonly(layout) if layout.exists() else None
+        if index is not None:
+            counts = index.counts()
+            for state in (State.QUEUED, State.UPLOADING, State.UPLOADED):
+                total_files += counts[state.value]["count"]
+                total_bytes += counts[state.value]["bytes"]
+            index.close()
+        bar = ProgressBar(total_files, total_bytes)
+    daemon = Daemon(settings, autostarted=args.autostarted, on_event=bar.event if bar else None)
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        return await daemon.run(until_drained=args.once, max_wait=args.max_wait)
+
+    try:
+        report = asyncio.run(main())
+    except DaemonBusyError as exc:
+        if args.autostarted:
+            return EXIT_OK  # another client started one first: fine
+        print(f"mldash-syncd: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    if bar:
+        bar.finish()
+    if args.once:
+        left = ", ".join(f"{n} {s}" for s, n in sorted(report.remaining.items())) or "nothing"
+        print(f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent); in spool: {left}",
+              file=sys.stderr)
+        if not report.clean:
+            print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
+                  "quarantined`, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
+            return EXIT_LEFT_FAILED
+        pending = sum(report.remaining.get(s, 0) for s in ("queued", "uploading", "uploaded"))
+        return EXIT_LEFT_FAILED if pending else EXIT_OK
+    return EXIT_OK
+
+
+# ---- status ---------------------------------------------------------------------------------------
+def status_data(settings: Settings) -> dict[str, Any]:
+    layout, index = _open_index(settings)
+    data: dict[str, Any] = {
+        "spool": str(settings.spool), "store": settings.store, "catalog": redact(settings.catalog),
+        "daemon": {"running": is_held(layout), "pid": holder_pid(layout) if is_held(layout) else None},
+        "states": {s.value: {"count": 0, "bytes": 0} for s in State}, "pendingFiles": 0, "pendingBytes": 0,
+        "oldestPendingAgeSeconds": None, "recentErrors": [], "throughputBytesPerSecond": 0.0,
+    }
+    if index is None:
+        return data
+    try:
+        data["states"] = index.counts()
+        pending = [data["states"][s] for s in ("queued", "uploading", "uploaded")]
+        data["pendingFiles"] = sum(p["count"] for p in pending)
+        data["pendingBytes"] = sum(p["bytes"] for p in pending)
+        oldest = index.oldest_pending_created_at()
+        data["oldestPendingAgeSeconds"] = None if oldest is None else max(0.0, time.time() - oldest)
+        data["recentErrors"] = [{"time": e["ts"], "id": str(e["entry_id"]), "message": e["message"]}
+                                for e in index.recent_events(10, level="error")]
+        beat = index.get_meta("daemon")
+        if beat:
+            info = json.loads(beat)
+            data["daemon"].update(heartbeat=info.get("heartbeat"), startedAt=info.get("startedAt"),
+                                  autostarted=info.get("autostarted"), storeProblem=info.get("storeGate"),
+                                  catalogProblem=info.get("catalogGate"))
+            if data["daemon"]["running"]:
+                data["throughputBytesPerSecond"] = info.get("throughput", 0.0)
+    finally:
+        index.close()
+    return data
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = status_data(_settings(args))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    daemon = data["daemon"]
+    running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
+    print(f"spool    {data['spool']}\nstore    {data['store']}\ncatalog  {data['catalog']}\ndaemon   {running}")
+    for problem in ("storeProblem", "catalogProblem"):
+        if daemon["running"] and daemon.get(problem):
+            print(f"         {problem[:-7]} unavailable: {daemon[problem]}")
+    print(f"\n{'state':<12}{'files':>8}{'bytes':>14}")
+    for state, value in data["states"].items():
+        print(f"{state:<12}{value['count']:>8}{human_bytes(value['bytes']):>14}")
+    age = data["oldestPendingAgeSeconds"]
+    print(f"\npending  {data['pendingFiles']} files, {human_bytes(data['pendingBytes'])}"
+          + (f"; oldest {human_duration(age)} old" if age is not None else ""))
+    if daemon["running"]:
+        print(f"rate     {human_bytes(data['throughputBytesPerSecond'])}/s (last 30 s)")
+    if data["recentErrors"]:
+        print("\nrecent errors:")
+        for err in data["recentErrors"]:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))
+            print(f"  {stamp}  {err['id']}  {err['message']}")
+    return EXIT_OK
+
+
+# ---- ls -------------------------------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    _layout, index = _open_index(_settings(args))
+    rows: list[dict[str, Any]] = []
+    if index is not None:
+        try:
+            states = [State(s) for s in args.state] if args.state else None
+            experiment = tuple(args.experiment.strip("/").split("/")) if args.experiment else None
+            if experiment is not None and len(experiment) != 3:
+                raise MldashError(f"--experiment {args.experiment!r}: expected namespace/project/experiment")
+            rows = index.rows(states=states, experiment=experiment, limit=args.limit)
+        finally:
+            index.close()
+    if args.json:
+        print(json.dumps([{**r, "id": str(r["id"])} for r in rows], indent=2))
+        return EXIT_OK
+    print(f"{'id':<20} {'state':<12}{'size':>11}  {'att':>3}  path / error")
+    for r in rows:
+        where = f"{r['namespace']}/{r['project']}/{r['experiment']}/" + (f"{r['prefix']}/" if r["prefix"] else "")
+        line = f"{r['id']:<20} {r['state']:<12}{human_bytes(r['size'] or 0):>11}  {r['attempts']:>3}  "
+        line += f"{where}{r['filename']}" if r["filename"] else "(unreadable manifest)"
+        if r["last_error"] and r["state"] in ("failed", "quarantined", "queued", "uploaded"):
+            line += f"\n{'':<20}   ↳ {r['last_error']}"
+        print(line)
+    return EXIT_OK
+
+
+# ---- retry / reindex / gc -------------------------------------------------------------------------
+def cmd_retry(args: argparse.Namespace) -> int:
+    if not args.all and not args.ids:
+        raise MldashError("name the ids to retry, or pass --all (every failed and quarantined entry)")
+    try:
+        ids = None if args.all else [int(i) for i in args.ids]
+    except ValueError:
+        raise MldashError(f"ids must be decimal numbers, got {args.ids}") from None
+    _layout, index = _open_index(_settings(args), write=True)
+    try:
+        done = index.retry(ids)
+    finally:
+        index.close()
+    if ids is not None and (missing := sorted(set(ids) - set(done))):
+        print(f"not failed or quarantined (left alone): {' '.join(map(str, missing))}", file=sys.stderr)
+    print(f"re-queued {len(done)} entries")
+    return EXIT_OK
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    layout = SpoolLayout(settings.spool)
+    if not layout.exists():
+        raise MldashError(f"no spool at {settings.spool}")
+    with DaemonLock(layout):  # never rebuild under a running daemon
+        report = rebuild(layout, power_safe=settings.power_safe)
+    print(f"reindexed {settings.spool}: {report.ingested} entries, {len(report.removed_tmp)} temp files and "
+          f"{len(report.removed_orphan_blobs)} orphan blobs removed")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from mldash.store import make_store
+    from mldash_syncd.gc import collect
+
+    settings = _settings(args)
+    setup_logging("WARNING")
+    layout = SpoolLayout(settings.spool)
+    if not layout.exists():
+        raise MldashError(f"no spool at {settings.spool}")
+    with DaemonLock(layout):
+        index = SpoolIndex(layout, power_safe=settings.power_safe)
+        try:
+            async def run() -> Any:
+                async with make_store(settings) as store:
+                    return await collect(store, index, layout, dry_run=args.dry_run)
+            report = asyncio.run(run())
+        finally:
+            index.close()
+    verb = "would abort" if args.dry_run else "aborted"
+    print(f"gc: {verb} {len(report.aborted)} orphaned multipart uploads ({report.kept} live kept); removed "
+          f"{len(report.debris.removed_tmp)} temp files, {len(report.debris.removed_orphan_blobs)} orphan blobs; "
+          f"compacted {report.compacted} evicted rows")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mldash-syncd",
+        description="Drain an mldash spool to the store (S3 or a directory) and the catalog (MongoDB or SQLite). "
+                    "Configuration: MLDASH_* environment variables, then $MLDASH_CONFIG or "
+                    "~/.config/mldash/config.toml.")
+    parser.add_argument("--spool", help="spool directory (default: MLDASH_SPOOL or the configured one)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon (as a service, or --once to drain and exit)",
+                         description="Watch the spool and sync every entry: upload, verify SHA256, commit. Stops "
+                                     "gracefully on SIGTERM/SIGINT, checkpointing in-flight multipart uploads.")
+    run.add_argument("--once", action="store_true",
+                     help="drain what is spooled, then exit: 0 if everything committed, 1 if anything is left "
+                          "failed/quarantined (or pending at --max-wait), 3 if another daemon holds the spool")
+    run.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
+                     help="with --once: give up after this long (e.g. while the store is unreachable)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
+    run.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="counts per state, pending bytes, oldest entry, errors, rate",
+                            description="Summarise the spool: entries per state, bytes pending, age of the oldest "
+                                        "pending entry, recent errors, and the running daemon's throughput.")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    ls = sub.add_parser("ls", help="list spool entries", description="List spool entries, oldest first.")
+    ls.add_argument("--state", action="append", choices=[s.value for s in State],
+                    help="only entries in this state (repeatable)")
+    ls.add_argument("--experiment", metavar="NS/PROJECT/EXP", help="only this experiment")
+    ls.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_ls)
+
+    retry = sub.add_parser("retry", help="re-queue failed or quarantined entries",
+                           description="Re-queue failed/quarantined entries (attempts reset). A running daemon "
+                                       "picks them up within seconds.")
+    retry.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed`)")
+    retry.add_argument("--all", action="store_true", help="every failed and quarantined entry")
+    retry.set_defaults(func=cmd_retry)
+
+    reindex = sub.add_parser("reindex", help="rebuild the index from the manifests (e.g. after copying a spool)",
+                             description="Throw the index away and rebuild it from the manifests: every entry not "
+                                         "yet evicted is queued again (already-uploaded ones are verified, not "
+                                         "re-sent). Refuses to run while a daemon holds the spool.")
+    reindex.set_defaults(func=cmd_reindex)
+
+    gc = sub.add_parser("gc", help="abort our orphaned multipart uploads, remove debris",
+                        description="Abort multipart uploads that belong to entries of this spool but that no "
+                                    "entry will finish; remove temp files of dead writers and orphan blobs; "
+                                    "compact old evicted rows. Refuses to run while a daemon holds the spool "
+                                    "(the daemon runs gc itself at start-up).")
+    gc.add_argument("--dry-run", action="store_true", help="only report what would be aborted")
+    gc.set_defaults(func=cmd_gc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DaemonBusyError as exc:
+        print(f"mldash-syncd: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except (ConfigError, MldashError) as exc:
+        print(f"mldash-syncd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The catalog half of the pipeline: a verified upload becomes one catalog document."""
+
+from __future__ import annotations
+
+from mldash.catalog.base import FileDocument
+from mldash.keys import storage_uri
+from mldash.spool.manifest import Manifest
+
+
+def document_for(manifest: Manifest, *, store_url: str, store_key: str, committed_at: float) -> FileDocument:
+    return FileDocument(
+        id=str(manifest.id),
+        namespace=manifest.namespace,
+        project=manifest.project,
+        experiment=manifest.experiment,
+        path=manifest.path,
+        filename=manifest.filename,
+        sizeBytes=manifest.size,
+        checksum=manifest.sha256,
+        contentType=manifest.content_type,
+        storageKey=store_key,
+        storageUri=storage_uri(store_url, store_key),
+        createdAt=manifest.created_at,
+        committedAt=committed_at,
+        description=manifest.description,
+        tags=list(manifest.tags),
+        metadata=dict(manifest.metadata),
+    )

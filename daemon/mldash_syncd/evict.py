@@ -1,0 +1,41 @@
+"""Eviction: removing the spooled bytes of committed entries (keep-last-N and age policy).
+
+The manifest is removed before the blob: a crash in between leaves an orphan blob (debris that
+start-up removes), never a manifest without bytes that a reindex would have to quarantine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from mldash.spool.index import SpoolIndex
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.states import State
+
+EVICTED_ROW_RETENTION = 7 * 24 * 3600.0  # `ls` history of evicted entries; the catalog keeps them forever
+
+
+def evict(index: SpoolIndex, layout: SpoolLayout, *, keep: int, after: float, now: float | None = None) -> list[int]:
+    now = time.time() if now is None else now
+    committed = index.rows(states=[State.COMMITTED])
+    committed.sort(key=lambda row: row["id"], reverse=True)
+    evicted = []
+    for row in committed[keep:]:
+        if (row["committed_at"] or 0) + after > now:
+            continue
+        for path in (layout.manifest_path(row["id"]), layout.blob_path(row["id"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        index.transition(row["id"], State.EVICTED, evicted_at=now)
+        evicted.append(row["id"])
+    return evicted
+
+
+def compact(index: SpoolIndex, *, now: float | None = None, retention: float = EVICTED_ROW_RETENTION) -> int:
+    """Drop index rows of entries evicted longer ago than `retention`."""
+    now = time.time() if now is None else now
+    old = [row["id"] for row in index.rows(states=[State.EVICTED]) if (row["evicted_at"] or 0) + retention < now]
+    index.delete(old)
+    return len(old)

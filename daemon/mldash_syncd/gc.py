@@ -1,0 +1,65 @@
+"""Garbage collection: debris, evicted rows, and multipart uploads of ours that nobody will finish.
+
+An upload is only ever aborted when its key names an entry of *this* spool's index and that entry
+no longer owns it (another upload id is recorded, or the entry is committed, evicted or
+quarantined). Uploads under keys of unknown ids may belong to another spool writing into the same
+bucket: they are left alone. Age is never used — it would abort live uploads after a clock jump.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from mldash.keys import file_id_from_key
+from mldash.spool.index import SpoolIndex
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.recovery import RecoveryReport, clean_debris
+from mldash.spool.states import State
+from mldash.store.base import PendingUpload, Store
+
+log = logging.getLogger("mldash_syncd.gc")
+
+_RESUMABLE = {State.QUEUED.value, State.UPLOADING.value, State.FAILED.value}
+
+
+@dataclass
+class GcReport:
+    debris: RecoveryReport = field(default_factory=RecoveryReport)
+    aborted: list[PendingUpload] = field(default_factory=list)
+    kept: int = 0
+    compacted: int = 0
+
+
+def is_orphan(upload: PendingUpload, index: SpoolIndex) -> bool:
+    file_id = file_id_from_key(upload.key)
+    if file_id is None:
+        return False
+    row = index.get(file_id)
+    if row is None:
+        return False  # not an entry of this spool
+    return not (row["state"] in _RESUMABLE and row["upload_id"] == upload.upload_id)
+
+
+async def abort_orphan_uploads(store: Store, index: SpoolIndex, *, dry_run: bool = False) -> tuple[list, int]:
+    aborted, kept = [], 0
+    for upload in await store.list_multipart_uploads(store.key("files/")):
+        if not is_orphan(upload, index):
+            kept += 1
+            continue
+        if not dry_run:
+            await store.abort_multipart(upload.key, upload.upload_id)
+        log.info("gc: aborted orphaned multipart upload %s of %s", upload.upload_id, upload.key)
+        aborted.append(upload)
+    return aborted, kept
+
+
+async def collect(store: Store, index: SpoolIndex, layout: SpoolLayout, *, dry_run: bool = False) -> GcReport:
+    from mldash_syncd.evict import compact
+
+    report = GcReport()
+    if not dry_run:
+        clean_debris(layout, report.debris)
+        report.compacted = compact(index)
+    report.aborted, report.kept = await abort_orphan_uploads(store, index, dry_run=dry_run)
+    return report

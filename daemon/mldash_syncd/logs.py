@@ -1,0 +1,59 @@
+"""Logging for the daemon: one line per event that matters, journald-friendly, never a secret.
+
+Under systemd (JOURNAL_STREAM set) lines carry sd-daemon priority prefixes instead of timestamps.
+botocore/aiobotocore/pymongo wire logs are pinned at WARNING whatever the level asked for —
+botocore's DEBUG stream prints Authorization headers and access key ids — and a redacting filter
+on our handler masks anything credential-shaped that might still get through.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+_NOISY = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3", "aiohttp", "pymongo", "watchfiles", "asyncio")
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_SECRETS = [
+    (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b"), "<aws-key-id>"),
+    (re.compile(r"(Signature=|Credential=|X-Amz-Security-Token=|X-Amz-Signature=)[^&\s,\"']+", re.I), r"\1<redacted>"),
+    (re.compile(r"(Authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\n]+", re.I), r"\1<redacted>"),
+    (re.compile(r"(aws_secret_access_key|aws_session_token|secret[_-]?key|password)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+",
+                re.I), r"\1\2<redacted>"),
+    (re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)[^@\s]+@"), r"\1<redacted>@"),
+]
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging(level: str = "INFO", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.WARNING)

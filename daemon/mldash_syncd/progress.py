@@ -1,0 +1,78 @@
+"""The `run --once` progress line: files and bytes done, rate, ETA — drawn from daemon events."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressBar:
+    """Fed by `Daemon(on_event=bar.event)`; redraws at most 5×/s on a TTY, else prints every 10 s."""
+
+    def __init__(self, total_files: int, total_bytes: int, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.total_files, self.total_bytes = total_files, total_bytes
+        self.files = self.failed = 0
+        self.bytes = 0
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+        self._lock = threading.Lock()
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        with self._lock:
+            if kind == "queued":
+                self.total_files += 1
+            elif kind == "bytes":
+                self.bytes += data["amount"]
+                self.total_bytes = max(self.total_bytes, self.bytes)
+            elif kind == "committed":
+                self.files += 1
+            elif kind in ("failed", "quarantined"):
+                self.failed += 1
+            self.draw()
+
+    def line(self) -> str:
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        rate = self.bytes / elapsed
+        left = max(0, self.total_bytes - self.bytes)
+        eta = human_duration(left / rate) if rate > 0 and left else "-"
+        done = (self.files + self.failed) / self.total_files if self.total_files else 1.0
+        bar = "#" * int(done * 20)
+        failed = f"  {self.failed} failed" if self.failed else ""
+        return (f"[{bar:<20}] {self.files}/{self.total_files} files  {human_bytes(self.bytes)}/"
+                f"{human_bytes(self.total_bytes)}  {human_bytes(rate)}/s  ETA {eta}{failed}")
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        interval = 0.2 if self.tty else 10.0
+        if not force and now - self._last_draw < interval:
+            return
+        self._last_draw = now
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\x1b[K")
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.draw(force=True)
+        if self.tty:
+            self.stream.write("\n")

@@ -1,0 +1,102 @@
+"""The retry policy — the one place that decides what happens after an error.
+
+Three kinds of failure, and what each costs an entry:
+
+* ``OUTAGE`` — the dependency (store or catalog) is unreachable, timing out, throttling (503
+  SlowDown, 429) or failing server-side (5xx). Nothing is wrong with the entry, so it does **not**
+  consume an attempt; instead the dependency's `Gate` closes with exponential backoff and full
+  jitter, and every worker waits on it. A network outage therefore neither burns attempts nor
+  hot-loops, and request rate during a storm is bounded by concurrency / backoff.
+* ``ENTRY`` — transient but specific to this entry (BadDigest, the store received other bytes than
+  we sent, a lost race). Consumes an attempt; after ``max_attempts`` the entry is ``failed``.
+* ``PERMANENT`` — retrying the same way cannot help (403, missing bucket, bad credentials, invalid
+  request): ``failed`` after one attempt, with the reason; `mldash-syncd retry` re-queues it.
+* ``CORRUPT`` — the spooled bytes or manifest are wrong: ``quarantined`` (a person must look).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from dataclasses import dataclass
+
+from mldash.catalog.base import CatalogError
+from mldash.errors import SpoolCorruptError
+from mldash.store.base import StoreError
+
+
+class Failure(enum.StrEnum):
+    OUTAGE = "outage"
+    ENTRY = "entry"
+    PERMANENT = "permanent"
+    CORRUPT = "corrupt"
+
+
+class EntryRetryableError(Exception):
+    """A transient problem specific to one entry (e.g. the store holds other bytes than we sent)."""
+
+
+class VerificationError(EntryRetryableError):
+    """The store's checksum/ETag does not match what we computed from the spooled bytes."""
+
+
+def classify(exc: BaseException) -> Failure:
+    if isinstance(exc, SpoolCorruptError):
+        return Failure.CORRUPT
+    if isinstance(exc, EntryRetryableError):
+        return Failure.ENTRY
+    if isinstance(exc, StoreError | CatalogError):
+        if not exc.transient:
+            return Failure.PERMANENT
+        if isinstance(exc, StoreError) and exc.code in ("BadDigest", "InvalidPart"):
+            return Failure.ENTRY
+        return Failure.OUTAGE
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return Failure.OUTAGE
+    return Failure.PERMANENT  # an unexpected bug: stop retrying it, keep the reason visible
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: a random delay in [0, min(cap, base·2^n)]."""
+
+    base: float
+    cap: float
+    rng: random.Random
+
+    def delay(self, attempt: int) -> float:
+        return self.rng.uniform(0, min(self.cap, self.base * (2 ** max(0, attempt - 1))))
+
+
+class Gate:
+    """Per-dependency circuit: consecutive outage failures push the next allowed request later."""
+
+    def __init__(self, name: str, backoff: Backoff, clock=time.monotonic) -> None:
+        self.name = name
+        self.backoff = backoff
+        self.clock = clock
+        self.failures = 0
+        self.open_until = 0.0
+        self.last_error: str | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.clock() < self.open_until
+
+    def failure(self, reason: str) -> float:
+        self.failures += 1
+        self.last_error = reason
+        # at least a small floor, so a storm of instant failures can never spin
+        delay = max(self.backoff.delay(self.failures), min(0.05, self.backoff.cap))
+        self.open_until = max(self.open_until, self.clock() + delay)
+        return delay
+
+    def success(self) -> None:
+        self.failures = 0
+        self.last_error = None
+
+    async def wait(self) -> None:
+        while (remaining := self.open_until - self.clock()) > 0:
+            await asyncio.sleep(remaining)

@@ -1,0 +1,362 @@
+"""The daemon: watch the spool, lease entries, upload, verify, commit, evict — until told to stop.
+
+Embeddable: `Daemon(settings).run()` installs no signal handlers (the CLI does), takes its store,
+catalog, clock and RNG as arguments, and `run(until_drained=True)` returns once nothing is left to do
+(the `run --once` mode, and what tests use). Only one daemon drains a spool (an flock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mldash_syncd.budget import ByteBudget
+from mldash_syncd.commit import document_for
+from mldash_syncd.evict import compact, evict
+from mldash_syncd.retry import Backoff, Failure, Gate, classify
+from mldash_syncd.upload import Uploader
+
+from mldash.catalog import make_catalog
+from mldash.catalog.base import Catalog
+from mldash.config import Settings
+from mldash.spool.index import SpoolIndex
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.lock import DaemonLock
+from mldash.spool.recovery import ingest_new, read_manifest, recover
+from mldash.spool.states import State
+from mldash.store import make_store
+from mldash.store.base import Store
+
+log = logging.getLogger("mldash_syncd")
+
+RESCAN_INTERVAL = 2.0      # fallback when inotify events are missed or unavailable
+HEARTBEAT_INTERVAL = 2.0
+MAX_CONCURRENT_COMMITS = 16
+STOP_GRACE = 20.0          # seconds in-flight work gets to finish after a stop request
+
+
+@dataclass
+class RunReport:
+    committed: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    bytes_sent: int = 0
+    remaining: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing is left failed or quarantined (the `run --once` exit status)."""
+        return not (self.remaining.get("failed") or self.remaining.get("quarantined"))
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from TaskGroup."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        exc = inner[0] if inner else exc.exceptions[0]
+    return exc
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, store: Store | None = None, catalog: Catalog | None = None,
+                 autostarted: bool = False, rng: random.Random | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.settings = settings
+        self.layout = SpoolLayout(settings.spool)
+        self.store = store or make_store(settings)
+        self.catalog = catalog or make_catalog(settings)
+        self.autostarted = autostarted
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.rng = rng or random.Random()
+        backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay, self.rng)
+        self.backoff = backoff
+        self.store_gate = Gate("store", Backoff(settings.retry_base_delay, min(60.0, settings.retry_max_delay),
+                                                self.rng))
+        self.catalog_gate = Gate("catalog", Backoff(settings.retry_base_delay,
+                                                    min(60.0, settings.retry_max_delay), self.rng))
+        self.on_event = on_event or (lambda kind, data: None)
+        self.report = RunReport()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._uploads: dict[int, asyncio.Task] = {}
+        self._commits: dict[int, asyncio.Task] = {}
+        self._started = time.time()
+        self._rate_window: list[tuple[float, int]] = []
+        self.index: SpoolIndex | None = None
+        self._scan_requested = True
+        self._evict_requested = False
+        self._background: set[asyncio.Task] = set()  # strong refs to fire-and-forget tasks
+
+    # ---- control ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Graceful stop: no new work; in-flight parts finish (or are checkpointed) within STOP_GRACE."""
+        self._stop.set()
+        self._wake.set()
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        with contextlib.suppress(Exception):  # a broken progress hook must never stop the daemon
+            self.on_event(kind, data)
+
+    # ---- main loop ----------------------------------------------------------------------------
+    async def run(self, *, until_drained: bool = False, max_wait: float | None = None) -> RunReport:
+        self.layout.ensure()
+        with DaemonLock(self.layout):
+            self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
+            try:
+                recovered = recover(self.index, self.layout, self.owner)
+                log.info("started on %s (pid %d): %d new, %d leases released, %d debris removed, %d quarantined",
+                         self.layout.root, os.getpid(), recovered.ingested, recovered.released_leases,
+                         len(recovered.removed_tmp) + len(recovered.removed_orphan_blobs), len(recovered.quarantined))
+                async with self.store, self.catalog:
+                    self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
+                                             ByteBudget(self.settings.max_concurrent_parts * self.settings.part_size),
+                                             on_bytes=self._count_bytes)
+                    await self._loop(until_drained, max_wait)
+            finally:
+                self._write_heartbeat(stopping=True)
+                self.report.remaining = {k: v["count"] for k, v in self.index.counts().items() if v["count"]}
+                self.index.close()
+        return self.report
+
+    async def _loop(self, until_drained: bool, max_wait: float | None) -> None:
+        watcher = asyncio.create_task(self._watch(), name="watch")
+        known = self.index.known_ids()
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        last_scan = last_beat = last_evict = 0.0
+        idle_since = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                now_mono = time.monotonic()
+                if now_mono - last_scan >= RESCAN_INTERVAL or self._scan_requested:
+                    self._scan_requested = False
+                    last_scan = now_mono
+                    for file_id in ingest_new(self.index, self.layout, known):
+                        self._emit("queued", id=file_id)
+                self._start_uploads()
+                self._start_commits()
+                if now_mono - last_evict >= 5.0 or self._evict_requested:
+                    self._evict_requested = False
+                    last_evict = now_mono
+                    self._evict()
+                if now_mono - last_beat >= HEARTBEAT_INTERVAL:
+                    last_beat = now_mono
+                    self._renew_leases()
+                    self._write_heartbeat()
+                busy = bool(self._uploads or self._commits) or self._has_work()
+                if busy:
+                    idle_since = now_mono
+                if until_drained and not busy:
+                    break
+                if deadline is not None and now_mono > deadline:
+                    log.warning("run --once: max wait reached with work left")
+                    break
+                if self.autostarted and self.settings.idle_exit and now_mono - idle_since > self.settings.idle_exit:
+                    log.info("idle for %.0fs: exiting (autostarted)", self.settings.idle_exit)
+                    break
+                await self._sleep(self._next_timeout())
+        finally:
+            watcher.cancel()
+            await self._drain_tasks()
+
+    def _has_work(self) -> bool:
+        counts = self.index.counts()
+        return any(counts[s.value]["count"] for s in (State.QUEUED, State.UPLOADING, State.UPLOADED))
+
+    def _next_timeout(self) -> float:
+        timeout = RESCAN_INTERVAL
+        due = self.index.next_due()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - time.time()))
+        for gate in (self.store_gate, self.catalog_gate):
+            if gate.is_open:
+                timeout = max(timeout, min(RESCAN_INTERVAL, gate.open_until - time.monotonic()))
+        return max(0.01, timeout)
+
+    async def _sleep(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    async def _watch(self) -> None:
+        """Wake the loop on new manifests (inotify through watchfiles); the rescan covers misses."""
+        try:
+            import watchfiles
+
+            async for _changes in watchfiles.awatch(self.layout.manifests_dir, debounce=20, step=10,
+                                                    recursive=False, stop_event=self._stop):
+                self._scan_requested = True
+                self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no inotify (some network filesystems): rely on the periodic rescan
+            log.warning("file watching unavailable (%s); rescanning every %.0fs", exc, RESCAN_INTERVAL)
+
+    async def _drain_tasks(self) -> None:
+        tasks = [*self._uploads.values(), *self._commits.values()]
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE if self._stop.is_set() else 0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        # Interrupted entries go back to the queue now (their recorded parts stay for the resume).
+        self.index.release_all_leases(self.owner)
+
+    # ---- scheduling ---------------------------------------------------------------------------
+    def _start_uploads(self) -> None:
+        free = self.settings.max_concurrent_files - len(self._uploads)
+        if free <= 0 or self.store_gate.is_open:
+            return
+        for row in self.index.claim(self.owner, self.settings.lease_seconds, free, states=(State.QUEUED,)):
+            task = asyncio.create_task(self._upload_one(row), name=f"upload-{row['id']}")
+            self._uploads[row["id"]] = task
+            task.add_done_callback(lambda _t, i=row["id"]: (self._uploads.pop(i, None), self._wake.set()))
+
+    def _start_commits(self) -> None:
+        free = MAX_CONCURRENT_COMMITS - len(self._commits)
+        if free <= 0 or self.catalog_gate.is_open:
+            return
+        for row in self.index.claim(self.owner, self.settings.lease_seconds, free, states=(State.UPLOADED,)):
+            task = asyncio.create_task(self._commit_one(row), name=f"commit-{row['id']}")
+            self._commits[row["id"]] = task
+            task.add_done_callback(lambda _t, i=row["id"]: (self._commits.pop(i, None), self._wake.set()))
+
+    def _renew_leases(self) -> None:
+        for file_id in [*self._uploads, *self._commits]:
+            self.index.renew_lease(file_id, self.owner, self.settings.lease_seconds)
+
+    # ---- one entry ----------------------------------------------------------------------------
+    async def _upload_one(self, row: dict[str, Any]) -> None:
+        file_id = row["id"]
+        try:
+            manifest = read_manifest(self.layout, file_id)
+            await self.store_gate.wait()
+            self._emit("uploading", id=file_id, size=manifest.size)
+            verified = await self.uploader.upload(manifest)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._failed(row, _first_error(exc), stage="upload")
+            return
+        self.store_gate.success()
+        self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
+                              uploaded_at=time.time(), next_attempt_at=0, last_error=None, error_kind=None)
+        self.index.clear_parts(file_id)
+        log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
+        self._emit("uploaded", id=file_id, size=manifest.size)
+        self._wake.set()
+
+    async def _commit_one(self, row: dict[str, Any]) -> None:
+        file_id = row["id"]
+        try:
+            manifest = read_manifest(self.layout, file_id)
+            await self.catalog_gate.wait()
+            doc = document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
+                               committed_at=time.time())
+            await self.catalog.upsert(doc)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._failed(row, _first_error(exc), stage="commit")
+            return
+        self.catalog_gate.success()
+        self.index.transition(file_id, State.COMMITTED, committed_at=time.time(), last_error=None, error_kind=None)
+        self.report.committed += 1
+        self._evict_requested = bool(self.settings.keep_committed == 0 and self.settings.evict_after == 0)
+        log.info("committed %s (%s/%s)", file_id, row["experiment"], row["filename"])
+        self._emit("committed", id=file_id, size=row["size"] or 0)
+
+    def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
+        """Route a failure to its state (see retry.py for the policy) and make it visible."""
+        file_id, attempts = row["id"], row["attempts"]
+        kind = classify(exc)
+        reason = f"{stage}: {type(exc).__name__}: {exc}"[:2000]
+        retry_state = State.QUEUED if stage == "upload" else State.UPLOADED
+        now = time.time()
+        if kind is Failure.OUTAGE:
+            gate = self.store_gate if stage == "upload" else self.catalog_gate
+            delay = gate.failure(reason)
+            # An outage is not the entry's fault: give the attempt back.
+            self.index.transition(file_id, retry_state, attempts=max(0, attempts - 1), next_attempt_at=now + delay,
+                                  last_error=reason, error_kind=kind.value)
+            log.warning("%s %s: %s unavailable, retry in %.1fs: %s", stage, file_id, gate.name, delay, exc)
+            return
+        if kind is Failure.ENTRY and attempts < self.settings.max_attempts:
+            delay = self.backoff.delay(attempts)
+            self.index.transition(file_id, retry_state, next_attempt_at=now + delay, last_error=reason,
+                                  error_kind=kind.value)
+            log.warning("%s %s: attempt %d failed, retry in %.1fs: %s", stage, file_id, attempts, delay, exc)
+            return
+        target = State.QUARANTINED if kind is Failure.CORRUPT else State.FAILED
+        self._abandon_upload(row)
+        self.index.transition(file_id, target, last_error=reason, error_kind=kind.value)
+        self.index.add_event(file_id, "error", reason)
+        if target is State.QUARANTINED:
+            self.report.quarantined += 1
+        else:
+            self.report.failed += 1
+        log.error("%s %s → %s: %s", stage, file_id, target.value, reason)
+        self._emit(target.value, id=file_id, reason=reason)
+
+    def _abandon_upload(self, row: dict[str, Any]) -> None:
+        """Compensation: a multipart upload we give up on is aborted (gc retries if this fails)."""
+        current = self.index.get(row["id"]) or {}
+        upload_id, key = current.get("upload_id"), current.get("store_key")
+        if not (upload_id and key):
+            return
+
+        async def abort() -> None:
+            with contextlib.suppress(Exception):
+                await self.store.abort_multipart(key, upload_id)
+                self.index.update(row["id"], upload_id=None)
+                self.index.clear_parts(row["id"])
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+    def _count_bytes(self, amount: int) -> None:
+        self.report.bytes_sent += amount
+        now = time.monotonic()
+        self._rate_window.append((now, amount))
+        while self._rate_window and self._rate_window[0][0] < now - 30:
+            self._rate_window.pop(0)
+        self._emit("bytes", amount=amount)
+
+    def throughput(self) -> float:
+        if not self._rate_window:
+            return 0.0
+        span = max(1.0, time.monotonic() - self._rate_window[0][0])
+        return sum(n for _, n in self._rate_window) / span
+
+    def _evict(self) -> None:
+        evicted = evict(self.index, self.layout, keep=self.settings.keep_committed, after=self.settings.evict_after)
+        if evicted:
+            log.debug("evicted %d committed entries", len(evicted))
+        compact(self.index)
+
+    def _write_heartbeat(self, stopping: bool = False) -> None:
+        if self.index is None:
+            return
+        beat = {"owner": self.owner, "pid": os.getpid(), "startedAt": self._started, "heartbeat": time.time(),
+                "stopping": stopping, "bytesSent": self.report.bytes_sent, "committed": self.report.committed,
+                "throughput": self.throughput(), "storeGate": self.store_gate.last_error,
+                "catalogGate": self.catalog_gate.last_error, "autostarted": self.autostarted}
+        with contextlib.suppress(Exception):
+            self.index.set_meta("daemon", json.dumps(beat))
+
+
+def drain(settings: Settings, *, max_wait: float | None = 120.0, **kwargs: Any) -> RunReport:
+    """Run a daemon in this process until the spool is drained (tests, scripts, `run --once`)."""
+    return asyncio.run(Daemon(settings, **kwargs).run(until_drained=True, max_wait=max_wait))

@@ -1,0 +1,284 @@
+"""Moving one spooled entry's bytes into the store, verified — the upload half of the pipeline.
+
+The blob is read exactly once, part by part. Each part is hashed (SHA256 for the part checksum,
+MD5 for the ETag check) and fed to the whole-file SHA256; the whole-file digest must equal the
+manifest's before the object is completed, and the store's own report (checksum; ETag where the
+store's ETag is an MD5) must equal what we computed — otherwise nothing is committed.
+
+Resumable: the upload id, part size and every completed part are recorded in the index as they
+happen. After a crash the upload is reconciled with ListParts and only parts the store does not
+hold (with the right ETag) are sent again: at most the parts that were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mldash_syncd.budget import ByteBudget
+from mldash_syncd.retry import VerificationError
+
+from mldash.config import Settings
+from mldash.errors import SpoolCorruptError
+from mldash.spool.index import SpoolIndex
+from mldash.spool.manifest import Manifest
+from mldash.store.base import (
+    NoSuchUploadError,
+    ObjectExistsError,
+    PartReceipt,
+    Store,
+    StoredObject,
+    composite_sha256,
+    hex_to_b64,
+)
+
+log = logging.getLogger("mldash_syncd.upload")
+
+MIB = 2**20
+MAX_PARTS = 10_000
+
+
+def part_size_for(size: int, minimum: int) -> int:
+    """max(minimum, size/10,000) rounded up to a whole MiB, so 100 GB+ objects fit in 10,000 parts."""
+    return max(minimum, math.ceil(size / MAX_PARTS / MIB) * MIB)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What the store holds for an entry, checked against our own hashes."""
+
+    key: str
+    checksum: str | None  # as the store reports it
+
+
+@dataclass
+class _PartHashes:
+    sha256_b64: str
+    md5_hex: str
+
+
+def _hash_part(data: bytes) -> _PartHashes:
+    return _PartHashes(base64.b64encode(hashlib.sha256(data).digest()).decode(), hashlib.md5(data).hexdigest())
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip('"').lower()
+
+
+class Uploader:
+    """Uploads entries to one store; shares a part-concurrency budget across all files."""
+
+    def __init__(self, settings: Settings, store: Store, index: SpoolIndex, blobs_dir: Path,
+                 budget: ByteBudget, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.blobs_dir = blobs_dir
+        self.budget = budget
+        self.on_bytes = on_bytes or (lambda n: None)
+        self.check_etag = settings.verify_etag and getattr(store, "etag_is_md5", False)
+
+    async def upload(self, manifest: Manifest) -> Verified:
+        key = self.store.key(manifest.key())
+        blob = self.blobs_dir / str(manifest.id)
+        if manifest.size < self.settings.multipart_threshold:
+            return await self._single(manifest, key, blob)
+        return await self._multipart(manifest, key, blob)
+
+    # ---- small objects: one PUT ---------------------------------------------------------------
+    async def _single(self, manifest: Manifest, key: str, blob: Path) -> Verified:
+        await self.budget.acquire(manifest.size)
+        try:
+            data = await asyncio.to_thread(_read_all, blob, manifest)
+            hashes = await asyncio.to_thread(_hash_part, data)
+            sha_b64 = hashes.sha256_b64
+            if sha_b64 != hex_to_b64(manifest.sha256):
+                raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 "
+                                        f"{base64.b64decode(sha_b64).hex()} ≠ manifest {manifest.sha256}")
+            self.index.update(manifest.id, store_key=key)
+            try:
+                stored = await self.store.put(key, data, sha_b64)
+                self.index.add_bytes_sent(manifest.id, len(data))
+                self.on_bytes(len(data))
+            except ObjectExistsError:
+                # An earlier attempt's PUT landed but its response was lost (or we crashed after it).
+                stored = await self._existing(key, manifest)
+        finally:
+            await self.budget.release(manifest.size)
+        self._verify(manifest, stored, sha_b64, hashes.md5_hex if self.check_etag else None)
+        return Verified(key, stored.checksum_sha256)
+
+    # ---- large objects: multipart -------------------------------------------------------------
+    async def _multipart(self, manifest: Manifest, key: str, blob: Path) -> Verified:
+        existing = await self.store.head(key)
+        if existing is not None:  # completed before a crash, commit not yet recorded
+            return await asyncio.to_thread(self._verify_existing, manifest, existing, blob)
+        part_size = part_size_for(manifest.size, self.settings.part_size)
+        count = max(1, math.ceil(manifest.size / part_size))
+        row = self.index.get(manifest.id) or {}
+        upload_id, held = row.get("upload_id"), {}
+        if upload_id and row.get("part_size") == part_size:
+            try:
+                held = await self.store.list_parts(key, upload_id)
+            except NoSuchUploadError:
+                upload_id = None
+        else:
+            upload_id = None
+        if upload_id is None:
+            self.index.clear_parts(manifest.id)
+            upload_id = await self.store.create_multipart(key)
+            # Record it at once: if we die now, gc and the next attempt can find (and reuse or abort) it.
+            self.index.update(manifest.id, upload_id=upload_id, part_size=part_size, store_key=key)
+            held = {}
+        log.info("upload %s: multipart %s, %d parts of %d MiB, %d already in store", manifest.id, upload_id,
+                 count, part_size // MIB, len(held))
+
+        receipts: dict[int, PartReceipt] = {}
+        digests: dict[int, _PartHashes] = {}
+        whole = hashlib.sha256()
+        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for number in range(1, count + 1):
+                    await self.budget.acquire(part_size)  # bounds memory to the parts in flight
+                    try:
+                        offset = (number - 1) * part_size
+                        length = min(part_size, manifest.size - offset)
+                        data = await asyncio.to_thread(_read_part, fd, offset, length, manifest.id)
+                        hashes, _ = await asyncio.gather(asyncio.to_thread(_hash_part, data),
+                                                         asyncio.to_thread(whole.update, data))
+                    except BaseException:
+                        await self.budget.release(part_size)
+                        raise
+                    digests[number] = hashes
+                    have = held.get(number)
+                    if have is not None and have.size == length and (
+                            not self.check_etag or _etag(have.etag) == hashes.md5_hex):
+                        receipts[number] = have
+                        await self.budget.release(part_size)
+                        continue
+                    group.create_task(self._send_part(manifest, key, upload_id, number, data, hashes, receipts,
+                                                      part_size))
+        finally:
+            os.close(fd)
+
+        if whole.hexdigest() != manifest.sha256:
+            await self.store.abort_multipart(key, upload_id)
+            self.index.update(manifest.id, upload_id=None)
+            raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole.hexdigest()} ≠ "
+                                    f"manifest {manifest.sha256}")
+        ordered = [receipts[n] for n in range(1, count + 1)]
+        try:
+            stored = await self.store.complete_multipart(key, upload_id, ordered)
+        except (ObjectExistsError, NoSuchUploadError):
+            # Completed by an earlier attempt whose response was lost: judge the object by its checksum.
+            stored = await self._existing(key, manifest)
+        self.index.update(manifest.id, upload_id=None)
+        expected = composite_sha256([digests[n].sha256_b64 for n in range(1, count + 1)])
+        md5_parts = [digests[n].md5_hex for n in range(1, count + 1)]
+        self._verify_composite(manifest, stored, expected, md5_parts)
+        return Verified(key, stored.checksum_sha256)
+
+    async def _send_part(self, manifest: Manifest, key: str, upload_id: str, number: int, data: bytes,
+                         hashes: _PartHashes, receipts: dict[int, PartReceipt], reserved: int) -> None:
+        try:
+            receipt = await self.store.upload_part(key, upload_id, number, data, hashes.sha256_b64)
+            self.index.add_bytes_sent(manifest.id, len(data))
+            self.on_bytes(len(data))
+            if receipt.checksum_sha256 and receipt.checksum_sha256 != hashes.sha256_b64:
+                raise VerificationError(f"part {number} of {manifest.id}: store checksum {receipt.checksum_sha256} "
+                                        f"≠ sent {hashes.sha256_b64}")
+            if self.check_etag and _etag(receipt.etag) != hashes.md5_hex:
+                raise VerificationError(f"part {number} of {manifest.id}: store received other bytes than sent "
+                                        f"(ETag {receipt.etag} ≠ MD5 {hashes.md5_hex})")
+            self.index.record_part(manifest.id, number, len(data), receipt.etag, hashes.sha256_b64)
+            receipts[number] = receipt
+        finally:
+            await self.budget.release(reserved)
+
+    # ---- verification -------------------------------------------------------------------------
+    async def _existing(self, key: str, manifest: Manifest) -> StoredObject:
+        stored = await self.store.head(key)
+        if stored is None:
+            raise VerificationError(f"{manifest.id}: the store refused a create at {key} but holds no object there")
+        return stored
+
+    def _verify(self, manifest: Manifest, stored: StoredObject, sha_b64: str, md5_hex: str | None) -> None:
+        if stored.size is not None and stored.size != manifest.size:
+            raise VerificationError(f"{manifest.id}: store holds {stored.size} bytes, spool has {manifest.size}")
+        if stored.checksum_sha256 is not None and stored.checksum_sha256 != sha_b64:
+            raise VerificationError(f"{manifest.id}: store checksum {stored.checksum_sha256} ≠ ours {sha_b64}")
+        if md5_hex is not None and stored.etag and _etag(stored.etag) != md5_hex:
+            raise VerificationError(f"{manifest.id}: store received other bytes than sent (ETag {stored.etag} ≠ "
+                                    f"MD5 {md5_hex})")
+
+    def _verify_composite(self, manifest: Manifest, stored: StoredObject, expected: str,
+                          md5_parts: list[str]) -> None:
+        if stored.size is not None and stored.size != manifest.size:
+            raise VerificationError(f"{manifest.id}: store holds {stored.size} bytes, spool has {manifest.size}")
+        if stored.checksum_sha256 is not None and stored.checksum_sha256 != expected:
+            raise VerificationError(f"{manifest.id}: store composite checksum {stored.checksum_sha256} ≠ ours "
+                                    f"{expected}")
+        if self.check_etag and stored.etag:
+            joined = hashlib.md5(b"".join(bytes.fromhex(m) for m in md5_parts)).hexdigest()
+            if _etag(stored.etag) != f"{joined}-{len(md5_parts)}":
+                raise VerificationError(f"{manifest.id}: store ETag {stored.etag} ≠ ours {joined}-{len(md5_parts)}")
+
+    def _verify_existing(self, manifest: Manifest, stored: StoredObject, blob: Path) -> Verified:
+        """An object already at our key (a lost response, or a crash before the commit was recorded):
+        recompute its checksum from the spooled bytes — one pass — and compare. Runs in a thread."""
+        checksum = stored.checksum_sha256 or ""
+        parts = int(checksum.rsplit("-", 1)[1]) if checksum.rsplit("-", 1)[-1].isdigit() and "-" in checksum else 0
+        part_size = part_size_for(manifest.size, self.settings.part_size) if parts else manifest.size or 1
+        whole_hex, digests, md5s = _digests(blob, part_size)
+        if whole_hex != manifest.sha256:
+            raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ manifest "
+                                    f"{manifest.sha256}")
+        if parts:
+            if len(digests) != parts:
+                raise VerificationError(f"{manifest.id}: existing object has {parts} parts; ours would have "
+                                        f"{len(digests)}")
+            self._verify_composite(manifest, stored, composite_sha256(digests), md5s)
+        else:
+            whole_md5 = md5s[0] if len(md5s) == 1 and self.check_etag else None
+            self._verify(manifest, stored, hex_to_b64(whole_hex), whole_md5)
+        return Verified(stored.key, stored.checksum_sha256)
+
+
+def _read_all(path: Path, manifest: Manifest) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SpoolCorruptError(f"blob {manifest.id} is missing from the spool") from None
+    if len(data) != manifest.size:
+        raise SpoolCorruptError(f"blob {manifest.id}: {len(data)} bytes, manifest says {manifest.size}")
+    return data
+
+
+def _read_part(fd: int, offset: int, length: int, file_id: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    while len(data) < length:  # pread may return short reads on huge requests
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise SpoolCorruptError(f"blob {file_id} is shorter than its manifest says")
+        data += more
+    return data
+
+
+def _digests(path: Path, part_size: int) -> tuple[str, list[str], list[str]]:
+    """Whole-file SHA256 hex plus per-part SHA256 (base64) and MD5 (hex), in one read."""
+    whole, shas, md5s = hashlib.sha256(), [], []
+    with open(path, "rb") as handle:
+        while chunk := handle.read(part_size):
+            whole.update(chunk)
+            hashes = _hash_part(chunk)
+            shas.append(hashes.sha256_b64)
+            md5s.append(hashes.md5_hex)
+    return whole.hexdigest(), shas, md5s
