@@ -97,6 +97,10 @@ class Store(abc.ABC):
     """Async interface; every call must finish or raise within the deadline given at construction."""
 
     url: str
+    # True when ETags are MD5 digests of the bytes received (S3 without SSE-KMS): the daemon then also
+    # compares them with its own MD5s, which catches corruption in flight on stores (moto, some
+    # S3-compatibles) that accept a wrong ChecksumSHA256 without validating it.
+    etag_is_md5: bool = False
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Acquire clients/sessions. Must be called on the event loop that will use the store."""

@@ -1,0 +1,125 @@
+"""mldash-syncd end to end, against the embedded backends and against S3 (moto) + MongoDB (SecantusDB)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import pytest
+
+from mldash.config import Settings
+from mldash.spool import SpoolIndex, SpoolLayout, State
+from mldash.spool.recovery import rebuild
+from tests.backend_helpers import catalog_docs, list_objects, pending_uploads, read_object
+from tests.fixtures.daemon import enqueue_bytes
+
+MIB = 2**20
+
+
+@pytest.fixture(params=["embedded", "remote"])
+def backend(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The same tests on the zero-setup default (directory + SQLite) and on S3 + MongoDB."""
+    base = settings.replace(part_size=5 * MIB, multipart_threshold=5 * MIB, retry_base_delay=0.05,
+                            retry_max_delay=0.5, request_timeout=10.0)
+    if request.param == "embedded":
+        return base
+    s3 = request.getfixturevalue("s3_settings")
+    mongo = request.getfixturevalue("mongo_settings")
+    return base.replace(store=s3.store, s3_endpoint_url=s3.s3_endpoint_url, catalog=mongo.catalog,
+                        mongo_database=mongo.mongo_database)
+
+
+def index_rows(settings: Settings) -> dict[int, dict[str, Any]]:
+    index = SpoolIndex(SpoolLayout(settings.spool))
+    try:
+        return {row["id"]: row for row in index.rows()}
+    finally:
+        index.close()
+
+
+def test_drains_small_and_multipart_files_exactly_once(backend: Settings, drain) -> None:
+    payloads = {"tiny.bin": b"x", "small.bin": os.urandom(100_000), "big.bin": os.urandom(12 * MIB + 123)}
+    manifests = {name: enqueue_bytes(backend, data, filename=name, tags=["t1"], metadata={"epoch": 3},
+                                     description="d") for name, data in payloads.items()}
+
+    report = drain(backend)
+
+    assert report.committed == 3 and report.clean
+    docs = {doc["id"]: doc for doc in catalog_docs(backend)}
+    assert len(docs) == 3
+    for name, manifest in manifests.items():
+        assert read_object(backend, manifest.key()) == payloads[name]
+        doc = docs[str(manifest.id)]
+        assert doc["checksum"] == hashlib.sha256(payloads[name]).hexdigest()
+        assert doc["sizeBytes"] == len(payloads[name])
+        assert (doc["filename"], doc["path"], doc["namespace"], doc["project"], doc["experiment"]) == (
+            name, "/ckpt", "ns", "proj", "exp")
+        assert doc["tags"] == ["t1"] and doc["metadata"] == {"epoch": 3} and doc["description"] == "d"
+        assert doc["storageKey"].endswith(manifest.key())
+    assert pending_uploads(backend) == []
+    # committed entries were evicted (keep_committed=0): their bytes left the spool
+    assert os.listdir(SpoolLayout(backend.spool).blobs_dir) == []
+
+
+def test_replay_after_reindex_changes_nothing(backend: Settings, drain) -> None:
+    """Idempotent steps: a rebuilt index re-verifies what is already stored, re-sends nothing."""
+    keep = backend.replace(keep_committed=100)
+    manifests = [enqueue_bytes(keep, os.urandom(size), filename=f"f{size}") for size in (10, 6 * MIB)]
+    assert drain(keep).committed == 2
+    objects_before, docs_before = list_objects(keep), catalog_docs(keep)
+
+    rebuild(SpoolLayout(keep.spool))  # everything back to queued
+    report = drain(keep)
+
+    assert report.committed == 2
+    assert list_objects(keep) == objects_before
+    assert catalog_docs(keep) == docs_before  # same documents, committedAt unchanged
+    rows = index_rows(keep)
+    assert all(rows[m.id]["state"] == "committed" for m in manifests)
+    big = manifests[1]
+    assert rows[big.id]["bytes_sent"] == 0, "the multipart object already stored must not be re-sent"
+
+
+@pytest.mark.parametrize("size", [1000, 7 * MIB], ids=["single", "multipart"])
+def test_spooled_byte_flipped_is_quarantined_never_committed(backend: Settings, drain, size: int) -> None:
+    bad = enqueue_bytes(backend, os.urandom(size), filename="bad.bin")
+    good = enqueue_bytes(backend, os.urandom(size), filename="good.bin")
+    blob = SpoolLayout(backend.spool).blob_path(bad.id)
+    with open(blob, "r+b") as handle:  # bit rot / a writer that did not respect the snapshot
+        handle.seek(size // 2)
+        byte = handle.read(1)
+        handle.seek(size // 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+    report = drain(backend)
+
+    rows = index_rows(backend)
+    assert rows[bad.id]["state"] == State.QUARANTINED
+    assert "sha256" in rows[bad.id]["last_error"]
+    assert rows[good.id]["state"] in (State.COMMITTED, State.EVICTED)
+    assert not report.clean
+    assert [doc["id"] for doc in catalog_docs(backend)] == [str(good.id)]
+    assert read_object(backend, bad.key()) is None
+    assert pending_uploads(backend) == []  # the aborted multipart upload is gone
+
+
+def test_run_once_exit_status_reports_failures(backend: Settings, drain) -> None:
+    enqueue_bytes(backend, b"fine", filename="ok.bin")
+    assert drain(backend).clean
+
+
+def test_retry_requeues_quarantined_entry_after_repair(backend: Settings, drain) -> None:
+    data = os.urandom(4096)
+    entry = enqueue_bytes(backend, data, filename="x.bin")
+    blob = SpoolLayout(backend.spool).blob_path(entry.id)
+    blob.write_bytes(b"\0" * len(data))
+    drain(backend)
+    assert index_rows(backend)[entry.id]["state"] == State.QUARANTINED
+
+    blob.write_bytes(data)  # a person restores the right bytes
+    index = SpoolIndex(SpoolLayout(backend.spool))
+    assert index.retry([entry.id]) == [entry.id]
+    index.close()
+    assert drain(backend).committed == 1
+    assert read_object(backend, entry.key()) == data
