@@ -132,11 +132,14 @@ def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) ->
         report.quarantined.append(file_id)
 
 
-def recover(index: SpoolIndex, layout: SpoolLayout, owner: str) -> RecoveryReport:
-    """Start-up of the daemon that holds the spool lock: leases, debris, repair, ingest."""
+def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | None = None,
+            orphan_grace: float = ORPHAN_BLOB_GRACE) -> RecoveryReport:
+    """Start-up of the daemon that holds the spool lock: leases, debris, repair, ingest.
+
+    `now` and `orphan_grace` exist for tests (an injected clock, a short grace)."""
     report = RecoveryReport()
     report.released_leases = index.release_all_leases(owner)
-    clean_debris(layout, report)
+    clean_debris(layout, report, now=now, orphan_grace=orphan_grace)
     reconcile(index, layout, report)
     report.ingested = len(ingest_new(index, layout, index.known_ids()))
     return report
