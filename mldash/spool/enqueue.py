@@ -5,7 +5,7 @@ Order of operations, each step safe to be interrupted by kill -9:
 1. write bytes to ``tmp/{pid}-{id}.blob.part`` (0600), hashing them on the way;
 2. (quota) take the quota lock, wait for room;
 3. ``link`` the temp file to ``blobs/{id}`` — link, not rename, because it fails on an existing
-   name instead of overwriting: an id collision is detected, never silent;
+   name instead of overwriting: an id collision is detected, never silent (a fresh id is drawn);
 4. write the manifest to ``tmp/``, then ``link`` it to ``manifests/{id}.msgpack``: **the commit
    point.** Before it the entry does not exist; after it the daemon will find it (inotify or scan);
 5. remove the temp names.
@@ -18,6 +18,7 @@ With durability "power", file data and both directories are fsynced before the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -29,12 +30,13 @@ from typing import Any
 from mldash.config import Settings
 from mldash.errors import FileTooLargeError, SpoolFullError
 from mldash.ids import new_id
-from mldash.spool.hashing import HashingSink
+from mldash.spool.hashing import HashingSink, write_all
 from mldash.spool.layout import SpoolLayout, fsync_dir, open_private
 from mldash.spool.manifest import Manifest
 from mldash.spool.quota import quota_lock, spooled_bytes
 
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_ID_ATTEMPTS = 5
 _HOST = socket.gethostname()
 
 
@@ -65,7 +67,12 @@ class Enqueuer:
         self.layout = (layout or SpoolLayout(settings.spool)).ensure()
 
     def enqueue(self, spec: EntrySpec, write: Writer, *, expected_size: int | None = None) -> Manifest:
-        """Spool one artifact; returns its manifest once it is durable (see module doc)."""
+        """Spool one artifact; returns its manifest once it is durable (see module doc).
+
+        `write` may be called more than once: after ENOSPC the partial temp file is deleted (to free
+        the space) and the whole entry is written again, so `write` must produce the same bytes on
+        every call (serialize from the object, or re-open the source file; not a half-read stream).
+        """
         limit = self.settings.max_file_size
         if expected_size is not None and expected_size > limit:
             raise FileTooLargeError(f"{spec.filename!r} is {expected_size} bytes; the maximum is {limit} bytes "
@@ -113,9 +120,17 @@ class Enqueuer:
                 host=_HOST, pid=os.getpid(),
             )
             quota = self.settings.spool_quota
-            if quota is None:
-                return self._publish(manifest, tmp_blob)
-            return self._publish_within_quota(manifest, tmp_blob, quota, deadline)
+            for _ in range(_ID_ATTEMPTS):
+                try:
+                    if quota is None:
+                        return self._publish(manifest, tmp_blob)
+                    return self._publish_within_quota(manifest, tmp_blob, quota, deadline)
+                except FileExistsError:
+                    # Another process drew the same id (see mldash.ids): link() refused to overwrite
+                    # its entry; ours has not been published, so take a fresh id and publish again.
+                    manifest = dataclasses.replace(manifest, id=new_id())
+            raise FileExistsError(f"spool {self.layout.root}: {_ID_ATTEMPTS} id collisions in a row for "
+                                  f"{spec.filename!r}; is the clock or mldash.ids broken?")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_blob)
@@ -138,13 +153,13 @@ class Enqueuer:
 
     def _publish(self, manifest: Manifest, tmp_blob: os.PathLike) -> Manifest:
         blob = self.layout.blob_path(manifest.id)
-        os.link(tmp_blob, blob)  # FileExistsError on an id collision: surfaces, never overwrites
+        os.link(tmp_blob, blob)  # FileExistsError on an id collision: never overwrites (caller redraws)
         committed = False
         tmp_manifest = self.layout.tmp_path(manifest.id, "manifest")
         try:
             fd = open_private(tmp_manifest)
             try:
-                os.write(fd, manifest.encode())
+                write_all(fd, memoryview(manifest.encode()))  # os.write may be short (disk filling up)
                 if self.settings.power_safe:
                     os.fsync(fd)
             finally:

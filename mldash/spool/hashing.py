@@ -18,7 +18,8 @@ COPY_CHUNK = 8 * 2**20
 _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mldash-hash")
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview) -> None:
+    """os.write until everything is written: a single write may be short (a filling disk, a signal)."""
     while data:
         written = os.write(fd, data)
         data = data[written:]
@@ -37,12 +38,12 @@ class HashingSink:
         if view.nbytes >= _PARALLEL_MIN:
             hashed = _executor.submit(self._hasher.update, view)
             try:
-                _write_all(self._fd, view)
+                write_all(self._fd, view)
             finally:
                 hashed.result()
         else:
             self._hasher.update(view)
-            _write_all(self._fd, view)
+            write_all(self._fd, view)
         self.size += view.nbytes
         return view.nbytes
 
