@@ -244,13 +244,16 @@ class Daemon:
             self._emit("uploading", id=file_id, size=manifest.size)
             verified = await self.uploader.upload(manifest)
         except asyncio.CancelledError:
+            self._refund_attempt(row)  # a stop request is not the entry's failure
             raise
         except BaseException as exc:
             self._failed(row, _first_error(exc), stage="upload")
             return
         self.store_gate.success()
+        # attempts count per stage: the commit stage starts afresh
         self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
-                              uploaded_at=time.time(), next_attempt_at=0, last_error=None, error_kind=None)
+                              uploaded_at=time.time(), next_attempt_at=0, attempts=0, last_error=None,
+                              error_kind=None)
         self.index.clear_parts(file_id)
         log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
@@ -265,6 +268,7 @@ class Daemon:
                                committed_at=time.time())
             await self.catalog.upsert(doc)
         except asyncio.CancelledError:
+            self._refund_attempt(row)
             raise
         except BaseException as exc:
             self._failed(row, _first_error(exc), stage="commit")
@@ -275,6 +279,10 @@ class Daemon:
         self._evict_requested = bool(self.settings.keep_committed == 0 and self.settings.evict_after == 0)
         log.info("committed %s (%s/%s)", file_id, row["experiment"], row["filename"])
         self._emit("committed", id=file_id, size=row["size"] or 0)
+
+    def _refund_attempt(self, row: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            self.index.update(row["id"], attempts=max(0, row["attempts"] - 1))
 
     def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
         """Route a failure to its state (see retry.py for the policy) and make it visible."""

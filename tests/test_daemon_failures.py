@@ -1,0 +1,129 @@
+"""How the daemon meets failing dependencies: permanent errors, a dead catalog, a blackholed store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import boto3
+import pytest
+
+from mldash.config import Settings
+from mldash.spool import SpoolIndex, SpoolLayout, State
+from tests.backend_helpers import catalog_docs, read_object
+from tests.fixtures.daemon import enqueue_bytes
+
+MIB = 2**20
+
+
+def rows(settings: Settings) -> dict[int, dict]:
+    index = SpoolIndex(SpoolLayout(settings.spool))
+    try:
+        return {row["id"]: row for row in index.rows()}
+    finally:
+        index.close()
+
+
+def fast(settings: Settings, **changes) -> Settings:
+    return settings.replace(retry_base_delay=0.05, retry_max_delay=0.3, request_timeout=1.0, **changes)
+
+
+def test_missing_bucket_fails_after_one_attempt_then_retry_works(s3_settings: Settings, drain) -> None:
+    bucket = f"not-yet-{os.getpid()}-{time.monotonic_ns()}"
+    settings = fast(s3_settings, store=f"s3://{bucket}/root")
+    entries = [enqueue_bytes(settings, os.urandom(100), filename=f"f{i}") for i in range(3)]
+
+    report = drain(settings, max_wait=20)
+
+    assert report.failed == 3 and not report.clean
+    for entry in entries:
+        row = rows(settings)[entry.id]
+        assert row["state"] == State.FAILED
+        assert row["attempts"] == 1, "a permanent error must not be retried"
+        assert "NoSuchBucket" in row["last_error"]
+
+    boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name="us-east-1").create_bucket(Bucket=bucket)
+    index = SpoolIndex(SpoolLayout(settings.spool))
+    assert sorted(index.retry()) == sorted(e.id for e in entries)
+    index.close()
+    assert drain(settings).committed == 3
+    assert all(read_object(settings, e.key()) is not None for e in entries)
+
+
+def test_catalog_down_uploads_continue_and_commit_later_exactly_once(settings: Settings, mongo_server_process,
+                                                                     drain) -> None:
+    server = mongo_server_process()
+    live = fast(settings, catalog=server.uri, mongo_database="mldash_down")
+    server.stop()
+    entries = [enqueue_bytes(live, os.urandom(2000), filename=f"f{i}") for i in range(4)]
+
+    started = time.monotonic()
+    report = drain(live, max_wait=4)
+    assert time.monotonic() - started < 60, "a dead catalog must not hang the daemon"
+
+    assert report.committed == 0
+    for entry in entries:
+        row = rows(live)[entry.id]
+        assert row["state"] == State.UPLOADED, "bytes go up while the catalog is down"
+        assert row["attempts"] == 0, "an outage must not burn attempts"
+        assert read_object(live, entry.key()) is not None
+
+    server.start()
+    assert drain(live).committed == 4
+    docs = catalog_docs(live)
+    assert sorted(d["id"] for d in docs) == sorted(str(e.id) for e in entries)
+
+
+class Blackhole:
+    """Accepts TCP connections and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[Blackhole]:
+    hole = Blackhole()
+    yield hole
+    hole.close()
+
+
+def test_blackholed_store_never_hangs_and_burns_no_attempts(settings: Settings, blackhole: Blackhole, drain,
+                                                            moto_server: str) -> None:
+    dead = fast(settings, store="s3://some-bucket/root", s3_endpoint_url=f"http://127.0.0.1:{blackhole.port}",
+                part_size=5 * MIB, multipart_threshold=5 * MIB)
+    small = enqueue_bytes(dead, b"abc", filename="small")
+    big = enqueue_bytes(dead, os.urandom(6 * MIB), filename="big")
+
+    started = time.monotonic()
+    drain(dead, max_wait=3)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 30, f"drain with a blackholed store took {elapsed:.0f}s; every call must have a deadline"
+    for entry in (small, big):
+        row = rows(dead)[entry.id]
+        assert row["state"] == State.QUEUED
+        assert row["attempts"] == 0
+        assert row["error_kind"] == "outage" and row["last_error"]
