@@ -53,3 +53,30 @@ class WaitTimeoutError(MldashError, TimeoutError):
 
 class DaemonBusyError(MldashError):
     """Another `mldash-syncd` already holds this spool's lock."""
+
+
+class SourceNotFoundError(InvalidInputError, FileNotFoundError):
+    """`upload(path)` was given a path with no file behind it; `filename` is that path. Nothing was written."""
+
+    def __init__(self, message: str, *, filename: str) -> None:
+        super().__init__(message)
+        self.errno = 2  # ENOENT, as a FileNotFoundError raised by open() would carry
+        self.filename = filename
+
+    def __str__(self) -> str:  # OSError's own __str__ would print "[Errno 2] None: ..."
+        return str(self.args[0])
+
+
+class MissingDependencyError(MldashError, ImportError):
+    """An optional dependency (torch, matplotlib, imageio, Pillow) is needed; the message names the extra."""
+
+
+class UploadFailedError(MldashError):
+    """`wait()`/`flush()` found entries the daemon gave up on; `failures` maps id → state and last error.
+
+    Their bytes are still in the spool: fix the cause, then `mldash-syncd retry`.
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = failures

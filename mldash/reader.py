@@ -1,0 +1,443 @@
+"""Read-your-writes: listing, resolving, downloading and waiting, over the spool, the catalog and the store.
+
+A file is in one or both of two places: the local spool (from the moment its save returned until the daemon
+evicts its bytes after commit) and the catalog (from commit on). `list()` merges both, deduplicated by id;
+the state comes from the spool index (read-only; no index yet means no daemon ran: "queued"), and an entry
+the catalog holds is at least "committed". Bytes are read from the spool when they are still there (no
+network, and the only copy before commit), else from the store; either way they are checked against the
+SHA256 recorded at save time before the destination file appears.
+
+The client is synchronous but the catalog and store are asyncio clients: each call runs on a fresh event
+loop in a worker thread, which creates, uses and closes its client there. That works from a plain script and
+from inside a running event loop (Jupyter) alike, and never leaks a client across loops. Every catalog and
+store await has a deadline (`request_timeout`; downloads add time in proportion to their size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fnmatch
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+from mldash import names
+from mldash.config import Settings
+from mldash.errors import (
+    InvalidInputError,
+    MldashError,
+    NotFoundError,
+    SpoolCorruptError,
+    UploadFailedError,
+    WaitTimeoutError,
+)
+from mldash.spool.index import SpoolIndex
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.lock import is_held
+from mldash.spool.manifest import Manifest
+from mldash.spool.recovery import manifest_ids, read_manifest
+from mldash.spool.states import TERMINAL, State
+
+log = logging.getLogger("mldash")
+T = TypeVar("T")
+
+_COPY_CHUNK = 8 * 2**20
+_MIN_DOWNLOAD_RATE = 5e6  # bytes/s assumed at worst when sizing a download's deadline
+_FAILED = (State.FAILED, State.QUARANTINED)
+
+
+@dataclass(frozen=True)
+class ExperimentId:
+    namespace: str
+    project: str
+    experiment: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.project}/{self.experiment}"
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine on a fresh event loop in a worker thread and return its result (or raise its error)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mldash-read") as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result()
+
+
+def _public_from_manifest(manifest: Manifest) -> dict[str, Any]:
+    return manifest.to_public()
+
+
+def _public_from_document(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if not k.startswith("_")}  # Mongo's _id and the like
+    out["id"] = str(out["id"])
+    return out
+
+
+def _parse_id(value: int | str) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    text = value.strip()
+    return int(text) if text.isdigit() else None
+
+
+def _under(path: str, prefix: str, recursive: bool) -> bool:
+    folder = "/" + prefix
+    if path == folder:
+        return True
+    return recursive and (prefix == "" or path.startswith(folder + "/"))
+
+
+class Reader:
+    """Read access for one Settings; safe to share between threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layout = SpoolLayout(settings.spool)
+        self._manifests: dict[int, Manifest] = {}  # manifests never change once in place: cache them
+        self._lock = threading.Lock()
+
+    # ---- the spool side --------------------------------------------------------------------------------
+    def _manifest(self, file_id: int) -> Manifest | None:
+        with self._lock:
+            cached = self._manifests.get(file_id)
+        if cached is not None:
+            return cached
+        try:
+            manifest = read_manifest(self.layout, file_id)
+        except SpoolCorruptError as exc:
+            if self.layout.manifest_path(file_id).exists():
+                log.debug("skipping unreadable manifest %s: %s", file_id, exc)
+            return None
+        with self._lock:
+            self._manifests[file_id] = manifest
+        return manifest
+
+    def _index_rows(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        ids = list(ids)
+        if not ids or not self.layout.exists():
+            return {}
+        index = SpoolIndex.open_readonly(self.layout)
+        if index is None:
+            return {}
+        try:
+            rows: dict[int, dict[str, Any]] = {}
+            for start in range(0, len(ids), 500):
+                for row in index.rows(ids=ids[start:start + 500]):
+                    rows[row["id"]] = row
+            return rows
+        except Exception as exc:  # a locked/half-created index must not break a read: report states as unknown
+            log.debug("spool index unreadable: %s", exc)
+            return {}
+        finally:
+            index.close()
+
+    def spool_entries(self, exp: ExperimentId) -> dict[int, dict[str, Any]]:
+        """Every entry of `exp` whose manifest is in the spool, with its state."""
+        if not self.layout.exists():
+            return {}
+        present = manifest_ids(self.layout)
+        with self._lock:  # forget manifests that are gone (evicted or collected)
+            for stale in set(self._manifests) - present:
+                del self._manifests[stale]
+        mine: dict[int, Manifest] = {}
+        for file_id in present:
+            manifest = self._manifest(file_id)
+            if manifest is not None and (manifest.namespace, manifest.project, manifest.experiment) == (
+                    exp.namespace, exp.project, exp.experiment):
+                mine[file_id] = manifest
+        rows = self._index_rows(mine)
+        return {file_id: self._with_state(_public_from_manifest(m), rows.get(file_id))
+                for file_id, m in mine.items()}
+
+    @staticmethod
+    def _with_state(entry: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
+        entry["status"] = row["state"] if row else State.QUEUED.value
+        if row and row["state"] in (State.FAILED.value, State.QUARANTINED.value, State.QUEUED.value) and row.get(
+                "last_error"):
+            entry["lastError"] = row["last_error"]
+        if row and row.get("committed_at"):
+            entry["committedAt"] = row["committed_at"]
+        return entry
+
+    # ---- the catalog side ------------------------------------------------------------------------------
+    def _catalog_exists(self) -> bool:
+        """False when the embedded SQLite catalog was never created (no daemon committed anything yet):
+        a reader must not create it."""
+        parsed = urlparse(self.settings.catalog)
+        return parsed.scheme != "sqlite" or Path(unquote(parsed.path)).exists()
+
+    def _catalog_call(self, call: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        from mldash.catalog import make_catalog
+
+        deadline = self.settings.request_timeout
+
+        async def run() -> T:
+            catalog = make_catalog(self.settings)
+            async with asyncio.timeout(deadline):
+                await catalog.open()
+            try:
+                async with asyncio.timeout(deadline):
+                    return await call(catalog)
+            finally:
+                async with asyncio.timeout(deadline):
+                    await catalog.close()
+
+        return run_async(run)
+
+    def catalog_find(self, exp: ExperimentId, **query: Any) -> list[dict[str, Any]]:
+        if not self._catalog_exists():
+            return []
+        from mldash.catalog.base import FileQuery
+
+        q = FileQuery(namespace=exp.namespace, project=exp.project, experiment=exp.experiment, **query)
+        return [_public_from_document(d) for d in self._catalog_call(lambda c: c.find(q))]
+
+    def catalog_get(self, file_id: int) -> dict[str, Any] | None:
+        if not self._catalog_exists():
+            return None
+        doc = self._catalog_call(lambda c: c.get(str(file_id)))
+        return _public_from_document(doc) if doc else None
+
+    # ---- merged views ----------------------------------------------------------------------------------
+    def entries(self, exp: ExperimentId, *, path: str | None = None, tags: list[str] | None = None,
+                strict: bool = False) -> dict[int, dict[str, Any]]:
+        """Spool and catalog entries of `exp`, by id. If the catalog cannot be reached the spool's entries are
+        returned alone and a warning is logged (strict=True raises instead)."""
+        entries = self.spool_entries(exp)
+        try:
+            docs = self.catalog_find(exp, path=path, tags=tuple(tags or ()))
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning("mldash: the catalog %s could not be read (%s: %s); showing only the files still in the "
+                        "local spool", _redact(self.settings.catalog), type(exc).__name__, exc)
+            docs = []
+        # Entries evicted from the spool are known only to the catalog; the index still says "evicted".
+        rows = self._index_rows(int(d["id"]) for d in docs if int(d["id"]) not in entries)
+        for doc in docs:
+            file_id = int(doc["id"])
+            known = entries.get(file_id)
+            if known is not None:
+                status = known["status"] if known["status"] in TERMINAL else State.COMMITTED.value
+            else:
+                row = rows.get(file_id)
+                status = row["state"] if row and row["state"] in TERMINAL else State.COMMITTED.value
+            entries[file_id] = {**(known or {}), **doc, "status": status}
+            entries[file_id].pop("lastError", None)
+        return entries
+
+    def list(self, exp: ExperimentId, *, prefix: str = "", recursive: bool = True, tags: list[str] | None = None,
+             pattern: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        if status is not None and status not in {s.value for s in State}:
+            raise InvalidInputError(f"status={status!r}; accepted: {', '.join(s.value for s in State)}")
+        if pattern is not None and not isinstance(pattern, str):
+            raise InvalidInputError(f"pattern must be a glob str such as '*.pt', got {type(pattern).__name__}")
+        path = None if recursive else "/" + prefix
+        wanted = set(tags or ())
+        out = []
+        for entry in self.entries(exp, path=path, tags=list(wanted)).values():
+            if not _under(entry["path"], prefix, recursive) or not wanted <= set(entry.get("tags") or ()):
+                continue
+            if pattern is not None:
+                subject = entry["path"].rstrip("/") + "/" + entry["filename"] if "/" in pattern else entry["filename"]
+                if not fnmatch.fnmatchcase(subject, pattern):
+                    continue
+            if status is not None and entry["status"] != status:
+                continue
+            out.append(entry)
+        return sorted(out, key=lambda e: int(e["id"]))
+
+    def resolve(self, exp: ExperimentId, ref: int | str, *, base: str = "") -> dict[str, Any]:
+        """The entry for an id, or for a path (its newest version). Relative paths start at `base`."""
+        file_id = _parse_id(ref) if isinstance(ref, (int, str)) else None
+        if file_id is not None:
+            return self._resolve_id(exp, file_id)
+        if not isinstance(ref, str):
+            raise InvalidInputError(f"a file is named by its id or its path, got {type(ref).__name__}")
+        text = ref.strip()
+        folder, _, filename = text.rpartition("/")
+        filename = names.validate_filename(filename)
+        prefix = names.validate_prefix(folder) if text.startswith("/") else names.validate_prefix(
+            f"{base}/{folder}" if base and folder else base or folder)
+        path = "/" + prefix
+        candidates = [e for e in self.entries(exp, path=path).values()
+                      if e["path"] == path and e["filename"] == filename]
+        if not candidates:
+            shown = path.rstrip("/") + "/" + filename
+            raise NotFoundError(f"no file {shown!r} in experiment {exp} (neither in the spool nor in the catalog)")
+        return max(candidates, key=lambda e: int(e["id"]))
+
+    def _resolve_id(self, exp: ExperimentId, file_id: int) -> dict[str, Any]:
+        entry: dict[str, Any] | None = None
+        manifest = self._manifest(file_id) if self.layout.exists() else None
+        if manifest is not None:
+            entry = self._with_state(_public_from_manifest(manifest), self._index_rows([file_id]).get(file_id))
+        if entry is None or entry["status"] in TERMINAL:
+            try:
+                doc = self.catalog_get(file_id)
+            except Exception as exc:
+                if entry is None:
+                    raise
+                log.warning("mldash: the catalog could not be read (%s); using the spool's record of %s", exc, file_id)
+                doc = None
+            if doc is not None:
+                status = entry["status"] if entry else State.COMMITTED.value
+                entry = {**(entry or {}), **doc, "status": status}
+        if entry is None:
+            raise NotFoundError(f"no file with id {file_id} (neither in the spool nor in the catalog)")
+        owner = f"{entry['namespace']}/{entry['project']}/{entry['experiment']}"
+        if owner != str(exp):
+            raise NotFoundError(f"file {file_id} belongs to experiment {owner}, not to {exp}")
+        return entry
+
+    # ---- bytes -------------------------------------------------------------------------------------------
+    def download(self, entry: dict[str, Any], dest: str | os.PathLike[str] | None, *, overwrite: bool = True) -> str:
+        target = _destination(dest, entry["filename"])
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{str(target)!r} exists; pass overwrite=True to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        file_id = int(entry["id"])
+        temp = target.parent / f".mldash-{uuid.uuid4().hex}.part"
+        try:
+            if not self._copy_from_spool(file_id, entry["checksum"], temp):
+                self._copy_from_store(entry, temp)
+            if self.settings.power_safe:
+                with open(temp, "rb") as handle:
+                    os.fsync(handle.fileno())
+            os.replace(temp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        return str(target)
+
+    def _copy_from_spool(self, file_id: int, checksum: str, temp: Path) -> bool:
+        """Copy the spooled bytes if they are still there (an open file survives eviction); False if gone."""
+        try:
+            source = open(self.layout.blob_path(file_id), "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            return False
+        with source, open(temp, "wb") as out:
+            digest = hashlib.sha256()
+            while chunk := source.read(_COPY_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != checksum:
+            log.error("mldash: spooled bytes of %s do not match their SHA256; trying the store", file_id)
+            return False
+        return True
+
+    def _copy_from_store(self, entry: dict[str, Any], temp: Path) -> None:
+        file_id = int(entry["id"])
+        key = entry.get("storageKey")
+        if key is None:
+            doc = self.catalog_get(file_id)
+            key = doc.get("storageKey") if doc else None
+        if key is None:
+            state = entry.get("status", "queued")
+            raise NotFoundError(f"the bytes of file {file_id} are not in the spool any more and it is not committed "
+                                f"(state {state!r}); see `mldash-syncd status`")
+        from mldash.store import make_store
+
+        deadline = self.settings.request_timeout + int(entry.get("sizeBytes") or 0) / _MIN_DOWNLOAD_RATE
+
+        async def run() -> None:
+            store = make_store(self.settings)
+            async with asyncio.timeout(self.settings.request_timeout):
+                await store.open()
+            try:
+                async with asyncio.timeout(deadline):
+                    await store.download(key, temp)
+            finally:
+                async with asyncio.timeout(self.settings.request_timeout):
+                    await store.close()
+
+        run_async(run)
+        digest = hashlib.sha256()
+        with open(temp, "rb", buffering=0) as handle:
+            while chunk := handle.read(_COPY_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["checksum"]:
+            raise MldashError(f"file {file_id}: the store returned bytes whose SHA256 does not match the catalog "
+                              f"({digest.hexdigest()} != {entry['checksum']}); nothing was written")
+
+    # ---- waiting -------------------------------------------------------------------------------------------
+    def wait(self, ids: list[int], timeout: float | None, *, poll_max: float = 0.5) -> dict[str, str]:
+        """Poll the index until every id is committed or evicted (see `FilesHandle.wait`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            rows = self._index_rows(ids)
+            failures = {i: f"{rows[i]['state']}: {rows[i].get('last_error') or 'no reason recorded'}"
+                        for i in ids if i in rows and rows[i]["state"] in _FAILED}
+            if failures:
+                listed = "; ".join(f"{i} {reason}" for i, reason in failures.items())
+                raise UploadFailedError(f"{len(failures)} file(s) could not be uploaded: {listed}. The bytes are "
+                                        "kept in the spool: fix the cause, then run `mldash-syncd retry`",
+                                        failures=failures)
+            done = {i: rows[i]["state"] for i in ids if i in rows and State(rows[i]["state"]) in TERMINAL}
+            pending = [i for i in ids if i not in done]
+            done.update(self._committed_without_index(pending))
+            pending = [i for i in ids if i not in done]
+            if not pending:
+                return {str(i): state for i, state in done.items()}
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(self._timeout_message(pending, len(ids), timeout or 0.0), pending=pending)
+            pause = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
+            time.sleep(pause)
+            delay = min(delay * 2, poll_max)
+
+    def _committed_without_index(self, pending: list[int]) -> dict[int, str]:
+        """Entries whose manifest and index row are both gone (collected after commit): ask the catalog."""
+        gone = [i for i in pending if not self.layout.manifest_path(i).exists()]
+        if not gone:
+            return {}
+        rows = self._index_rows(gone)
+        found = {}
+        for file_id in gone:
+            if file_id in rows:
+                continue
+            with contextlib.suppress(Exception):
+                if self.catalog_get(file_id) is not None:
+                    found[file_id] = State.COMMITTED.value
+        return found
+
+    def _timeout_message(self, pending: list[int], total: int, timeout: float) -> str:
+        shown = ", ".join(map(str, pending[:20])) + (" …" if len(pending) > 20 else "")
+        message = f"{len(pending)} of {total} file(s) not committed after {timeout:g}s: {shown}."
+        if self.layout.exists() and not is_held(self.layout):
+            message += (f" No mldash-syncd is draining the spool {self.layout.root}: start one with "
+                        "`mldash-syncd run` (or leave MLDASH_AUTOSTART on).")
+        else:
+            message += " They stay queued and will be uploaded; `mldash-syncd status` shows progress."
+        return message
+
+
+def _destination(dest: str | os.PathLike[str] | None, filename: str) -> Path:
+    if dest is None:
+        return Path.cwd() / filename
+    text = os.fspath(dest)
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise InvalidInputError(f"dest_path {dest!r} is not a usable path")
+    path = Path(os.path.expanduser(text))
+    if path.is_dir() or text.endswith(os.sep):
+        return path / filename
+    return path
+
+
+def _redact(url: str) -> str:
+    """A URL without its password, for messages (mongodb://user:secret@host → mongodb://user:***@host)."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
