@@ -128,8 +128,8 @@ class SpoolIndex:
         with self.transaction() as conn:
             conn.execute("INSERT OR IGNORE INTO entries (id, state, created_at, updated_at) VALUES (?,?,?,?)",
                          (file_id, State.QUARANTINED.value, now, now))
-            conn.execute("UPDATE entries SET state=?, last_error=?, error_kind='corrupt', updated_at=?"
-                         " WHERE id=? AND state NOT IN ('committed','evicted')",
+            conn.execute("UPDATE entries SET state=?, last_error=?, error_kind='corrupt', updated_at=?,"
+                         " lease_owner=NULL, lease_expires=NULL WHERE id=? AND state NOT IN ('committed','evicted')",
                          (State.QUARANTINED.value, reason, now, file_id))
         self.add_event(file_id, "error", reason)
 

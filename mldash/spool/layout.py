@@ -54,6 +54,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _is_ascii_number(text: str) -> bool:
+    # str.isdigit() alone accepts "²" and "٣", which int() then rejects or reads as another number.
+    return text.isascii() and text.isdigit()
+
+
+def _canonical_id(text: str) -> int | None:
+    """A name we could have written for an id: plain ASCII digits, no leading zero, fits in int64.
+
+    Anything else in blobs/ or manifests/ is not an entry: it must neither crash the daemon
+    (int("²") raises; 2**64 overflows SQLite) nor alias a real id ("007" would read as 7).
+    """
+    if not _is_ascii_number(text) or (text[0] == "0" and text != "0") or len(text) > 19:
+        return None
+    value = int(text)
+    return value if value < 2**63 else None
+
+
 @dataclass(frozen=True)
 class SpoolLayout:
     root: Path
@@ -96,15 +113,19 @@ class SpoolLayout:
         return self.tmp_dir / f"{os.getpid()}-{file_id}.{kind}.part"
 
     @staticmethod
+    def blob_id(name: str) -> int | None:
+        """The id a blob file name stands for, or None for anything we did not name."""
+        return _canonical_id(name)
+
+    @staticmethod
     def manifest_id(name: str) -> int | None:
         """The id a manifest file name stands for, or None for anything that is not a manifest."""
-        stem = name[: -len(MANIFEST_SUFFIX)] if name.endswith(MANIFEST_SUFFIX) else ""
-        return int(stem) if stem.isdigit() else None
+        return _canonical_id(name[: -len(MANIFEST_SUFFIX)]) if name.endswith(MANIFEST_SUFFIX) else None
 
     @staticmethod
     def tmp_owner_pid(name: str) -> int | None:
         head = name.split("-", 1)[0]
-        return int(head) if head.isdigit() else None
+        return int(head) if _is_ascii_number(head) and len(head) <= 10 else None
 
     def ensure(self) -> SpoolLayout:
         """Create the spool directories (0700) and the layout marker; check an existing marker."""

@@ -16,6 +16,14 @@ from mldash.errors import SpoolCorruptError
 from mldash.keys import object_key
 
 FORMAT_VERSION = 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 MAX_MANIFEST_BYTES = 4 * 2**20  # metadata is small; anything bigger is corrupt or hostile
 
 
@@ -83,13 +91,19 @@ class Manifest:
         return manifest
 
     def _check(self, source: str) -> None:
+        # Numbers must fit the index's int64/float columns: an oversized value would make SQLite
+        # raise OverflowError inside the daemon's ingest instead of quarantining one entry.
         checks = [
-            (isinstance(self.id, int) and self.id > 0, "id"),
-            (isinstance(self.size, int) and self.size >= 0, "size"),
+            (_is_int(self.id) and 0 < self.id < 2**63, "id"),
+            (_is_int(self.size) and 0 <= self.size < 2**63, "size"),
             (isinstance(self.sha256, str) and len(self.sha256) == 64, "sha256"),
             (all(isinstance(v, str) for v in (self.namespace, self.project, self.experiment, self.prefix,
                                                self.filename, self.content_type)), "names"),
-            (isinstance(self.tags, list) and isinstance(self.metadata, dict), "tags/metadata"),
+            (_is_number(self.created_at) and 0 <= self.created_at < 2**53, "created_at"),
+            (self.description is None or isinstance(self.description, str), "description"),
+            (isinstance(self.kind, str) and isinstance(self.host, str) and _is_int(self.pid), "kind/host/pid"),
+            (isinstance(self.tags, list), "tags"),
+            (isinstance(self.metadata, dict), "metadata"),
         ]
         for ok, what in checks:
             if not ok:
@@ -102,6 +116,12 @@ class Manifest:
             names.validate_prefix(self.prefix)
         except ValueError as exc:
             raise SpoolCorruptError(f"{source}: {exc}") from None
+        for what, validate, value in (("tags", names.validate_tags, self.tags),
+                                      ("metadata", names.validate_metadata, self.metadata)):
+            try:
+                validate(value)
+            except ValueError as exc:  # e.g. msgpack bin values: not JSON, the catalog could not store them
+                raise SpoolCorruptError(f"{source}: manifest field {what} is invalid ({exc})") from None
 
     def to_public(self) -> dict[str, Any]:
         """The user-facing dict (camelCase, as ML-Dash returns it)."""

@@ -94,8 +94,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None = None,
-                 orphan_grace: float = ORPHAN_BLOB_GRACE) -> None:
-    """Remove temp files of dead writers and blobs whose manifest never landed."""
+                 orphan_grace: float = ORPHAN_BLOB_GRACE, keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """Remove temp files of dead writers and blobs whose manifest never landed.
+
+    `keep`: ids the index still holds as pending. Their blob is kept even when the manifest is gone,
+    so the quarantined entry still has its bytes for the person who looks at it.
+    """
     now = time.time() if now is None else now
     with os.scandir(layout.tmp_dir) as entries:
         for entry in entries:
@@ -108,12 +112,13 @@ def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None 
     manifests = manifest_ids(layout)
     with os.scandir(layout.blobs_dir) as entries:
         for entry in entries:
-            if not entry.name.isdigit() or int(entry.name) in manifests:
-                continue
+            file_id = SpoolLayout.blob_id(entry.name)
+            if file_id is None or file_id in manifests or file_id in keep:
+                continue  # not a name we wrote (left alone), or an entry that still needs its bytes
             with contextlib.suppress(FileNotFoundError):
                 if now - entry.stat(follow_symlinks=False).st_ctime > orphan_grace:
                     os.unlink(entry.path)
-                    report.removed_orphan_blobs.append(int(entry.name))
+                    report.removed_orphan_blobs.append(file_id)
 
 
 def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) -> None:
@@ -139,7 +144,8 @@ def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | 
     `now` and `orphan_grace` exist for tests (an injected clock, a short grace)."""
     report = RecoveryReport()
     report.released_leases = index.release_all_leases(owner)
-    clean_debris(layout, report, now=now, orphan_grace=orphan_grace)
+    pending = {row["id"] for row in index.rows(states=PENDING)}
+    clean_debris(layout, report, now=now, orphan_grace=orphan_grace, keep=pending)
     reconcile(index, layout, report)
     report.ingested = len(ingest_new(index, layout, index.known_ids()))
     return report
