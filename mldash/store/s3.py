@@ -169,6 +169,10 @@ _DOWNLOAD_CHUNK = _MiB
 
 
 class S3Store(Store):
+    # S3 (without SSE-KMS/SSE-C), MinIO and moto return the MD5 of the bytes received as a part's or a
+    # single PUT's ETag. The daemon may compare it (settings.verify_etag: off for SSE-KMS buckets).
+    etag_is_md5 = True
+
     def __init__(self, bucket: str, root: str = "", *, endpoint_url: str | None = None, region: str | None = None,
                  request_timeout: float = 60.0, seconds_per_mib: float = 0.5, max_connections: int = 16) -> None:
         """`request_timeout` bounds every call; a body of N MiB gets `N × seconds_per_mib` more."""

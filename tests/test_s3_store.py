@@ -1,0 +1,411 @@
+"""S3Store behaviour beyond the shared contract: error classification and deadlines over real HTTP.
+
+Two kinds of endpoint: moto's server (a real S3 implementation) and `FakeS3`, a tiny HTTP/1.1 server on
+127.0.0.1 that answers as a test scripts it — how we reproduce what moto cannot: 503 SlowDown, a 200 with
+an error body, a 409 conflict, a server that accepts and never answers, a body that stalls or is corrupt.
+Every call goes through the real aioboto3 client; nothing of ours is patched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mldash.config import Settings
+from mldash.store import (
+    NoSuchUploadError,
+    ObjectExistsError,
+    PartReceipt,
+    PermanentStoreError,
+    S3Store,
+    StoreError,
+    TransientStoreError,
+    b64_sha256,
+    make_store,
+)
+from mldash.store.s3 import classify_error
+
+MiB = 2**20
+KEY = "root/files/ns/proj/exp/ckpt/1/model.pt"
+DEADLINE_CHECK = 10.0  # seconds: "returns within its deadline", generous for a loaded 2-core machine
+
+
+# -- a scriptable HTTP server --------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes = b""
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    stall_after: int | None = None  # send only this many body bytes, then go silent
+
+
+BLACKHOLE = None  # an answer of None: accept the request and never read or answer anything more
+Script = Callable[[Request], Answer | None]
+
+
+def s3_error(status: int, code: str, message: str = "scripted") -> Answer:
+    body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>' \
+           f"<RequestId>1</RequestId></Error>"
+    return Answer(status, body.encode(), {"Content-Type": "application/xml"})
+
+
+class FakeS3:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[Request] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FakeS3:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line, *lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = line.split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines if ":" in h)}
+                request = Request(method, target, headers)
+                self.requests.append(request)
+                answer = self.script(request)
+                if answer is BLACKHOLE:
+                    await asyncio.Event().wait()  # until cancelled at teardown
+                    return
+                request.body = await reader.readexactly(int(headers.get("content-length", 0)))
+                reason = {200: "OK", 404: "Not Found", 409: "Conflict", 403: "Forbidden", 400: "Bad Request",
+                          500: "Internal Server Error", 503: "Slow Down"}.get(answer.status, "Status")
+                out = {"Content-Length": str(len(answer.body)), **answer.headers}
+                payload = answer.body if method != "HEAD" else b""
+                writer.write(f"HTTP/1.1 {answer.status} {reason}\r\n".encode()
+                             + "".join(f"{k}: {v}\r\n" for k, v in out.items()).encode() + b"\r\n")
+                if answer.stall_after is not None:
+                    writer.write(payload[:answer.stall_after])
+                    await writer.drain()
+                    await asyncio.Event().wait()
+                writer.write(payload)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+@pytest.fixture
+def aws_env(moto_server: str) -> str:
+    """Fake credentials in the environment (the moto fixture sets them for the session)."""
+    return moto_server
+
+
+async def open_store(endpoint_url: str, bucket: str = "bucket", *, timeout: float = 1.0) -> S3Store:
+    store = S3Store(bucket, "root", endpoint_url=endpoint_url, request_timeout=timeout)
+    await store.open()
+    return store
+
+
+@pytest.fixture
+async def s3_store(s3_bucket: tuple[str, str]) -> AsyncIterator[S3Store]:
+    endpoint_url, bucket = s3_bucket
+    store = await open_store(endpoint_url, bucket, timeout=30.0)
+    yield store
+    await store.close()
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+async def test_make_store_builds_an_s3_store(s3_settings: Settings, s3_bucket: tuple[str, str]) -> None:
+    endpoint_url, bucket = s3_bucket
+    store = make_store(s3_settings.replace(request_timeout=7.0, s3_region="eu-west-1"))
+    assert isinstance(store, S3Store)
+    assert (store.bucket, store.root, store.endpoint_url) == (bucket, "root", endpoint_url)
+    assert (store.request_timeout, store.region, store.url) == (7.0, "eu-west-1", f"s3://{bucket}/root")
+    assert store.key("files/a/b/c/1/x") == "root/files/a/b/c/1/x"
+    assert S3Store("bkt").key("files/x") == "files/x"
+
+
+async def test_calls_before_open_fail_clearly() -> None:
+    store = S3Store("bucket")
+    with pytest.raises(PermanentStoreError) as caught:
+        await store.head(KEY)
+    assert caught.value.code == "NotOpen"
+    await store.close()  # closing an unopened store is fine
+
+
+async def test_overlong_key_is_refused_before_any_request(aws_env: str) -> None:
+    async with FakeS3(lambda r: Answer(200)) as server:
+        store = await open_store(server.url)
+        try:
+            with pytest.raises(PermanentStoreError):
+                await store.put("k" * 1025, b"x", b64_sha256(b"x"))
+        finally:
+            await store.close()
+        assert server.requests == []
+
+
+# -- classification through moto ------------------------------------------------------------------------
+
+async def test_missing_bucket_is_permanent(moto_server: str) -> None:
+    store = await open_store(moto_server, f"no-such-bucket-{uuid.uuid4().hex[:8]}", timeout=30.0)
+    try:
+        with pytest.raises(PermanentStoreError) as caught:
+            await store.put(KEY, b"x", b64_sha256(b"x"))
+        assert caught.value.code == "NoSuchBucket" and caught.value.transient is False
+        with pytest.raises(PermanentStoreError):
+            await store.create_multipart(KEY)
+    finally:
+        await store.close()
+
+
+async def test_wrong_credentials_are_permanent(s3_bucket: tuple[str, str]) -> None:
+    """moto checks credentials once its auth is switched on (moto-api/reset-auth): ours are unknown to it."""
+    endpoint_url, bucket = s3_bucket
+    store = await open_store(endpoint_url, bucket, timeout=30.0)
+
+    def set_auth(count: str) -> None:
+        request = urllib.request.Request(f"{endpoint_url}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10).close()
+
+    await asyncio.to_thread(set_auth, "0")
+    try:
+        with pytest.raises(PermanentStoreError) as caught:
+            await store.put(KEY, b"x", b64_sha256(b"x"))
+        assert caught.value.code == "InvalidAccessKeyId"
+    finally:
+        await asyncio.to_thread(set_auth, "inf")
+        await store.close()
+
+
+async def test_downloaded_object_matches_its_checksum(s3_store: S3Store, tmp_path: Path) -> None:
+    data = b"verified on the way down" * 1000
+    await s3_store.put(KEY, data, b64_sha256(data))
+    stored = await s3_store.download(KEY, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert (stored.size, stored.checksum_sha256) == (len(data), b64_sha256(data))
+
+
+# -- deadlines ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("operation", ["put", "upload_part", "head", "complete"])
+async def test_blackhole_endpoint_fails_transiently_within_the_deadline(aws_env: str, operation: str) -> None:
+    """A server that accepts and never answers (the Expect: 100-continue hang) cannot hold a call."""
+    async with FakeS3(lambda r: BLACKHOLE) as server:
+        store = await open_store(server.url, timeout=1.0)
+        data = bytes(5 * MiB)
+        calls = {
+            "put": lambda: store.put(KEY, b"small", b64_sha256(b"small")),
+            "upload_part": lambda: store.upload_part(KEY, "upload-1", 1, data, b64_sha256(data)),
+            "head": lambda: store.head(KEY),
+            "complete": lambda: store.complete_multipart(KEY, "upload-1", [PartReceipt(1, 5, '"e"', None)]),
+        }
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransientStoreError) as caught:
+                await calls[operation]()
+        finally:
+            await store.close()
+        assert time.monotonic() - started < DEADLINE_CHECK
+        assert caught.value.code in ("Timeout", "ReadTimeoutError", "ConnectTimeoutError")
+        assert server.requests, "the request must have reached the server"
+
+
+async def test_download_that_stalls_mid_body_fails_transiently(aws_env: str, tmp_path: Path) -> None:
+    body = bytes(2 * MiB)
+    answer = Answer(200, body, {"ETag": '"x"'}, stall_after=MiB // 2)
+    async with FakeS3(lambda r: answer) as server:
+        store = await open_store(server.url, timeout=1.0)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransientStoreError):
+                await store.download(KEY, tmp_path / "out")
+        finally:
+            await store.close()
+        assert time.monotonic() - started < DEADLINE_CHECK
+    assert list(tmp_path.iterdir()) == []  # the partial temp file was removed
+
+
+async def test_connection_refused_is_transient(aws_env: str) -> None:
+    async with FakeS3(lambda r: Answer(200)) as server:
+        url = server.url
+    store = await open_store(url, timeout=1.0)  # the port is closed now
+    try:
+        with pytest.raises(TransientStoreError):
+            await store.put(KEY, b"x", b64_sha256(b"x"))
+    finally:
+        await store.close()
+
+
+# -- what goes over the wire -------------------------------------------------------------------------
+
+async def test_requests_carry_our_checksum_and_no_expect_header(aws_env: str) -> None:
+    """No "Expect: 100-continue" (a server that never sends "100 Continue" would hold us), our SHA256 is
+    sent as is, and the create is conditional."""
+    async with FakeS3(lambda r: s3_error(503, "SlowDown")) as server:
+        store = await open_store(server.url, timeout=5.0)
+        part = bytearray(b"p" * (5 * MiB))
+        try:
+            with pytest.raises(TransientStoreError):
+                await store.put(KEY, b"small", b64_sha256(b"small"))
+            with pytest.raises(TransientStoreError):
+                await store.upload_part(KEY, "u1", 1, memoryview(part)[1:], b64_sha256(part[1:]))
+        finally:
+            await store.close()
+    puts = [r for r in server.requests if r.method == "PUT"]
+    assert puts and all("expect" not in r.headers for r in puts)
+    first = puts[0]
+    assert first.headers["x-amz-checksum-sha256"] == b64_sha256(b"small")
+    assert first.headers["if-none-match"] == "*"
+    parts = [r for r in puts if "partNumber=1" in r.target]
+    assert parts and parts[0].headers["x-amz-checksum-sha256"] == b64_sha256(part[1:])
+    assert len(parts[0].body) == 5 * MiB - 1
+
+
+# -- classification of scripted answers -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("answer", "expected", "code"), [
+    (s3_error(503, "SlowDown"), TransientStoreError, "SlowDown"),
+    (s3_error(500, "InternalError"), TransientStoreError, "InternalError"),
+    (s3_error(400, "RequestTimeout"), TransientStoreError, "RequestTimeout"),
+    (s3_error(403, "RequestTimeTooSkewed"), TransientStoreError, "RequestTimeTooSkewed"),
+    (s3_error(400, "BadDigest"), TransientStoreError, "BadDigest"),
+    (s3_error(429, "SomethingNew"), TransientStoreError, "SomethingNew"),
+    (s3_error(412, "PreconditionFailed"), ObjectExistsError, "PreconditionFailed"),
+    (s3_error(409, "ConditionalRequestConflict"), ObjectExistsError, "ConditionalRequestConflict"),
+    (s3_error(403, "AccessDenied"), PermanentStoreError, "AccessDenied"),
+    (s3_error(403, "SignatureDoesNotMatch"), PermanentStoreError, "SignatureDoesNotMatch"),
+    (s3_error(400, "InvalidDigest"), PermanentStoreError, "InvalidDigest"),
+    (s3_error(400, "SomethingNew"), PermanentStoreError, "SomethingNew"),
+])
+async def test_put_error_classification(aws_env: str, answer: Answer, expected: type[StoreError],
+                                        code: str) -> None:
+    async with FakeS3(lambda r: answer) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            with pytest.raises(StoreError) as caught:
+                await store.put(KEY, b"x", b64_sha256(b"x"))
+        finally:
+            await store.close()
+    assert type(caught.value) is expected
+    assert caught.value.code == code
+
+
+@pytest.mark.parametrize(("status", "expected"), [(404, None), (403, PermanentStoreError),
+                                                  (500, TransientStoreError)])
+async def test_head_status_without_body(aws_env: str, status: int, expected: type[StoreError] | None) -> None:
+    async with FakeS3(lambda r: Answer(status)) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            if expected is None:
+                assert await store.head(KEY) is None
+            else:
+                with pytest.raises(expected):
+                    await store.head(KEY)
+        finally:
+            await store.close()
+
+
+LIST_PARTS_OK = (b'<?xml version="1.0" encoding="UTF-8"?><ListPartsResult><Bucket>bucket</Bucket>'
+                 b"<Key>k</Key><UploadId>u1</UploadId><IsTruncated>false</IsTruncated></ListPartsResult>")
+
+
+async def test_complete_200_with_error_body_is_transient(aws_env: str) -> None:
+    """S3 may answer CompleteMultipartUpload with 200 and an <Error> body: that is a failure, retry it."""
+    def script(request: Request) -> Answer:
+        if request.method == "POST":
+            return s3_error(200, "InternalError", "We encountered an internal error. Please try again.")
+        return Answer(200, LIST_PARTS_OK, {"Content-Type": "application/xml"})  # the upload still exists
+
+    async with FakeS3(script) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            with pytest.raises(TransientStoreError) as caught:
+                await store.complete_multipart(KEY, "u1", [PartReceipt(1, 5, '"e"', None)])
+        finally:
+            await store.close()
+    assert caught.value.code == "InternalError"
+    assert [r.method for r in server.requests].count("POST") >= 1
+
+
+async def test_complete_failing_on_a_vanished_upload_says_so(aws_env: str) -> None:
+    def script(request: Request) -> Answer:
+        if request.method == "POST":
+            return s3_error(500, "InternalError")
+        return s3_error(404, "NoSuchUpload")
+
+    async with FakeS3(script) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            with pytest.raises(NoSuchUploadError):
+                await store.complete_multipart(KEY, "u1", [PartReceipt(1, 5, '"e"', None)])
+        finally:
+            await store.close()
+
+
+async def test_complete_conflict_is_object_exists(aws_env: str) -> None:
+    async with FakeS3(lambda r: s3_error(409, "ConditionalRequestConflict")) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            with pytest.raises(ObjectExistsError):
+                await store.complete_multipart(KEY, "u1", [PartReceipt(1, 5, '"e"', None)])
+        finally:
+            await store.close()
+
+
+async def test_corrupt_download_is_detected_and_not_kept(aws_env: str, tmp_path: Path) -> None:
+    body = b"the bytes that arrive" * 100
+    answer = Answer(200, body, {"ETag": '"x"', "x-amz-checksum-sha256": b64_sha256(b"the bytes that were stored")})
+    async with FakeS3(lambda r: answer) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            with pytest.raises(TransientStoreError) as caught:
+                await store.download(KEY, tmp_path / "out")
+        finally:
+            await store.close()
+    assert caught.value.code == "FlexibleChecksumError"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_classification_of_client_side_failures() -> None:
+    import botocore.exceptions as bce
+
+    assert isinstance(classify_error(TimeoutError(), operation="put", key="k"), TransientStoreError)
+    assert isinstance(classify_error(bce.NoCredentialsError(), operation="put", key="k"), PermanentStoreError)
+    assert isinstance(classify_error(bce.EndpointConnectionError(endpoint_url="http://x"), operation="put", key="k"),
+                      TransientStoreError)
+    assert isinstance(classify_error(ConnectionResetError(), operation="put", key="k"), TransientStoreError)
+    error = PermanentStoreError("kept", code="X")
+    assert classify_error(error, operation="put", key="k") is error
