@@ -19,12 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mldash_syncd.budget import ByteBudget
-from mldash_syncd.commit import document_for
-from mldash_syncd.evict import compact, evict
-from mldash_syncd.retry import Backoff, Failure, Gate, classify
-from mldash_syncd.upload import Uploader
-
 from mldash.catalog import make_catalog
 from mldash.catalog.base import Catalog
 from mldash.config import Settings
@@ -35,6 +29,11 @@ from mldash.spool.recovery import ingest_new, read_manifest, recover
 from mldash.spool.states import State
 from mldash.store import make_store
 from mldash.store.base import Store
+from mldash_syncd.budget import ByteBudget
+from mldash_syncd.commit import document_for
+from mldash_syncd.evict import compact, evict
+from mldash_syncd.retry import Backoff, Failure, Gate, classify
+from mldash_syncd.upload import Uploader
 
 log = logging.getLogger("mldash_syncd")
 
@@ -120,6 +119,7 @@ class Daemon:
                     self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
                                              ByteBudget(self.settings.max_concurrent_parts * self.settings.part_size),
                                              on_bytes=self._count_bytes)
+                    await self._collect_orphans()
                     await self._loop(until_drained, max_wait)
             finally:
                 self._write_heartbeat(stopping=True)
@@ -332,6 +332,19 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(abort())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _collect_orphans(self) -> None:
+        """Start-up gc: abort multipart uploads of ours that no entry will finish (see gc.py)."""
+        from mldash_syncd.gc import abort_orphan_uploads
+
+        try:
+            async with asyncio.timeout(self.settings.request_timeout * 3):
+                aborted, _kept = await abort_orphan_uploads(self.store, self.index)
+        except Exception as exc:  # the store may be down right now; the next start or `gc` retries
+            log.warning("start-up gc skipped: %s", exc)
+            return
+        if aborted:
+            log.info("start-up gc: aborted %d orphaned multipart uploads", len(aborted))
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def _count_bytes(self, amount: int) -> None:

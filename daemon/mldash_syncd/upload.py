@@ -22,9 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mldash_syncd.budget import ByteBudget
-from mldash_syncd.retry import VerificationError
-
 from mldash.config import Settings
 from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
@@ -38,6 +35,8 @@ from mldash.store.base import (
     composite_sha256,
     hex_to_b64,
 )
+from mldash_syncd.budget import ByteBudget
+from mldash_syncd.retry import VerificationError
 
 log = logging.getLogger("mldash_syncd.upload")
 

@@ -1,0 +1,164 @@
+"""The daemon as a real process: kill -9 mid-multipart resumes, SIGTERM stops cleanly, portable spools."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mldash.config import Settings
+from mldash.spool import SpoolIndex, SpoolLayout, State
+from tests.backend_helpers import catalog_docs, pending_uploads, read_object
+from tests.fixtures.daemon import enqueue_bytes, settings_env
+
+MIB = 2**20
+
+
+def multipart_settings(s3_settings: Settings) -> Settings:
+    return s3_settings.replace(part_size=5 * MIB, multipart_threshold=5 * MIB, max_concurrent_parts=2,
+                               retry_base_delay=0.05, retry_max_delay=0.5, request_timeout=10.0)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def recorded_parts(settings: Settings, file_id: int) -> int:
+    index = SpoolIndex.open_readonly(SpoolLayout(settings.spool))
+    if index is None:
+        return 0
+    try:
+        return len(index.parts(file_id))
+    except Exception:
+        return 0
+    finally:
+        index.close()
+
+
+def row(settings: Settings, file_id: int) -> dict:
+    index = SpoolIndex(SpoolLayout(settings.spool))
+    try:
+        return index.get(file_id)
+    finally:
+        index.close()
+
+
+def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mldash_syncd", *args], env=settings_env(settings),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_kill9_mid_multipart_resumes_without_resending_stored_parts(s3_settings: Settings, daemon_process) -> None:
+    settings = multipart_settings(s3_settings)
+    data = os.urandom(60 * MIB)
+    entry = enqueue_bytes(settings, data, filename="big.bin")
+    parts_total = 12
+
+    daemon = daemon_process(settings, "run")
+    done_before_kill = wait_for(lambda: (n := recorded_parts(settings, entry.id)) >= parts_total // 2 and n)
+    daemon.kill()
+    assert done_before_kill < parts_total, "killed too late to test a resume"
+    sent_before = row(settings, entry.id)["bytes_sent"]
+
+    result = cli(settings, "run", "--once", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+    after = row(settings, entry.id)
+    assert after["state"] in (State.COMMITTED, State.EVICTED)
+    resent = after["bytes_sent"] - sent_before
+    # Only parts not yet in S3 are sent again: at most the rest plus the parts that were in flight.
+    assert resent <= (parts_total - done_before_kill) * 5 * MIB, (resent, done_before_kill)
+    assert read_object(settings, entry.key()) == data
+    assert [d["id"] for d in catalog_docs(settings)] == [str(entry.id)]
+    assert pending_uploads(settings) == []
+
+
+def test_sigterm_mid_upload_stops_cleanly_and_resumes(s3_settings: Settings, daemon_process) -> None:
+    settings = multipart_settings(s3_settings)
+    data = os.urandom(60 * MIB)
+    entry = enqueue_bytes(settings, data, filename="big.bin")
+
+    daemon = daemon_process(settings, "run")
+    wait_for(lambda: recorded_parts(settings, entry.id) >= 2)
+    started = time.monotonic()
+    code = daemon.terminate(timeout=60)
+    assert code == 0, daemon.log()
+    assert time.monotonic() - started < 45, "graceful stop must fit the unit's TimeoutStopSec"
+    state = row(settings, entry.id)["state"]
+    assert state != State.UPLOADING, "a stopped daemon leaves no entry leased"
+
+    result = cli(settings, "run", "--once", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert read_object(settings, entry.key()) == data
+    assert len(catalog_docs(settings)) == 1
+
+
+def test_copied_spool_syncs_on_another_host_after_reindex(settings: Settings, tmp_path) -> None:
+    """Offline node → copy the spool → `reindex && run --once` elsewhere."""
+    entries = {enqueue_bytes(settings, os.urandom(n), filename=f"f{n}").id: n for n in (10, 5000, 70000)}
+    moved = settings.replace(spool=tmp_path / "elsewhere" / "spool")
+    shutil.copytree(settings.spool, moved.spool)
+    shutil.rmtree(settings.spool)
+    for path in SpoolLayout(moved.spool).root.rglob("*"):  # nothing in the spool names the old location
+        if path.is_file():
+            assert str(settings.spool).encode() not in path.read_bytes(), path
+
+    assert cli(moved, "reindex").returncode == 0
+    result = cli(moved, "run", "--once")
+    assert result.returncode == 0, result.stderr
+    assert "committed 3 files" in result.stderr
+    assert sorted(int(d["id"]) for d in catalog_docs(moved)) == sorted(entries)
+
+
+def test_cli_status_ls_retry(settings: Settings) -> None:
+    good = enqueue_bytes(settings, b"good", filename="good.bin")
+    bad = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")
+    SpoolLayout(settings.spool).blob_path(bad.id).write_bytes(b"BAD-BYTES")
+
+    assert cli(settings, "run", "--once", "--quiet").returncode == 1  # something left quarantined
+
+    status = cli(settings, "status", "--json")
+    import json
+
+    data = json.loads(status.stdout)
+    assert data["states"]["quarantined"]["count"] == 1
+    assert data["states"]["evicted"]["count"] + data["states"]["committed"]["count"] == 1
+    assert any(str(bad.id) == e["id"] for e in data["recentErrors"])
+    human = cli(settings, "status").stdout
+    assert "quarantined" in human and "recent errors" in human
+
+    listed = cli(settings, "ls", "--state", "quarantined").stdout
+    assert str(bad.id) in listed and str(good.id) not in listed and "sha256" in listed
+
+    assert cli(settings, "retry").returncode == 2  # neither ids nor --all: a clear usage error
+    SpoolLayout(settings.spool).blob_path(bad.id).write_bytes(b"bad-bytes")
+    retried = cli(settings, "retry", str(bad.id))
+    assert "re-queued 1" in retried.stdout
+    assert cli(settings, "run", "--once", "--quiet").returncode == 0
+    assert hashlib.sha256(b"bad-bytes").hexdigest() in {d["checksum"] for d in catalog_docs(settings)}
+
+
+def test_second_daemon_on_same_spool_refuses(settings: Settings, daemon_process) -> None:
+    daemon_process(settings, "run")
+    wait_for(lambda: (SpoolLayout(settings.spool).lock_path.exists()
+                      and cli(settings, "status", "--json").stdout.count('"running": true')))
+    second = cli(settings, "run", "--once")
+    assert second.returncode == 3 and "another mldash-syncd" in second.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "status", "ls", "retry", "reindex", "gc"])
+def test_every_subcommand_has_help(command: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "mldash_syncd", command, "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0 and "usage: mldash-syncd" in result.stdout and len(result.stdout) > 150
