@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ async def test_power_durability_store_works(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key", [
     "../escape", "/etc/passwd", "files/../../escape", "files/a/../../../escape", "files//double", "files/./x",
     ".meta/files/x", ".uploads/x", ".tmp/x", ".lock", "", "files/nul\x00byte", "files/x/" + "k" * 1100,
+    "files/surrogate\udc80",
 ])
 async def test_keys_that_escape_or_collide_are_refused(store: LocalStore, tmp_path: Path, key: str) -> None:
     with pytest.raises(PermanentStoreError):
@@ -217,3 +219,23 @@ async def test_concurrent_puts_of_one_key_create_it_once(store: LocalStore, tmp_
     assert head is not None and head.checksum_sha256 == b64_sha256(payloads[winners[0]])
     await store.download(KEY, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == payloads[winners[0]]
+
+
+async def test_open_sweeps_debris_of_crashed_calls(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    await store.open()
+    live = await store.create_multipart(KEY)
+    old_tmp, fresh_tmp = store.root / ".tmp" / "put-old", store.root / ".tmp" / "put-fresh"
+    old_tmp.write_bytes(b"x")
+    fresh_tmp.write_bytes(b"y")
+    day_ago = time.time() - 86400
+    os.utime(old_tmp, (day_ago, day_ago))
+    dead = store.root / ".uploads" / ".dead-abc-123"
+    (dead / "sub").mkdir(parents=True)
+    half = store.root / ".uploads" / ".new-0123"
+    half.mkdir()
+    os.utime(half, (day_ago, day_ago))
+
+    await LocalStore(store.root).open()
+    assert sorted(os.listdir(store.root / ".tmp")) == ["put-fresh"]  # a file being written now is kept
+    assert sorted(os.listdir(store.root / ".uploads")) == [live]

@@ -110,6 +110,12 @@ async def test_download_of_missing_raises_and_writes_nothing(store: Store, tmp_p
     assert list(dest_dir.iterdir()) == []
 
 
+async def test_download_into_a_missing_directory_is_a_store_error(store: Store, tmp_path: Path) -> None:
+    await store.put(key_of(store), b"x", b64_sha256(b"x"))
+    with pytest.raises(StoreError):
+        await store.download(key_of(store), tmp_path / "no" / "such" / "dir" / "out")
+
+
 async def test_delete_is_idempotent(store: Store) -> None:
     key, data = key_of(store), b"bytes"
     await store.put(key, data, b64_sha256(data))

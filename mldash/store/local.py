@@ -70,6 +70,7 @@ _COPY_CHUNK = 8 * 2**20
 _PART_MAGIC = b"MLDPART1"
 _PART_HEADER = struct.Struct(">8sQ32s")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+_DEBRIS_AGE = 3600.0  # seconds without a write before a temp file or half-created upload is debris
 
 # OSErrors that may pass if retried later (space freed, device back); everything else needs a human.
 _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY,
@@ -92,7 +93,7 @@ class LocalStore(Store):
     # -- the contract ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await self._run("open", "", self._ensure_layout)
+        await self._run("open", "", self._open_layout)
 
     def key(self, relative_key: str) -> str:
         return relative_key  # a file:// store has no root prefix: its root is the directory
@@ -136,9 +137,7 @@ class LocalStore(Store):
         except StoreError:
             raise
         except OSError as exc:
-            kind = TransientStoreError if exc.errno in _TRANSIENT_ERRNOS else PermanentStoreError
-            name = errno.errorcode.get(exc.errno or 0, "OSError")
-            raise kind(f"{op} {key!r} in {self.root}: {exc}", code=name) from exc
+            raise store_error_from_os_error(exc, f"{op} {key!r} in {self.root}") from exc
 
     def _ensure_layout(self) -> None:
         if self._ready:
@@ -147,11 +146,46 @@ class LocalStore(Store):
             make_private_dir(directory)
         self._ready = True
 
+    def _sweep(self) -> None:
+        """Remove what crashed calls left behind: retired uploads, half-created ones, old temp files.
+
+        Age limits keep us off files another process (a second daemon on the same store) is writing now.
+        """
+        now = time.time()
+        for entry in os.scandir(self._uploads):
+            with suppress(FileNotFoundError):
+                if entry.name.startswith(".dead-") or (
+                        entry.name.startswith(".new-") and now - entry.stat().st_mtime > _DEBRIS_AGE):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+        for entry in os.scandir(self._tmp):
+            with suppress(FileNotFoundError):
+                if now - entry.stat().st_mtime > _DEBRIS_AGE:
+                    os.unlink(entry.path)
+
+    def _open_layout(self) -> None:
+        self._ensure_layout()
+        self._sweep()
+
+    def _make_dirs(self, directory: Path) -> None:
+        """mkdir -p (0700); with fsync, also make each new directory entry durable in its parent."""
+        missing = []
+        while not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for new in reversed(missing):
+            make_private_dir(new)
+            if self.fsync:
+                fsync_dir(new.parent)
+
     def _path(self, key: str) -> Path:
         """The object path of a key, refusing anything that could leave the root or hit our dot-dirs."""
         if not isinstance(key, str) or not key:
             raise PermanentStoreError(f"invalid key {key!r}", code="InvalidObjectName")
-        if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        try:
+            encoded = key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PermanentStoreError(f"invalid key {key!r}: not valid UTF-8", code="InvalidObjectName") from None
+        if len(encoded) > MAX_KEY_BYTES:
             raise PermanentStoreError(f"key {key[:60]!r}… is longer than {MAX_KEY_BYTES} bytes", code="KeyTooLongError")
         parts = key.split("/")
         if ("\x00" in key or parts[0].startswith(".")
@@ -212,7 +246,7 @@ class LocalStore(Store):
 
     def _write_sidecar(self, key: str, record: dict[str, Any]) -> None:
         meta_path = self._meta_path(key)
-        make_private_dir(meta_path.parent)
+        self._make_dirs(meta_path.parent)
         tmp = self._temp("meta")
         self._write_new(tmp, [json.dumps(record).encode()])
         os.replace(tmp, meta_path)
@@ -228,7 +262,7 @@ class LocalStore(Store):
                 raise ObjectExistsError(f"{key!r} already exists", code="PreconditionFailed")
             if before_link is not None:
                 before_link()
-            make_private_dir(path.parent)
+            self._make_dirs(path.parent)
             self._write_sidecar(key, record)
             try:
                 os.link(tmp, path)
@@ -479,6 +513,12 @@ class LocalStore(Store):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def store_error_from_os_error(exc: OSError, context: str) -> StoreError:
+    """A local file error as a StoreError: transient if it may pass by itself (full disk), else permanent."""
+    kind = TransientStoreError if exc.errno in _TRANSIENT_ERRNOS else PermanentStoreError
+    return kind(f"{context}: {exc}", code=errno.errorcode.get(exc.errno or 0, "OSError"))
+
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()

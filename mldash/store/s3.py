@@ -52,6 +52,7 @@ from mldash.store.base import (
     StoreError,
     TransientStoreError,
 )
+from mldash.store.local import store_error_from_os_error
 
 T = TypeVar("T")
 
@@ -291,10 +292,12 @@ class S3Store(Store):
             os.close(fd)
             fd = -1
             await asyncio.to_thread(os.replace, tmp, dest)
-        except BaseException:
+        except BaseException as exc:
             if fd >= 0:
                 os.close(fd)
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):  # our side: the destination's disk or directory
+                raise store_error_from_os_error(exc, f"download {key!r} to {dest}") from exc
             raise
         finally:
             stream.close()  # returns or drops the connection; a no-op after a full read
