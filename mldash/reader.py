@@ -310,8 +310,9 @@ class Reader:
         file_id = int(entry["id"])
         temp = target.parent / f".mldash-{uuid.uuid4().hex}.part"
         try:
-            if not self._copy_from_spool(file_id, entry["checksum"], temp):
-                self._copy_from_store(entry, temp)
+            found = self._copy_from_spool(file_id, entry["checksum"], temp)
+            if found != "ok":
+                self._copy_from_store(entry, temp, spool_corrupt=found == "corrupt")
             if self.settings.power_safe:
                 with open(temp, "rb") as handle:
                     os.fsync(handle.fileno())
@@ -321,12 +322,14 @@ class Reader:
                 os.unlink(temp)
         return str(target)
 
-    def _copy_from_spool(self, file_id: int, checksum: str, temp: Path) -> bool:
-        """Copy the spooled bytes if they are still there (an open file survives eviction); False if gone."""
+    def _copy_from_spool(self, file_id: int, checksum: str, temp: Path) -> str:
+        """Copy the spooled bytes if they are still there (an open file survives eviction).
+
+        Returns "ok", "missing" (evicted, or no spool here) or "corrupt" (bytes differ from their SHA256)."""
         try:
             source = open(self.layout.blob_path(file_id), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
-            return False
+            return "missing"
         with source, open(temp, "wb") as out:
             digest = hashlib.sha256()
             while chunk := source.read(_COPY_CHUNK):
@@ -334,10 +337,10 @@ class Reader:
                 out.write(chunk)
         if digest.hexdigest() != checksum:
             log.error("mldash: spooled bytes of %s do not match their SHA256; trying the store", file_id)
-            return False
-        return True
+            return "corrupt"
+        return "ok"
 
-    def _copy_from_store(self, entry: dict[str, Any], temp: Path) -> None:
+    def _copy_from_store(self, entry: dict[str, Any], temp: Path, *, spool_corrupt: bool = False) -> None:
         file_id = int(entry["id"])
         key = entry.get("storageKey")
         if key is None:
@@ -345,6 +348,10 @@ class Reader:
             key = doc.get("storageKey") if doc else None
         if key is None:
             state = entry.get("status", "queued")
+            if spool_corrupt:
+                raise SpoolCorruptError(f"the spooled bytes of file {file_id} do not match the SHA256 recorded when it "
+                                        f"was saved, and it is not committed (state {state!r}): nothing to download. "
+                                        "The daemon quarantines such entries; see `mldash-syncd status`")
             raise NotFoundError(f"the bytes of file {file_id} are not in the spool any more and it is not committed "
                                 f"(state {state!r}); see `mldash-syncd status`")
         from mldash.store import make_store
