@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from mldash_syncd.sdnotify import Notifier
 
 
