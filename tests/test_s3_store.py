@@ -409,3 +409,32 @@ def test_classification_of_client_side_failures() -> None:
     assert isinstance(classify_error(ConnectionResetError(), operation="put", key="k"), TransientStoreError)
     error = PermanentStoreError("kept", code="X")
     assert classify_error(error, operation="put", key="k") is error
+
+
+async def test_botocore_retries_at_most_once(aws_env: str) -> None:
+    """Retry policy belongs to the daemon: botocore may add one quick retry (see mldash/store/s3.py), no more."""
+    async with FakeS3(lambda r: s3_error(503, "SlowDown")) as server:
+        store = await open_store(server.url, timeout=10.0)
+        try:
+            with pytest.raises(TransientStoreError):
+                await store.put(KEY, b"x", b64_sha256(b"x"))
+        finally:
+            await store.close()
+    assert len(server.requests) == 2
+
+
+async def test_store_leaves_botocore_logging_alone(s3_bucket: tuple[str, str]) -> None:
+    """botocore at DEBUG logs Authorization headers: the store must never turn that on or add handlers."""
+    import logging
+
+    before = [(name, logging.getLogger(name).level, list(logging.getLogger(name).handlers))
+              for name in ("botocore", "aiobotocore", "boto3", "aioboto3")]
+    endpoint_url, bucket = s3_bucket
+    store = await open_store(endpoint_url, bucket, timeout=30.0)
+    try:
+        await store.put(KEY, b"x", b64_sha256(b"x"))
+    finally:
+        await store.close()
+    after = [(name, logging.getLogger(name).level, list(logging.getLogger(name).handlers))
+             for name in ("botocore", "aiobotocore", "boto3", "aioboto3")]
+    assert after == before
