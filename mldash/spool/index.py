@@ -260,7 +260,7 @@ class SpoolIndex:
                 targets = [r[0] for r in conn.execute("SELECT id FROM entries WHERE state IN ('failed','quarantined')")]
             else:
                 targets = []
-                for file_id in ids:
+                for file_id in dict.fromkeys(ids):  # each id once, even if named twice
                     row = conn.execute("SELECT state FROM entries WHERE id=?", (file_id,)).fetchone()
                     if row and row[0] in ("failed", "quarantined"):
                         targets.append(file_id)
