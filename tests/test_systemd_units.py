@@ -33,8 +33,6 @@ from typing import Any
 import pytest
 
 from mldash.config import FIELDS, Settings
-from mldash_syncd.cli import EXIT_USAGE
-from mldash_syncd.service import STOP_GRACE
 from tests.unit_sandbox import parse_unit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +161,10 @@ def test_system_units_expose_at_most_2_0(analyze: str, tmp_path: Path, unit: Pat
 
 @pytest.mark.parametrize("unit", ALL_UNITS, ids=lambda p: p.name)
 def test_common_service_policy(unit: Path) -> None:
+    # Imported here, not at module level: a broken daemon import must not hide the unit checks.
+    from mldash_syncd.cli import EXIT_USAGE
+    from mldash_syncd.service import STOP_GRACE
+
     assert value(unit, "Service", "Type") == "simple"  # until the daemon sends READY=1 (sdnotify.py)
     assert value(unit, "Service", "Restart") == "on-failure"
     assert value(unit, "Service", "KillSignal") == "SIGTERM"
