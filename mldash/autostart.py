@@ -50,6 +50,17 @@ _states: dict[Path, _SpoolState] = {}
 _lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, say) gets a fresh lock (the parent's may be held by another thread)
+    and forgets the parent's children, which it cannot wait for."""
+    global _lock
+    _lock = threading.Lock()
+    _states.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """MLDASH_* variables reproducing `settings` exactly in a child process ("" = unset → default)."""
     env = {}

@@ -1,0 +1,150 @@
+"""Autostart: the first save starts a detached mldash-syncd for its spool unless MLDASH_AUTOSTART=0.
+
+`test_autostarted_daemon_drains_and_exits_when_idle` needs the real daemon (`python -m mldash_syncd run
+--autostarted`, which exits after `idle_exit` idle seconds); the others drive `mldash.autostart` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mldash import Experiment, autostart
+from mldash.config import Settings
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.lock import DaemonLock, is_held
+from tests.client_helpers import store_bytes
+
+
+@pytest.fixture(autouse=True)
+def fresh_autostart_state() -> Iterator[None]:
+    autostart._reset_for_tests()
+    yield
+    for state in list(autostart._states.values()):  # never leave a child of ours running (or unreaped)
+        if state.child is not None and state.child.poll() is None:
+            state.child.kill()
+        if state.child is not None:
+            state.child.wait(timeout=30)
+    autostart._reset_for_tests()
+
+
+def test_settings_env_reproduces_the_settings_in_a_child(settings):
+    custom = settings.replace(spool_quota=12345, autostart=True, idle_exit=2.5, experiment="a/b/c")
+    env = autostart.settings_env(custom)
+    assert env["MLDASH_AUTOSTART"] == "1" and env["MLDASH_S3_ENDPOINT_URL"] == ""
+    assert Settings.load(env=env) == custom
+
+
+def test_autostarted_daemon_drains_and_exits_when_idle(settings):
+    """Needs the lead's daemon: `mldash_syncd run --autostarted` honouring idle_exit."""
+    live = settings.replace(autostart=True, idle_exit=1.0)
+    exp = Experiment(prefix="alice/project/auto", settings=live)
+    result = exp.files("a").save_blob(b"autostarted", "a.bin")
+    state = autostart._states[Path(live.spool)]
+    assert state.child is not None, "the first save did not start a daemon"
+    statuses = exp.flush(timeout=60)
+    assert statuses[result["id"]] in ("committed", "evicted")
+    assert store_bytes(live, result) == b"autostarted"
+    assert state.child.wait(timeout=60) == 0  # idle for idle_exit seconds: it exits by itself
+    assert not is_held(SpoolLayout(live.spool))
+    log = SpoolLayout(live.spool).daemon_log_path
+    assert log.exists() and os.stat(log).st_mode & 0o777 == 0o600
+
+
+def test_no_daemon_when_autostart_is_off(settings, monkeypatch):
+    started = []
+    monkeypatch.setattr(autostart, "spawn_daemon", lambda *a: started.append(a))
+    exp = Experiment(prefix="alice/project/off", settings=settings)  # the fixture sets autostart=False
+    exp.files.save_blob(b"x", "a.bin")
+    assert started == [] and autostart._states == {}
+    assert not SpoolLayout(settings.spool).lock_path.exists()
+
+
+def test_no_second_daemon_while_one_holds_the_spool(settings, monkeypatch):
+    started = []
+    monkeypatch.setattr(autostart, "spawn_daemon", lambda *a: started.append(a))
+    live = settings.replace(autostart=True)
+    layout = SpoolLayout(live.spool).ensure()
+    with DaemonLock(layout):
+        exp = Experiment(prefix="alice/project/held", settings=live)
+        exp.files.save_blob(b"x", "a.bin")
+        exp.files.save_blob(b"y", "b.bin")
+    assert started == []
+
+
+def test_a_failing_start_never_fails_the_save(settings, monkeypatch, caplog):
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(subprocess, "Popen", broken)
+    exp = Experiment(prefix="alice/project/broken", settings=settings.replace(autostart=True))
+    with caplog.at_level(logging.WARNING, logger="mldash"):
+        result = exp.files.save_blob(b"x", "a.bin")
+    assert result["status"] == "queued"
+    assert "could not start mldash-syncd" in caplog.text and "stay queued" in caplog.text
+
+
+def test_a_daemon_that_dies_at_start_is_retried_with_backoff(settings, monkeypatch, caplog):
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def dies(*args: object) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        spawned.append(child)
+        return child
+
+    monkeypatch.setattr(autostart, "spawn_daemon", dies)
+    live = settings.replace(autostart=True)
+    layout = SpoolLayout(live.spool).ensure()
+    assert autostart.ensure_daemon(live, layout, now=100.0) is True
+    spawned[0].wait(timeout=30)
+    with caplog.at_level(logging.WARNING, logger="mldash"):
+        assert autostart.ensure_daemon(live, layout, now=101.0) is False  # exited 3: back off 2 s
+    assert "exited with code 3" in caplog.text
+    assert autostart.ensure_daemon(live, layout, now=102.0) is False
+    assert autostart.ensure_daemon(live, layout, now=103.5) is True
+    spawned[1].wait(timeout=30)
+    assert len(spawned) == 2
+
+
+def test_a_daemon_that_exits_when_idle_is_started_again_by_a_later_save(settings, monkeypatch):
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def idles_out(*args: object) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        spawned.append(child)
+        return child
+
+    monkeypatch.setattr(autostart, "spawn_daemon", idles_out)
+    live = settings.replace(autostart=True)
+    layout = SpoolLayout(live.spool).ensure()
+    assert autostart.ensure_daemon(live, layout, now=0.0) is True
+    spawned[0].wait(timeout=30)
+    assert autostart.ensure_daemon(live, layout, now=600.0) is True  # exit code 0 long ago: start a new one
+    spawned[1].wait(timeout=30)
+
+
+def test_starting_child_is_not_doubled(settings, monkeypatch):
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def slow_start(*args: object) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        spawned.append(child)
+        return child
+
+    monkeypatch.setattr(autostart, "spawn_daemon", slow_start)
+    live = settings.replace(autostart=True)
+    layout = SpoolLayout(live.spool).ensure()
+    try:
+        assert autostart.ensure_daemon(live, layout, now=0.0) is True
+        assert autostart.ensure_daemon(live, layout, now=1.0) is False  # alive, lock not taken yet: wait
+        assert len(spawned) == 1
+    finally:
+        for child in spawned:
+            child.kill()
+            child.wait(timeout=30)
