@@ -1,0 +1,158 @@
+"""A full spool: a real ENOSPC on a small tmpfs, and the byte quota.
+
+Either way a save blocks up to save_timeout, then raises SpoolFullError with a message that says
+what is full and which setting to change; nothing partial is left (no temp file, no blob without
+manifest, no truncated manifest); earlier entries are intact; freeing space makes saves work again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mldash.errors import SpoolFullError
+from mldash.spool.enqueue import Enqueuer
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.manifest import Manifest
+from mldash.spool.recovery import manifest_ids
+from tests.spool_helpers import Ack, assert_spool_integrity, make_settings, put
+
+PAGE = 4096
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs (needs root / CAP_SYS_ADMIN): a disk that really fills up."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mountpoint)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {result.stderr.strip() or result.returncode}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def _acks(manifests: list[Manifest]) -> dict[int, Ack]:
+    return {m.id: Ack(m.id, m.size, m.sha256) for m in manifests}
+
+
+def _nothing_partial(layout: SpoolLayout, acked: dict[int, Ack]) -> None:
+    assert os.listdir(layout.tmp_dir) == [], "a failed save left a temp file"
+    assert manifest_ids(layout) == set(acked), "a failed save left a manifest (or lost one)"
+    assert_spool_integrity(layout, acknowledged=acked)  # also: no blob without manifest
+
+
+def _evict(layout: SpoolLayout, manifests: list[Manifest]) -> None:
+    """The daemon's eviction order: the manifest first, then the bytes."""
+    for manifest in manifests:
+        layout.manifest_path(manifest.id).unlink()
+        layout.blob_path(manifest.id).unlink()
+
+
+def _free_pages(path: Path) -> int:
+    stats = os.statvfs(path)
+    assert stats.f_frsize == PAGE
+    return stats.f_bavail
+
+
+def test_full_disk_raises_cleanly_and_recovers(small_fs: Path) -> None:
+    enqueuer = Enqueuer(make_settings(small_fs / "spool", save_timeout=0.3))
+    layout = enqueuer.layout
+    saved: list[Manifest] = []
+    with pytest.raises(SpoolFullError) as info:
+        for number in range(100):
+            saved.append(put(enqueuer, os.urandom(2**20 + number), f"{number}.bin"))
+    message = str(info.value)
+    assert "is full" in message and "No space left on device" in message, message
+    assert "save_timeout" in message and "nothing was written" in message and f"'{len(saved)}.bin'" in message
+    assert 10 < len(saved) < 20
+    _nothing_partial(layout, _acks(saved))
+
+    _evict(layout, saved[:3])
+    more = put(enqueuer, os.urandom(2**20), "after-eviction.bin")
+    _nothing_partial(layout, _acks([*saved[3:], more]))
+
+
+@pytest.mark.parametrize(("manifest_pages", "spare_pages"), [(1, 0), (3, 1)],
+                         ids=["manifest-does-not-start", "manifest-written-short"])
+def test_disk_fills_exactly_at_the_manifest(small_fs: Path, manifest_pages: int, spare_pages: int) -> None:
+    """The blob fits, the manifest does not: the blob must be taken back, never a short manifest committed.
+
+    With one spare page, write(2) of a 3-page manifest writes one page and returns short.
+    """
+    enqueuer = Enqueuer(make_settings(small_fs / "spool", save_timeout=0.2))
+    layout = enqueuer.layout
+    first = put(enqueuer, os.urandom(5000), "first.bin")
+    blob_pages = 64
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (_free_pages(small_fs) - blob_pages - spare_pages) * PAGE)
+    assert _free_pages(small_fs) == blob_pages + spare_pages
+    metadata = {"notes": "n" * (manifest_pages - 1) * PAGE}  # a manifest of about `manifest_pages` pages
+    data = os.urandom(blob_pages * PAGE)
+
+    with pytest.raises(SpoolFullError, match="is full"):
+        put(enqueuer, data, "exact.bin", metadata=metadata)
+    _nothing_partial(layout, _acks([first]))
+    assert _free_pages(small_fs) == blob_pages + spare_pages, "space of the failed save was not given back"
+
+    filler.unlink()
+    entry = put(enqueuer, data, "exact.bin", metadata=metadata)
+    assert entry.metadata == metadata
+    _nothing_partial(layout, _acks([first, entry]))
+
+
+def test_quota_blocks_then_raises_and_writes_nothing(tmp_path: Path) -> None:
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1_000_000, save_timeout=0.3))
+    saved = [put(enqueuer, os.urandom(300_000), f"{n}.bin") for n in range(3)]
+    with pytest.raises(SpoolFullError) as info:
+        put(enqueuer, os.urandom(300_000), "fourth.bin")
+    assert str(info.value) == ("spool quota full: 900000 of 1000000 bytes in use, 'fourth.bin' needs 300000; "
+                               "waited 0.3s (setting save_timeout) for the daemon to drain; nothing was written")
+    assert (info.value.requested, info.value.used, info.value.quota) == (300_000, 900_000, 1_000_000)
+    _nothing_partial(enqueuer.layout, _acks(saved))
+
+
+def test_draining_unblocks_a_waiting_save(tmp_path: Path) -> None:
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1_000_000, save_timeout=60))
+    layout = enqueuer.layout
+    saved = [put(enqueuer, os.urandom(300_000), f"{n}.bin") for n in range(3)]
+    data = os.urandom(300_000)
+    outcome: dict[str, object] = {}
+    done = threading.Event()
+
+    def blocked_save() -> None:
+        try:
+            outcome["manifest"] = put(enqueuer, data, "waits.bin")
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    saver = threading.Thread(target=blocked_save)
+    saver.start()
+    # The save is waiting for room once its temp file is complete and it has not returned.
+    deadline = time.monotonic() + 30
+    while not any(p.stat().st_size == len(data) for p in layout.tmp_dir.iterdir() if p.name.endswith("blob.part")):
+        assert time.monotonic() < deadline and not done.is_set(), f"the save did not block: {outcome}"
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert not done.is_set(), f"a save over quota returned: {outcome}"
+
+    drain = threading.Thread(target=_evict, args=(layout, saved[:2]))  # as the daemon evicts committed entries
+    drain.start()
+    drain.join()
+    assert done.wait(30), "draining did not unblock the waiting save"
+    saver.join()
+    assert "error" not in outcome, outcome
+    entry = outcome["manifest"]
+    assert isinstance(entry, Manifest)
+    _nothing_partial(layout, _acks([saved[2], entry]))
