@@ -297,7 +297,7 @@ class FilesHandle:
         if not isinstance(name, str):
             raise InvalidInputError(f"{method}: to= must be a str filename, got {type(name).__name__}")
         name = unicodedata.normalize("NFC", name)
-        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        if name.startswith(("/", "\\")):
             raise InvalidInputError(f"{method}: to={name!r} is an absolute path; to= is a filename relative to the "
                                     f"folder {self.path!r}, e.g. 'best.pt' or 'epoch-10/model.pt'")
         folder, _, filename = name.rpartition("/")

@@ -340,10 +340,12 @@ def figure_payload(fig: Any, fmt: str, *, close: bool = True, **savefig_kwargs: 
             raise InvalidInputError("save_fig: no figure given and pyplot has no open figure to save")
         fig = plt.gcf()
     if not isinstance(fig, matplotlib.figure.FigureBase):
-        fig = getattr(fig, "figure", None) if is_figure(fig) else None
-        if fig is None:
+        if not is_figure(fig):
             raise InvalidInputError("save_fig takes a matplotlib Figure (or Axes), or None for the current figure")
-    root = fig.get_figure(root=True) if hasattr(fig, "get_figure") else fig
+        fig = fig.figure
+    root = fig
+    while getattr(root, "figure", root) is not root:  # SubFigure → its Figure (get_figure(root=) is mpl ≥ 3.10)
+        root = root.figure
     supported = root.canvas.get_supported_filetypes()
     if fmt not in supported:
         raise InvalidInputError(f"save_fig: format {fmt!r} is not supported by matplotlib here; accepted: "

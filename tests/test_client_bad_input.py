@@ -178,6 +178,7 @@ HOSTILE_FILENAMES = {
     "absolute": "/etc/passwd",
     "backslash": "a\\b",
     "windows-absolute": "C:\\x",
+    "windows-unc": "\\\\server\\x",
     "nul": "x\x00y",
     "newline": "x\ny",
     "fullwidth-dotdot": "．．",

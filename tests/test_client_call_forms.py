@@ -427,3 +427,37 @@ def test_content_types_from_extension_then_serializer(exp):
     assert files.save_text("x", "README")["contentType"] == "text/plain; charset=utf-8"
     assert files.save_pkl(1, "obj")["contentType"] == "application/x-python-pickle"
     assert files.save_torch(torch.zeros(1), "weights.ckpt")["contentType"] == "application/x-pytorch"
+
+
+def test_local_path_keeps_everything_under_one_directory(settings, drain, tmp_path):
+    exp = Experiment(name="my-experiment", project="project", local_path=tmp_path / ".ml-dash", settings=settings)
+    assert exp.settings.spool == tmp_path / ".ml-dash" / "spool"
+    result = exp.file(__file__, prefix="/code")
+    assert (tmp_path / ".ml-dash" / "spool" / "blobs" / result["id"]).exists()
+    assert drain(exp.settings).committed == 1
+    assert store_bytes(exp.settings, result) == Path(__file__).read_bytes()
+    assert not Path(settings.spool).exists()  # the configured spool was not used
+
+
+def test_save_fig_accepts_axes_and_subfigures(exp, settings, synced):
+    fig = plt.figure()
+    left, _right = fig.subfigures(1, 2)
+    ax = left.subplots()
+    ax.plot([1, 2])
+    from_axes = exp.files("plots").save_fig(ax, to="ax.png", close=False)
+    from_subfigure = exp.files("plots").save_fig(left, to="sub.png")
+    assert fig.number not in plt.get_fignums()
+    synced()
+    assert store_bytes(settings, from_axes) == store_bytes(settings, from_subfigure)  # the whole figure
+
+
+def test_unusual_but_valid_names(exp, settings, synced):
+    files = exp.files("odd names/ünïcode")
+    colon = files.save_blob(b"1", "a:b.txt")
+    spaced = files.save_blob(b"2", "with space [1].bin")
+    dotted = files.save_blob(b"3", ".hidden")
+    synced()
+    assert colon["path"] == "/odd names/ünïcode"
+    for result, data in ((colon, b"1"), (spaced, b"2"), (dotted, b"3")):
+        assert store_bytes(settings, result) == data
+    assert exp.files("odd names/ünïcode").get("with space [1].bin")["id"] == spaced["id"]
