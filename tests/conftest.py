@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.mongo",
     "tests.fixtures.spool",
+    "tests.fixtures.faults",
     "tests.fixtures.daemon",
     "tests.spool_helpers",
 ]

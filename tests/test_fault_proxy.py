@@ -15,18 +15,18 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiobotocore.session
 import boto3
 import botocore.exceptions
+import pymongo
 import pytest
 from botocore.config import Config
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moto.server import ThreadedMotoServer
 
 from tests.faults import (
     BlackholeServer,
@@ -48,6 +48,7 @@ from tests.faults.framing import (
     mongo_command_name,
 )
 from tests.faults.threaded import ThreadedServer
+from tests.fixtures.faults import address_of, mongo_uri_via
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,32 +130,26 @@ def upstream() -> Iterator[HttpUpstream]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[tuple[str, int]]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield server.get_host_and_port()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def _moto_bucket(moto: tuple[str, int]) -> str:
-    client = _s3(f"http://{moto[0]}:{moto[1]}")
-    client.create_bucket(Bucket="faults")
-    return "faults"
+def _address(url: str) -> tuple[str, int]:
+    parsed = urllib.parse.urlsplit(url)
+    assert parsed.hostname and parsed.port
+    return parsed.hostname, parsed.port
 
 
 @pytest.fixture
-def s3_proxy(moto: tuple[str, int], _moto_bucket: str) -> Iterator[FaultProxy]:
-    with FaultProxy(moto, protocol="http", seed=7) as proxy:
-        yield proxy
+def bucket(s3_bucket: tuple[str, str]) -> str:
+    return s3_bucket[1]
 
 
 @pytest.fixture
-def direct_s3(moto: tuple[str, int]):
-    return _s3(f"http://{moto[0]}:{moto[1]}")
+def s3_proxy(s3_fault_proxy: FaultProxy, s3_bucket: tuple[str, str]) -> FaultProxy:
+    assert s3_fault_proxy.upstream == _address(s3_bucket[0])
+    return s3_fault_proxy
+
+
+@pytest.fixture
+def direct_s3(moto_server: str):
+    return _s3(moto_server)
 
 
 def _s3(endpoint: str, timeout: float = 5, retries: int = 0, **config: object):
@@ -654,156 +649,156 @@ def test_validation() -> None:
 # ---- S3 (moto) through the proxy -----------------------------------------------------------------------------
 
 
-def test_s3_passthrough(s3_proxy: FaultProxy) -> None:
+def test_s3_passthrough(s3_proxy: FaultProxy, bucket: str) -> None:
     s3 = _s3(s3_proxy.url)
-    s3.put_object(Bucket="faults", Key="pass", Body=b"p" * 100_000)
-    assert s3.get_object(Bucket="faults", Key="pass")["Body"].read() == b"p" * 100_000
+    s3.put_object(Bucket=bucket, Key="pass", Body=b"p" * 100_000)
+    assert s3.get_object(Bucket=bucket, Key="pass")["Body"].read() == b"p" * 100_000
     stats = s3_proxy.stats()
     assert stats.bytes_to_upstream > 100_000 and stats.bytes_to_client > 100_000 and stats.messages == 2
 
 
-def test_s3_reset_during_upload_part(s3_proxy: FaultProxy, direct_s3) -> None:
+def test_s3_reset_during_upload_part(s3_proxy: FaultProxy, bucket: str, direct_s3) -> None:
     s3 = _s3(s3_proxy.url)
-    upload = s3.create_multipart_upload(Bucket="faults", Key="mpu-reset")
+    upload = s3.create_multipart_upload(Bucket=bucket, Key="mpu-reset")
     fault = s3_proxy.reset_after_bytes(2000, match=H.UPLOAD_PART, times=1)
     part = b"m" * 100_000
     with pytest.raises(botocore.exceptions.ConnectionClosedError):
-        s3.upload_part(Bucket="faults", Key="mpu-reset", UploadId=upload["UploadId"], PartNumber=1, Body=part)
-    resp = s3.upload_part(Bucket="faults", Key="mpu-reset", UploadId=upload["UploadId"], PartNumber=1, Body=part)
-    parts = direct_s3.list_parts(Bucket="faults", Key="mpu-reset", UploadId=upload["UploadId"])["Parts"]
+        s3.upload_part(Bucket=bucket, Key="mpu-reset", UploadId=upload["UploadId"], PartNumber=1, Body=part)
+    resp = s3.upload_part(Bucket=bucket, Key="mpu-reset", UploadId=upload["UploadId"], PartNumber=1, Body=part)
+    parts = direct_s3.list_parts(Bucket=bucket, Key="mpu-reset", UploadId=upload["UploadId"])["Parts"]
     assert [(p["PartNumber"], p["Size"], p["ETag"]) for p in parts] == [(1, len(part), resp["ETag"])]
     records = [r for r in s3_proxy.messages if r.method == "PUT"]
     assert records[0].bytes_up == 2000 and records[1].bytes_up > len(part)  # re-sent bytes, measured
     assert fault.injected == 1
-    s3.abort_multipart_upload(Bucket="faults", Key="mpu-reset", UploadId=upload["UploadId"])
+    s3.abort_multipart_upload(Bucket=bucket, Key="mpu-reset", UploadId=upload["UploadId"])
 
 
-def test_s3_lost_response_put_object(s3_proxy: FaultProxy, direct_s3) -> None:
+def test_s3_lost_response_put_object(s3_proxy: FaultProxy, bucket: str, direct_s3) -> None:
     s3 = _s3(s3_proxy.url)
     s3_proxy.reset_before_response(match=H.PUT_OBJECT, times=1)
     with pytest.raises(botocore.exceptions.ConnectionClosedError):
-        s3.put_object(Bucket="faults", Key="lost", Body=b"L" * 10_000)
-    assert direct_s3.get_object(Bucket="faults", Key="lost")["Body"].read() == b"L" * 10_000
+        s3.put_object(Bucket=bucket, Key="lost", Body=b"L" * 10_000)
+    assert direct_s3.get_object(Bucket=bucket, Key="lost")["Body"].read() == b"L" * 10_000
 
 
-def test_s3_lost_response_complete_multipart(s3_proxy: FaultProxy, direct_s3) -> None:
+def test_s3_lost_response_complete_multipart(s3_proxy: FaultProxy, bucket: str, direct_s3) -> None:
     s3 = _s3(s3_proxy.url)
-    upload = s3.create_multipart_upload(Bucket="faults", Key="lost-mpu")
-    etag = s3.upload_part(Bucket="faults", Key="lost-mpu", UploadId=upload["UploadId"], PartNumber=1,
+    upload = s3.create_multipart_upload(Bucket=bucket, Key="lost-mpu")
+    etag = s3.upload_part(Bucket=bucket, Key="lost-mpu", UploadId=upload["UploadId"], PartNumber=1,
                           Body=b"q" * 1000)["ETag"]
     lost = s3_proxy.reset_before_response(match=H.COMPLETE_MULTIPART_UPLOAD, times=1)
     with pytest.raises(botocore.exceptions.ConnectionClosedError):
-        s3.complete_multipart_upload(Bucket="faults", Key="lost-mpu", UploadId=upload["UploadId"],
+        s3.complete_multipart_upload(Bucket=bucket, Key="lost-mpu", UploadId=upload["UploadId"],
                                      MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
     assert lost.injected == 1
-    assert direct_s3.get_object(Bucket="faults", Key="lost-mpu")["Body"].read() == b"q" * 1000
+    assert direct_s3.get_object(Bucket=bucket, Key="lost-mpu")["Body"].read() == b"q" * 1000
 
 
-def test_s3_complete_200_with_error_body(s3_proxy: FaultProxy, direct_s3) -> None:
+def test_s3_complete_200_with_error_body(s3_proxy: FaultProxy, bucket: str, direct_s3) -> None:
     s3 = _s3(s3_proxy.url)
-    upload = s3.create_multipart_upload(Bucket="faults", Key="err200")
-    etag = s3.upload_part(Bucket="faults", Key="err200", UploadId=upload["UploadId"], PartNumber=1,
+    upload = s3.create_multipart_upload(Bucket=bucket, Key="err200")
+    etag = s3.upload_part(Bucket=bucket, Key="err200", UploadId=upload["UploadId"], PartNumber=1,
                           Body=b"e" * 1000)["ETag"]
     s3_proxy.respond(H.COMPLETE_200_INTERNAL_ERROR.response(), match=H.COMPLETE_MULTIPART_UPLOAD, times=1)
-    args = dict(Bucket="faults", Key="err200", UploadId=upload["UploadId"],
+    args = dict(Bucket=bucket, Key="err200", UploadId=upload["UploadId"],
                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
     with pytest.raises(botocore.exceptions.ClientError) as err:
         s3.complete_multipart_upload(**args)
     assert err.value.response["Error"]["Code"] == "InternalError"
     with pytest.raises(botocore.exceptions.ClientError):
-        direct_s3.head_object(Bucket="faults", Key="err200")  # not completed
+        direct_s3.head_object(Bucket=bucket, Key="err200")  # not completed
     s3.complete_multipart_upload(**args)
-    assert direct_s3.get_object(Bucket="faults", Key="err200")["Body"].read() == b"e" * 1000
+    assert direct_s3.get_object(Bucket=bucket, Key="err200")["Body"].read() == b"e" * 1000
 
 
-def test_s3_flip_in_body_corrupts_stored_object(s3_proxy: FaultProxy, direct_s3) -> None:
+def test_s3_flip_in_body_corrupts_stored_object(s3_proxy: FaultProxy, bucket: str, direct_s3) -> None:
     body = bytes(random.Random(2).randrange(256) for _ in range(50_000))
     flip = s3_proxy.flip_byte(in_body=True, match=H.PUT_OBJECT)
     # botocore sends x-amz-checksum-crc32 of the real body; moto stores it with the corrupted bytes unchecked.
-    _s3(s3_proxy.url).put_object(Bucket="faults", Key="flipped", Body=body)
+    _s3(s3_proxy.url).put_object(Bucket=bucket, Key="flipped", Body=body)
     assert flip.injected == 1
     with pytest.raises(botocore.exceptions.FlexibleChecksumError):  # only a checksum-validating GET notices
-        direct_s3.get_object(Bucket="faults", Key="flipped")["Body"].read()
+        direct_s3.get_object(Bucket=bucket, Key="flipped")["Body"].read()
     raw = _s3(direct_s3.meta.endpoint_url, response_checksum_validation="when_required")
-    stored = raw.get_object(Bucket="faults", Key="flipped")["Body"].read()
+    stored = raw.get_object(Bucket=bucket, Key="flipped")["Body"].read()
     assert len(stored) == len(body) and sum(a != b for a, b in zip(stored, body, strict=True)) == 1
 
 
-def test_s3_blackhole_times_out(s3_proxy: FaultProxy) -> None:
+def test_s3_blackhole_times_out(s3_proxy: FaultProxy, bucket: str) -> None:
     s3 = _s3(s3_proxy.url, timeout=1)
     s3_proxy.blackhole()
     t0 = time.monotonic()
     with pytest.raises((botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
-        s3.put_object(Bucket="faults", Key="hole", Body=b"h" * 1000)
+        s3.put_object(Bucket=bucket, Key="hole", Body=b"h" * 1000)
     assert time.monotonic() - t0 < 10  # bounded by the client's own timeouts, not hung
     assert s3_proxy.stats().bytes_to_upstream == 0
 
 
-async def test_aiobotocore_through_proxy(s3_proxy: FaultProxy, direct_s3) -> None:
+async def test_aiobotocore_through_proxy(s3_proxy: FaultProxy, bucket: str, direct_s3) -> None:
     session = aiobotocore.session.get_session()
     cfg = Config(connect_timeout=5, read_timeout=5, retries={"max_attempts": 0})
     async with session.create_client("s3", endpoint_url=s3_proxy.url, region_name="us-east-1",
                                      aws_access_key_id="testing", aws_secret_access_key="testing",
                                      config=cfg) as s3:
         async with asyncio.timeout(10):
-            await s3.put_object(Bucket="faults", Key="async", Body=b"A" * 200_000)
+            await s3.put_object(Bucket=bucket, Key="async", Body=b"A" * 200_000)
         lost = s3_proxy.reset_before_response(match=H.PUT_OBJECT)
         with pytest.raises(Exception) as err:  # aiohttp's ServerDisconnectedError or botocore's wrapper
             async with asyncio.timeout(10):
-                await s3.put_object(Bucket="faults", Key="async-lost", Body=b"B" * 1000)
+                await s3.put_object(Bucket=bucket, Key="async-lost", Body=b"B" * 1000)
         assert not isinstance(err.value, TimeoutError)
         # aiohttp 3.14 re-sends an idempotent request (PUT/GET/HEAD/DELETE) once by itself after a disconnect,
         # even with max_attempts=0 and on a fresh connection: one lost response = two PUTs upstream.
         assert lost.injected == 2
-    assert direct_s3.get_object(Bucket="faults", Key="async")["Body"].read() == b"A" * 200_000
-    assert direct_s3.get_object(Bucket="faults", Key="async-lost")["Body"].read() == b"B" * 1000
+    assert direct_s3.get_object(Bucket=bucket, Key="async")["Body"].read() == b"A" * 200_000
+    assert direct_s3.get_object(Bucket=bucket, Key="async-lost")["Body"].read() == b"B" * 1000
 
 
 # ---- dead and erroring endpoints -----------------------------------------------------------------------------
 
 
-def test_blackhole_server_boto3_times_out() -> None:
-    with BlackholeServer() as hole:
-        s3 = _s3(hole.url, timeout=1)
-        with pytest.raises(botocore.exceptions.ReadTimeoutError):
-            s3.put_object(Bucket="faults", Key="k", Body=b"x" * 1000)
-        assert hole.connections == 1 and hole.bytes_received > 0
+def test_blackhole_server_boto3_times_out(blackhole_server: BlackholeServer) -> None:
+    hole = blackhole_server
+    s3 = _s3(hole.url, timeout=1)
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        s3.put_object(Bucket="faults", Key="k", Body=b"x" * 1000)
+    assert hole.connections == 1 and hole.bytes_received > 0
 
 
-async def test_blackhole_server_aiobotocore_needs_outer_deadline() -> None:
+async def test_blackhole_server_aiobotocore_needs_outer_deadline(blackhole_server: BlackholeServer) -> None:
     """The FIELD-NOTES hang: Expect: 100-continue is never answered; only an outer deadline ends the call."""
-    with BlackholeServer() as hole:
-        session = aiobotocore.session.get_session()
-        cfg = Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 0})
-        async with session.create_client("s3", endpoint_url=hole.url, region_name="us-east-1",
-                                         aws_access_key_id="testing", aws_secret_access_key="testing",
-                                         config=cfg) as s3:
-            t0 = time.monotonic()
-            with pytest.raises((TimeoutError, botocore.exceptions.ReadTimeoutError)):
-                async with asyncio.timeout(1.5):
-                    await s3.put_object(Bucket="faults", Key="k", Body=b"x" * 1000)
-            assert time.monotonic() - t0 < 5
+    hole = blackhole_server
+    session = aiobotocore.session.get_session()
+    cfg = Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 0})
+    async with session.create_client("s3", endpoint_url=hole.url, region_name="us-east-1",
+                                     aws_access_key_id="testing", aws_secret_access_key="testing",
+                                     config=cfg) as s3:
+        t0 = time.monotonic()
+        with pytest.raises((TimeoutError, botocore.exceptions.ReadTimeoutError)):
+            async with asyncio.timeout(1.5):
+                await s3.put_object(Bucket="faults", Key="k", Body=b"x" * 1000)
+        assert time.monotonic() - t0 < 5
 
 
-def test_s3_error_server_statuses_and_rate() -> None:
-    with S3ErrorServer(H.SLOW_DOWN) as storm:
-        s3 = _s3(storm.url, retries=2)
-        with pytest.raises(botocore.exceptions.ClientError) as err:
-            s3.put_object(Bucket="faults", Key="k", Body=b"x" * 100_000)
-        assert err.value.response["Error"]["Code"] == "SlowDown"
-        assert len(storm.requests) == 3  # standard mode retried twice
-        assert all(r.method == "PUT" and r.status == 503 for r in storm.requests)
-        assert 1 <= storm.max_rate(window=10) <= 3
-        storm.set_error(H.ACCESS_DENIED)
-        storm.clear()
-        with pytest.raises(botocore.exceptions.ClientError) as err:
-            s3.get_object(Bucket="faults", Key="k")
-        assert err.value.response["Error"]["Code"] == "AccessDenied" and len(storm.requests) == 1
-        storm.set_error(H.COMPLETE_200_INTERNAL_ERROR)
-        with pytest.raises(botocore.exceptions.ClientError) as err:
-            _s3(storm.url).complete_multipart_upload(Bucket="faults", Key="k", UploadId="u",
-                                                     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": "e"}]})
-        assert err.value.response["Error"]["Code"] == "InternalError"
+def test_s3_error_server_statuses_and_rate(s3_error_server: Callable[..., S3ErrorServer]) -> None:
+    storm = s3_error_server(H.SLOW_DOWN)
+    s3 = _s3(storm.url, retries=2)
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        s3.put_object(Bucket="faults", Key="k", Body=b"x" * 100_000)
+    assert err.value.response["Error"]["Code"] == "SlowDown"
+    assert len(storm.requests) == 3  # standard mode retried twice
+    assert all(r.method == "PUT" and r.status == 503 for r in storm.requests)
+    assert 1 <= storm.max_rate(window=10) <= 3
+    storm.set_error(H.ACCESS_DENIED)
+    storm.clear()
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        s3.get_object(Bucket="faults", Key="k")
+    assert err.value.response["Error"]["Code"] == "AccessDenied" and len(storm.requests) == 1
+    storm.set_error(H.COMPLETE_200_INTERNAL_ERROR)
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        _s3(storm.url).complete_multipart_upload(Bucket="faults", Key="k", UploadId="u",
+                                                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": "e"}]})
+    assert err.value.response["Error"]["Code"] == "InternalError"
 
 
 def test_max_rate() -> None:
@@ -815,30 +810,29 @@ def test_max_rate() -> None:
 # ---- MongoDB (SecantusDB) through the proxy ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def secantus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    secantus_mod = pytest.importorskip("secantus")
-    server = secantus_mod.SecantusDBServer(storage_path=str(Path(tmp_path_factory.mktemp("secantus"))))
-    server.start()
+def test_mongo_lost_reply_to_insert(mongo_fault_proxy: FaultProxy, mongo_uri: str, mongo_db_name: str) -> None:
+    proxy = mongo_fault_proxy
+    assert proxy.protocol is Protocol.MONGO
+    client = pymongo.MongoClient(mongo_uri_via(proxy, mongo_uri), serverSelectionTimeoutMS=3000,
+                                 socketTimeoutMS=3000, retryWrites=False)
     try:
-        yield server.address
+        coll = client[mongo_db_name].docs
+        coll.insert_one({"_id": 1})
+        lost = proxy.reset_before_response(match=mongo_command("insert"), times=1)
+        with pytest.raises(pymongo.errors.AutoReconnect):
+            coll.insert_one({"_id": 2})
+        assert lost.injected == 1
+        assert sorted(d["_id"] for d in coll.find()) == [1, 2]  # applied, though the client never heard
+        assert [r.method for r in proxy.messages].count("insert") == 2
     finally:
-        server.stop()
+        client.close()
 
 
-def test_mongo_lost_reply_to_insert(secantus: tuple[str, int]) -> None:
-    pymongo = pytest.importorskip("pymongo")
-    with FaultProxy(tuple(secantus), protocol=Protocol.MONGO) as proxy:
-        client = pymongo.MongoClient(f"mongodb://{proxy.host}:{proxy.port}/?directConnection=true",
-                                     serverSelectionTimeoutMS=3000, socketTimeoutMS=3000, retryWrites=False)
-        try:
-            coll = client.faults.docs
-            coll.insert_one({"_id": 1})
-            lost = proxy.reset_before_response(match=mongo_command("insert"), times=1)
-            with pytest.raises(pymongo.errors.AutoReconnect):
-                coll.insert_one({"_id": 2})
-            assert lost.injected == 1
-            assert sorted(d["_id"] for d in coll.find()) == [1, 2]  # applied, though the client never heard
-            assert any(r.method == "insert" for r in proxy.messages)
-        finally:
-            client.close()
+def test_fixture_helpers() -> None:
+    assert address_of("http://127.0.0.1:5000") == ("127.0.0.1", 5000)
+    assert address_of("mongodb://u:p@h1:27017,h2:27018/db?replicaSet=rs") == ("h1", 27017)
+    assert address_of(("x", 1)) == ("x", 1)
+    proxy = FaultProxy(("h1", 27017))
+    proxy.port = 4242
+    assert mongo_uri_via(proxy, "mongodb://u:p@h1:27017,h2:27018/db?replicaSet=rs&w=majority") == (
+        "mongodb://u:p@127.0.0.1:4242/db?w=majority&directConnection=true")
