@@ -290,10 +290,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     section = data.get("mldash", data)  # both a flat file and an [mldash] table are accepted
+    if not isinstance(section, dict):
+        raise ConfigError(f"'mldash' in {str(path)!r} must be a table ([mldash]), not {type(section).__name__}")
+    if section is not data:  # keys outside the [mldash] table would otherwise be silently ignored
+        section = {**{k: v for k, v in data.items() if k != "mldash"}, **section}
     values: dict[str, Any] = {}
     for key, raw in section.items():
-        if key == "mldash" and section is data:
-            continue
         if key not in _BY_NAME:
             raise ConfigError(f"unknown key {key!r} in {str(path)!r}; known keys: {', '.join(_BY_NAME)}")
         values[key] = _parse(_BY_NAME[key], raw, f"{path}")

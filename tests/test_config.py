@@ -1,0 +1,138 @@
+"""Settings: environment > TOML file > defaults; every bad key or value is named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mldash.config import FIELDS, Settings, parse_size
+from mldash.errors import ConfigError
+
+
+@pytest.fixture
+def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Defaults and the default config file location point into tmp_path."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return tmp_path
+
+
+def _toml(tmp_path: Path, text: str) -> dict[str, str]:
+    path = tmp_path / "mldash.toml"
+    path.write_text(text)
+    return {"MLDASH_CONFIG": str(path)}
+
+
+def test_defaults_need_no_setup(xdg: Path) -> None:
+    settings = Settings.load(env={})
+    assert settings.spool == xdg / "data" / "mldash" / "spool"
+    assert settings.store == (xdg / "data" / "mldash" / "store").as_uri()
+    assert settings.catalog == "sqlite://" + str(xdg / "data" / "mldash" / "catalog.sqlite")
+    assert settings.durability == "process" and settings.spool_quota is None and settings.autostart is True
+
+
+def test_precedence_env_over_toml_over_default(xdg: Path) -> None:
+    env = _toml(xdg, 'spool = "/from/toml"\nsave_timeout = 5\nspool_quota = "2GiB"\n')
+    env["MLDASH_SPOOL"] = "/from/env"
+    settings = Settings.load(env=env)
+    assert settings.spool == Path("/from/env")         # env wins over the file
+    assert settings.save_timeout == 5.0                # the file wins over the default
+    assert settings.spool_quota == 2 * 2**30
+    assert settings.max_attempts == 20                 # default
+    assert Settings.load(env=env, spool="/from/arg").spool == Path("/from/arg")  # explicit arguments win
+
+
+def test_default_config_file_location(xdg: Path) -> None:
+    (xdg / "config" / "mldash").mkdir(parents=True)
+    (xdg / "config" / "mldash" / "config.toml").write_text('[mldash]\nsave_timeout = 7\n')
+    assert Settings.load(env={}).save_timeout == 7.0
+
+
+def test_empty_env_value_means_unset(xdg: Path) -> None:
+    env = _toml(xdg, "save_timeout = 9\n")
+    env["MLDASH_SAVE_TIMEOUT"] = ""
+    assert Settings.load(env=env).save_timeout == 9.0
+
+
+def test_unknown_toml_key_is_named(xdg: Path) -> None:
+    env = _toml(xdg, 'spool = "/s"\nspool_qouta = "1GB"\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'spool_qouta' in '.*mldash.toml'; known keys: spool,"):
+        Settings.load(env=env)
+
+
+def test_unknown_key_next_to_an_mldash_table_is_named(xdg: Path) -> None:
+    env = _toml(xdg, 'spool_qouta = "1GB"\n[mldash]\nspool = "/s"\n')
+    with pytest.raises(ConfigError, match="unknown key 'spool_qouta'"):
+        Settings.load(env=env)
+
+
+def test_mldash_key_that_is_not_a_table(xdg: Path) -> None:
+    with pytest.raises(ConfigError, match="'mldash'"):
+        Settings.load(env=_toml(xdg, "mldash = 1\n"))
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("save_timeout", '"soon"', "'soon'"),
+    ("save_timeout", "-1", "must be ≥ 0"),
+    ("spool_quota", '"lots"', "'lots' is not a size"),
+    ("durability", '"sometimes"', "'sometimes': accepted durability levels"),
+    ("store", '"http://example.com/bucket"', "accepted stores are"),
+    ("catalog", '"sqlite://relative.db"', "sqlite:///abs/file"),
+    ("autostart", '"maybe"', "'maybe' is not a boolean"),
+    ("max_attempts", "0", "must be ≥ 1"),
+    ("max_attempts", "2.5", "is not an integer"),
+    ("experiment", '"only/two"', "namespace/project/experiment"),
+])
+def test_bad_toml_values_name_the_key(xdg: Path, key: str, value: str, fragment: str) -> None:
+    env = _toml(xdg, f"{key} = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env=env)
+    message = str(info.value)
+    assert message.startswith(f"{key} (") and "mldash.toml" in message and fragment in message, message
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("MLDASH_SAVE_TIMEOUT", "abc"), ("MLDASH_SPOOL_QUOTA", "12 parsecs"), ("MLDASH_AUTOSTART", "perhaps"),
+    ("MLDASH_STORE", "ftp://x"), ("MLDASH_DURABILITY", "disk"), ("MLDASH_MAX_CONCURRENT_FILES", "0"),
+])
+def test_bad_env_values_name_the_variable(xdg: Path, name: str, value: str) -> None:
+    field = next(f for f in FIELDS if f.env == name)
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={name: value})
+    message = str(info.value)
+    assert message.startswith(f"{field.name} (environment variable {name})") and repr(value) in message, message
+
+
+def test_cross_field_checks_name_the_keys(xdg: Path) -> None:
+    with pytest.raises(ConfigError, match=r"part_size = 1048576 bytes; S3 needs at least 5 MiB"):
+        Settings.load(env={}, part_size="1MiB")
+    with pytest.raises(ConfigError, match=r"multipart_threshold \(6291456\) must be ≥ part_size \(8388608\)"):
+        Settings.load(env={}, multipart_threshold="6MiB")
+
+
+def test_unknown_argument_and_missing_or_broken_file(xdg: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'spoll'"):
+        Settings.load(env={}, spoll="/x")
+    with pytest.raises(ConfigError, match=r"config file '.*nope.toml' \(from MLDASH_CONFIG\) does not exist"):
+        Settings.load(env={"MLDASH_CONFIG": str(xdg / "nope.toml")})
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        Settings.load(env=_toml(xdg, "spool = \n"))
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("512MiB", 512 * 2**20), ("1.5 GiB", int(1.5 * 2**30)), ("10GB", 10**10), ("0", 0), (4096, 4096), ("7b", 7),
+])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["-1", "1 PB", "", "MiB", True, -5])
+def test_bad_sizes(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("value", ["0", "none", "unlimited", ""])
+def test_quota_can_be_unset(xdg: Path, value: str) -> None:
+    assert Settings.load(env={"MLDASH_SPOOL_QUOTA": value}).spool_quota is None
