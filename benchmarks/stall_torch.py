@@ -1,0 +1,88 @@
+"""Scenario 1 — the stall of `save_torch` against `torch.save` to a local file.
+
+Subject: `exp.files("ckpt").save_torch(model, to="model.pt")` — serialize into the spool (hashing on the
+way) and return; no daemon runs. Baseline: `torch.save(model.state_dict(), path)` to a file in the same
+directory tree (same filesystem). Both include `state_dict()`, neither fsyncs (mldash's default durability,
+"process", does not either). The model is an nn.Sequential of float32 Linear layers (≤ 64 MiB each).
+After every sample the file/spool entry is deleted and dirty pages are flushed (`Context.settle`).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+from benchmarks.context import GIB, MIB, Context, clear_spool
+from benchmarks.model import ScenarioResult, ratio_row
+from benchmarks.stats import interleave
+
+NAME = "stall_torch"
+TITLE = "Stall of save_torch vs torch.save to a local file"
+TARGET = 1.1
+
+
+def build_model(nbytes: int):  # -> torch.nn.Module
+    import torch
+
+    width = 4096  # floats per row: 16 KiB
+    rows = nbytes // (width * 4)
+    layers = []
+    while rows > 0:
+        take = min(4096, rows)  # ≤ 64 MiB per tensor, like the big layers of a real model
+        layers.append(torch.nn.Linear(width, take, bias=False))
+        rows -= take
+    return torch.nn.Sequential(*layers)
+
+
+def run(ctx: Context) -> ScenarioResult:
+    import torch
+
+    from mldash import Experiment
+
+    sizes = [(4 * MIB, 3), (32 * MIB, 2)] if ctx.quick else [(10 * MIB, 7), (100 * MIB, 5), (GIB, 3)]
+    result = ScenarioResult(NAME, TITLE, params={"sizes_bytes": [s for s, _ in sizes],
+                                                 "pairs": {str(s): n for s, n in sizes},
+                                                 "torch_version": torch.__version__})
+    settings = ctx.settings("stall-torch")
+    baseline_dir = ctx.fresh_dir("torch-save")
+    exp = Experiment(prefix="bench/stall/torch", settings=settings)
+    handle = exp.files("ckpt")
+
+    for size, pairs in sizes:
+        model = build_model(size)
+        actual = sum(p.numel() * p.element_size() for p in model.parameters())
+        label = _label(size)
+        ctx.log(f"  state_dict of {label} ({actual} bytes of float32, {len(model)} tensors), {pairs} pairs")
+
+        def subject(model=model) -> float:
+            started = time.perf_counter()
+            handle.save_torch(model, to="model.pt")
+            elapsed = time.perf_counter() - started
+            clear_spool(settings)
+            return elapsed
+
+        def baseline(model=model) -> float:
+            path = baseline_dir / "model.pt"
+            started = time.perf_counter()
+            torch.save(model.state_dict(), path)
+            elapsed = time.perf_counter() - started
+            path.unlink()
+            return elapsed
+
+        interleave(1, {"save_torch": subject, "torch.save": baseline}, between=ctx.settle)  # warm-up, dropped
+        samples = interleave(pairs, {"save_torch": subject, "torch.save": baseline}, between=ctx.settle,
+                             log=ctx.log)
+        result.samples[f"{label}/save_torch_s"] = samples["save_torch"]
+        result.samples[f"{label}/torch.save_s"] = samples["torch.save"]
+        result.rows.append(ratio_row(NAME, f"save_torch {label}", f"torch.save {label} to a file", "stall", "s",
+                                     samples["save_torch"], samples["torch.save"], target=f"≤ {TARGET}×",
+                                     op="<=", bound=TARGET))
+        del model
+        gc.collect()
+    ctx.remove(settings.spool.parent)
+    ctx.remove(baseline_dir)
+    return result
+
+
+def _label(size: int) -> str:
+    return f"{size // GIB} GiB" if size >= GIB and size % GIB == 0 else f"{size // MIB} MiB"
