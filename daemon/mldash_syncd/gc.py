@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from mldash.keys import file_id_from_key
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
-from mldash.spool.recovery import RecoveryReport, clean_debris
+from mldash.spool.recovery import RecoveryReport, clean_debris, pending_ids
 from mldash.spool.states import State
 from mldash.store.base import PendingUpload, Store
 
@@ -59,7 +59,7 @@ async def collect(store: Store, index: SpoolIndex, layout: SpoolLayout, *, dry_r
 
     report = GcReport()
     if not dry_run:
-        clean_debris(layout, report.debris)
+        clean_debris(layout, report.debris, keep=pending_ids(index))  # a quarantined entry keeps its bytes
         report.compacted = compact(index)
     report.aborted, report.kept = await abort_orphan_uploads(store, index, dry_run=dry_run)
     return report

@@ -121,6 +121,11 @@ def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None 
                     report.removed_orphan_blobs.append(file_id)
 
 
+def pending_ids(index: SpoolIndex) -> set[int]:
+    """Ids whose bytes are still needed: pass as `keep` to `clean_debris`."""
+    return {row["id"] for row in index.rows(states=PENDING)}
+
+
 def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) -> None:
     """Pending index rows whose manifest or blob disappeared are quarantined, never silently dropped."""
     manifests = manifest_ids(layout)
@@ -144,8 +149,7 @@ def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | 
     `now` and `orphan_grace` exist for tests (an injected clock, a short grace)."""
     report = RecoveryReport()
     report.released_leases = index.release_all_leases(owner)
-    pending = {row["id"] for row in index.rows(states=PENDING)}
-    clean_debris(layout, report, now=now, orphan_grace=orphan_grace, keep=pending)
+    clean_debris(layout, report, now=now, orphan_grace=orphan_grace, keep=pending_ids(index))
     reconcile(index, layout, report)
     report.ingested = len(ingest_new(index, layout, index.known_ids()))
     return report
