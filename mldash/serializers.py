@@ -24,10 +24,12 @@ import json
 import os
 import pickle
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 from typing import Any, BinaryIO
@@ -410,26 +412,64 @@ def _frames(frames: Any, what: str) -> tuple[int, Iterator[Any], tuple[int, int,
     return len(items), iterate(), shape
 
 
+def _h264_encoder() -> str:
+    """The first H.264 encoder this ffmpeg build has (probed once by imageio-ffmpeg, cached); else libx264."""
+    try:
+        from imageio_ffmpeg._io import get_first_available_h264_encoder  # not exported, but stable for years
+
+        return str(get_first_available_h264_encoder())
+    except (ImportError, RuntimeError):
+        return "libx264"  # ffmpeg's own error then names the problem
+
+
 def _encode_ffmpeg(path: Path, frames: Iterator[Any], shape: tuple[int, int, int], container: str, fps: float,
                    codec: str | None, quality: float | None) -> None:
+    """Pipe raw frames into the ffmpeg binary bundled with imageio-ffmpeg.
+
+    We run ffmpeg ourselves rather than through `imageio_ffmpeg.write_frames`, which ignores ffmpeg's exit
+    status: a failed encode (unknown codec, full disk) would otherwise be saved as a broken video.
+    """
     imageio_ffmpeg = require("imageio_ffmpeg", feature="save_video")
     height, width, channels = shape
-    pix_fmt_in = {1: "gray", 3: "rgb24", 4: "rgba"}[channels]
-    output = []
+    codec = codec or _h264_encoder()
+    rate = str(Fraction(fps).limit_denominator(1001))
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-v", "error",
+           "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+           "-pix_fmt", {1: "gray", 3: "rgb24", 4: "rgba"}[channels], "-r", rate, "-i", "-", "-an",
+           "-vcodec", codec, "-pix_fmt", "yuv420p"]
+    level = 5.0 if quality is None else float(quality)  # imageio's 0–10 scale, mapped the way imageio maps it
+    if codec == "libx264":
+        cmd += ["-crf", str(int((1 - level / 10) * 51))]
+    else:
+        cmd += ["-qscale:v", str(int((1 - level / 10) * 30) + 1)]
     if width % 2 or height % 2:  # yuv420p needs even sides: pad one black pixel rather than resample
-        output += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
+        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
     if container in ("mp4", "mov"):
-        output += ["-movflags", "+faststart"]  # index at the front: plays while it downloads
-    output += ["-f", container]
-    writer = imageio_ffmpeg.write_frames(str(path), (width, height), pix_fmt_in=pix_fmt_in, fps=fps, codec=codec,
-                                         quality=quality, macro_block_size=1, ffmpeg_log_level="error",
-                                         output_params=output)
-    writer.send(None)
-    try:
-        for frame in frames:
-            writer.send(frame if frame.flags.c_contiguous else frame.copy())
-    finally:
-        writer.close()
+        cmd += ["-movflags", "+faststart"]  # index at the front: plays while it downloads
+    cmd += ["-f", container, str(path)]
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: ffmpeg can never block on a full stderr
+        process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
+        assert process.stdin is not None
+        try:
+            try:
+                for frame in frames:
+                    process.stdin.write(memoryview(frame if frame.flags.c_contiguous else frame.copy()).cast("B"))
+                process.stdin.close()
+            except BrokenPipeError:
+                pass  # ffmpeg quit early; its exit status and message say why
+            code = process.wait()
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+        if code != 0:
+            errors.seek(0)
+            message = errors.read()[-2000:].decode("utf-8", "replace").strip()
+            raise InvalidInputError(f"save_video: ffmpeg could not encode {container} with codec {codec!r} "
+                                    f"(exit status {code}): {message or 'no message'}")
 
 
 def _encode_gif(path: Path, frames: Iterator[Any], shape: tuple[int, int, int], fps: float) -> None:
@@ -469,14 +509,10 @@ def video_payload(frames: Any, ext: str, *, fps: float, tmp_dir: Path, codec: st
             _encode_gif(path, iterator, shape, float(fps))
         else:
             _encode_ffmpeg(path, iterator, shape, container, float(fps), codec, quality)
-    except InvalidInputError:
+    except BaseException as exc:  # KeyboardInterrupt too: never leave the temp file behind
         path.unlink(missing_ok=True)
-        raise
-    except MissingDependencyError:
-        path.unlink(missing_ok=True)
-        raise
-    except Exception as exc:
-        path.unlink(missing_ok=True)
+        if isinstance(exc, (InvalidInputError, MissingDependencyError)) or not isinstance(exc, Exception):
+            raise
         raise InvalidInputError(f"save_video: encoding {ext} failed: {type(exc).__name__}: {exc}") from exc
 
     def write(f: BinaryIO) -> None:

@@ -117,6 +117,11 @@ def test_video_refusals(exp, unchanged, frames, to, fragments):
         exp.files("v").save_video(frames, to=to)
 
 
+def test_video_encoder_failure_leaves_no_temp_file(exp, unchanged):
+    with raises(InvalidInputError, "ffmpeg could not encode", "no-such-codec"):
+        exp.files("v").save_video(np.zeros((2, 8, 8)), to="a.mp4", codec="no-such-codec")
+
+
 def test_video_fps_refusals(exp, unchanged):
     for fps in (0, -1, "20", True):
         with raises(InvalidInputError, "fps"):
