@@ -32,6 +32,7 @@ from tests.faults import (
     BlackholeServer,
     FaultProxy,
     Protocol,
+    Refuse,
     RequestLog,
     S3ErrorServer,
     mongo_command,
@@ -328,6 +329,22 @@ def test_raw_reset_after_bytes_up(echo: EchoServer, n: int) -> None:
         assert proxy.stats().bytes_to_upstream == n and proxy.stats().faults == {"reset_after_bytes": 1}
 
 
+def test_raw_reset_at_random_point_and_wait(echo: EchoServer) -> None:
+    with FaultProxy(echo.address, seed=4) as proxy:
+        fault = proxy.reset_after_bytes((100, 900))
+        for _ in range(5):
+            with pytest.raises(ConnectionResetError), _connect(proxy) as sock:
+                sock.sendall(b"r" * 1000)
+                while sock.recv(65536):
+                    pass
+        fault.wait(5)
+        _wait_for(lambda: len(echo.received) == 5 and proxy.stats().active_connections == 0)
+    sizes = [len(r) for r in echo.received]
+    assert all(100 <= n <= 900 for n in sizes) and len(set(sizes)) > 1
+    with pytest.raises(TimeoutError):
+        fault.wait(6, timeout=0.05)
+
+
 def test_raw_reset_after_bytes_down_and_short_message(echo: EchoServer) -> None:
     with FaultProxy(echo.address) as proxy:
         fault = proxy.reset_after_bytes(1000, direction="down")
@@ -617,10 +634,19 @@ def test_http_respond_canned_error(upstream: HttpUpstream) -> None:
         resp = conn.getresponse()
         assert resp.status == 503 and b"<Code>SlowDown</Code>" in resp.read()
         conn.request("GET", "/y")  # keep-alive survives a canned answer
-        assert conn.getresponse().status == 200
-        conn.close()
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read()
         assert storm.injected == 1
-    assert [r.target for r in upstream.requests] == ["/y"]
+        proxy.respond(H.INTERNAL_ERROR.response(close=True), match=b"DELETE ")
+        conn.request("DELETE", "/z")
+        resp = conn.getresponse()
+        assert resp.status == 500 and resp.read()  # ... and then the proxy closed the connection
+        conn.request("GET", "/w")  # http.client reconnects
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read()
+        conn.close()
+        assert [r.conn_id for r in proxy.messages] == [1, 1, 1, 2]
+    assert [r.target for r in upstream.requests] == ["/y", "/w"]
 
 
 def test_http_delay_per_message_down(upstream: HttpUpstream) -> None:
@@ -637,7 +663,9 @@ def test_http_delay_per_message_down(upstream: HttpUpstream) -> None:
 def test_validation() -> None:
     proxy = FaultProxy(("127.0.0.1", 9))
     with pytest.raises(ValueError):
-        proxy.refuse(match=b"x")
+        proxy.add(Refuse(), match=b"x")
+    with pytest.raises(ValueError):
+        proxy.reset_after_bytes((5, 2))
     with pytest.raises(ValueError):
         proxy.respond(b"HTTP/1.1 200 OK\r\n\r\n")  # raw protocol
     with pytest.raises(ValueError):

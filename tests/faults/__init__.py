@@ -18,6 +18,7 @@ from tests.faults.proxy import (
     ResetBeforeResponse,
     Respond,
 )
+from tests.faults.rates import max_rate
 
 __all__ = [
     "Blackhole",
@@ -39,5 +40,6 @@ __all__ = [
     "Respond",
     "S3Error",
     "S3ErrorServer",
+    "max_rate",
     "mongo_command",
 ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tests.faults.framing import HttpRequestFramer
 from tests.faults.http_faults import S3Error, next_request_id
 from tests.faults.proxy import CONTINUE_100
+from tests.faults.rates import max_rate
 from tests.faults.threaded import ThreadedServer
 
 
@@ -83,13 +84,7 @@ class S3ErrorServer(ThreadedServer):
 
     def max_rate(self, window: float = 1.0) -> int:
         """The largest number of requests that arrived within any `window` seconds."""
-        times = sorted(self.request_times)
-        best, lo = 0, 0
-        for hi, t in enumerate(times):
-            while t - times[lo] > window:
-                lo += 1
-            best = max(best, hi - lo + 1)
-        return best
+        return max_rate(self.request_times, window)
 
     def clear(self) -> None:
         with self._lock:

@@ -80,9 +80,11 @@ class Delay:
 
 @dataclass(frozen=True)
 class ResetAfterBytes:
-    """Forward `n` bytes of the message in `direction`, then RST the client (upstream gets a FIN on "up")."""
+    """Forward `n` bytes of the message in `direction`, then RST the client (upstream gets a FIN on "up").
 
-    n: int
+    `n` may be a range (lo, hi): each decision draws n uniformly in [lo, hi] (a reset at a random point)."""
+
+    n: int | tuple[int, int]
     direction: Direction = Direction.UP
 
 
@@ -174,7 +176,22 @@ class Fault:
         return f"Fault(id={self.id}, {self.spec}, p={self.probability}, fired={self.fired}, injected={self.injected})"
 
     def remove(self) -> None:
+        """Stop deciding: no new connection/message gets this fault (ones already planned keep it)."""
         self.proxy.remove(self)
+
+    def wait(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Block until this fault has been injected `count` times in total; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while self.injected < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self!r}: {self.injected} injections, waited for {count}")
+            time.sleep(0.005)
+
+    async def wait_async(self, count: int = 1, timeout: float = 10.0) -> None:
+        """`wait` for async tests (does not block their event loop)."""
+        async with asyncio.timeout(timeout):
+            while self.injected < count:
+                await asyncio.sleep(0.005)
 
     def matches(self, msg: Message) -> bool:
         return self._match is None or self._match(msg)
@@ -343,8 +360,10 @@ class FaultProxy(ThreadedServer):
             raise ValueError("respond needs protocol='http'")
         if isinstance(spec, FlipByte) and spec.direction is Direction.BOTH:
             raise ValueError("flip_byte direction must be 'up' or 'down'")
-        if isinstance(spec, ResetAfterBytes) and spec.n < 0:
-            raise ValueError("n must be >= 0")
+        if isinstance(spec, ResetAfterBytes):
+            lo, hi = spec.n if isinstance(spec.n, tuple) else (spec.n, spec.n)
+            if not 0 <= lo <= hi:
+                raise ValueError("n must be >= 0 (a range: 0 <= lo <= hi)")
         with self._lock:
             self._fault_ids += 1
             fault = Fault(self, self._fault_ids, spec, probability, match, times, skip, self.seed)
@@ -373,30 +392,37 @@ class FaultProxy(ThreadedServer):
         """Point new connections at another upstream (e.g. a restarted server)."""
         self.upstream = upstream
 
-    # Helpers: one per fault kind; `**rule` is probability=, match=, times=, skip=.
+    # Helpers: one per fault kind. The rule arguments (probability, match, times, skip) are as for add().
 
     def delay(self, seconds: float, per: Literal["chunk", "message", "connection"] = "chunk",
-              direction: Direction | str = Direction.UP, **rule: object) -> Fault:
-        return self.add(Delay(seconds, per, Direction(direction)), **rule)  # type: ignore[arg-type]
+              direction: Direction | str = Direction.UP, *, probability: float = 1.0, match: Match = None,
+              times: int | None = None, skip: int = 0) -> Fault:
+        return self.add(Delay(seconds, per, Direction(direction)), probability, match, times, skip)
 
-    def reset_after_bytes(self, n: int, direction: Direction | str = Direction.UP, **rule: object) -> Fault:
-        return self.add(ResetAfterBytes(n, Direction(direction)), **rule)  # type: ignore[arg-type]
+    def reset_after_bytes(self, n: int | tuple[int, int], direction: Direction | str = Direction.UP, *,
+                          probability: float = 1.0, match: Match = None, times: int | None = None,
+                          skip: int = 0) -> Fault:
+        return self.add(ResetAfterBytes(n, Direction(direction)), probability, match, times, skip)
 
-    def reset_before_response(self, **rule: object) -> Fault:
-        return self.add(ResetBeforeResponse(), **rule)  # type: ignore[arg-type]
+    def reset_before_response(self, *, probability: float = 1.0, match: Match = None, times: int | None = None,
+                              skip: int = 0) -> Fault:
+        return self.add(ResetBeforeResponse(), probability, match, times, skip)
 
-    def blackhole(self, new_only: bool = False, **rule: object) -> Fault:
-        return self.add(Blackhole(new_only), **rule)  # type: ignore[arg-type]
+    def blackhole(self, new_only: bool = False, *, probability: float = 1.0, match: Match = None,
+                  times: int | None = None, skip: int = 0) -> Fault:
+        return self.add(Blackhole(new_only), probability, match, times, skip)
 
-    def flip_byte(self, after: int = 0, in_body: bool = True, direction: Direction | str = Direction.UP,
-                  **rule: object) -> Fault:
-        return self.add(FlipByte(after, in_body, Direction(direction)), **rule)  # type: ignore[arg-type]
+    def flip_byte(self, after: int = 0, in_body: bool = True, direction: Direction | str = Direction.UP, *,
+                  probability: float = 1.0, match: Match = None, times: int | None = None, skip: int = 0) -> Fault:
+        return self.add(FlipByte(after, in_body, Direction(direction)), probability, match, times, skip)
 
-    def refuse(self, rst: bool = True, **rule: object) -> Fault:
-        return self.add(Refuse(rst), **rule)  # type: ignore[arg-type]
+    def refuse(self, rst: bool = True, *, probability: float = 1.0, times: int | None = None,
+               skip: int = 0) -> Fault:
+        return self.add(Refuse(rst), probability, None, times, skip)
 
-    def respond(self, response: bytes, **rule: object) -> Fault:
-        return self.add(Respond(response), **rule)  # type: ignore[arg-type]
+    def respond(self, response: bytes, *, probability: float = 1.0, match: Match = None, times: int | None = None,
+                skip: int = 0) -> Fault:
+        return self.add(Respond(response), probability, match, times, skip)
 
     # ---- observations (any thread) ----------------------------------------------------------------------
 
@@ -611,9 +637,10 @@ class FaultProxy(ThreadedServer):
             if isinstance(spec, Delay):
                 plan.delays.append((fault, spec))
             elif isinstance(spec, ResetAfterBytes):
+                n = fault.rng.randint(*spec.n) if isinstance(spec.n, tuple) else spec.n
                 for d in (Direction.UP, Direction.DOWN):
                     if spec.direction.covers(d) and d not in plan.resets:
-                        plan.resets[d] = (fault, spec.n)
+                        plan.resets[d] = (fault, n)
             elif isinstance(spec, ResetBeforeResponse) and plan.lose_response is None:
                 plan.lose_response = fault
             elif isinstance(spec, Blackhole) and plan.blackhole is None:
