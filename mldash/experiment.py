@@ -140,7 +140,9 @@ class Experiment:
             ids = [i for i, p in self._saved if not prefix or p == prefix or p.startswith(prefix + "/")]
         if not ids:
             return {}
-        return self._reader().wait(ids, timeout)
+        layout = self._get_enqueuer().layout
+        # A daemon that died (or was killed) while files were pending is started again while we wait.
+        return self._reader().wait(ids, timeout, on_poll=lambda: ensure_daemon(self.settings, layout))
 
 
 class RunContext:

@@ -379,11 +379,16 @@ class Reader:
                               f"({digest.hexdigest()} != {entry['checksum']}); nothing was written")
 
     # ---- waiting -------------------------------------------------------------------------------------------
-    def wait(self, ids: list[int], timeout: float | None, *, poll_max: float = 0.5) -> dict[str, str]:
-        """Poll the index until every id is committed or evicted (see `FilesHandle.wait`)."""
+    def wait(self, ids: list[int], timeout: float | None, *, poll_max: float = 0.5,
+             on_poll: Callable[[], object] | None = None) -> dict[str, str]:
+        """Poll the index until every id is committed or evicted (see `FilesHandle.wait`).
+
+        `on_poll` runs before every poll (the experiment uses it to restart an autostarted daemon that died)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.02
         while True:
+            if on_poll is not None:
+                on_poll()
             rows = self._index_rows(ids)
             failures = {i: f"{rows[i]['state']}: {rows[i].get('last_error') or 'no reason recorded'}"
                         for i in ids if i in rows and rows[i]["state"] in _FAILED}

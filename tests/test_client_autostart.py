@@ -148,3 +148,20 @@ def test_starting_child_is_not_doubled(settings, monkeypatch):
         for child in spawned:
             child.kill()
             child.wait(timeout=30)
+
+
+def test_waiting_restarts_a_daemon_that_is_gone(settings, monkeypatch):
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def fake(*args: object) -> subprocess.Popen[bytes]:
+        spawned.append(subprocess.Popen([sys.executable, "-c", "pass"]))
+        return spawned[-1]
+
+    monkeypatch.setattr(autostart, "spawn_daemon", fake)
+    exp = Experiment(prefix="alice/project/wait", settings=settings)  # autostart off while saving
+    exp.files.save_blob(b"x", "a.bin")
+    assert spawned == []
+    exp.settings = settings.replace(autostart=True)
+    with pytest.raises(TimeoutError):
+        exp.flush(timeout=0.01)
+    assert len(spawned) == 1  # flush asked for a daemon (the fake one never drains, hence the timeout)
