@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ class Experiment:
         self._lock = threading.Lock()
         self._enqueuer: Enqueuer | None = None
         self._reader_instance: Reader | None = None
-        self._saved: list[tuple[int, str]] = []  # (id, prefix) of every save through this object
+        # Ids saved through this object and not yet seen committed by a wait, per prefix; 8 bytes per id, so a
+        # run that saves millions of small files does not grow much.
+        self._saved: dict[str, array[int]] = {}
         self.files = FilesHandle(self)
 
     @property
@@ -92,7 +95,7 @@ class Experiment:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pending = len(self._saved)
+        pending = sum(len(ids) for ids in self._saved.values())
         if pending:
             log.debug("mldash: leaving %s with %d file(s) saved; the daemon uploads them", self.path, pending)
 
@@ -122,7 +125,7 @@ class Experiment:
         enqueuer = self._get_enqueuer()
         manifest = enqueuer.enqueue(spec, payload.write, expected_size=payload.size)
         with self._lock:
-            self._saved.append((manifest.id, manifest.prefix))
+            self._saved.setdefault(manifest.prefix, array("q")).append(manifest.id)
         ensure_daemon(self.settings, enqueuer.layout)
         return manifest
 
@@ -137,12 +140,22 @@ class Experiment:
                                     or timeout < 0):
             raise InvalidInputError(f"timeout must be None or a number of seconds ≥ 0, got {timeout!r}")
         with self._lock:
-            ids = [i for i, p in self._saved if not prefix or p == prefix or p.startswith(prefix + "/")]
+            ids = [i for p, saved in self._saved.items() if not prefix or p == prefix or p.startswith(prefix + "/")
+                   for i in saved]
         if not ids:
             return {}
         layout = self._get_enqueuer().layout
         # A daemon that died (or was killed) while files were pending is started again while we wait.
-        return self._reader().wait(ids, timeout, on_poll=lambda: ensure_daemon(self.settings, layout))
+        done = self._reader().wait(ids, timeout, on_poll=lambda: ensure_daemon(self.settings, layout))
+        with self._lock:  # committed is final: later waits need not look at these again
+            finished = {int(i) for i in done}
+            for p, saved in list(self._saved.items()):
+                kept = array("q", (i for i in saved if i not in finished))
+                if kept:
+                    self._saved[p] = kept
+                else:
+                    del self._saved[p]
+        return done
 
 
 class RunContext:
