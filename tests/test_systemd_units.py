@@ -282,7 +282,8 @@ def test_daemon_syncs_to_s3_and_mongodb_inside_the_unit_sandbox(
     settings = s3_settings.replace(catalog=mongo_uri, mongo_database=mongo_db_name)
     payload = os.urandom(20 * 2**20)  # above the multipart threshold: parts, checksums, threads
     manifest = enqueue_bytes(settings, payload, filename="weights.bin")
-    result = sandboxed(unit, sys.executable, "-m", "mldash_syncd", "run", "--once", "--quiet",
+    # --max-wait: a sandbox that blocks the network makes the daemon retry; fail with its log, not a timeout.
+    result = sandboxed(unit, sys.executable, "-m", "mldash_syncd", "run", "--once", "--quiet", "--max-wait", "60",
                        env=settings_env(settings))
     assert result.returncode == 0, result.stderr
     endpoint, bucket = settings.s3_endpoint_url, settings.store.removeprefix("s3://").split("/")[0]
