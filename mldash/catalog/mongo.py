@@ -1,0 +1,282 @@
+"""`MongoCatalog`: the catalog in MongoDB, through PyMongo's asyncio API (`pymongo.AsyncMongoClient`).
+
+Collection ``files`` in the configured database, one document per file version with ``_id`` = the
+id string (plus the ``id`` field itself, unique-indexed, as ML-Dash documents carry it). Indexes:
+``id`` (unique), (namespace, project, experiment, path, createdAt) for folder listings,
+(namespace, project, experiment, createdAt, id) for whole-experiment listings in order, and
+(namespace, project, experiment, tags) — multikey — for tag filters; every query is scoped to one
+experiment, so the experiment leads every index.
+
+Writes: ``update_one({_id}, {$setOnInsert: doc}, upsert=True)`` — the first writer wins and a replay
+changes nothing; two concurrent upserts of one id can still race to insert, and the loser's
+DuplicateKeyError means "already there", i.e. success. Write concern ``w="majority", j=True``: the
+write is in the journal before it is acknowledged (SecantusDB's and mongod's defaults are not).
+
+Deadlines: the client runs with ``timeoutMS`` = `request_timeout` (PyMongo's client-side operation
+timeout, which also bounds server selection, connecting and the driver's own retries), and every await
+is additionally wrapped in ``asyncio.timeout(request_timeout + DEADLINE_GRACE)`` as the backstop: the
+driver's timeout normally fires first and says more. `catalog_error` is the one place that decides
+transient vs permanent.
+
+The client is bound to the event loop that ran `open()`; use and close the catalog on that loop.
+The URI's password never leaves this object: `url` and `repr()` show it as ``***``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import bson.errors
+from pymongo import ASCENDING, AsyncMongoClient, IndexModel, WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import (
+    ConfigurationError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
+
+from mldash.catalog.base import (
+    Catalog,
+    CatalogError,
+    FileDocument,
+    FileQuery,
+    PermanentCatalogError,
+    TransientCatalogError,
+)
+from mldash.catalog.query import Glob, folder
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "files"
+DEADLINE_GRACE = 1.0  # seconds the outer asyncio deadline waits beyond the driver's own timeoutMS
+
+# Server error codes that mean "the credentials are wrong or lack a role": never fixed by waiting.
+_AUTH_CODES = frozenset({
+    13,    # Unauthorized
+    18,    # AuthenticationFailed
+    8000,  # AtlasError ("bad auth")
+})
+
+# Server error codes after which the same request can succeed later (node state, elections,
+# network between nodes, time limits, lock contention). Anything else from the server is permanent.
+_TRANSIENT_CODES = frozenset({
+    6, 7, 89, 9001, 202, 262,              # HostUnreachable, HostNotFound, NetworkTimeout, SocketException,
+                                           # NetworkInterfaceExceededTimeLimit, ExceededTimeLimit
+    91, 11600, 11602, 189,                 # ShutdownInProgress, InterruptedAtShutdown, …DueToReplStateChange,
+                                           # PrimarySteppedDown
+    10107, 13435, 13436, 10058,            # not primary / not secondary
+    50, 64, 134, 133,                      # MaxTimeMSExpired, WriteConcernFailed, ReadConcernMajority…,
+                                           # FailedToSatisfyReadPreference
+    24, 46, 112, 11601,                    # LockTimeout, LockBusy, WriteConflict, Interrupted
+    63, 150, 13388,                        # StaleShardVersion, StaleEpoch, StaleConfig (sharded clusters)
+    462,                                   # IngressRequestRateLimitExceeded
+})
+_TRANSIENT_LABELS = ("RetryableWriteError", "TransientTransactionError", "RetryableError",
+                     "SystemOverloadedError")
+
+T = TypeVar("T")
+
+# The order documents are returned in: FileDocument's field order, whatever order the server keeps
+# (mongod applies $setOnInsert fields in its own order).
+_FIELDS = tuple(f.name for f in dataclasses.fields(FileDocument))
+
+
+def _ordered(doc: dict[str, Any]) -> dict[str, Any]:
+    return {name: doc[name] for name in _FIELDS if name in doc}
+
+_URI_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z0-9+.-]+://)(?P<user>[^:@/?#]*):(?P<password>[^@/?#]*)@")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with its password (if any) replaced by ``***``: safe for logs, errors and `repr`."""
+    return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri, count=1)
+
+
+def catalog_error(exc: BaseException, what: str, url: str) -> CatalogError:
+    """The one mapping from driver/network failures to `TransientCatalogError`/`PermanentCatalogError`.
+
+    Transient: the server cannot be selected or reached, a connection broke or timed out, the node is
+    not (or no longer) primary, the operation ran out of time, or the server labelled the error as
+    retryable. Permanent: authentication/authorization, configuration (bad URI, missing TLS files),
+    invalid documents and any other server error.
+    """
+    if isinstance(exc, CatalogError):
+        return exc
+    message = f"MongoDB catalog {url}: {what} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, TimeoutError):
+        return TransientCatalogError(f"MongoDB catalog {url}: {what} did not finish within its deadline")
+    if isinstance(exc, OperationFailure):  # includes WriteError, WriteConcernError, ExecutionTimeout
+        if exc.code in _AUTH_CODES:
+            return PermanentCatalogError(message)
+        if exc.timeout or exc.code in _TRANSIENT_CODES or any(exc.has_error_label(label)
+                                                                for label in _TRANSIENT_LABELS):
+            return TransientCatalogError(message)
+        return PermanentCatalogError(message)
+    if isinstance(exc, ConnectionFailure):  # AutoReconnect, NetworkTimeout, NotPrimaryError, ServerSelection…
+        return TransientCatalogError(message)
+    if isinstance(exc, PyMongoError) and exc.timeout:  # client-side operation timeout (timeoutMS)
+        return TransientCatalogError(message)
+    if isinstance(exc, ConfigurationError | PyMongoError | bson.errors.BSONError):
+        return PermanentCatalogError(message)
+    if isinstance(exc, OSError):
+        return TransientCatalogError(message)
+    return PermanentCatalogError(message)
+
+
+class MongoCatalog(Catalog):
+    """The catalog in MongoDB (or anything speaking its wire protocol, e.g. SecantusDB)."""
+
+    def __init__(self, uri: str, *, database: str = "mldash", request_timeout: float = 60.0,
+                 appname: str = "mldash") -> None:
+        self._uri = uri
+        self.url = redact_uri(uri)
+        self.database = database
+        self.request_timeout = request_timeout
+        self.appname = appname
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._files: AsyncCollection[dict[str, Any]] | None = None
+        self._indexes_ready = False
+
+    def __repr__(self) -> str:
+        return f"MongoCatalog({self.url!r}, database={self.database!r})"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the client (on this event loop) and the indexes.
+
+        An unreachable server does not make `open` fail: it logs a warning and every later call
+        retries the index creation first, so a daemon can start while MongoDB is down and catch up.
+        Bad credentials or a bad URI raise `PermanentCatalogError`.
+        """
+        if self._client is not None:
+            return
+        timeout_ms = int(self.request_timeout * 1000)
+        try:
+            self._client = AsyncMongoClient(
+                self._uri,
+                appname=self.appname,
+                timeoutMS=timeout_ms,
+                serverSelectionTimeoutMS=timeout_ms,
+                connectTimeoutMS=min(timeout_ms, 20_000),
+                socketTimeoutMS=timeout_ms,
+            )
+        except (PyMongoError, ValueError, TypeError) as exc:
+            raise PermanentCatalogError(f"MongoDB catalog {self.url}: invalid client configuration: {exc}") from exc
+        self._files = self._client.get_database(self.database).get_collection(
+            COLLECTION, write_concern=WriteConcern(w="majority", j=True))
+        try:
+            await self._ensure_indexes()
+        except TransientCatalogError as exc:
+            log.warning("%s; will retry before the next catalog call", exc)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        client, self._client, self._files = self._client, None, None
+        self._indexes_ready = False
+        if client is not None:
+            try:
+                await self._deadline("close", client.close)
+            except CatalogError as exc:
+                log.warning("%s", exc)
+
+    async def _ensure_indexes(self) -> None:
+        if self._indexes_ready:
+            return
+        experiment = [("namespace", ASCENDING), ("project", ASCENDING), ("experiment", ASCENDING)]
+        indexes = [
+            IndexModel([("id", ASCENDING)], name="id_unique", unique=True),
+            IndexModel([*experiment, ("path", ASCENDING), ("createdAt", ASCENDING)], name="by_folder"),
+            IndexModel([*experiment, ("createdAt", ASCENDING), ("id", ASCENDING)], name="by_time"),
+            IndexModel([*experiment, ("tags", ASCENDING)], name="by_tag"),
+        ]
+        files = self._collection()
+        await self._deadline("index creation", lambda: files.create_indexes(indexes))
+        self._indexes_ready = True
+
+    async def _deadline(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Await `call()` under the outer deadline, mapping every failure through `catalog_error`."""
+        try:
+            async with asyncio.timeout(self.request_timeout + DEADLINE_GRACE):
+                return await call()
+        except (PyMongoError, bson.errors.BSONError, OSError, TimeoutError) as exc:
+            raise catalog_error(exc, what, self.url) from exc
+
+    async def _ready(self) -> AsyncCollection[dict[str, Any]]:
+        files = self._collection()
+        await self._ensure_indexes()
+        return files
+
+    def _collection(self) -> AsyncCollection[dict[str, Any]]:
+        if self._files is None:
+            raise RuntimeError(f"{self!r} is not open: call `await catalog.open()` first")
+        return self._files
+
+    # -- the contract ----------------------------------------------------------------------------
+
+    async def upsert(self, doc: FileDocument) -> None:
+        files = await self._ready()
+        body = {"_id": doc.id, **doc.to_dict()}
+
+        async def write() -> None:
+            # Two upserts of this id raced to insert: the other one won, which is all we asked for.
+            with contextlib.suppress(DuplicateKeyError):
+                await files.update_one({"_id": doc.id}, {"$setOnInsert": body}, upsert=True)
+
+        await self._deadline(f"upsert of {doc.id}", write)
+
+    async def get(self, file_id: str) -> dict[str, Any] | None:
+        files = await self._ready()
+        doc = await self._deadline(f"get of {file_id}", lambda: files.find_one({"_id": file_id}, {"_id": 0}))
+        return None if doc is None else _ordered(doc)
+
+    async def find(self, query: FileQuery) -> list[dict[str, Any]]:
+        if query.limit is not None and query.limit < 0:
+            raise ValueError(f"FileQuery.limit = {query.limit}; use None (no limit) or a count ≥ 0")
+        if query.limit == 0:
+            return []
+        files = await self._ready()
+        selector: dict[str, Any] = {"namespace": query.namespace, "project": query.project,
+                                    "experiment": query.experiment}
+        if query.path is not None:
+            selector["path"] = folder(query.path)
+        if query.tags:
+            selector["tags"] = {"$all": list(query.tags)}
+        glob = Glob.parse(query.filename_glob) if query.filename_glob is not None else None
+        if glob is not None and glob.exact:
+            selector["filename"] = {"$regex": glob.regex}
+        server_limit = query.limit if glob is None or glob.exact else None
+
+        async def read() -> list[dict[str, Any]]:
+            cursor = files.find(selector, {"_id": 0}, sort=[("createdAt", ASCENDING), ("id", ASCENDING)],
+                                limit=server_limit or 0)
+            out: list[dict[str, Any]] = []
+            try:
+                # Streamed: an inexact glob filters batch by batch instead of loading the experiment.
+                async for doc in cursor:
+                    if glob is not None and not glob.matches(doc["filename"]):
+                        continue
+                    out.append(_ordered(doc))
+                    if query.limit is not None and len(out) >= query.limit:
+                        break
+            finally:
+                await cursor.close()
+            return out
+
+        return await self._deadline("find", read)
+
+    async def ping(self) -> None:
+        self._collection()
+        assert self._client is not None
+        client = self._client
+        await self._deadline("ping", lambda: client.get_database(self.database).command("ping"))

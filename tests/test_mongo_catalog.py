@@ -1,0 +1,220 @@
+"""MongoCatalog under faults: unreachable servers, failpoints, a server stopped and restarted.
+
+Deadline assertions are generous bounds ("it gave up instead of hanging"), not performance checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+
+import pymongo
+import pytest
+
+from mldash.catalog import FileDocument, FileQuery, MongoCatalog, PermanentCatalogError, TransientCatalogError
+from mldash.catalog.mongo import catalog_error
+from tests.fixtures.mongo import MongoServerProcess, free_port, release_driver_sockets
+
+REQUEST_TIMEOUT = 1.0
+GIVE_UP_WITHIN = 10.0  # seconds: request_timeout + grace, with a wide margin for a loaded 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def _release_driver_sockets() -> Iterator[None]:
+    yield
+    release_driver_sockets()
+
+
+def make_doc(file_id: str = "7000000000000000001", **changes: object) -> FileDocument:
+    doc = FileDocument(
+        id=file_id, namespace="ns", project="p", experiment="e", path="/", filename="a.pt", sizeBytes=3,
+        checksum="00" * 32, contentType="application/octet-stream", storageKey=f"files/ns/p/e/{file_id}/a.pt",
+        storageUri=f"file:///store/files/ns/p/e/{file_id}/a.pt", createdAt=1.0, committedAt=2.0)
+    return replace(doc, **changes)
+
+
+@contextlib.asynccontextmanager
+async def blackhole_server() -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections and never sends a byte."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
+async def assert_gives_up_transient(catalog: MongoCatalog) -> None:
+    for call in (lambda: catalog.upsert(make_doc()), lambda: catalog.get("1"),
+                 lambda: catalog.find(FileQuery("ns", "p", "e")), catalog.ping):
+        started = time.monotonic()
+        with pytest.raises(TransientCatalogError):
+            await call()
+        assert time.monotonic() - started < GIVE_UP_WITHIN
+
+
+async def test_closed_port_is_transient_within_deadline() -> None:
+    port = free_port()  # nothing listens there: connection refused
+    catalog = MongoCatalog(f"mongodb://127.0.0.1:{port}/", database="x", request_timeout=REQUEST_TIMEOUT)
+    started = time.monotonic()
+    await catalog.open()  # does not fail: a daemon may start while MongoDB is down
+    try:
+        assert time.monotonic() - started < GIVE_UP_WITHIN
+        await assert_gives_up_transient(catalog)
+    finally:
+        await catalog.close()
+
+
+async def test_blackhole_server_is_transient_within_deadline() -> None:
+    async with blackhole_server() as port:
+        catalog = MongoCatalog(f"mongodb://127.0.0.1:{port}/", database="x", request_timeout=REQUEST_TIMEOUT)
+        started = time.monotonic()
+        await catalog.open()
+        try:
+            assert time.monotonic() - started < GIVE_UP_WITHIN
+            await assert_gives_up_transient(catalog)
+        finally:
+            await catalog.close()
+
+
+@pytest.fixture
+async def catalog(mongo_uri: str, mongo_db_name: str) -> AsyncIterator[MongoCatalog]:
+    async with MongoCatalog(mongo_uri, database=mongo_db_name, request_timeout=REQUEST_TIMEOUT,
+                            appname="mldash-failpoint-test") as cat:
+        yield cat
+
+
+@contextlib.contextmanager
+def fail_command(admin: pymongo.MongoClient, data: dict[str, object], mode: object = "alwaysOn"):
+    """A failCommand failpoint scoped to the catalog's client (its appName), switched off afterwards."""
+    admin.admin.command("configureFailPoint", "failCommand", mode=mode,
+                        data={"appName": "mldash-failpoint-test", **data})
+    try:
+        yield
+    finally:
+        admin.admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+@pytest.mark.parametrize("failure", [
+    {"closeConnection": True},    # the connection drops mid-request
+    {"errorCode": 6},             # HostUnreachable
+    {"errorCode": 89},            # NetworkTimeout
+    {"errorCode": 262},           # ExceededTimeLimit
+], ids=["close-connection", "host-unreachable", "network-timeout", "exceeded-time-limit"])
+async def test_failing_writes_are_transient_then_retry_succeeds(
+        catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str, failure: dict) -> None:
+    doc = make_doc()
+    # alwaysOn: the driver's own retries (retryable writes, within timeoutMS) fail too.
+    with fail_command(mongo_admin, {"failCommands": ["update"], **failure}):
+        started = time.monotonic()
+        with pytest.raises(TransientCatalogError):
+            await catalog.upsert(doc)
+        assert time.monotonic() - started < GIVE_UP_WITHIN
+    await catalog.upsert(doc)  # the daemon's retry, same catalog object
+    await catalog.upsert(replace(doc, committedAt=99.0))  # and a replay
+    assert mongo_admin[mongo_db_name].files.count_documents({}) == 1
+    assert await catalog.get(doc.id) == doc.to_dict()
+
+
+async def test_single_network_error_is_absorbed_by_retryable_writes(
+        catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str) -> None:
+    doc = make_doc()
+    with fail_command(mongo_admin, {"failCommands": ["update"], "closeConnection": True}, mode={"times": 1}):
+        await catalog.upsert(doc)
+    assert mongo_admin[mongo_db_name].files.count_documents({}) == 1
+
+
+async def test_auth_failure_is_permanent(catalog: MongoCatalog, mongo_admin: pymongo.MongoClient) -> None:
+    with fail_command(mongo_admin, {"failCommands": ["find", "update"], "errorCode": 13}):  # Unauthorized
+        with pytest.raises(PermanentCatalogError):
+            await catalog.upsert(make_doc())
+        with pytest.raises(PermanentCatalogError):
+            await catalog.get("1")
+
+
+async def test_failing_reads_are_transient(catalog: MongoCatalog, mongo_admin: pymongo.MongoClient) -> None:
+    await catalog.upsert(make_doc())
+    with fail_command(mongo_admin, {"failCommands": ["find"], "errorCode": 6}):
+        with pytest.raises(TransientCatalogError):
+            await catalog.find(FileQuery("ns", "p", "e"))
+        with pytest.raises(TransientCatalogError):
+            await catalog.get("1")
+    assert len(await catalog.find(FileQuery("ns", "p", "e"))) == 1
+
+
+async def test_server_stopped_then_back(mongo_server_process: Callable[..., MongoServerProcess]) -> None:
+    server = mongo_server_process()
+    first, second = make_doc("7000000000000000001"), make_doc("7000000000000000002")
+    async with MongoCatalog(server.uri, database="mldash", request_timeout=REQUEST_TIMEOUT) as catalog:
+        await catalog.upsert(first)
+        await asyncio.to_thread(server.stop)
+        started = time.monotonic()
+        with pytest.raises(TransientCatalogError):
+            await catalog.upsert(second)
+        assert time.monotonic() - started < GIVE_UP_WITHIN
+        await asyncio.to_thread(server.start)  # same port, same data
+        # The driver rediscovers the server on its own; the daemon's retry loop is modelled here.
+        for _ in range(20):
+            try:
+                await catalog.upsert(second)
+                break
+            except TransientCatalogError:
+                await asyncio.sleep(0.5)
+        else:
+            pytest.fail("the catalog never recovered after the server came back")
+        found = await catalog.find(FileQuery("ns", "p", "e"))
+        assert [d["id"] for d in found] == [first.id, second.id]
+
+
+async def test_server_killed_keeps_acknowledged_writes(
+        mongo_server_process: Callable[..., MongoServerProcess]) -> None:
+    server = mongo_server_process()
+    docs = [make_doc(str(7_000_000_000_000_000_000 + i), createdAt=float(i)) for i in range(5)]
+    async with MongoCatalog(server.uri, database="mldash", request_timeout=REQUEST_TIMEOUT) as catalog:
+        for doc in docs:
+            await catalog.upsert(doc)
+    await asyncio.to_thread(server.kill)  # SIGKILL right after the acknowledgements
+    await asyncio.to_thread(server.start)
+    async with MongoCatalog(server.uri, database="mldash", request_timeout=5.0) as catalog:
+        assert [d["id"] for d in await catalog.find(FileQuery("ns", "p", "e"))] == [d.id for d in docs]
+
+
+def test_error_mapping() -> None:
+    from pymongo.errors import (
+        AutoReconnect,
+        ConfigurationError,
+        DuplicateKeyError,
+        NetworkTimeout,
+        NotPrimaryError,
+        OperationFailure,
+        ServerSelectionTimeoutError,
+        WriteConcernError,
+    )
+
+    def kind(exc: BaseException) -> str:
+        return "transient" if catalog_error(exc, "op", "mongodb://h/").transient else "permanent"
+
+    assert kind(ServerSelectionTimeoutError("x")) == "transient"
+    assert kind(AutoReconnect("x")) == "transient"
+    assert kind(NetworkTimeout("x")) == "transient"
+    assert kind(NotPrimaryError("x", {})) == "transient"
+    assert kind(TimeoutError()) == "transient"
+    assert kind(ConnectionResetError()) == "transient"
+    assert kind(OperationFailure("x", code=91)) == "transient"
+    assert kind(WriteConcernError("x", code=64, details={})) == "transient"
+    assert kind(WriteConcernError("x", code=100, details={"errorLabels": ["RetryableWriteError"]})) == "transient"
+    assert kind(OperationFailure("auth", code=18)) == "permanent"
+    assert kind(OperationFailure("auth", code=13)) == "permanent"
+    assert kind(OperationFailure("bad", code=2)) == "permanent"
+    assert kind(DuplicateKeyError("dup", code=11000)) == "permanent"
+    assert kind(ConfigurationError("x")) == "permanent"
