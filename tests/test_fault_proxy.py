@@ -660,6 +660,17 @@ def test_http_delay_per_message_down(upstream: HttpUpstream) -> None:
         conn.close()
 
 
+def test_internal_errors_are_not_swallowed(echo: EchoServer) -> None:
+    proxy = FaultProxy(echo.address).start()
+    proxy.delay(0, match=lambda msg: 1 / 0 > 0)  # a bug in a rule (or in the proxy) ...
+    with _connect(proxy) as sock:
+        sock.sendall(b"x")
+        sock.recv(1)
+    with pytest.raises(RuntimeError, match="internal error") as err:  # ... fails the test at stop()
+        proxy.stop()
+    assert isinstance(err.value.__cause__, ZeroDivisionError)
+
+
 def test_validation() -> None:
     proxy = FaultProxy(("127.0.0.1", 9))
     with pytest.raises(ValueError):

@@ -23,12 +23,21 @@ Unit of decision:
 Offsets and byte counts are per message: `reset_after_bytes(n)` in HTTP mode resets once n bytes of a
 request (or, direction="down", of its final response) have been forwarded; in raw mode once n bytes of the
 connection's stream have. A message shorter than n is not reset.
+
+Notes for scenario writers (checked here, see tests/test_fault_proxy.py):
+- moto's server answers `Connection: close`: every S3 request comes on a new connection, so with moto
+  connection-level and request-level faults coincide.
+- aiohttp 3.14 (under aiobotocore) re-sends an idempotent request (PUT, GET, HEAD, DELETE) once by itself
+  after a disconnect, invisible to botocore's retry count: one `reset_before_response` on UploadPart means
+  the part reaches S3 twice; use times>=2 (or none) to make the error reach the caller.
+- botocore sends `x-amz-checksum-crc32` with a PutObject by default; moto stores it without checking,
+  so a flipped body byte is stored and only a checksum-validating GET notices.
+- A bug in a rule's `match` callable or in the proxy is kept and raised by `stop()`, not swallowed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import random
 import re
@@ -505,10 +514,13 @@ class FaultProxy(ThreadedServer):
                 self._release(plan)
             with self._lock:
                 self._conns.pop(conn.id, None)
-            if conn.down_task is not None and not conn.down_task.done():
-                conn.down_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await conn.down_task
+            task = conn.down_task
+            if task is not None:
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait({task})
+                if not task.cancelled() and task.exception() is not None:
+                    self.internal_errors.append(task.exception())  # type: ignore[arg-type]
             if conn.up_w is not None:
                 conn.up_w.transport.abort()
 
@@ -529,8 +541,7 @@ class FaultProxy(ThreadedServer):
         outcome = await self._pump_up(conn)
         if outcome == "eof" and not conn.blackholed and conn.down_task is not None:
             # Client half-closed: let the upstream finish answering.
-            with contextlib.suppress(BaseException):
-                await conn.down_task
+            await asyncio.wait({conn.down_task})
         elif outcome != "eof":
             rst(conn.client_w)
             rst(conn.up_w)

@@ -43,6 +43,8 @@ class ThreadedServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.host = host
         self.port = 0
+        # Bugs in a handler must not hide as a dropped connection: they are kept and raised by stop().
+        self.internal_errors: list[BaseException] = []
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -65,6 +67,9 @@ class ThreadedServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._thread = None
+        if self.internal_errors:
+            raise RuntimeError(f"{self.name}: {len(self.internal_errors)} internal error(s)") \
+                from self.internal_errors[0]
 
     def __enter__(self) -> Self:
         return self.start()
@@ -131,6 +136,8 @@ class ThreadedServer:
             # Only stop() cancels us. Returning normally matters on 3.11: asyncio's stream callback calls
             # task.exception() on the finished task, which raises (and logs) for a cancelled one.
             pass
+        except Exception as exc:
+            self.internal_errors.append(exc)
         finally:
             self._tasks.discard(task)
             # A clean end flushes and sends FIN; anything else (errors, cancellation at stop) drops at once.
