@@ -26,6 +26,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+import msgpack
+
 from mldash import names, serializers
 from mldash.content_types import content_type_for, extension
 from mldash.errors import InvalidInputError, SourceNotFoundError
@@ -36,6 +38,7 @@ from mldash.spool.manifest import Manifest
 if TYPE_CHECKING:
     from mldash.experiment import Experiment
 
+MAX_METADATA_BYTES = 1 * 2**20
 # The longest id a snowflake can take (19 digits): checking keys with it means no real id can exceed the limit.
 _LONGEST_ID = 10**19 - 1
 _TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt")
@@ -318,6 +321,8 @@ class FilesHandle:
         description = names.validate_description(description)
         spec_tags = names.validate_tags([*self._tags, *names.validate_tags(tags)])
         spec_metadata = {**self._metadata, **names.validate_metadata(metadata)}
+        _check_metadata_size(description if description is not None else self._description, spec_tags,
+                             spec_metadata)
         payload = build(filename)
         try:
             spec = EntrySpec(
@@ -331,6 +336,15 @@ class FilesHandle:
         if payload.on_saved is not None:
             payload.on_saved()
         return _result(manifest)
+
+
+def _check_metadata_size(description: str | None, tags: list[str], metadata: dict[str, Any]) -> None:
+    """Description, tags and metadata travel in the manifest and the catalog document: keep them small (a
+    manifest over the spool's limit would be quarantined by the daemon instead of uploaded)."""
+    size = len(msgpack.packb([description, tags, metadata], use_bin_type=True))
+    if size > MAX_METADATA_BYTES:
+        raise InvalidInputError(f"description, tags and metadata take {size} bytes; at most {MAX_METADATA_BYTES} "
+                                "are accepted — save large data as a file (save_json) instead")
 
 
 def _result(manifest: Manifest) -> dict[str, Any]:

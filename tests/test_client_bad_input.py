@@ -331,3 +331,10 @@ def test_nothing_left_when_serialization_fails_midway(exp, unchanged):
 def test_warm_up_file_is_there(exp, settings):
     assert any(p.startswith("manifests/") for p in spool_snapshot(settings))
     assert Path(settings.spool, "SPOOL").exists()
+
+
+def test_oversized_metadata_is_refused(exp, unchanged):
+    with raises(InvalidInputError, "bytes", "save_json"):
+        exp.files("m").save_blob(b"x", "x.bin", metadata={"history": list(range(300_000))})
+    with raises(InvalidInputError, "bytes"):
+        exp.files("m", tags=[f"{i:0>200}" for i in range(6000)]).save_blob(b"x", "x.bin")
