@@ -126,6 +126,15 @@ def test_bad_manifests_are_quarantined_and_the_rest_still_flows(enqueuer: Enqueu
     other = _fake_id(layout)
     case("too large for a manifest", b"\x00" * (MAX_MANIFEST_BYTES + 1), file_id=other)
     other = _fake_id(layout)
+    _write_entry(layout, other, _good_manifest(other, blob=b"x" * 5).encode(), blob=None)
+    (layout.tmp_dir.parent / "outside").write_bytes(b"y" * 5)
+    layout.blob_path(other).symlink_to(layout.tmp_dir.parent / "outside")  # same size, outside the spool
+    cases[other] = f"blob {other} is not a regular file"
+    other = _fake_id(layout)
+    _write_entry(layout, other, _good_manifest(other).encode(), blob=None)
+    layout.blob_path(other).symlink_to(layout.blob_path(other))  # ELOOP
+    cases[other] = f"blob {other} is not a regular file"
+    other = _fake_id(layout)
     layout.manifest_path(other).mkdir()  # a directory where a manifest should be
     layout.blob_path(other).write_bytes(b"data")
     cases[other] = "cannot be read"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -56,13 +57,19 @@ def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int]) -> list[
         try:
             manifest = read_manifest(layout, file_id)
             blob = layout.blob_path(file_id)
-            size = blob.stat().st_size
+            info = blob.lstat()  # lstat: the daemon must never follow a link out of the spool
+            if not stat.S_ISREG(info.st_mode):
+                raise SpoolCorruptError(f"blob {file_id} is not a regular file")
+            size = info.st_size
             if size != manifest.size:
                 raise SpoolCorruptError(f"blob {file_id}: {size} bytes, manifest says {manifest.size}")
             good.append(manifest)
         except FileNotFoundError:
             index.ingest_broken(file_id, f"blob {file_id} is missing; manifest present")
             log.error("quarantined %s: blob missing", file_id)
+        except OSError as exc:  # EACCES, ELOOP, EIO…: this entry is unusable, the others are not
+            index.ingest_broken(file_id, f"blob {file_id} cannot be read ({exc.strerror})")
+            log.error("quarantined %s: blob unreadable: %s", file_id, exc)
         except SpoolCorruptError as exc:
             index.ingest_broken(file_id, str(exc))
             log.error("quarantined %s: %s", file_id, exc)
