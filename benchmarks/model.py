@@ -35,6 +35,7 @@ class Row:
     check: tuple[str, str, float] | None = None   # ("ratio" | "value", "<=" | ">=", bound)
     passed: bool | None = None
     note: str = ""
+    shown: tuple[str, ...] = ("p50", "p99", "max")  # statistics displayed for a distribution (stat != median)
 
     def judge(self) -> Row:
         if self.check is None:
@@ -59,12 +60,12 @@ def ratio_row(scenario: str, subject: str, baseline: str, metric: str, unit: str
 def absolute_row(scenario: str, subject: str, metric: str, unit: str, samples: Sequence[float], *, stat: str,
                  target: str | None = None, op: str | None = None, bound: float | None = None,
                  baseline: str | None = None, baseline_samples: Sequence[float] | None = None,
-                 note: str = "") -> Row:
+                 note: str = "", shown: tuple[str, ...] = ("p50", "p99", "max")) -> Row:
     """One statistic of the subject against a fixed bound; a baseline, if given, is context only."""
     check = ("value", op, bound) if op is not None and bound is not None else None
     return Row(scenario, subject, baseline, metric, unit, stat, summary(samples),
                summary(baseline_samples) if baseline_samples is not None else None, None,
-               target, check, note=note).judge()
+               target, check, note=note, shown=shown).judge()
 
 
 @dataclass
@@ -83,5 +84,6 @@ class ScenarioResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScenarioResult:
-        rows = [Row(**{**r, "check": tuple(r["check"]) if r.get("check") else None}) for r in data.get("rows", [])]
+        rows = [Row(**{**r, "check": tuple(r["check"]) if r.get("check") else None, "shown": tuple(r["shown"])})
+                for r in data.get("rows", [])]
         return cls(**{**data, "rows": rows})

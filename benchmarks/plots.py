@@ -129,7 +129,7 @@ def rss_plot(path: Path, results: list[ScenarioResult]) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for key, trace in result.samples.items():
         if key.endswith("/trace") and trace:
-            times, rss = zip(*trace, strict=True)
+            times, rss = zip(*[(t, r) for t, r in trace if r > 0], strict=True)  # 0: the process has exited
             ax.plot(times, rss, label=key.removesuffix("/trace"))
     budget = result.params.get("in_flight_budget_mib")
     idle = result.params.get("idle_peak_mib")

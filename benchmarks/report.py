@@ -26,16 +26,16 @@ def _num(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".strip()
 
 
-def _measured(label: str | None, stats: dict[str, float] | None, stat: str, unit: str) -> str:
+def _measured(label: str | None, stats: dict[str, float] | None, row: Row) -> str:
     if label is None:
         return "—"
     if not stats or not stats.get("n"):
         return label
-    if stat != "median":  # a latency distribution: its shape in three numbers
-        return (f"{label}: p50 {_num(stats.get('p50'))}, p99 {_num(stats.get('p99'))}, max "
-                f"{_num(stats.get('max'))} {unit} n={stats['n']}")
+    if row.stat != "median":  # a distribution: its shape in a few numbers
+        shown = ", ".join(f"{name} {_num(stats.get(name))}" for name in row.shown)
+        return f"{label}: {shown} {row.unit} n={stats['n']}"
     spread = f" ({_num(stats['min'])}–{_num(stats['max'])})" if stats["n"] > 1 else ""
-    return f"{label}: median {_num(stats.get('median'), unit)}{spread} n={stats['n']}"
+    return f"{label}: median {_num(stats.get('median'), row.unit)}{spread} n={stats['n']}"
 
 
 def verdict(row: Row) -> str:
@@ -48,8 +48,8 @@ def row_cells(row: Row) -> list[str]:
     ratio = row.ratio_stats or {}
     median_ratio = f"{ratio['median']:.2f}×" if ratio.get("n") else "—"
     spread = f"{ratio['min']:.2f}–{ratio['max']:.2f}×" if ratio.get("n") else "—"
-    return [row.scenario, _measured(row.subject, row.subject_stats, row.stat, row.unit),
-            _measured(row.baseline, row.baseline_stats, row.stat, row.unit), median_ratio, spread,
+    return [row.scenario, _measured(row.subject, row.subject_stats, row),
+            _measured(row.baseline, row.baseline_stats, row), median_ratio, spread,
             row.target or "—", verdict(row)]
 
 

@@ -1,7 +1,8 @@
 """Scenario 3 — latency of small saves with 1 and 8 writer processes sharing one spool.
 
 Writers are real processes (multiprocessing "spawn": a fresh interpreter each, as DDP ranks are), all
-saving into the same spool. Three things are timed per call, in each writer:
+saving into the same spool. Each writer times three kinds of call, one kind after the other (the order
+rotates from round to round), all writers starting each kind together on a barrier:
 - `save_json` — the public API: `exp.files("metrics").save_json({...}, to=...)` (~100-byte JSON);
 - `enqueue`   — the spool's raw write path, `Enqueuer.enqueue` of 100 bytes (issue 2's enqueue latency);
 - `plain write` — context, not judged: what a user would otherwise do, write the JSON to a new local file
@@ -17,6 +18,7 @@ No daemon runs: this is the client's cost alone.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -33,9 +35,9 @@ P99_BOUND_MS = 5.0
 KINDS = ("save_json", "enqueue", "plain write")
 
 
-def _writer(rank: int, settings: Any, plain_dir: str, kind: str, calls: int, pattern: str,
+def _writer(rank: int, settings: Any, plain_dir: str, kinds: list[str], calls: int, pattern: str,
             barrier: Any, out: Any) -> None:
-    """One writer process: warm up, then `calls` timed calls; sends back latencies in ms."""
+    """One writer process: for each kind in turn, warm up, then `calls` timed calls; sends back ms latencies."""
     from mldash import Experiment
     from mldash.spool.enqueue import Enqueuer, EntrySpec
 
@@ -46,54 +48,57 @@ def _writer(rank: int, settings: Any, plain_dir: str, kind: str, calls: int, pat
     blob = os.urandom(100)
     record = {"rank": rank, "step": 0, "loss": 0.1234, "acc": 0.9, "lr": 3e-4, "tags": ["a", "b"]}
 
-    def call(i: int) -> None:
+    def call(kind: str, i: int) -> None:
         if kind == "save_json":
             record["step"] = i
             handle.save_json(record, to=f"r{rank}-{i}.json")
         elif kind == "enqueue":
             enqueuer.enqueue(spec, lambda sink: sink.write(blob), expected_size=len(blob))
         else:
-            import json
-
             path = Path(plain_dir) / f"r{rank}-{i}.json"
             tmp = path.with_suffix(".tmp")
             with open(tmp, "w") as handle_:
                 json.dump(record, handle_)
             os.replace(tmp, path)
 
-    for i in range(5):  # imports, first-file costs: not what we measure
-        call(-1 - i)
-    latencies = []
-    barrier.wait()
-    for i in range(calls):
-        if pattern == "synchronized":
-            barrier.wait()
-        started = time.perf_counter_ns()
-        call(i)
-        latencies.append((time.perf_counter_ns() - started) / 1e6)
-    out.put((rank, latencies))
+    results: dict[str, list[float]] = {}
+    for kind in kinds:
+        for i in range(5):  # first-call costs (imports, first file in a directory): not what we measure
+            call(kind, -1 - i)
+        latencies = []
+        barrier.wait()  # every writer starts this kind together
+        for i in range(calls):
+            if pattern == "synchronized":
+                barrier.wait()
+            started = time.perf_counter_ns()
+            call(kind, i)
+            latencies.append((time.perf_counter_ns() - started) / 1e6)
+        results[kind] = latencies
+    out.put((rank, results))
 
 
-def measure(ctx: Context, settings: Any, plain_dir: Path, kind: str, writers: int, calls: int,
-            pattern: str) -> list[float]:
+def measure(settings: Any, plain_dir: Path, kinds: list[str], writers: int, calls: int,
+            pattern: str) -> dict[str, list[float]]:
+    """Start `writers` spawned processes, run every kind in them (in the given order); pooled latencies."""
     mp = multiprocessing.get_context("spawn")
     barrier = mp.Barrier(writers)
     out = mp.Queue()
-    procs = [mp.Process(target=_writer, args=(rank, settings, str(plain_dir), kind, calls, pattern, barrier, out))
+    procs = [mp.Process(target=_writer, args=(rank, settings, str(plain_dir), kinds, calls, pattern, barrier, out))
              for rank in range(writers)]
     for proc in procs:
         proc.start()
-    latencies: list[float] = []
+    pooled: dict[str, list[float]] = {kind: [] for kind in kinds}
     try:
         for _ in procs:
             _rank, values = out.get(timeout=300)
-            latencies.extend(values)
+            for kind, latencies in values.items():
+                pooled[kind].extend(latencies)
     finally:
         for proc in procs:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
-    return latencies
+    return pooled
 
 
 def run(ctx: Context) -> ScenarioResult:
@@ -113,15 +118,15 @@ def run(ctx: Context) -> ScenarioResult:
             pooled: dict[str, list[float]] = {kind: [] for kind in KINDS}
             for number in range(rounds):
                 shift = number % len(KINDS)  # rotate which kind goes first in each round
-                for kind in KINDS[shift:] + KINDS[:shift]:
-                    values = measure(ctx, settings, plain_dir, kind, writers, calls, pattern)
+                measured = measure(settings, plain_dir, list(KINDS[shift:] + KINDS[:shift]), writers, calls, pattern)
+                for kind, values in measured.items():
                     pooled[kind].extend(values)
                     stats = summary(values)
                     ctx.log(f"  {pattern} {writers} writer(s) {kind}: p50 {stats['p50']:.3f} ms, p99 "
                             f"{stats['p99']:.3f} ms, max {stats['max']:.2f} ms (n={stats['n']})")
-                    clear_spool(settings)
-                    for path in plain_dir.iterdir():
-                        path.unlink()
+                clear_spool(settings)
+                for path in plain_dir.iterdir():
+                    path.unlink()
             for kind in KINDS:
                 result.samples[f"{pattern}, {writers}w, {kind}_ms"] = pooled[kind]
             for kind in ("save_json", "enqueue"):
