@@ -183,7 +183,11 @@ class Zygote:
     def close(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # only after a failure: a writer is still running
+            self.proc.kill()
+            self.proc.wait()
         self._reader.join(timeout=30)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
