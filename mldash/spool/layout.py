@@ -15,6 +15,7 @@ Directories are 0700 and files 0600 whatever the umask: artifacts can be private
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,8 +139,9 @@ class SpoolLayout:
         for directory in (self.root, self.tmp_dir, self.blobs_dir, self.manifests_dir):
             make_private_dir(directory)
         if not marker.exists():
-            tmp = self.tmp_dir / f"{os.getpid()}-SPOOL.part"
-            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            # unique per thread too: a client and an in-process daemon may create the spool at once
+            tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}-SPOOL.part"
+            fd = open_private(tmp)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(_MARKER)
             os.replace(tmp, marker)
