@@ -7,6 +7,7 @@ import fnmatch
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,9 @@ from mldash.catalog import (
     FileDocument,
     FileQuery,
     MongoCatalog,
+    PermanentCatalogError,
     SqliteCatalog,
+    TransientCatalogError,
     make_catalog,
 )
 from mldash.catalog.query import Glob
@@ -39,7 +42,8 @@ async def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
                            request_timeout=10.0)
     async with cat:
         yield cat
-    release_driver_sockets()
+    if request.param == "mongo":
+        release_driver_sockets()
 
 
 _counter = iter(range(10**9))
@@ -261,8 +265,6 @@ async def test_sqlite_reopen_keeps_documents(tmp_path: Path) -> None:
 
 
 async def test_sqlite_locked_database_is_transient(tmp_path: Path) -> None:
-    from mldash.catalog import TransientCatalogError
-
     path = tmp_path / "catalog.sqlite"
     async with SqliteCatalog(path, request_timeout=0.5) as cat:
         blocker = sqlite3.connect(path, isolation_level=None)
@@ -283,6 +285,26 @@ async def test_mongo_url_hides_password(mongo_uri: str) -> None:
     assert "s3cr" not in cat.url and "s3cr" not in repr(cat)
     assert cat.url == "mongodb://alice:***@db1:27017,db2:27018/?authSource=admin"
     assert MongoCatalog(mongo_uri).url == mongo_uri
+    bad = MongoCatalog("mongodb://alice:s3cr3t@db1:notaport/")
+    with pytest.raises(PermanentCatalogError) as info:
+        await bad.open()
+    assert "s3cr3t" not in str(info.value) and info.value.__cause__ is None
+
+
+async def test_sqlite_deadline(tmp_path: Path) -> None:
+    """A call that cannot finish within request_timeout raises TransientCatalogError at the deadline."""
+    async with SqliteCatalog(tmp_path / "c.sqlite", request_timeout=0.3) as cat:
+        release = threading.Event()
+        assert cat._executor is not None
+        cat._executor.submit(release.wait, 10)  # the catalog thread is busy with something slow
+        try:
+            with pytest.raises(TransientCatalogError, match=r"longer than 0\.3s"):
+                await cat.upsert(make_doc())
+        finally:
+            release.set()
+        doc = make_doc()
+        await cat.upsert(doc)
+        assert await cat.find(FileQuery(NS, PROJECT, EXP)) == [doc.to_dict()]  # the timed-out write never ran
 
 
 # -- the glob translation, against fnmatch itself ------------------------------------------------------

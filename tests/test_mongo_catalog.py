@@ -218,3 +218,39 @@ def test_error_mapping() -> None:
     assert kind(OperationFailure("bad", code=2)) == "permanent"
     assert kind(DuplicateKeyError("dup", code=11000)) == "permanent"
     assert kind(ConfigurationError("x")) == "permanent"
+
+
+async def test_writes_are_journaled_majority(catalog: MongoCatalog) -> None:
+    assert catalog._files is not None
+    assert catalog._files.write_concern.document == {"w": "majority", "j": True}
+
+
+async def test_indexes(catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str) -> None:
+    indexes = mongo_admin[mongo_db_name].files.index_information()
+    assert indexes["id_unique"]["unique"] is True
+    assert {"by_folder", "by_time", "by_tag"} <= set(indexes)
+
+
+async def test_index_creation_deferred_while_down(
+        mongo_uri: str, mongo_db_name: str, mongo_admin: pymongo.MongoClient) -> None:
+    with fail_command(mongo_admin, {"failCommands": ["createIndexes"], "errorCode": 6}):
+        catalog = MongoCatalog(mongo_uri, database=mongo_db_name, request_timeout=REQUEST_TIMEOUT,
+                               appname="mldash-failpoint-test")
+        await catalog.open()  # a warning, not an error: the daemon may start while MongoDB is unwell
+    try:
+        assert "id_unique" not in mongo_admin[mongo_db_name].files.index_information()
+        await catalog.upsert(make_doc())  # creates the indexes first
+        assert "id_unique" in mongo_admin[mongo_db_name].files.index_information()
+    finally:
+        await catalog.close()
+
+
+async def test_index_creation_denied_is_not_fatal(
+        mongo_uri: str, mongo_db_name: str, mongo_admin: pymongo.MongoClient) -> None:
+    # A read-only user (or indexes managed by an administrator): Unauthorized on createIndexes only.
+    with fail_command(mongo_admin, {"failCommands": ["createIndexes"], "errorCode": 13}):
+        async with MongoCatalog(mongo_uri, database=mongo_db_name, request_timeout=REQUEST_TIMEOUT,
+                                appname="mldash-failpoint-test") as catalog:
+            assert await catalog.find(FileQuery("ns", "p", "e")) == []
+            await catalog.upsert(make_doc())
+    assert mongo_admin[mongo_db_name].files.count_documents({}) == 1

@@ -31,6 +31,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus
 
 import bson.errors
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel, WriteConcern
@@ -100,6 +101,13 @@ def redact_uri(uri: str) -> str:
     return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri, count=1)
 
 
+def _uri_password(uri: str) -> set[str]:
+    match = _URI_USERINFO.match(uri)
+    if not match or not match["password"]:
+        return set()
+    return {match["password"], unquote_plus(match["password"])}
+
+
 def catalog_error(exc: BaseException, what: str, url: str) -> CatalogError:
     """The one mapping from driver/network failures to `TransientCatalogError`/`PermanentCatalogError`.
 
@@ -138,6 +146,7 @@ class MongoCatalog(Catalog):
                  appname: str = "mldash") -> None:
         self._uri = uri
         self.url = redact_uri(uri)
+        self._secrets = _uri_password(uri)
         self.database = database
         self.request_timeout = request_timeout
         self.appname = appname
@@ -153,8 +162,9 @@ class MongoCatalog(Catalog):
     async def open(self) -> None:
         """Create the client (on this event loop) and the indexes.
 
-        An unreachable server does not make `open` fail: it logs a warning and every later call
+        An unreachable server does not make `open` fail: it logs a warning and the next `upsert`
         retries the index creation first, so a daemon can start while MongoDB is down and catch up.
+        A user without the right to create indexes (read-only) gets a warning, not an error.
         Bad credentials or a bad URI raise `PermanentCatalogError`.
         """
         if self._client is not None:
@@ -170,7 +180,8 @@ class MongoCatalog(Catalog):
                 socketTimeoutMS=timeout_ms,
             )
         except (PyMongoError, ValueError, TypeError) as exc:
-            raise PermanentCatalogError(f"MongoDB catalog {self.url}: invalid client configuration: {exc}") from exc
+            raise self._scrub(PermanentCatalogError(
+                f"MongoDB catalog {self.url}: invalid client configuration: {type(exc).__name__}: {exc}")) from None
         self._files = self._client.get_database(self.database).get_collection(
             COLLECTION, write_concern=WriteConcern(w="majority", j=True))
         try:
@@ -201,7 +212,15 @@ class MongoCatalog(Catalog):
             IndexModel([*experiment, ("tags", ASCENDING)], name="by_tag"),
         ]
         files = self._collection()
-        await self._deadline("index creation", lambda: files.create_indexes(indexes))
+        try:
+            await self._deadline("index creation", lambda: files.create_indexes(indexes))
+        except PermanentCatalogError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, OperationFailure) and cause.code == 13):
+                raise
+            # Authenticated but not allowed to create indexes (a read-only user, or indexes managed by
+            # an administrator): documents are still correct without them (_id is unique), only slower.
+            log.warning("%s; continuing without creating indexes", exc)
         self._indexes_ready = True
 
     async def _deadline(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -210,9 +229,19 @@ class MongoCatalog(Catalog):
             async with asyncio.timeout(self.request_timeout + DEADLINE_GRACE):
                 return await call()
         except (PyMongoError, bson.errors.BSONError, OSError, TimeoutError) as exc:
-            raise catalog_error(exc, what, self.url) from exc
+            raise self._scrub(catalog_error(exc, what, self.url)) from exc
+
+    def _scrub(self, error: CatalogError) -> CatalogError:
+        """Belt and braces: drivers do not echo the password, but a message must never carry it."""
+        text = str(error)
+        if not any(secret in text for secret in self._secrets):
+            return error
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return type(error)(text)
 
     async def _ready(self) -> AsyncCollection[dict[str, Any]]:
+        """The collection, with its indexes created first (writes only: reads are correct without)."""
         files = self._collection()
         await self._ensure_indexes()
         return files
@@ -236,7 +265,7 @@ class MongoCatalog(Catalog):
         await self._deadline(f"upsert of {doc.id}", write)
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
-        files = await self._ready()
+        files = self._collection()
         doc = await self._deadline(f"get of {file_id}", lambda: files.find_one({"_id": file_id}, {"_id": 0}))
         return None if doc is None else _ordered(doc)
 
@@ -245,7 +274,7 @@ class MongoCatalog(Catalog):
             raise ValueError(f"FileQuery.limit = {query.limit}; use None (no limit) or a count ≥ 0")
         if query.limit == 0:
             return []
-        files = await self._ready()
+        files = self._collection()
         selector: dict[str, Any] = {"namespace": query.namespace, "project": query.project,
                                     "experiment": query.experiment}
         if query.path is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from mldash.catalog.base import (
 )
 from mldash.catalog.query import Glob, folder
 from mldash.spool.layout import make_private_dir, open_private
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -111,6 +114,12 @@ def catalog_error(exc: BaseException, what: str, path: Path) -> CatalogError:
     return PermanentCatalogError(message)
 
 
+def _discard_outcome(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a job nobody awaits any more (else asyncio logs it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
     doc = {name: row[name] for name in _COLUMNS}
     doc["tags"] = json.loads(doc["tags"])
@@ -149,8 +158,17 @@ class SqliteCatalog(Catalog):
         executor, self._executor = self._executor, None
         if executor is None:
             return
+        job = asyncio.wrap_future(executor.submit(self._close_sync))
         try:
-            await asyncio.wrap_future(executor.submit(self._close_sync))
+            async with asyncio.timeout(self.request_timeout):
+                await asyncio.shield(job)
+        except TimeoutError:
+            # A statement is still running: interrupt it; the queued close then runs right after.
+            job.add_done_callback(_discard_outcome)
+            if self._conn is not None:
+                self._conn.interrupt()
+            log.warning("SQLite catalog %r: close waited %ss for a running statement; interrupted it",
+                        str(self.path), self.request_timeout)
         finally:
             executor.shutdown(wait=False)
 
@@ -201,18 +219,24 @@ class SqliteCatalog(Catalog):
         """Run `fn` on the catalog thread within the deadline; map every failure to a CatalogError."""
         if self._executor is None:
             raise RuntimeError(f"{self!r} is not open: call `await catalog.open()` first")
-        future = asyncio.wrap_future(self._executor.submit(fn))
+        job = self._executor.submit(fn)
+        result = asyncio.wrap_future(job)
         try:
             async with asyncio.timeout(self.request_timeout):
-                return await asyncio.shield(future)
+                return await asyncio.shield(result)
         except TimeoutError as exc:
-            if self._conn is not None:
-                self._conn.interrupt()  # stop the statement still running on the catalog thread
-            future.cancel()
+            result.add_done_callback(_discard_outcome)
+            # Still queued: it will never run. Already running: interrupt its statement (SQLite then
+            # rolls the transaction back; the job fails with SQLITE_INTERRUPT, which nobody awaits).
+            if not job.cancel() and self._conn is not None:
+                self._conn.interrupt()
             raise TransientCatalogError(
                 f"SQLite catalog {str(self.path)!r}: {what} took longer than {self.request_timeout}s") from exc
         except (sqlite3.Error, OSError) as exc:
             raise catalog_error(exc, what, self.path) from exc
+        except asyncio.CancelledError:
+            result.add_done_callback(_discard_outcome)  # the job finishes on its own; nobody reads it
+            raise
 
     # -- the contract ----------------------------------------------------------------------------
 
