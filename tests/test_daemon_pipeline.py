@@ -123,3 +123,28 @@ def test_retry_requeues_quarantined_entry_after_repair(backend: Settings, drain)
     index.close()
     assert drain(backend).committed == 1
     assert read_object(backend, entry.key()) == data
+
+
+def test_catalog_id_already_taken_by_another_file_is_quarantined(backend: Settings, drain) -> None:
+    """A replayed upsert is a no-op — so an id clash with a *different* file must not pass for a replay."""
+    import asyncio
+    import dataclasses
+
+    from mldash.catalog import make_catalog
+    from mldash_syncd.commit import document_for
+
+    entry = enqueue_bytes(backend, b"mine", filename="mine.bin")
+    other = dataclasses.replace(entry, filename="theirs.bin", sha256=hashlib.sha256(b"theirs").hexdigest())
+
+    async def plant() -> None:
+        async with make_catalog(backend) as catalog:
+            await catalog.upsert(document_for(other, store_url=backend.store, store_key="files/x/theirs.bin",
+                                              committed_at=1.0))
+
+    asyncio.run(plant())
+    report = drain(backend)
+
+    row = index_rows(backend)[entry.id]
+    assert row["state"] == State.QUARANTINED and "already belongs to another file" in row["last_error"]
+    assert report.quarantined == 1
+    assert [d["filename"] for d in catalog_docs(backend)] == ["theirs.bin"]

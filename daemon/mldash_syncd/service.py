@@ -22,6 +22,7 @@ from typing import Any
 from mldash.catalog import make_catalog
 from mldash.catalog.base import Catalog
 from mldash.config import Settings
+from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
@@ -267,6 +268,12 @@ class Daemon:
             doc = document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
                                committed_at=time.time())
             await self.catalog.upsert(doc)
+            stored = await self.catalog.get(doc.id)
+            if stored is None or stored["checksum"] != doc.checksum or stored["storageKey"] != doc.storageKey:
+                # Another file already holds this id (ids are unique only with overwhelming probability
+                # across hosts): never let the upsert's "already there" hide that this one is not recorded.
+                raise SpoolCorruptError(f"catalog id {doc.id} already belongs to another file "
+                                        f"({stored and stored.get('storageKey')}); this entry was not recorded")
         except asyncio.CancelledError:
             self._refund_attempt(row)
             raise
