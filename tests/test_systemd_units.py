@@ -165,7 +165,9 @@ def test_common_service_policy(unit: Path) -> None:
     from mldash_syncd.cli import EXIT_USAGE
     from mldash_syncd.service import STOP_GRACE
 
-    assert value(unit, "Service", "Type") == "simple"  # until the daemon sends READY=1 (sdnotify.py)
+    assert value(unit, "Service", "Type") == "notify"  # READY=1 and watchdog pings: mldash_syncd/sdnotify.py
+    assert value(unit, "Service", "NotifyAccess") == "main"
+    assert value(unit, "Service", "WatchdogSec") == "2min"
     assert value(unit, "Service", "Restart") == "on-failure"
     assert value(unit, "Service", "KillSignal") == "SIGTERM"
     # After SIGTERM the daemon gives in-flight work STOP_GRACE seconds, then cancels it (recording

@@ -34,6 +34,7 @@ from mldash_syncd.budget import ByteBudget
 from mldash_syncd.commit import document_for
 from mldash_syncd.evict import compact, evict
 from mldash_syncd.retry import Backoff, Failure, Gate, classify
+from mldash_syncd.sdnotify import Notifier
 from mldash_syncd.upload import Uploader
 
 log = logging.getLogger("mldash_syncd")
@@ -95,12 +96,14 @@ class Daemon:
         self._scan_requested = True
         self._evict_requested = False
         self._background: set[asyncio.Task] = set()  # strong refs to fire-and-forget tasks
+        self.notifier = Notifier()  # systemd readiness/watchdog; a no-op outside systemd
 
     # ---- control ------------------------------------------------------------------------------
     def request_stop(self) -> None:
         """Graceful stop: no new work; in-flight parts finish (or are checkpointed) within STOP_GRACE."""
         self._stop.set()
         self._wake.set()
+        self.notifier.stopping()
 
     def _emit(self, kind: str, **data: Any) -> None:
         with contextlib.suppress(Exception):  # a broken progress hook must never stop the daemon
@@ -121,7 +124,12 @@ class Daemon:
                                              ByteBudget(self.settings.max_concurrent_parts * self.settings.part_size),
                                              on_bytes=self._count_bytes)
                     await self._collect_orphans()
-                    await self._loop(until_drained, max_wait)
+                    self.notifier.ready(f"draining {self.layout.root}")
+                    watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
+                    try:
+                        await self._loop(until_drained, max_wait)
+                    finally:
+                        watchdog.cancel()
             finally:
                 self._write_heartbeat(stopping=True)
                 self.report.remaining = {k: v["count"] for k, v in self.index.counts().items() if v["count"]}
@@ -377,6 +385,10 @@ class Daemon:
     def _write_heartbeat(self, stopping: bool = False) -> None:
         if self.index is None:
             return
+        counts = self.index.counts()
+        pending = sum(counts[s.value]["count"] for s in (State.QUEUED, State.UPLOADING, State.UPLOADED))
+        self.notifier.status(f"{pending} pending, {self.report.committed} committed, "
+                             f"{self.throughput() / 2**20:.1f} MiB/s")
         beat = {"owner": self.owner, "pid": os.getpid(), "startedAt": self._started, "heartbeat": time.time(),
                 "stopping": stopping, "bytesSent": self.report.bytes_sent, "committed": self.report.committed,
                 "throughput": self.throughput(), "storeGate": self.store_gate.last_error,
