@@ -178,8 +178,7 @@ class Daemon:
             await self._drain_tasks()
 
     def _has_work(self) -> bool:
-        counts = self.index.counts()
-        return any(counts[s.value]["count"] for s in (State.QUEUED, State.UPLOADING, State.UPLOADED))
+        return self.index.has_active()
 
     def _next_timeout(self) -> float:
         timeout = RESCAN_INTERVAL

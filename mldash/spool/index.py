@@ -174,6 +174,12 @@ class SpoolIndex:
             out[state] = {"count": count, "bytes": size}
         return out
 
+    def has_active(self) -> bool:
+        """True while any entry still needs the daemon (queued, uploading or uploaded) — a cheap probe."""
+        row = self.conn.execute("SELECT 1 FROM entries WHERE state IN ('queued','uploading','uploaded') LIMIT 1"
+                                ).fetchone()
+        return row is not None
+
     def oldest_pending_created_at(self) -> float | None:
         marks = ",".join("?" * len(PENDING))
         row = self.conn.execute(f"SELECT MIN(created_at) FROM entries WHERE state IN ({marks})",
