@@ -100,7 +100,7 @@ class Enqueuer:
     def _attempt(self, spec: EntrySpec, write: Writer, deadline: float) -> Manifest:
         file_id = new_id()
         tmp_blob = self.layout.tmp_path(file_id, "blob")
-        fd = open_private(tmp_blob)
+        fd = open_private(tmp_blob, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # read back by HashingSink.copy_file
         try:
             try:
                 sink = HashingSink(fd)

@@ -8,6 +8,8 @@ its buffer as soon as write() returns, and the digest must describe exactly the 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +49,11 @@ class HashingSink:
         self.size += view.nbytes
         return view.nbytes
 
+    def reset(self) -> None:
+        """Forget what was hashed (only valid while nothing has reached the file)."""
+        self._hasher = hashlib.sha256()
+        self.size = 0
+
     def hexdigest(self) -> str:
         return self._hasher.hexdigest()
 
@@ -73,9 +80,61 @@ class HashingSink:
     def fileno(self) -> int:  # some writers probe it; writing through the fd would skip the hash
         raise OSError("HashingSink has no usable fileno")
 
+    def copy_file(self, source_fd: int, offset: int = 0, chunk: int = COPY_CHUNK) -> None:
+        """Copy a file in the kernel (copy_file_range: no user-space copy of the bytes) and hash what
+        landed in the spool right behind it, from the page cache: chunk k is hashed while chunk k+1 is
+        copied. The digest is therefore of the spooled bytes themselves — exactly the snapshot.
+        Raises OSError before writing anything if the kernel or filesystem cannot copy_file_range."""
+        if fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+            raise OSError(errno.EBADF, "the spool temp file must be open for reading to hash it behind the copy")
+        buffer = bytearray(chunk)
+        hashed = None
+        position = self.size
+        try:
+            while True:
+                copied = os.copy_file_range(source_fd, self._fd, chunk, offset, position)
+                if copied == 0:
+                    break
+                if hashed is not None:
+                    hashed.result()
+                hashed = _executor.submit(self._hash_spooled, buffer, position, copied)
+                offset += copied
+                position += copied
+                self.size = position
+        finally:
+            if hashed is not None:
+                hashed.result()
+
+    def _hash_spooled(self, buffer: bytearray, position: int, length: int) -> None:
+        view = memoryview(buffer)
+        while length:
+            got = os.preadv(self._fd, [view[: min(length, len(buffer))]], position)
+            if got == 0:
+                raise OSError(f"spool temp file shorter than what was copied into it (at {position})")
+            self._hasher.update(view[:got])
+            position += got
+            length -= got
+
+
+_NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM)
+
 
 def copy_into(source: BinaryIO, sink: HashingSink, chunk: int = COPY_CHUNK) -> None:
-    """Copy a readable binary file into the sink, reading the next chunk while the last is written."""
+    """Copy a readable binary file into the sink: in the kernel when both are plain files (see
+    `HashingSink.copy_file`), else reading the next chunk while the last is written and hashed."""
+    if isinstance(sink, HashingSink) and sink.size == 0:
+        try:
+            source_fd, start = source.fileno(), source.tell()
+        except (OSError, AttributeError, ValueError):
+            source_fd = None
+        if source_fd is not None:
+            try:
+                sink.copy_file(source_fd, start, chunk)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_FILE_RANGE or sink.size:
+                    raise
+                sink.reset()  # nothing was written: fall back to the user-space copy
     buffers = [bytearray(chunk), bytearray(chunk)]
     turn = 0
     filled = source.readinto(buffers[turn])  # type: ignore[attr-defined]
