@@ -111,14 +111,22 @@ class Uploader:
                 stored = await self._existing(key, manifest)
         finally:
             await self.budget.release(manifest.size)
-        self._verify(manifest, stored, sha_b64, hashes.md5_hex if self.check_etag else None)
+        try:
+            self._verify(manifest, stored, sha_b64, hashes.md5_hex if self.check_etag else None)
+        except VerificationError:
+            await self._discard(key, manifest)
+            raise
         return Verified(key, stored.checksum_sha256)
 
     # ---- large objects: multipart -------------------------------------------------------------
     async def _multipart(self, manifest: Manifest, key: str, blob: Path) -> Verified:
         existing = await self.store.head(key)
         if existing is not None:  # completed before a crash, commit not yet recorded
-            return await asyncio.to_thread(self._verify_existing, manifest, existing, blob)
+            try:
+                return await asyncio.to_thread(self._verify_existing, manifest, existing, blob)
+            except VerificationError:
+                await self._discard(key, manifest)
+                raise
         part_size = part_size_for(manifest.size, self.settings.part_size)
         count = max(1, math.ceil(manifest.size / part_size))
         row = self.index.get(manifest.id) or {}
@@ -182,7 +190,11 @@ class Uploader:
         self.index.update(manifest.id, upload_id=None)
         expected = composite_sha256([digests[n].sha256_b64 for n in range(1, count + 1)])
         md5_parts = [digests[n].md5_hex for n in range(1, count + 1)]
-        self._verify_composite(manifest, stored, expected, md5_parts)
+        try:
+            self._verify_composite(manifest, stored, expected, md5_parts)
+        except VerificationError:
+            await self._discard(key, manifest)
+            raise
         return Verified(key, stored.checksum_sha256)
 
     async def _send_part(self, manifest: Manifest, key: str, upload_id: str, number: int, data: bytes,
@@ -203,6 +215,14 @@ class Uploader:
             await self.budget.release(reserved)
 
     # ---- verification -------------------------------------------------------------------------
+    async def _discard(self, key: str, manifest: Manifest) -> None:
+        """Remove an object at this entry's key that failed verification (damaged in flight, or truncated by a
+        store that does not check Content-Length). Only attempts of this entry write this key (it holds the
+        entry's unique id); left in place, every later conditional create would meet it and the entry could
+        never be delivered, not even after `retry`."""
+        log.warning("upload %s: the object at %s does not hold the spooled bytes; removing it", manifest.id, key)
+        await self.store.delete(key)
+
     async def _existing(self, key: str, manifest: Manifest) -> StoredObject:
         stored = await self.store.head(key)
         if stored is None:
