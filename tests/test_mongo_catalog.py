@@ -115,7 +115,7 @@ async def test_failing_writes_are_transient_then_retry_succeeds(
         catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str, failure: dict) -> None:
     doc = make_doc()
     # alwaysOn: the driver's own retries (retryable writes, within timeoutMS) fail too.
-    with fail_command(mongo_admin, {"failCommands": ["update"], **failure}):
+    with fail_command(mongo_admin, {"failCommands": ["insert"], **failure}):
         started = time.monotonic()
         with pytest.raises(TransientCatalogError):
             await catalog.upsert(doc)
@@ -129,13 +129,13 @@ async def test_failing_writes_are_transient_then_retry_succeeds(
 async def test_single_network_error_is_absorbed_by_retryable_writes(
         catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str) -> None:
     doc = make_doc()
-    with fail_command(mongo_admin, {"failCommands": ["update"], "closeConnection": True}, mode={"times": 1}):
+    with fail_command(mongo_admin, {"failCommands": ["insert"], "closeConnection": True}, mode={"times": 1}):
         await catalog.upsert(doc)
     assert mongo_admin[mongo_db_name].files.count_documents({}) == 1
 
 
 async def test_auth_failure_is_permanent(catalog: MongoCatalog, mongo_admin: pymongo.MongoClient) -> None:
-    with fail_command(mongo_admin, {"failCommands": ["find", "update"], "errorCode": 13}):  # Unauthorized
+    with fail_command(mongo_admin, {"failCommands": ["find", "insert"], "errorCode": 13}):  # Unauthorized
         with pytest.raises(PermanentCatalogError):
             await catalog.upsert(make_doc())
         with pytest.raises(PermanentCatalogError):

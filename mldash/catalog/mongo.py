@@ -7,9 +7,9 @@ id string (plus the ``id`` field itself, unique-indexed, as ML-Dash documents ca
 (namespace, project, experiment, tags) — multikey — for tag filters; every query is scoped to one
 experiment, so the experiment leads every index.
 
-Writes: ``update_one({_id}, {$setOnInsert: doc}, upsert=True)`` — the first writer wins and a replay
-changes nothing; two concurrent upserts of one id can still race to insert, and the loser's
-DuplicateKeyError means "already there", i.e. success. Write concern ``w="majority", j=True``: the
+Writes: ``insert_one(doc)`` with ``_id`` = the id — the first writer wins and a replay changes
+nothing: its DuplicateKeyError means "already there", i.e. success (not update + $setOnInsert, which
+mongod refuses for "$"-prefixed metadata keys). Write concern ``w="majority", j=True``: the
 write is in the journal before it is acknowledged (SecantusDB's and mongod's defaults are not).
 
 Deadlines: the client runs with ``timeoutMS`` = `request_timeout` (PyMongo's client-side operation
@@ -86,7 +86,7 @@ _TRANSIENT_LABELS = ("RetryableWriteError", "TransientTransactionError", "Retrya
 T = TypeVar("T")
 
 # The order documents are returned in: FileDocument's field order, whatever order the server keeps
-# (mongod applies $setOnInsert fields in its own order).
+# (the server may keep fields in its own order).
 _FIELDS = tuple(f.name for f in dataclasses.fields(FileDocument))
 
 
@@ -258,9 +258,11 @@ class MongoCatalog(Catalog):
         body = {"_id": doc.id, **doc.to_dict()}
 
         async def write() -> None:
-            # Two upserts of this id raced to insert: the other one won, which is all we asked for.
+            # A plain insert, not update+$setOnInsert: user metadata may hold "$"-prefixed keys, which
+            # mongod accepts in inserted documents but refuses inside update operators. An id that is
+            # already there (a replay, or a concurrent upsert that won) is what we asked for.
             with contextlib.suppress(DuplicateKeyError):
-                await files.update_one({"_id": doc.id}, {"$setOnInsert": body}, upsert=True)
+                await files.insert_one(body)
 
         await self._deadline(f"upsert of {doc.id}", write)
 
