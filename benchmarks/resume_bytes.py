@@ -4,8 +4,9 @@ The daemon (`python -m mldash_syncd run`, default settings: 8 MiB parts, 4 in fl
 a byte-counting TCP proxy (benchmarks/proxy.py), so every byte on the wire is counted, headers included.
 1. Reference: the same file drained without a crash (`run --once`): wire bytes − file size = the protocol
    overhead of a clean upload (HTTP headers, list/head/complete calls).
-2. Crash run: the daemon is SIGKILLed once the proxy has seen half the file go up; the parts moto holds
-   are listed directly (not through the proxy); then `run --once` finishes the upload.
+2. Crash run: the daemon is SIGKILLed once the proxy has seen half the file plus half a part go up (so the
+   kill lands mid-body, not at a part boundary); the parts moto holds are listed directly (not through the
+   proxy); then `run --once` finishes the upload.
 Re-sent bytes = (wire bytes of both runs − file size) − the clean run's overhead: what the crash cost.
 Target (issue 4): at most the parts that were in flight, i.e. max_concurrent_parts × part_size.
 """
@@ -66,7 +67,8 @@ def run(ctx: Context) -> ScenarioResult:
         bound = in_flight * part
         result = ScenarioResult(NAME, TITLE, params={"size_bytes": size, "part_size_mib": part / MIB,
                                                      "max_concurrent_parts": in_flight,
-                                                     "in_flight_bound_mib": bound / MIB, "kill_at_fraction": 0.5})
+                                                     "in_flight_bound_mib": bound / MIB,
+                                                     "kill_after_bytes": "size/2 + part_size/2"})
 
         # 1. clean reference run: the protocol overhead of one upload of this size
         settings = ctx.settings("resume-ref", store="s3", bucket=bucket, endpoint_url=proxy.url)
@@ -89,7 +91,9 @@ def run(ctx: Context) -> ScenarioResult:
         daemon = subprocess.Popen(ctx.daemon_command("run"), env=settings_env(settings), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 600
-        while proxy.bytes_up() < size // 2:
+        # Half the file plus half a part: the kill lands while part bodies are on the wire, not at a boundary.
+        kill_at = size // 2 + part // 2
+        while proxy.bytes_up() < kill_at:
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon exited ({daemon.returncode}) or stalled before 50% was sent")
             time.sleep(0.002)

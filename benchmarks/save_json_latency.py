@@ -116,6 +116,11 @@ def run(ctx: Context) -> ScenarioResult:
     for pattern in patterns:
         for writers in writer_counts:
             pooled: dict[str, list[float]] = {kind: [] for kind in KINDS}
+            if not ctx.quick:  # warm-up round, dropped: grows the spool directories, faults in memory
+                measure(settings, plain_dir, list(KINDS), writers, calls // 5, pattern)
+                clear_spool(settings)
+                for path in plain_dir.iterdir():
+                    path.unlink()
             for number in range(rounds):
                 shift = number % len(KINDS)  # rotate which kind goes first in each round
                 measured = measure(settings, plain_dir, list(KINDS[shift:] + KINDS[:shift]), writers, calls, pattern)

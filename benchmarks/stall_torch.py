@@ -39,7 +39,7 @@ def run(ctx: Context) -> ScenarioResult:
 
     from mldash import Experiment
 
-    sizes = [(4 * MIB, 3), (32 * MIB, 2)] if ctx.quick else [(10 * MIB, 7), (100 * MIB, 5), (GIB, 3)]
+    sizes = [(4 * MIB, 3), (32 * MIB, 2)] if ctx.quick else [(10 * MIB, 7), (100 * MIB, 5), (GIB, 5)]
     result = ScenarioResult(NAME, TITLE, params={"sizes_bytes": [s for s, _ in sizes],
                                                  "pairs": {str(s): n for s, n in sizes},
                                                  "torch_version": torch.__version__})

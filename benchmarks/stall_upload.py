@@ -36,7 +36,7 @@ def make_random_file(path: Path, size: int, chunk: int = 64 * MIB) -> None:
 def run(ctx: Context) -> ScenarioResult:
     from mldash import Experiment
 
-    sizes = [(4 * MIB, 3), (32 * MIB, 2)] if ctx.quick else [(100 * MIB, 5), (GIB, 3)]
+    sizes = [(4 * MIB, 3), (32 * MIB, 2)] if ctx.quick else [(100 * MIB, 5), (GIB, 4)]
     result = ScenarioResult(NAME, TITLE, params={"sizes_bytes": [s for s, _ in sizes],
                                                  "rounds": {str(s): n for s, n in sizes}})
     settings = ctx.settings("stall-upload")

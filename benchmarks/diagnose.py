@@ -1,0 +1,336 @@
+"""Experiments behind the "why" of the missed targets (docs/benchmarks.md, "Why targets are missed").
+
+    python -m benchmarks.diagnose stall        [--size-mib 1024] [--rounds 5]
+    python -m benchmarks.diagnose drain-large  [--size-mib 1024] [--rounds 3]
+    python -m benchmarks.diagnose drain-small  [--files 1000] [--rounds 2]
+    python -m benchmarks.diagnose rss          [--size-mib 1024]
+    python -m benchmarks.diagnose json-sched   [--calls 250]
+
+These are not benchmarks of the product: several variants switch a piece of mldash off (by patching it in
+this process) to measure what that piece costs. Nothing here is part of the results table; re-run them after
+a fix to see whether the cost went away. Variants are interleaved like the benchmarks (rotated order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.context import MIB, Context, clear_spool
+from benchmarks.stats import interleave, percentile
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _print(samples: dict[str, list[dict[str, Any]]]) -> None:
+    for name, values in samples.items():
+        keys = list(values[0])
+        cells = "  ".join(f"{k} {[round(v[k], 3) for v in values]}" for k in keys)
+        print(f"{name:36s} {cells}")
+
+
+# ---- stall: where the time of save_torch goes ------------------------------------------------------------
+class _Crc32:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: Any) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:064x}"
+
+
+class _NoHash:
+    def update(self, data: Any) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return "0" * 64
+
+
+def stall(ctx: Context, args: argparse.Namespace) -> None:
+    import torch
+
+    import mldash.spool.hashing as hashing
+    from benchmarks.stall_torch import build_model
+    from mldash import Experiment
+
+    model = build_model(args.size_mib * MIB)
+    views = [memoryview(t.numpy()).cast("B") for t in model.state_dict().values()]
+    settings = ctx.settings("stall")
+    handle = Experiment(prefix="diag/stall/torch", settings=settings).files("ckpt")
+    me = psutil.Process()
+
+    def timed(fn: Callable[[], None]) -> dict[str, float]:
+        cpu0, wall0 = _cpu(me), time.perf_counter()
+        fn()
+        return {"wall_s": time.perf_counter() - wall0, "cpu_s": _cpu(me) - cpu0}
+
+    def save_torch(hasher: Any) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            original = hashing.hashlib.sha256
+            hashing.hashlib.sha256 = hasher
+            try:
+                return timed(lambda: handle.save_torch(model, to="m.pt"))
+            finally:
+                hashing.hashlib.sha256 = original
+                clear_spool(settings)
+        return run
+
+    def torch_save() -> dict[str, float]:
+        path = settings.spool.parent / "m.pt"
+        result = timed(lambda: torch.save(model.state_dict(), path))
+        path.unlink()
+        return result
+
+    def digest(factory: Callable[[], Any]) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            def go() -> None:
+                state = factory()
+                for view in views:
+                    state.update(view)
+            return timed(go)
+        return run
+
+    variants = {"torch.save to a file": torch_save, "save_torch (SHA256, as shipped)": save_torch(hashlib.sha256),
+                "save_torch with CRC32 instead": save_torch(_Crc32), "save_torch without any hash": save_torch(_NoHash),
+                "sha256 of the tensors alone": digest(hashlib.sha256), "md5 of the tensors alone": digest(hashlib.md5),
+                "crc32 of the tensors alone": digest(_Crc32)}
+    _print(interleave(args.rounds, variants, between=ctx.settle))
+
+
+# ---- drain-large: what the daemon's per-byte work costs against moto --------------------------------------
+def drain_large(ctx: Context, args: argparse.Namespace) -> None:
+    import botocore.auth
+
+    import mldash_syncd.upload as upload
+    from benchmarks.daemon_timing import drain_timed
+    from benchmarks.stall_upload import make_random_file
+    from mldash import Experiment
+
+    size = args.size_mib * MIB
+    moto = ctx.moto()
+    bucket = "diag"
+    moto.create_bucket(bucket)
+    source = ctx.fresh_dir("src") / "big.bin"
+    make_random_file(source, size)
+    server, me = psutil.Process(moto.process.pid), psutil.Process()
+    hash_part, sign_payload = upload._hash_part, botocore.auth.S3SigV4Auth._should_sha256_sign_payload
+
+    def sha256_only(data: bytes) -> Any:
+        return upload._PartHashes(base64.b64encode(hashlib.sha256(data).digest()).decode(), "")
+
+    def measure(fn: Callable[[], None]) -> dict[str, float]:
+        server0, me0, wall0 = _cpu(server), _cpu(me), time.perf_counter()
+        fn()
+        wall = time.perf_counter() - wall0
+        return {"MB/s": size / wall / 1e6, "client_cpu_s": _cpu(me) - me0, "moto_cpu_s": _cpu(server) - server0}
+
+    def daemon(no_md5: bool = False, no_payload_hash: bool = False, **overrides: Any) -> Callable[[], dict]:
+        def run() -> dict[str, float]:
+            upload._hash_part = sha256_only if no_md5 else hash_part
+            botocore.auth.S3SigV4Auth._should_sha256_sign_payload = (
+                (lambda self, request: False) if no_payload_hash else sign_payload)
+            if no_md5:
+                overrides["verify_etag"] = False  # the ETag check needs the MD5
+            settings = ctx.settings("drain", store="s3", bucket=bucket, endpoint_url=moto.url, **overrides)
+            Experiment(prefix="diag/drain/large", settings=settings).files("x").upload(source, to="big.bin")
+            ctx.settle()
+            try:
+                return measure(lambda: drain_timed(settings, expect=1))
+            finally:
+                upload._hash_part, botocore.auth.S3SigV4Auth._should_sha256_sign_payload = hash_part, sign_payload
+                ctx.remove(settings.spool.parent)
+        return run
+
+    def boto3_upload(extra: dict | None = None) -> Callable[[], dict]:
+        return lambda: measure(lambda: moto.client().upload_file(str(source), bucket, f"b/{uuid.uuid4().hex}",
+                                                                 ExtraArgs=extra))
+
+    variants = {"daemon (as shipped)": daemon(), "daemon without MD5": daemon(no_md5=True),
+                "daemon without MD5, SigV4 payload hash": daemon(no_md5=True, no_payload_hash=True),
+                "boto3 upload_file": boto3_upload(), "boto3 upload_file SHA256": boto3_upload(
+                    {"ChecksumAlgorithm": "SHA256"})}
+    _print(interleave(args.rounds, variants, between=lambda: (moto.empty_bucket(bucket), ctx.settle())))
+
+
+# ---- drain-small: the daemon's per-file overhead ------------------------------------------------------------
+def drain_small(ctx: Context, args: argparse.Namespace) -> None:
+    import mldash_syncd.service as service
+    from benchmarks.daemon_timing import drain_timed
+    from benchmarks.drain_small import FILE_SIZE, put_all, spool_small_files
+
+    count = args.files
+    moto = ctx.moto()
+    bucket = "diag"
+    moto.create_bucket(bucket)
+    me = psutil.Process()
+    compact = service.compact
+    bodies = [os.urandom(FILE_SIZE) for _ in range(count)]
+
+    def daemon(no_compact: bool = False, **overrides: Any) -> Callable[[], dict]:
+        def run() -> dict[str, float]:
+            service.compact = (lambda index, **kw: 0) if no_compact else compact
+            settings = ctx.settings("small", store="s3", bucket=bucket, endpoint_url=moto.url, **overrides)
+            spool_small_files(settings, count)
+            ctx.settle()
+            cpu0 = _cpu(me)
+            try:
+                timed = drain_timed(settings, expect=count)
+            finally:
+                service.compact = compact
+                ctx.remove(settings.spool.parent)
+            return {"files/s": count / timed["seconds"], "client_cpu_ms_per_file": (_cpu(me) - cpu0) * 1000 / count}
+        return run
+
+    def baseline() -> dict[str, float]:
+        cpu0, wall0 = _cpu(me), time.perf_counter()
+        asyncio.run(put_all(moto.url, bucket, bodies))
+        return {"files/s": count / (time.perf_counter() - wall0),
+                "client_cpu_ms_per_file": (_cpu(me) - cpu0) * 1000 / count}
+
+    variants = {"daemon (as shipped)": daemon(), "daemon without compact()": daemon(no_compact=True),
+                "daemon without compact(), 16 files": daemon(no_compact=True, max_concurrent_files=16),
+                "aioboto3 16-way put_object": baseline}
+    _print(interleave(args.rounds, variants, between=lambda: (moto.empty_bucket(bucket), ctx.settle())))
+
+
+# ---- rss: the daemon's peak memory with glibc malloc tuned ------------------------------------------------
+def rss(ctx: Context, args: argparse.Namespace) -> None:
+    import benchmarks.daemon_rss as daemon_rss
+
+    plain_env = daemon_rss.settings_env
+    size = args.size_mib * MIB
+
+    def run(extra_env: dict[str, str]) -> Callable[[], dict]:
+        def sample() -> dict[str, float]:
+            daemon_rss.settings_env = lambda s: {**plain_env(s), **extra_env}
+            settings = ctx.settings("rss")
+            try:
+                daemon_rss.spool_file(settings, size)
+                ctx.settle()
+                result = daemon_rss.drain_and_sample(ctx, settings)
+            finally:
+                daemon_rss.settings_env = plain_env
+                ctx.remove(settings.spool.parent)
+            return {"peak_mib": result["peak_mib"], "seconds": result["seconds"]}
+        return sample
+
+    idle = ctx.settings("idle")
+    daemon_rss.spool_file(idle, 4096)
+    print(f"idle daemon (4 KiB drain): peak {daemon_rss.drain_and_sample(ctx, idle)['peak_mib']:.0f} MiB")
+    _print(interleave(args.rounds, {"default glibc malloc": run({}),
+                                    "MALLOC_MMAP_THRESHOLD_=1 MiB": run({"MALLOC_MMAP_THRESHOLD_": str(MIB)}),
+                                    "MALLOC_ARENA_MAX=1": run({"MALLOC_ARENA_MAX": "1"})}))
+
+
+# ---- json-sched: where the tail latency of 8 synchronized writers goes -------------------------------------
+def _schedstat() -> tuple[int, int]:
+    """(ns on a CPU, ns waiting on a run queue) of this thread, from /proc/thread-self/schedstat."""
+    with open("/proc/thread-self/schedstat") as handle:
+        on_cpu, waiting, _ = handle.read().split()
+    return int(on_cpu), int(waiting)
+
+
+def _sched_writer(rank: int, settings: Any, kind: str, calls: int, barrier: Any, out: Any) -> None:
+    from mldash import Experiment
+
+    handle = Experiment(prefix="diag/json/sched", settings=settings).files("m")
+    record = {"rank": rank, "step": 0, "loss": 0.1}
+    plain = Path(settings.spool).parent / "plain"
+    plain.mkdir(exist_ok=True)
+
+    def call(i: int) -> None:
+        if kind == "save_json":
+            handle.save_json(record, to=f"r{rank}-{i}.json")
+        else:
+            path = plain / f"r{rank}-{i}.json"
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w") as stream:
+                json.dump(record, stream)
+            os.replace(tmp, path)
+
+    for i in range(5):
+        call(-1 - i)
+    rows = []
+    barrier.wait()
+    for i in range(calls):
+        barrier.wait()
+        cpu0, queue0 = _schedstat()
+        start = time.perf_counter_ns()
+        call(i)
+        wall = time.perf_counter_ns() - start
+        cpu1, queue1 = _schedstat()
+        rows.append((wall / 1e6, (cpu1 - cpu0) / 1e6, (queue1 - queue0) / 1e6))
+    out.put(rows)
+
+
+def json_sched(ctx: Context, args: argparse.Namespace) -> None:
+    settings = ctx.settings("json")
+    spawn = multiprocessing.get_context("spawn")
+    for kind in ("save_json", "plain write", "save_json", "plain write"):
+        barrier, out = spawn.Barrier(8), spawn.Queue()
+        procs = [spawn.Process(target=_sched_writer, args=(r, settings, kind, args.calls, barrier, out))
+                 for r in range(8)]
+        for proc in procs:
+            proc.start()
+        rows = sorted(row for _ in procs for row in out.get(timeout=300))
+        for proc in procs:
+            proc.join()
+        tail = rows[int(len(rows) * 0.99):]
+
+        def mean(items: list[tuple[float, ...]], i: int) -> float:
+            return sum(item[i] for item in items) / len(items)
+
+        walls = [r[0] for r in rows]
+        print(f"{kind:12s} p50 {percentile(walls, 50):.2f} p99 {percentile(walls, 99):.2f} max {walls[-1]:.2f} ms | "
+              f"mean per call: on-CPU {mean(rows, 1):.3f}, run-queue wait {mean(rows, 2):.3f} ms | slowest 1%: "
+              f"wall {mean(tail, 0):.2f} = on-CPU {mean(tail, 1):.2f} + run-queue wait {mean(tail, 2):.2f} + "
+              f"blocked {mean(tail, 0) - mean(tail, 1) - mean(tail, 2):.2f} ms")
+        clear_spool(settings)
+
+
+EXPERIMENTS = {"stall": stall, "drain-large": drain_large, "drain-small": drain_small, "rss": rss,
+               "json-sched": json_sched}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.diagnose", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=list(EXPERIMENTS))
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=250)
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="mldash-diagnose-", dir="/tmp"))
+    ctx = Context(workdir, quick=False)
+    try:
+        EXPERIMENTS[args.experiment](ctx, args)
+    finally:
+        ctx.close()
+        ctx.remove(workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
