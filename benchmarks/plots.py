@@ -100,23 +100,41 @@ def drain_plot(path: Path, results: list[ScenarioResult]) -> None:
 
 
 def latency_plot(path: Path, results: list[ScenarioResult]) -> None:
-    """Empirical CDFs of per-call latencies (log x)."""
+    """Empirical CDFs of per-call latencies (log x): one panel per load pattern, colour = kind of call,
+    line style = writer count."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.2), squeeze=False)
-    for ax, result in zip(axes[0], results, strict=True):
+    panels: list[tuple[str, dict[str, list[float]], list[float]]] = []
+    for result in results:
+        groups: dict[str, dict[str, list[float]]] = {}
         for key, values in result.samples.items():
             if not key.endswith("_ms") or not values:
                 continue
+            name = key.removesuffix("_ms")
+            pattern, _, rest = name.partition(", ")
+            if rest:
+                groups.setdefault(f"{result.name}: {pattern} pattern", {})[rest] = values
+            else:
+                groups.setdefault(result.title, {})[name] = values
+        bounds = result.params.get("latency_bounds_ms", [])
+        panels += [(title, series, bounds) for title, series in groups.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
+    colours: dict[str, str] = {}
+    for ax, (title, series, bounds) in zip(axes[0], panels, strict=True):
+        for label, values in series.items():
             ordered = sorted(values)
             n = len(ordered)
-            ax.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=key.removesuffix("_ms"))
-        for bound in result.params.get("latency_bounds_ms", []):
-            ax.axvline(bound, color="red", linestyle="--", linewidth=1)
+            kind = label.split(", ")[-1]
+            colour = colours.setdefault(kind, f"C{len(colours)}")
+            style = "--" if label.startswith("1w") else "-"
+            ax.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=label, color=colour,
+                    linestyle=style)
+        for bound in bounds:
+            ax.axvline(bound, color="red", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_xlabel("latency (ms)")
         ax.set_ylabel("fraction of calls ≤ x")
-        ax.set_title(result.title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     _save(fig, path)

@@ -92,7 +92,8 @@ def markdown(run: dict[str, Any], machine: dict[str, Any], results: list[Scenari
                 parts.append(f"- {note}")
             for row in result.rows:
                 if row.note:
-                    parts.append(f"- {row.subject}: {row.note}")
+                    versus = f" vs {row.baseline}" if row.baseline else ""
+                    parts.append(f"- {row.subject}{versus}: {row.note}")
             parts.append("")
     if plots:
         parts.append("## Plots")

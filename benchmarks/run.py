@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-workdir", action="store_true", help="do not remove the scratch directory")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--render", type=Path, metavar="DIR",
+                        help="only rewrite results.md and the plots of DIR from its results.json (no measuring)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds one scenario may take before it is killed (default 1800, quick 300)")
     # internal: one scenario in this process, result written as JSON
@@ -108,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_child(args)
+    if args.render:
+        data = json.loads((args.render / "results.json").read_text())
+        results = [ScenarioResult.from_json(r) for r in data["scenarios"]]
+        report.write_all(args.render, data["run"], data["machine"], results, plots=not args.no_plots)
+        print(f"rewrote {args.render / 'results.md'}", file=sys.stderr)
+        return 0
     if args.list:
         for name in SCENARIOS:
             print(f"{name:20} {_module(name).TITLE}")
