@@ -50,6 +50,12 @@ def _parse_bool(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a boolean; use 1/0, true/false, yes/no")
 
 
+def _parse_auto_bool(value: Any) -> bool | None:
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    return _parse_bool(value)
+
+
 def _parse_float(minimum: float) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         if isinstance(value, bool):
@@ -186,9 +192,11 @@ FIELDS: tuple[Field, ...] = (
           "Daemon: first backoff step in seconds (exponential, full jitter)."),
     Field("retry_max_delay", "MLDASH_RETRY_MAX_DELAY", _parse_float(0.0), lambda: 300.0,
           "Daemon: longest backoff in seconds."),
-    Field("verify_etag", "MLDASH_VERIFY_ETAG", _parse_bool, lambda: True,
-          "Daemon: also check S3 ETags against the MD5 of the bytes sent (catches corruption in flight on "
-          "stores that do not validate checksums). Turn off for SSE-KMS buckets, whose ETags are not MD5s."),
+    Field("verify_etag", "MLDASH_VERIFY_ETAG", _parse_auto_bool, lambda: None,
+          "Daemon: also check S3 ETags against the MD5 of the bytes sent, which catches corruption in flight "
+          "on stores that accept a wrong SHA256 checksum without validating it. 'auto' (default): on for "
+          "S3-compatible endpoints (MLDASH_S3_ENDPOINT_URL set), off for AWS S3, which validates the SHA256 "
+          "itself. Turn off for SSE-KMS buckets, whose ETags are not MD5s."),
     Field("keep_committed", "MLDASH_KEEP_COMMITTED", _parse_int(0), lambda: 0,
           "Daemon: committed artifacts whose bytes stay in the spool (newest first) for fast local reads."),
     Field("evict_after", "MLDASH_EVICT_AFTER", _parse_float(0.0), lambda: 0.0,
@@ -225,7 +233,7 @@ class Settings:
     max_attempts: int
     retry_base_delay: float
     retry_max_delay: float
-    verify_etag: bool
+    verify_etag: bool | None  # None = auto, see `checks_etags`
     keep_committed: int
     evict_after: float
     idle_exit: float
@@ -264,6 +272,11 @@ class Settings:
                 f"multipart_threshold ({self.multipart_threshold}) must be ≥ part_size ({self.part_size})")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level = {self.log_level!r}; accepted: DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def checks_etags(self) -> bool:
+        """Whether the daemon compares ETags with MD5s (see the verify_etag field)."""
+        return self.s3_endpoint_url is not None if self.verify_etag is None else self.verify_etag
 
     @property
     def power_safe(self) -> bool:

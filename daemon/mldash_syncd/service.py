@@ -33,6 +33,7 @@ from mldash.store.base import Store
 from mldash_syncd.budget import ByteBudget
 from mldash_syncd.commit import document_for
 from mldash_syncd.evict import compact, evict
+from mldash_syncd.memory import return_part_buffers_to_os
 from mldash_syncd.retry import Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
 from mldash_syncd.upload import Uploader
@@ -42,6 +43,8 @@ log = logging.getLogger("mldash_syncd")
 RESCAN_INTERVAL = 2.0      # fallback when inotify events are missed or unavailable
 HEARTBEAT_INTERVAL = 2.0
 MAX_CONCURRENT_COMMITS = 16
+EVICT_INTERVAL = 1.0       # seconds between eviction passes while commits happen
+COMPACT_INTERVAL = 600.0   # seconds between compactions of old evicted index rows
 STOP_GRACE = 20.0          # seconds in-flight work gets to finish after a stop request
 
 
@@ -111,6 +114,7 @@ class Daemon:
 
     # ---- main loop ----------------------------------------------------------------------------
     async def run(self, *, until_drained: bool = False, max_wait: float | None = None) -> RunReport:
+        return_part_buffers_to_os()
         self.layout.ensure()
         with DaemonLock(self.layout):
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
@@ -140,7 +144,7 @@ class Daemon:
         watcher = asyncio.create_task(self._watch(), name="watch")
         known = self.index.known_ids()
         deadline = None if max_wait is None else time.monotonic() + max_wait
-        last_scan = last_beat = last_evict = 0.0
+        last_scan = last_beat = last_evict = last_compact = 0.0
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -153,10 +157,15 @@ class Daemon:
                         self._emit("queued", id=file_id)
                 self._start_uploads()
                 self._start_commits()
-                if now_mono - last_evict >= 5.0 or self._evict_requested:
+                # Eviction soon after commits (bytes leave the spool promptly), but batched: at most
+                # once every EVICT_INTERVAL, since each pass reads every committed row.
+                if now_mono - last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0):
                     self._evict_requested = False
                     last_evict = now_mono
                     self._evict()
+                if now_mono - last_compact >= COMPACT_INTERVAL:
+                    last_compact = now_mono
+                    compact(self.index)
                 if now_mono - last_beat >= HEARTBEAT_INTERVAL:
                     last_beat = now_mono
                     self._renew_leases()
@@ -165,6 +174,7 @@ class Daemon:
                 if busy:
                     idle_since = now_mono
                 if until_drained and not busy:
+                    self._evict()  # the last batch of commits, before exiting
                     break
                 if deadline is not None and now_mono > deadline:
                     log.warning("run --once: max wait reached with work left")
@@ -379,7 +389,6 @@ class Daemon:
         evicted = evict(self.index, self.layout, keep=self.settings.keep_committed, after=self.settings.evict_after)
         if evicted:
             log.debug("evicted %d committed entries", len(evicted))
-        compact(self.index)
 
     def _write_heartbeat(self, stopping: bool = False) -> None:
         if self.index is None:

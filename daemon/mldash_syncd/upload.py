@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mldash.config import Settings
 from mldash.errors import SpoolCorruptError
@@ -64,7 +65,19 @@ class _PartHashes:
 
 
 def _hash_part(data: bytes) -> _PartHashes:
-    return _PartHashes(base64.b64encode(hashlib.sha256(data).digest()).decode(), hashlib.md5(data).hexdigest())
+    return _PartHashes(_sha256_b64(data), _md5_hex(data))
+
+
+def _sha256_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def _md5_hex(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+async def _nothing() -> str:
+    return ""
 
 
 def _etag(value: str | None) -> str:
@@ -82,7 +95,7 @@ class Uploader:
         self.blobs_dir = blobs_dir
         self.budget = budget
         self.on_bytes = on_bytes or (lambda n: None)
-        self.check_etag = settings.verify_etag and getattr(store, "etag_is_md5", False)
+        self.check_etag = settings.checks_etags and getattr(store, "etag_is_md5", False)
 
     async def upload(self, manifest: Manifest) -> Verified:
         key = self.store.key(manifest.key())
@@ -96,7 +109,7 @@ class Uploader:
         await self.budget.acquire(manifest.size)
         try:
             data = await asyncio.to_thread(_read_all, blob, manifest)
-            hashes = await asyncio.to_thread(_hash_part, data)
+            hashes = await self._hash(data)
             sha_b64 = hashes.sha256_b64
             if sha_b64 != hex_to_b64(manifest.sha256):
                 raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 "
@@ -159,8 +172,7 @@ class Uploader:
                         offset = (number - 1) * part_size
                         length = min(part_size, manifest.size - offset)
                         data = await asyncio.to_thread(_read_part, fd, offset, length, manifest.id)
-                        hashes, _ = await asyncio.gather(asyncio.to_thread(_hash_part, data),
-                                                         asyncio.to_thread(whole.update, data))
+                        hashes = await self._hash(data, whole)
                     except BaseException:
                         await self.budget.release(part_size)
                         raise
@@ -213,6 +225,15 @@ class Uploader:
             receipts[number] = receipt
         finally:
             await self.budget.release(reserved)
+
+    async def _hash(self, data: bytes, whole: Any = None) -> _PartHashes:
+        """The part's SHA256 and (when ETags are checked) MD5, and the whole-file digest's update, each on
+        its own thread: hashlib releases the GIL, so they run side by side instead of one after another."""
+        sha, md5, *_ = await asyncio.gather(
+            asyncio.to_thread(_sha256_b64, data),
+            asyncio.to_thread(_md5_hex, data) if self.check_etag else _nothing(),
+            *([asyncio.to_thread(whole.update, data)] if whole is not None else []))
+        return _PartHashes(sha, md5)
 
     # ---- verification -------------------------------------------------------------------------
     async def _discard(self, key: str, manifest: Manifest) -> None:
