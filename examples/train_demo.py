@@ -65,7 +65,7 @@ def main() -> None:
         for entry in exp.files().list():
             print(f"{entry['status']:<10} {entry['sizeBytes']:>9}  {entry['checksum'][:12]}…  "
                   f"{entry['path'].rstrip('/')}/{entry['filename']}")
-        print(f"\nexperiment {exp.path}: run `mldash-syncd status` to see the spool, and find the files under "
+        print(f"\nexperiment {exp.path}: run `.venv/bin/mldash-syncd status` to see the spool; the files are under "
               "$XDG_DATA_HOME/mldash/store (default ~/.local/share/mldash/store).")
 
 
