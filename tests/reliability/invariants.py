@@ -200,8 +200,10 @@ def check_invariants(settings: Settings, acked: Iterable[Any] | Mapping[int, Ack
     if not allow_orphan_blobs and layout.blobs_dir.exists():
         for path in layout.blobs_dir.iterdir():
             file_id = SpoolLayout.blob_id(path.name)
-            if file_id is not None and (file_id not in rows or State(rows[file_id]["state"]) in DONE):
-                problems.append(f"blob {path.name} without a pending entry (partial save or missed eviction)")
+            # (committed entries keep their bytes until the eviction policy says otherwise)
+            if file_id is not None and (file_id not in rows or rows[file_id]["state"] == State.EVICTED):
+                problems.append(f"blob {path.name} without a pending or committed entry (partial save, or an "
+                                "eviction that left its bytes)")
 
     # -- 1: acknowledged saves
     for ack in acked.values():

@@ -1,0 +1,187 @@
+"""Scenario 7: permanent errors — 403 AccessDenied, a missing bucket, expired or invalid credentials, a
+catalog that refuses our user — end in `failed` with the reason after ONE attempt, with no hot loop, other
+entries unaffected; `mldash-syncd retry` delivers them once the cause is fixed.
+
+A daemon runs as a service; after the failures settle it keeps running for HOLD seconds, and the proxy's
+request log shows that nothing more was sent for the failed entries (no retry loop). The fix is made
+(the proxy rule removed, the bucket created, the failpoint switched off), `mldash-syncd retry` runs as
+the CLI a person would type, and the running daemon delivers — verified by the invariants.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pymongo
+import pytest
+
+from mldash.config import Settings
+from mldash.spool.manifest import Manifest
+from tests.backend_helpers import _s3
+from tests.faults import FaultProxy
+from tests.faults import http_faults as H
+from tests.fixtures.daemon import enqueue_bytes, settings_env
+from tests.reliability.conftest import MIB
+from tests.reliability.helpers import ServiceThread, all_in, entry_rows, wait_for
+from tests.reliability.invariants import check_invariants
+
+HOLD = 2.0
+DONE = ("committed", "evicted")
+
+
+def retry_cli(settings: Settings, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "mldash_syncd", "retry", *args], env=settings_env(settings),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+class S3ErrorRule:
+    """Answer every S3 request with `error` — HEAD requests without a body, as S3 does (a body after a HEAD
+    response would be read as the next response and garble the connection)."""
+
+    def __init__(self, proxy: FaultProxy, error: H.S3Error) -> None:
+        self.rules = [proxy.respond(H.http_response(error.status, b""), match=rb"\AHEAD "),
+                      proxy.respond(error.response(H.next_request_id()), match=rb"\A(?!HEAD )")]
+
+    @property
+    def injected(self) -> int:
+        return sum(rule.injected for rule in self.rules)
+
+    def remove(self) -> None:
+        for rule in self.rules:
+            rule.remove()
+
+
+def requests_for(proxy: FaultProxy, entry: Manifest) -> int:
+    return sum(1 for m in proxy.messages if m.target and str(entry.id) in m.target)
+
+
+def assert_failed_once(settings: Settings, entries: list[Manifest], *reasons: str) -> None:
+    """Failed after one attempt, permanently, saying why (any of `reasons`: a HEAD error has no body, so
+    only its status can be shown — as with S3)."""
+    rows = entry_rows(settings)
+    for entry in entries:
+        row = rows[entry.id]
+        assert row["state"] == "failed", f"{entry.filename}: {row['state']} ({row['last_error']})"
+        assert row["attempts"] == 1, f"{entry.filename}: a permanent error was tried {row['attempts']} times"
+        assert any(reason in (row["last_error"] or "") for reason in reasons), row["last_error"]
+        assert row["error_kind"] == "permanent"
+
+
+def test_access_denied_on_some_keys_fails_those_only(s3_via_proxy: tuple[Settings, Settings, FaultProxy]) -> None:
+    settings, direct, proxy = s3_via_proxy
+    # 403 for everything that writes under a "forbidden" folder: a small object (PutObject) and the parts of a
+    # big one (its CreateMultipartUpload passes: the denial comes mid-upload, the upload must be aborted).
+    denied = H.ACCESS_DENIED.response(H.next_request_id())
+    small_rule = proxy.respond(denied, match=rb"\APUT [^ ]*/forbidden/[^ ?]*(?: |\?(?![^ ]*partNumber))")
+    part_rule = proxy.respond(denied, match=rb"\APUT [^ ]*/forbidden/[^ ]*partNumber=")
+    daemon = ServiceThread(settings).start()
+    try:
+        bad = [enqueue_bytes(settings, os.urandom(5000), filename="small.bin", prefix="forbidden"),
+               enqueue_bytes(settings, os.urandom(6 * MIB), filename="big.bin", prefix="forbidden")]
+        good = [enqueue_bytes(settings, os.urandom(3000 + i), filename=f"ok-{i}.bin") for i in range(6)]
+        good.append(enqueue_bytes(settings, os.urandom(6 * MIB), filename="ok-big.bin"))
+        wait_for(lambda: all_in(settings, [e.id for e in good], DONE), what="the other entries' commits")
+        wait_for(lambda: all_in(settings, [e.id for e in bad], ("failed",)), what="the denied entries' failure")
+        sent = {e.id: requests_for(proxy, e) for e in bad}
+        time.sleep(HOLD)
+        assert {e.id: requests_for(proxy, e) for e in bad} == sent, "requests kept coming for failed entries"
+        assert small_rule.injected == 1 and part_rule.injected >= 1
+        assert_failed_once(settings, bad, "AccessDenied")
+
+        small_rule.remove()
+        part_rule.remove()
+        assert "re-queued 2" in retry_cli(settings, *(str(e.id) for e in bad))
+        wait_for(lambda: all_in(settings, [e.id for e in bad], DONE), what="delivery after retry")
+    finally:
+        report = daemon.stop()
+    assert report.clean, report
+    check_invariants(settings, [*bad, *good], view=direct)
+
+
+def test_missing_bucket_fails_everything_once_then_retry_all(s3_via_proxy: tuple[Settings, Settings,
+                                                                                  FaultProxy]) -> None:
+    settings, direct, proxy = s3_via_proxy
+    bucket = f"created-later-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    settings, direct = (s.replace(store=f"s3://{bucket}/root") for s in (settings, direct))
+    daemon = ServiceThread(settings).start()
+    try:
+        entries = [enqueue_bytes(settings, os.urandom(2000 + i), filename=f"f{i}.bin") for i in range(5)]
+        entries.append(enqueue_bytes(settings, os.urandom(6 * MIB), filename="big.bin"))
+        wait_for(lambda: all_in(settings, [e.id for e in entries], ("failed",)), what="failure")
+        sent = len(proxy.messages)
+        time.sleep(HOLD)
+        assert len(proxy.messages) == sent, "requests kept coming for failed entries"
+        assert sent <= 2 * len(entries) + 2, f"{sent} requests for {len(entries)} entries that can never pass"
+        assert_failed_once(settings, entries, "NoSuchBucket")
+
+        _s3(direct).create_bucket(Bucket=bucket)
+        assert f"re-queued {len(entries)}" in retry_cli(settings, "--all")
+        wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), what="delivery after retry")
+    finally:
+        report = daemon.stop()
+    try:
+        assert report.clean, report
+        check_invariants(settings, entries, view=direct)
+    finally:
+        client = _s3(direct)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=obj["Key"])
+        client.delete_bucket(Bucket=bucket)
+
+
+@pytest.mark.parametrize("error", [H.EXPIRED_TOKEN, H.INVALID_ACCESS_KEY_ID, H.SIGNATURE_DOES_NOT_MATCH],
+                         ids=lambda e: e.code)
+def test_bad_credentials_fail_once_then_retry(s3_via_proxy: tuple[Settings, Settings, FaultProxy], error) -> None:
+    settings, direct, proxy = s3_via_proxy
+    rule = S3ErrorRule(proxy, error)
+    daemon = ServiceThread(settings).start()
+    try:
+        entries = [enqueue_bytes(settings, os.urandom(1000 + i), filename=f"f{i}.bin") for i in range(4)]
+        entries.append(enqueue_bytes(settings, os.urandom(6 * MIB), filename="big.bin"))
+        wait_for(lambda: all_in(settings, [e.id for e in entries], ("failed",)), what="failure")
+        sent = rule.injected
+        time.sleep(HOLD)
+        assert rule.injected == sent, "requests kept coming for failed entries"
+        assert_failed_once(settings, entries, error.code, f"{error.status} ")
+
+        rule.remove()  # the credentials were renewed
+        retry_cli(settings, "--all")
+        wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), what="delivery after retry")
+    finally:
+        report = daemon.stop()
+    assert report.clean, report
+    check_invariants(settings, entries, view=direct)
+
+
+def test_catalog_refuses_our_user_then_retry_does_not_resend(mongo_settings: Settings, s3_settings: Settings,
+                                                             mongo_admin: pymongo.MongoClient) -> None:
+    from tests.reliability.conftest import fast
+
+    settings = fast(s3_settings, catalog=mongo_settings.catalog, mongo_database=mongo_settings.mongo_database)
+    mongo_admin.admin.command("configureFailPoint", "failCommand", mode="alwaysOn",
+                              data={"appName": "mldash", "failCommands": ["insert"], "errorCode": 13})
+    try:
+        daemon = ServiceThread(settings).start()
+        try:
+            entries = [enqueue_bytes(settings, os.urandom(3000), filename="f.bin"),
+                       enqueue_bytes(settings, os.urandom(6 * MIB), filename="big.bin")]
+            wait_for(lambda: all_in(settings, [e.id for e in entries], ("failed",)), what="failure")
+            assert_failed_once(settings, entries, "Unauthorized")
+            sent = {row["id"]: row["bytes_sent"] for row in entry_rows(settings).values()}
+            mongo_admin.admin.command("configureFailPoint", "failCommand", mode="off")
+            retry_cli(settings, "--all")
+            wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), what="delivery after retry")
+        finally:
+            report = daemon.stop()
+    finally:
+        mongo_admin.admin.command("configureFailPoint", "failCommand", mode="off")
+    assert report.clean, report
+    after = {row["id"]: row["bytes_sent"] for row in entry_rows(settings).values()}
+    assert after == sent, "the bytes were already in the store: retrying the commit must not upload them again"
+    check_invariants(settings, entries)
