@@ -124,6 +124,13 @@ def _parse_durability(value: Any) -> str:
     return text
 
 
+def _parse_checksum(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("sync", "deferred"):
+        raise ValueError(f"{value!r}: accepted checksum modes are 'sync' (default) and 'deferred'")
+    return text
+
+
 def _parse_experiment(value: Any) -> str:
     text = str(value).strip("/")
     if text.count("/") != 2:
@@ -166,6 +173,12 @@ FIELDS: tuple[Field, ...] = (
     Field("durability", "MLDASH_DURABILITY", _parse_durability, lambda: "process",
           "'process': an acknowledged save survives any process crash. 'power': also power loss "
           "(fsync of files and directories, SQLite synchronous=FULL); slower."),
+    Field("checksum", "MLDASH_CHECKSUM", _parse_checksum, lambda: "sync",
+          "'sync' (default): a save computes the SHA256 of the spooled bytes before it returns, and the result's "
+          "'checksum' holds it. 'deferred': the save only copies/serializes into the spool (no hash: a shorter "
+          "stall) and returns checksum None with checksumPending True; the daemon computes the SHA256 in its one "
+          "read of the bytes and records it in the catalog. Given up: corruption of the spooled bytes between "
+          "the save and the daemon's read cannot be detected, and the checksum is known only after upload."),
     Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_optional_size, lambda: None,
           "Maximum bytes of artifacts held in the spool (e.g. '50GiB'); unset = only the disk limits it."),
     Field("save_timeout", "MLDASH_SAVE_TIMEOUT", _parse_float(0.0), lambda: 60.0,
@@ -220,6 +233,7 @@ class Settings:
     mongo_database: str
     autostart: bool
     durability: str
+    checksum: str
     spool_quota: int | None
     save_timeout: float
     max_file_size: int
@@ -277,6 +291,11 @@ class Settings:
     def checks_etags(self) -> bool:
         """Whether the daemon compares ETags with MD5s (see the verify_etag field)."""
         return self.s3_endpoint_url is not None if self.verify_etag is None else self.verify_etag
+
+    @property
+    def deferred_checksum(self) -> bool:
+        """Whether saves leave the SHA256 to the daemon (see the checksum field)."""
+        return self.checksum == "deferred"
 
     @property
     def power_safe(self) -> bool:

@@ -7,6 +7,11 @@ the catalog holds is at least "committed". Bytes are read from the spool when th
 network, and the only copy before commit), else from the store; either way they are checked against the
 SHA256 recorded at save time before the destination file appears.
 
+Deferred checksums (settings.checksum = "deferred"): a save records no SHA256. A spooled entry shows the one
+the daemon computed (the index row's sha256) once it has read the bytes, else `checksum: None` with
+`checksumPending: True`; a download from the spool of such an entry is a plain copy, NOT verified (there is
+nothing to verify it against). Committed entries carry the catalog's checksum and are verified as always.
+
 The client is synchronous but the catalog and store are asyncio clients: each call runs on a fresh event
 loop in a worker thread, which creates, uses and closes its client there. That works from a plain script and
 from inside a running event loop (Jupyter) alike, and never leaks a client across loops. Every catalog and
@@ -79,6 +84,7 @@ def _public_from_manifest(manifest: Manifest) -> dict[str, Any]:
 def _public_from_document(doc: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in doc.items() if not k.startswith("_")}  # Mongo's _id and the like
     out["id"] = str(out["id"])
+    out["checksumPending"] = out.get("checksum") is None
     return out
 
 
@@ -163,6 +169,9 @@ class Reader:
     @staticmethod
     def _with_state(entry: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
         entry["status"] = row["state"] if row else State.QUEUED.value
+        if entry["checksum"] is None and row and row.get("sha256"):  # deferred: computed by the daemon
+            entry["checksum"] = row["sha256"]
+        entry["checksumPending"] = entry["checksum"] is None
         if row and row["state"] in (State.FAILED.value, State.QUARANTINED.value, State.QUEUED.value) and row.get(
                 "last_error"):
             entry["lastError"] = row["last_error"]
@@ -310,7 +319,7 @@ class Reader:
         file_id = int(entry["id"])
         temp = target.parent / f".mldash-{uuid.uuid4().hex}.part"
         try:
-            found = self._copy_from_spool(file_id, entry["checksum"], temp)
+            found = self._copy_from_spool(file_id, entry.get("checksum"), temp)
             if found != "ok":
                 self._copy_from_store(entry, temp, spool_corrupt=found == "corrupt")
             if self.settings.power_safe:
@@ -322,10 +331,11 @@ class Reader:
                 os.unlink(temp)
         return str(target)
 
-    def _copy_from_spool(self, file_id: int, checksum: str, temp: Path) -> str:
+    def _copy_from_spool(self, file_id: int, checksum: str | None, temp: Path) -> str:
         """Copy the spooled bytes if they are still there (an open file survives eviction).
 
-        Returns "ok", "missing" (evicted, or no spool here) or "corrupt" (bytes differ from their SHA256)."""
+        Returns "ok", "missing" (evicted, or no spool here) or "corrupt" (bytes differ from their SHA256).
+        `checksum` None (a deferred-checksum entry the daemon has not read yet): the copy is not verified."""
         try:
             source = open(self.layout.blob_path(file_id), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
@@ -335,6 +345,9 @@ class Reader:
             while chunk := source.read(_COPY_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
+        if checksum is None:
+            log.info("mldash: file %s has no checksum yet (deferred): copied from the spool unverified", file_id)
+            return "ok"
         if digest.hexdigest() != checksum:
             log.error("mldash: spooled bytes of %s do not match their SHA256; trying the store", file_id)
             return "corrupt"
@@ -342,10 +355,11 @@ class Reader:
 
     def _copy_from_store(self, entry: dict[str, Any], temp: Path, *, spool_corrupt: bool = False) -> None:
         file_id = int(entry["id"])
-        key = entry.get("storageKey")
-        if key is None:
+        key, expected = entry.get("storageKey"), entry.get("checksum")
+        if key is None or expected is None:
             doc = self.catalog_get(file_id)
-            key = doc.get("storageKey") if doc else None
+            key = key or (doc.get("storageKey") if doc else None)
+            expected = expected or (doc.get("checksum") if doc else None)
         if key is None:
             state = entry.get("status", "queued")
             if spool_corrupt:
@@ -374,9 +388,9 @@ class Reader:
         with open(temp, "rb", buffering=0) as handle:
             while chunk := handle.read(_COPY_CHUNK):
                 digest.update(chunk)
-        if digest.hexdigest() != entry["checksum"]:
+        if digest.hexdigest() != expected:
             raise MldashError(f"file {file_id}: the store returned bytes whose SHA256 does not match the catalog "
-                              f"({digest.hexdigest()} != {entry['checksum']}); nothing was written")
+                              f"({digest.hexdigest()} != {expected}); nothing was written")
 
     # ---- waiting -------------------------------------------------------------------------------------------
     def wait(self, ids: list[int], timeout: float | None, *, poll_max: float = 0.5,

@@ -7,7 +7,12 @@ from mldash.keys import storage_uri
 from mldash.spool.manifest import Manifest
 
 
-def document_for(manifest: Manifest, *, store_url: str, store_key: str, committed_at: float) -> FileDocument:
+def document_for(manifest: Manifest, *, store_url: str, store_key: str, committed_at: float,
+                 checksum: str | None = None) -> FileDocument:
+    """`checksum`: the SHA256 hex the daemon computed, for a manifest saved without one (deferred mode)."""
+    checksum = manifest.sha256 or checksum
+    if checksum is None:
+        raise ValueError(f"entry {manifest.id}: no SHA256 known; a catalog document never goes without one")
     return FileDocument(
         id=str(manifest.id),
         namespace=manifest.namespace,
@@ -16,7 +21,7 @@ def document_for(manifest: Manifest, *, store_url: str, store_key: str, committe
         path=manifest.path,
         filename=manifest.filename,
         sizeBytes=manifest.size,
-        checksum=manifest.sha256,
+        checksum=checksum,
         contentType=manifest.content_type,
         storageKey=store_key,
         storageUri=storage_uri(store_url, store_key),

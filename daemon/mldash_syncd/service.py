@@ -268,10 +268,13 @@ class Daemon:
             self._failed(row, _first_error(exc), stage="upload")
             return
         self.store_gate.success()
+        # A deferred-checksum manifest has no sha256: the one computed from this read is recorded in the index,
+        # where the commit stage (maybe in a later daemon process) finds it.
+        computed = {"sha256": verified.sha256_hex} if manifest.sha256 is None else {}
         # attempts count per stage: the commit stage starts afresh
         self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
                               uploaded_at=time.time(), next_attempt_at=0, attempts=0, last_error=None,
-                              error_kind=None)
+                              error_kind=None, **computed)
         self.index.clear_parts(file_id)
         log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
@@ -281,9 +284,13 @@ class Daemon:
         file_id = row["id"]
         try:
             manifest = read_manifest(self.layout, file_id)
+            checksum = manifest.sha256 or row["sha256"]
+            if checksum is None:  # uploaded, but the computed checksum is not recorded: read the bytes again
+                self.index.transition(file_id, State.QUEUED, attempts=0, next_attempt_at=0)
+                return
             await self.catalog_gate.wait()
             doc = document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
-                               committed_at=time.time())
+                               committed_at=time.time(), checksum=checksum)
             await self.catalog.upsert(doc)
             stored = await self.catalog.get(doc.id)
             if stored is None or stored["checksum"] != doc.checksum or stored["storageKey"] != doc.storageKey:

@@ -2,8 +2,10 @@
 
 The blob is read exactly once, part by part. Each part is hashed (SHA256 for the part checksum,
 MD5 for the ETag check) and fed to the whole-file SHA256; the whole-file digest must equal the
-manifest's before the object is completed, and the store's own report (checksum; ETag where the
-store's ETag is an MD5) must equal what we computed — otherwise nothing is committed.
+manifest's before the object is completed (a manifest without sha256 — the deferred checksum mode —
+has nothing to compare: that one pass is where its checksum is computed, returned in `Verified`),
+and the store's own report (checksum; ETag where the store's ETag is an MD5) must equal what we
+computed — otherwise nothing is committed.
 
 Resumable: the upload id, part size and every completed part are recorded in the index as they
 happen. After a crash the upload is reconciled with ListParts and only parts the store does not
@@ -56,6 +58,7 @@ class Verified:
 
     key: str
     checksum: str | None  # as the store reports it
+    sha256_hex: str       # whole-file SHA256 of the bytes read from the spool (= manifest.sha256 when it has one)
 
 
 @dataclass
@@ -111,7 +114,7 @@ class Uploader:
             data = await asyncio.to_thread(_read_all, blob, manifest)
             hashes = await self._hash(data)
             sha_b64 = hashes.sha256_b64
-            if sha_b64 != hex_to_b64(manifest.sha256):
+            if manifest.sha256 is not None and sha_b64 != hex_to_b64(manifest.sha256):
                 raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 "
                                         f"{base64.b64decode(sha_b64).hex()} ≠ manifest {manifest.sha256}")
             self.index.update(manifest.id, store_key=key)
@@ -129,7 +132,7 @@ class Uploader:
         except VerificationError:
             await self._discard(key, manifest)
             raise
-        return Verified(key, stored.checksum_sha256)
+        return Verified(key, stored.checksum_sha256, base64.b64decode(sha_b64).hex())
 
     # ---- large objects: multipart -------------------------------------------------------------
     async def _multipart(self, manifest: Manifest, key: str, blob: Path) -> Verified:
@@ -188,10 +191,11 @@ class Uploader:
         finally:
             os.close(fd)
 
-        if whole.hexdigest() != manifest.sha256:
+        whole_hex = whole.hexdigest()
+        if manifest.sha256 is not None and whole_hex != manifest.sha256:
             await self.store.abort_multipart(key, upload_id)
             self.index.update(manifest.id, upload_id=None)
-            raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole.hexdigest()} ≠ "
+            raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ "
                                     f"manifest {manifest.sha256}")
         ordered = [receipts[n] for n in range(1, count + 1)]
         try:
@@ -207,7 +211,7 @@ class Uploader:
         except VerificationError:
             await self._discard(key, manifest)
             raise
-        return Verified(key, stored.checksum_sha256)
+        return Verified(key, stored.checksum_sha256, whole_hex)
 
     async def _send_part(self, manifest: Manifest, key: str, upload_id: str, number: int, data: bytes,
                          hashes: _PartHashes, receipts: dict[int, PartReceipt], reserved: int) -> None:
@@ -278,7 +282,7 @@ class Uploader:
         parts = int(checksum.rsplit("-", 1)[1]) if checksum.rsplit("-", 1)[-1].isdigit() and "-" in checksum else 0
         part_size = part_size_for(manifest.size, self.settings.part_size) if parts else manifest.size or 1
         whole_hex, digests, md5s = _digests(blob, part_size)
-        if whole_hex != manifest.sha256:
+        if manifest.sha256 is not None and whole_hex != manifest.sha256:
             raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ manifest "
                                     f"{manifest.sha256}")
         if parts:
@@ -289,7 +293,7 @@ class Uploader:
         else:
             whole_md5 = md5s[0] if len(md5s) == 1 and self.check_etag else None
             self._verify(manifest, stored, hex_to_b64(whole_hex), whole_md5)
-        return Verified(stored.key, stored.checksum_sha256)
+        return Verified(stored.key, stored.checksum_sha256, whole_hex)
 
 
 def _read_all(path: Path, manifest: Manifest) -> bytes:

@@ -2,7 +2,8 @@
 
 Order of operations, each step safe to be interrupted by kill -9:
 
-1. write bytes to ``tmp/{pid}-{id}.blob.part`` (0600), hashing them on the way;
+1. write bytes to ``tmp/{pid}-{id}.blob.part`` (0600), hashing them on the way (unless the
+   checksum setting is "deferred": then the manifest's sha256 is None and the daemon hashes);
 2. (quota) take the quota lock, wait for room;
 3. ``link`` the temp file to ``blobs/{id}`` — link, not rename, because it fails on an existing
    name instead of overwriting: an id collision is detected, never silent (a fresh id is drawn);
@@ -103,7 +104,7 @@ class Enqueuer:
         fd = open_private(tmp_blob, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # read back by HashingSink.copy_file
         try:
             try:
-                sink = HashingSink(fd)
+                sink = HashingSink(fd, hashing=not self.settings.deferred_checksum)
                 write(sink)
                 if self.settings.power_safe:
                     os.fsync(fd)

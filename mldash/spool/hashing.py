@@ -28,16 +28,22 @@ def write_all(fd: int, data: memoryview) -> None:
 
 
 class HashingSink:
-    """A write-only binary file object over an fd that tracks size and SHA256 of what was written."""
+    """A write-only binary file object over an fd that tracks size and SHA256 of what was written.
 
-    def __init__(self, fd: int) -> None:
+    `hashing=False` (the deferred checksum mode): only the size is tracked, `hexdigest()` is None and
+    `copy_file` is the bare copy_file_range loop — the daemon hashes the bytes when it reads them."""
+
+    def __init__(self, fd: int, *, hashing: bool = True) -> None:
         self._fd = fd
-        self._hasher = hashlib.sha256()
+        self.hashing = hashing
+        self._hasher = hashlib.sha256() if hashing else None
         self.size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if view.nbytes >= _PARALLEL_MIN:
+        if self._hasher is None:
+            write_all(self._fd, view)
+        elif view.nbytes >= _PARALLEL_MIN:
             hashed = _executor.submit(self._hasher.update, view)
             try:
                 write_all(self._fd, view)
@@ -51,11 +57,12 @@ class HashingSink:
 
     def reset(self) -> None:
         """Forget what was hashed (only valid while nothing has reached the file)."""
-        self._hasher = hashlib.sha256()
+        self._hasher = hashlib.sha256() if self.hashing else None
         self.size = 0
 
-    def hexdigest(self) -> str:
-        return self._hasher.hexdigest()
+    def hexdigest(self) -> str | None:
+        """SHA256 hex of everything written; None when not hashing (deferred checksum mode)."""
+        return self._hasher.hexdigest() if self._hasher is not None else None
 
     # The file-object surface serializers expect (pickle, torch, matplotlib, PIL, imageio).
     def writable(self) -> bool:
@@ -85,6 +92,9 @@ class HashingSink:
         landed in the spool right behind it, from the page cache: chunk k is hashed while chunk k+1 is
         copied. The digest is therefore of the spooled bytes themselves — exactly the snapshot.
         Raises OSError before writing anything if the kernel or filesystem cannot copy_file_range."""
+        if self._hasher is None:
+            self._copy_only(source_fd, offset, chunk)
+            return
         if fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
             raise OSError(errno.EBADF, "the spool temp file must be open for reading to hash it behind the copy")
         buffer = bytearray(chunk)
@@ -104,6 +114,13 @@ class HashingSink:
         finally:
             if hashed is not None:
                 hashed.result()
+
+    def _copy_only(self, source_fd: int, offset: int, chunk: int) -> None:
+        position = self.size
+        while copied := os.copy_file_range(source_fd, self._fd, chunk, offset, position):
+            offset += copied
+            position += copied
+            self.size = position
 
     def _hash_spooled(self, buffer: bytearray, position: int, length: int) -> None:
         view = memoryview(buffer)

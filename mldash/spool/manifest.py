@@ -24,6 +24,12 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_sha256_hex(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 MAX_MANIFEST_BYTES = 4 * 2**20  # metadata is small; anything bigger is corrupt or hostile
 
 
@@ -36,7 +42,8 @@ class Manifest:
     prefix: str          # "" or "models/checkpoints" (no leading/trailing slash)
     filename: str
     size: int
-    sha256: str          # hex digest of the spooled bytes, computed while they were written
+    sha256: str | None   # hex digest of the spooled bytes, computed while they were written; None = deferred:
+    #                      the daemon computes it when it reads the bytes (settings.checksum = "deferred")
     content_type: str
     created_at: float    # Unix seconds
     kind: str = "blob"   # which call produced it: upload, json, text, blob, torch, pkl, fig, video, image
@@ -96,7 +103,7 @@ class Manifest:
         checks = [
             (_is_int(self.id) and 0 < self.id < 2**63, "id"),
             (_is_int(self.size) and 0 <= self.size < 2**63, "size"),
-            (isinstance(self.sha256, str) and len(self.sha256) == 64, "sha256"),
+            (self.sha256 is None or _is_sha256_hex(self.sha256), "sha256"),
             (all(isinstance(v, str) for v in (self.namespace, self.project, self.experiment, self.prefix,
                                                self.filename, self.content_type)), "names"),
             (_is_number(self.created_at) and 0 <= self.created_at < 2**53, "created_at"),
@@ -134,6 +141,7 @@ class Manifest:
             "filename": self.filename,
             "sizeBytes": self.size,
             "checksum": self.sha256,
+            "checksumPending": self.sha256 is None,
             "contentType": self.content_type,
             "description": self.description,
             "tags": list(self.tags),
