@@ -5,6 +5,8 @@ way) and return; no daemon runs. Baseline: `torch.save(model.state_dict(), path)
 directory tree (same filesystem). Both include `state_dict()`, neither fsyncs (mldash's default durability,
 "process", does not either). The model is an nn.Sequential of float32 Linear layers (≤ 64 MiB each).
 After every sample the file/spool entry is deleted and dirty pages are flushed (`Context.settle`).
+A second subject, `save_torch (deferred)`, is the same call with MLDASH_CHECKSUM=deferred (no SHA256 on the
+save path: the daemon computes it), interleaved in the same rounds against the same baseline samples.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def run(ctx: Context) -> ScenarioResult:
     baseline_dir = ctx.fresh_dir("torch-save")
     exp = Experiment(prefix="bench/stall/torch", settings=settings)
     handle = exp.files("ckpt")
+    deferred_settings = settings.replace(checksum="deferred")  # same spool, same filesystem
+    deferred_handle = Experiment(prefix="bench/stall/torch", settings=deferred_settings).files("ckpt")
 
     for size, pairs in sizes:
         model = build_model(size)
@@ -54,12 +58,16 @@ def run(ctx: Context) -> ScenarioResult:
         label = _label(size)
         ctx.log(f"  state_dict of {label} ({actual} bytes of float32, {len(model)} tensors), {pairs} pairs")
 
-        def subject(model=model) -> float:
+        def subject(model=model, handle=handle, deferred: bool = False) -> float:
             started = time.perf_counter()
-            handle.save_torch(model, to="model.pt")
+            saved = handle.save_torch(model, to="model.pt")
             elapsed = time.perf_counter() - started
+            assert (saved["checksum"] is None) == deferred  # the mode under test is the one measured
             clear_spool(settings)
             return elapsed
+
+        def deferred(model=model) -> float:
+            return subject(model, deferred_handle, True)
 
         def baseline(model=model) -> float:
             path = baseline_dir / "model.pt"
@@ -69,14 +77,16 @@ def run(ctx: Context) -> ScenarioResult:
             path.unlink()
             return elapsed
 
-        interleave(1, {"save_torch": subject, "torch.save": baseline}, between=ctx.settle)  # warm-up, dropped
-        samples = interleave(pairs, {"save_torch": subject, "torch.save": baseline}, between=ctx.settle,
-                             log=ctx.log)
-        result.samples[f"{label}/save_torch_s"] = samples["save_torch"]
-        result.samples[f"{label}/torch.save_s"] = samples["torch.save"]
-        result.rows.append(ratio_row(NAME, f"save_torch {label}", f"torch.save {label} to a file", "stall", "s",
-                                     samples["save_torch"], samples["torch.save"], target=f"≤ {TARGET}×",
-                                     op="<=", bound=TARGET))
+        variants = {"save_torch": subject, "save_torch_deferred": deferred, "torch.save": baseline}
+        interleave(1, variants, between=ctx.settle)  # warm-up, dropped
+        samples = interleave(pairs, variants, between=ctx.settle, log=ctx.log)
+        for name, values in samples.items():
+            result.samples[f"{label}/{name}_s"] = values
+        for name, text in (("save_torch", f"save_torch {label}"),
+                           ("save_torch_deferred", f"save_torch {label} (checksum deferred)")):
+            result.rows.append(ratio_row(NAME, text, f"torch.save {label} to a file", "stall", "s",
+                                         samples[name], samples["torch.save"], target=f"≤ {TARGET}×",
+                                         op="<=", bound=TARGET))
         del model
         gc.collect()
     ctx.remove(settings.spool.parent)

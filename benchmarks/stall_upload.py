@@ -4,6 +4,8 @@ Subject: `exp.files("data").upload(src)` — copy the file into the spool, hashi
 Baselines: `shutil.copyfile(src, dst)` (Python's own copy: sendfile on Linux) and `cp src dst` in a subprocess.
 The source is random bytes on the same filesystem, read once before measuring so every variant reads it from
 the page cache. After every sample the copy/spool entry is deleted and dirty pages are flushed.
+A second subject, `upload (deferred)`, is the same call with MLDASH_CHECKSUM=deferred (a bare copy_file_range
+into the spool: the daemon computes the SHA256), interleaved in the same rounds against the same baselines.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def run(ctx: Context) -> ScenarioResult:
     work = ctx.fresh_dir("copies")
     exp = Experiment(prefix="bench/stall/upload", settings=settings)
     handle = exp.files("data")
+    deferred_handle = Experiment(prefix="bench/stall/upload",
+                                 settings=settings.replace(checksum="deferred")).files("data")
 
     for size, rounds in sizes:
         label = _label(size)
@@ -55,12 +59,16 @@ def run(ctx: Context) -> ScenarioResult:
         target = work / "copy.bin"
         ctx.log(f"  {label} file, {rounds} rounds")
 
-        def subject(source=source) -> float:
+        def subject(source=source, handle=handle, deferred: bool = False) -> float:
             started = time.perf_counter()
-            handle.upload(source, to="data.bin")
+            saved = handle.upload(source, to="data.bin")
             elapsed = time.perf_counter() - started
+            assert (saved["checksum"] is None) == deferred  # the mode under test is the one measured
             clear_spool(settings)
             return elapsed
+
+        def deferred(source=source) -> float:
+            return subject(source, deferred_handle, True)
 
         def copyfile(source=source, target=target) -> float:
             started = time.perf_counter()
@@ -76,15 +84,17 @@ def run(ctx: Context) -> ScenarioResult:
             target.unlink()
             return elapsed
 
-        variants = {"upload": subject, "copyfile": copyfile, "cp": cp}
+        variants = {"upload": subject, "upload_deferred": deferred, "copyfile": copyfile, "cp": cp}
         interleave(1, variants, between=ctx.settle)  # warm-up, dropped
         samples = interleave(rounds, variants, between=ctx.settle, log=ctx.log)
         for name, values in samples.items():
             result.samples[f"{label}/{name}_s"] = values
-        for name, text in (("copyfile", "shutil.copyfile"), ("cp", "cp (subprocess)")):
-            result.rows.append(ratio_row(NAME, f"upload(path) {label}", f"{text} {label}", "stall", "s",
-                                         samples["upload"], samples[name], target=f"≤ {TARGET}×", op="<=",
-                                         bound=TARGET))
+        for subject_name, subject_text in (("upload", f"upload(path) {label}"),
+                                           ("upload_deferred", f"upload(path) {label} (checksum deferred)")):
+            for name, text in (("copyfile", "shutil.copyfile"), ("cp", "cp (subprocess)")):
+                result.rows.append(ratio_row(NAME, subject_text, f"{text} {label}", "stall", "s",
+                                             samples[subject_name], samples[name], target=f"≤ {TARGET}×",
+                                             op="<=", bound=TARGET))
         source.unlink()
     ctx.remove(settings.spool.parent)
     ctx.remove(work)
