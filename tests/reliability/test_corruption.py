@@ -1,0 +1,112 @@
+"""Scenario 8: a spooled byte flipped after enqueue, and a byte flipped in flight — detected, never
+committed, and never left as wrong bytes in the store.
+
+What the policy (daemon/mldash_syncd/retry.py, upload.py) says, and what is asserted:
+- spooled bytes that no longer match the manifest's SHA256 are CORRUPT: the entry is quarantined at the
+  first attempt, with the reason; nothing is uploaded (a multipart upload is aborted); once a person
+  restores the bytes, `retry` delivers them;
+- a byte flipped on the way to the store is caught by the ETag (MD5 of what the store received; moto,
+  like some S3-compatibles, does not validate the SHA256 we send): a VerificationError, an ENTRY error
+  that costs one attempt; the damaged part is sent again / the damaged object removed and created
+  again, and the right bytes are committed;
+- if every attempt is damaged (a persistently corrupting path), the entry ends `failed` after
+  max_attempts with the reason, and the store holds no wrong bytes.
+In every case the invariant checker reads every stored object back and compares its SHA256.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from mldash.config import Settings
+from mldash.spool import SpoolIndex, SpoolLayout, State
+from mldash_syncd import drain
+from tests.faults import FaultProxy
+from tests.faults import http_faults as H
+from tests.fixtures.daemon import enqueue_bytes
+from tests.reliability.conftest import MIB
+from tests.reliability.helpers import entry_rows
+from tests.reliability.invariants import check_invariants
+
+
+def flip_spooled_byte(settings: Settings, file_id: int, offset: int) -> bytes:
+    """Flip one byte of a spooled blob in place (bit rot, or a writer that ignored the snapshot); returns the
+    original bytes."""
+    blob = SpoolLayout(settings.spool).blob_path(file_id)
+    original = blob.read_bytes()
+    with open(blob, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes([original[offset] ^ 0x5A]))
+    return original
+
+
+@pytest.mark.parametrize("size", [1000, 11 * MIB], ids=["single", "multipart"])
+def test_spooled_byte_flipped_is_quarantined_then_retry_after_repair(
+        s3_via_proxy: tuple[Settings, Settings, FaultProxy], size: int) -> None:
+    settings, direct, _proxy = s3_via_proxy
+    bad = enqueue_bytes(settings, os.urandom(size), filename="bad.bin")
+    good = [enqueue_bytes(settings, os.urandom(size), filename=f"good-{i}.bin") for i in range(2)]
+    original = flip_spooled_byte(settings, bad.id, size - 7)  # in the last part: the others may already be sent
+
+    report = drain(settings, max_wait=60)
+
+    row = entry_rows(settings)[bad.id]
+    assert row["state"] == State.QUARANTINED and row["attempts"] == 1, row
+    assert "sha256" in row["last_error"], row["last_error"]
+    assert report.committed == 2 and not report.clean
+    check_invariants(settings, [*good, bad], view=direct, allow={State.QUARANTINED})  # no object, no upload left
+
+    SpoolLayout(settings.spool).blob_path(bad.id).write_bytes(original)  # a person restores the bytes
+    index = SpoolIndex(SpoolLayout(settings.spool))
+    assert index.retry([bad.id]) == [bad.id]
+    index.close()
+    assert drain(settings, max_wait=60).committed == 1
+    check_invariants(settings, [*good, bad], view=direct)
+
+
+@pytest.mark.parametrize("operation", ["PutObject", "UploadPart"])
+def test_byte_flipped_in_flight_once_is_sent_again(s3_via_proxy: tuple[Settings, Settings, FaultProxy],
+                                                   operation: str) -> None:
+    settings, direct, proxy = s3_via_proxy
+    match = H.PUT_OBJECT if operation == "PutObject" else H.UPLOAD_PART
+    flip = proxy.flip_byte(match=match, times=1)
+    size = 50_000 if operation == "PutObject" else 12 * MIB
+    entry = enqueue_bytes(settings, os.urandom(size), filename="target.bin")
+    others = [enqueue_bytes(settings, os.urandom(3000 + i), filename=f"other-{i}.bin") for i in range(3)]
+    if operation == "UploadPart":  # make the single PUTs go first so the flip lands on a part
+        proxy.clear()
+        flip = proxy.flip_byte(match=match, times=1, skip=1)
+
+    report = drain(settings, max_wait=60)
+
+    assert flip.injected == 1
+    assert report.committed == 4 and report.clean, report
+    check_invariants(settings, [entry, *others], view=direct)  # reads every object back: the right bytes
+    rows = entry_rows(settings)
+    resent = [r for r in rows.values() if r["bytes_sent"] > r["size"]]
+    assert resent, "the flipped byte was not detected: nothing was sent a second time"
+
+
+def test_every_attempt_damaged_ends_failed_without_wrong_bytes(s3_via_proxy: tuple[Settings, Settings,
+                                                                                     FaultProxy]) -> None:
+    settings, direct, proxy = s3_via_proxy
+    settings = settings.replace(max_attempts=3)
+    victim_small = enqueue_bytes(settings, os.urandom(40_000), filename="doomed.bin", prefix="cursed")
+    victim_big = enqueue_bytes(settings, os.urandom(6 * MIB), filename="doomed-big.bin", prefix="cursed")
+    others = [enqueue_bytes(settings, os.urandom(2000 + i), filename=f"fine-{i}.bin") for i in range(3)]
+    cursed = re.compile(rb"\APUT [^ ]*/cursed/")
+    flip = proxy.flip_byte(match=cursed)
+
+    report = drain(settings, max_wait=60)
+
+    assert flip.injected >= 2 * 3
+    rows = entry_rows(settings)
+    for victim in (victim_small, victim_big):
+        row = rows[victim.id]
+        assert row["state"] == State.FAILED and row["attempts"] == 3, row
+        assert "other bytes than sent" in row["last_error"], row["last_error"]
+    assert report.committed == 3
+    check_invariants(settings, [victim_small, victim_big, *others], view=direct, allow={State.FAILED})
