@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
+from botocore.config import Config
+
 from mldash.config import Settings
 from mldash.keys import file_id_from_key, object_key
 from mldash.spool.layout import SpoolLayout
@@ -93,7 +96,10 @@ def _object_sha256(view: Settings, key: str) -> str:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     else:
-        body = _s3(view).get_object(Bucket=where, Key=key)["Body"]
+        # Our own hash of the raw bytes (botocore would raise on a checksum mismatch instead of showing them).
+        client = boto3.client("s3", endpoint_url=view.s3_endpoint_url, region_name="us-east-1",
+                              config=Config(response_checksum_validation="when_required"))
+        body = client.get_object(Bucket=where, Key=key)["Body"]
         while chunk := body.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
