@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,12 +170,14 @@ class Daemon:
                 if now_mono - last_beat >= HEARTBEAT_INTERVAL:
                     last_beat = now_mono
                     self._renew_leases()
+                    # After the renewal only leases no task of ours holds can have expired: entries whose
+                    # task ended without recording its outcome (see _failed) go back to the queue.
+                    self._release_expired()
                     self._write_heartbeat()
                 busy = bool(self._uploads or self._commits) or self._has_work()
                 if busy:
                     idle_since = now_mono
                 if until_drained and not busy:
-                    self._evict()  # the last batch of commits, before exiting
                     break
                 if deadline is not None and now_mono > deadline:
                     log.warning("run --once: max wait reached with work left")
@@ -186,6 +189,8 @@ class Daemon:
         finally:
             watcher.cancel()
             await self._drain_tasks()
+            with contextlib.suppress(Exception):  # leave the spool tidy: evict what the last commits freed
+                self._evict()
 
     def _has_work(self) -> bool:
         return self.index.has_active()
@@ -315,8 +320,23 @@ class Daemon:
         with contextlib.suppress(Exception):
             self.index.update(row["id"], attempts=max(0, row["attempts"] - 1))
 
+    def _release_expired(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # the index's disk may be full: try again next heartbeat
+            if released := self.index.release_expired_leases():
+                log.warning("%d entries whose lease expired went back to the queue", released)
+
     def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
-        """Route a failure to its state (see retry.py for the policy) and make it visible."""
+        """Route a failure to its state and make it visible. If even that cannot be written (the index's
+        disk is full), the entry keeps its lease, which expires without renewal: `_release_expired` then
+        queues it again."""
+        try:
+            self._route_failure(row, exc, stage=stage)
+        except sqlite3.Error as record_error:
+            log.error("%s %s failed (%s) and the index cannot record it (%s); retried once its lease expires",
+                      stage, row["id"], exc, record_error)
+
+    def _route_failure(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
+        """See retry.py for the policy."""
         file_id, attempts = row["id"], row["attempts"]
         kind = classify(exc)
         reason = f"{stage}: {type(exc).__name__}: {exc}"[:2000]
