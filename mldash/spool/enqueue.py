@@ -103,19 +103,21 @@ class Enqueuer:
         tmp_blob = self.layout.tmp_path(file_id, "blob")
         fd = open_private(tmp_blob, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # read back by HashingSink.copy_file
         try:
+            sink = HashingSink(fd, hashing=not self.settings.deferred_checksum)
             try:
-                sink = HashingSink(fd, hashing=not self.settings.deferred_checksum)
                 write(sink)
+                digest = sink.hexdigest()  # waits for the hash trailing the writes (it reads this fd)
                 if self.settings.power_safe:
                     os.fsync(fd)
             finally:
+                sink.close_hasher()
                 os.close(fd)
             if sink.size > self.settings.max_file_size:
                 raise FileTooLargeError(f"{spec.filename!r} serialized to {sink.size} bytes; the maximum is "
                                         f"{self.settings.max_file_size} bytes (setting max_file_size)")
             manifest = Manifest(
                 id=file_id, namespace=spec.namespace, project=spec.project, experiment=spec.experiment,
-                prefix=spec.prefix, filename=spec.filename, size=sink.size, sha256=sink.hexdigest(),
+                prefix=spec.prefix, filename=spec.filename, size=sink.size, sha256=digest,
                 content_type=spec.content_type, created_at=time.time(), kind=spec.kind,
                 description=spec.description, tags=list(spec.tags), metadata=dict(spec.metadata),
                 host=_HOST, pid=os.getpid(),
