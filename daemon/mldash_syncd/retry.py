@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import random
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -55,7 +57,17 @@ def classify(exc: BaseException) -> Failure:
         return Failure.OUTAGE
     if isinstance(exc, TimeoutError | ConnectionError):
         return Failure.OUTAGE
+    if _local_disk_full(exc):
+        # The spool's own disk (the index lives there) is full: nothing wrong with the entry, and the
+        # eviction of committed entries or the user frees space. Wait like for an outage.
+        return Failure.OUTAGE
     return Failure.PERMANENT  # an unexpected bug: stop retrying it, keep the reason visible
+
+
+def _local_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)  # SQLITE_FULL
 
 
 @dataclass

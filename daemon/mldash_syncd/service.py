@@ -277,10 +277,14 @@ class Daemon:
         # where the commit stage (maybe in a later daemon process) finds it.
         computed = {"sha256": verified.sha256_hex} if manifest.sha256 is None else {}
         # attempts count per stage: the commit stage starts afresh
-        self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
-                              uploaded_at=time.time(), next_attempt_at=0, attempts=0, last_error=None,
-                              error_kind=None, **computed)
-        self.index.clear_parts(file_id)
+        try:
+            self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
+                                  uploaded_at=time.time(), next_attempt_at=0, attempts=0, last_error=None,
+                                  error_kind=None, **computed)
+            self.index.clear_parts(file_id)
+        except sqlite3.Error as exc:  # e.g. the index's disk is full: verified again once the lease expires
+            log.error("upload %s: done, but the index cannot record it (%s)", file_id, exc)
+            return
         log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
         self._wake.set()
@@ -310,7 +314,12 @@ class Daemon:
             self._failed(row, _first_error(exc), stage="commit")
             return
         self.catalog_gate.success()
-        self.index.transition(file_id, State.COMMITTED, committed_at=time.time(), last_error=None, error_kind=None)
+        try:
+            self.index.transition(file_id, State.COMMITTED, committed_at=time.time(), last_error=None,
+                                  error_kind=None)
+        except sqlite3.Error as exc:  # e.g. the index's disk is full: the upsert is replayed once the lease expires
+            log.error("commit %s: done, but the index cannot record it (%s)", file_id, exc)
+            return
         self.report.committed += 1
         self._evict_requested = bool(self.settings.keep_committed == 0 and self.settings.evict_after == 0)
         log.info("committed %s (%s/%s)", file_id, row["experiment"], row["filename"])
