@@ -1,0 +1,108 @@
+"""Scenario 10: SIGTERM mid-upload — a clean stop within the unit's stop timeout (TimeoutStopSec=60 in
+systemd/*.service), then a resume that re-sends only what was in flight.
+
+`mldash-syncd run` (the real CLI entry point with its signal handlers, forked from the fork server) uploads
+through the fault proxy, which slows parts down so the signal lands mid-part. At a random moment it gets
+SIGTERM (with a 1 s grace for in-flight work instead of 20 s, so the stop cuts the big file short):
+it must exit 0 within the stop timeout, leave no entry `uploading` or leased, and keep the multipart
+upload resumable. `mldash-syncd run --once` then finishes; bytes re-sent on resume are at most
+what the stop interrupted (the daemon's in-flight budget). One more case, with the real 20 s grace: the
+part in flight is blackholed (its call would wait for its own long deadline), and the stop still ends in
+time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mldash.config import Settings
+from mldash.spool import State
+from tests.faults import FaultProxy
+from tests.faults import http_faults as H
+from tests.fixtures.daemon import enqueue_bytes, settings_env
+from tests.reliability.conftest import MIB, loop_count
+from tests.reliability.forkserver import ForkServer
+from tests.reliability.helpers import entry_rows, wait_for
+from tests.reliability.invariants import check_invariants
+
+STOP_TIMEOUT = 60.0  # TimeoutStopSec of the systemd units
+
+
+def sigterm_round(i: int, rng: random.Random, settings: Settings, direct: Settings, proxy: FaultProxy,
+                  fork_server: ForkServer, base: Path, *, hang_a_part: bool = False,
+                  stop_grace: float | None = None) -> bool:
+    run = base / f"run-{i}"
+    run.mkdir()
+    root = f"sigterm-{i}"
+    bucket = direct.store.split("/")[2]
+    where = dict(spool=run / "spool", store=f"s3://{bucket}/{root}", catalog="sqlite://" + str(run / "catalog.sqlite"))
+    local, view = settings.replace(**where), direct.replace(**where)
+    entries = [enqueue_bytes(local, os.urandom(rng.randrange(16 * MIB, 26 * MIB)), filename="big.bin")]
+    entries += [enqueue_bytes(local, os.urandom(rng.randrange(1, 100_000)), filename=f"small-{k}.bin")
+                for k in range(3)]
+    env = settings_env(local)
+
+    slow = proxy.delay(0.01, per="chunk", match=H.UPLOAD_PART)  # ~0.8 s per 5 MiB part
+    hang = proxy.blackhole(match=H.UPLOAD_PART, times=1, skip=1) if hang_a_part else None
+    daemon = fork_server.spawn("run_daemon", env=env, log=run / "daemon.log", args=["run"], stop_grace=stop_grace)
+    parts_seen = rng.randrange(1, 4)
+    wait_for(lambda: sum(1 for m in proxy.messages if m.target and root in m.target and "partNumber=" in m.target)
+             >= parts_seen, what="parts in flight")
+    if hang is not None:
+        wait_for(lambda: hang.injected, what="a hung part")
+    time.sleep(rng.uniform(0, 0.5))
+    sent_before_stop = sum(r["bytes_sent"] for r in entry_rows(local).values())
+
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    code = daemon.wait(timeout=STOP_TIMEOUT + 30)
+    took = time.monotonic() - started
+    assert code == 0, f"exit {code} after SIGTERM:\n{daemon.log()[-3000:]}"
+    assert took < STOP_TIMEOUT, f"stop took {took:.0f}s; systemd would SIGKILL it after {STOP_TIMEOUT:.0f}s"
+    assert "Traceback" not in daemon.log(), daemon.log()[-3000:]
+    slow.remove()
+    if hang is not None:
+        hang.remove()
+    rows = entry_rows(local)
+    interrupted = rows[entries[0].id]["state"] == State.QUEUED
+    assert all(r["state"] != State.UPLOADING and r["lease_owner"] is None for r in rows.values()), rows
+    # Stopped, not finished: the unfinished entries wait (their multipart upload is kept for the resume).
+    check_invariants(local, entries, view=view, allow={State.QUEUED, State.UPLOADED})
+    sent_at_stop = sum(r["bytes_sent"] for r in rows.values())
+
+    resume = fork_server.spawn("run_daemon", env=env, log=run / "resume.log", args=["run", "--once", "--quiet"])
+    assert resume.wait(timeout=120) == 0, resume.log()[-3000:]
+    check_invariants(local, entries, view=view)
+    total = sum(e.size for e in entries)
+    resent = sum(r["bytes_sent"] for r in entry_rows(local).values()) - total
+    budget = local.max_concurrent_parts * local.part_size
+    assert resent <= budget, (f"resume re-sent {resent} bytes; the stop can only have interrupted {budget} "
+                              f"(sent before the signal {sent_before_stop}, at the stop {sent_at_stop})")
+    return interrupted
+
+
+def test_sigterm_mid_upload_stops_cleanly_and_resumes(s3_via_proxy: tuple[Settings, Settings, FaultProxy],
+                                                      fork_server: ForkServer, run_dir: Path,
+                                                      request: pytest.FixtureRequest) -> None:
+    settings, direct, proxy = s3_via_proxy
+    rng = random.Random(10)
+    rounds = loop_count(request, 4)
+    # A 1 s grace (the real one is 20 s) so the stop cuts the big file short at a random point: in-flight
+    # parts get their second, the rest of the file waits for the resume.
+    interrupted = sum(sigterm_round(i, rng, settings, direct, proxy, fork_server, run_dir, stop_grace=1.0)
+                      for i in range(rounds))
+    assert interrupted >= rounds // 2, "the stop hardly ever interrupted an upload: the test tests nothing"
+
+
+def test_sigterm_while_a_part_hangs_still_stops_in_time(s3_via_proxy: tuple[Settings, Settings, FaultProxy],
+                                                        fork_server: ForkServer, run_dir: Path) -> None:
+    settings, direct, proxy = s3_via_proxy
+    # A deadline far beyond the stop timeout: only the stop's own grace period can end the hung part.
+    settings = settings.replace(request_timeout=120.0)
+    sigterm_round(0, random.Random(11), settings, direct, proxy, fork_server, run_dir, hang_a_part=True)
