@@ -173,6 +173,7 @@ class Daemon:
                     # After the renewal only leases no task of ours holds can have expired: entries whose
                     # task ended without recording its outcome (see _failed) go back to the queue.
                     self._release_expired()
+                    self._cap_waits()
                     self._write_heartbeat()
                 busy = bool(self._uploads or self._commits) or self._has_work()
                 if busy:
@@ -333,6 +334,13 @@ class Daemon:
         with contextlib.suppress(sqlite3.Error):  # the index's disk may be full: try again next heartbeat
             if released := self.index.release_expired_leases():
                 log.warning("%d entries whose lease expired went back to the queue", released)
+
+    def _cap_waits(self) -> None:
+        """No backoff is longer than retry_max_delay: after a step back of the wall clock, waiting entries
+        would otherwise wait out the step too (an hour, a day)."""
+        with contextlib.suppress(sqlite3.Error):
+            if shortened := self.index.cap_waits(time.time() + self.settings.retry_max_delay):
+                log.warning("the clock stepped back: %d waiting entries rescheduled", shortened)
 
     def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
         """Route a failure to its state and make it visible. If even that cannot be written (the index's

@@ -192,6 +192,13 @@ class SpoolIndex:
                                 ).fetchone()
         return row[0]
 
+    def cap_waits(self, latest: float) -> int:
+        """Bring every wait for a next attempt forward to `latest` at most. Waits are capped by the backoff, so
+        a later one means the wall clock stepped back since it was set (NTP, an admin): without this, the
+        entry would sit out the whole step. Returns how many waits were shortened."""
+        return self.conn.execute("UPDATE entries SET next_attempt_at=? WHERE state IN ('queued','uploaded')"
+                                 " AND next_attempt_at > ?", (latest, latest)).rowcount
+
     # ---- leases and transitions ---------------------------------------------------------------
     def claim(self, owner: str, lease_seconds: float, limit: int, now: float | None = None,
               states: tuple[State, ...] = (State.QUEUED,)) -> list[dict[str, Any]]:
