@@ -19,6 +19,8 @@ _SECRETS = [
     (re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b"), "<aws-key-id>"),
     (re.compile(r"(Signature=|Credential=|X-Amz-Security-Token=|X-Amz-Signature=)[^&\s,\"']+", re.I), r"\1<redacted>"),
     (re.compile(r"(Authorization[\"']?\s*[:=]\s*[\"']?)[^\"'\n]+", re.I), r"\1<redacted>"),
+    # The session token as a header (botocore's request dicts print it as b'...'), not only as a query parameter.
+    (re.compile(r"(X-Amz-Security-Token[\"']?\s*:\s*b?[\"']?)[^\"'\s,}]+", re.I), r"\1<redacted>"),
     (re.compile(r"(aws_secret_access_key|aws_session_token|secret[_-]?key|password)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+",
                 re.I), r"\1\2<redacted>"),
     (re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)[^@\s]+@"), r"\1<redacted>@"),
