@@ -19,18 +19,21 @@ fi
 echo "==> pip install -e '.[dev]'"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 
-# systemd-analyze checks the systemd units; Debian ships it in the `systemd` package (which also
-# brings libseccomp, used to run the daemon inside the units' sandbox). Installing it does not need
-# systemd to be PID 1.
-if ! command -v systemd-analyze >/dev/null 2>&1; then
+# Debian tools some tests use: systemd-analyze (package `systemd`, which also brings libseccomp) checks
+# the systemd units and runs the daemon inside their sandbox — installing it does not need systemd to be
+# PID 1; libfaketime (package `faketime`) steps the wall clock under the daemon in the clock-jump tests.
+missing=()
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+[[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ]] \
+    || missing+=(faketime)
+if (( ${#missing[@]} )); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> apt-get install systemd (for systemd-analyze)"
+        echo "==> apt-get install ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -qq --no-install-recommends systemd >/dev/null \
-            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
     else
-        echo "note: systemd-analyze is missing and this is not root: the systemd unit tests will be skipped" \
-             "(install the 'systemd' package to run them)"
+        echo "note: ${missing[*]} missing and this is not root: the tests that need them will be skipped"
     fi
 fi
 
