@@ -11,6 +11,7 @@ the real calls — nothing is faked; the process just dies at that instant.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -118,19 +119,25 @@ def write_loop(ack_path: str, experiment: str, seed: int, saves: int = 10_000, b
             kind = rng.choice(("blob", "blob", "json", "text", "upload"))
             big = i % big_every == big_every - 1
             size = rng.randrange(1 << 20, 5 << 20) if big else rng.randrange(0, 64 << 10)
+            data = None
             if kind == "blob":
-                result = files.save_blob(rng.randbytes(size), to=f"step-{i}.bin", metadata={"step": i})
+                data = rng.randbytes(size)
+                result = files.save_blob(data, to=f"step-{i}.bin", metadata={"step": i})
             elif kind == "json":
                 result = files.save_json({"step": i, "loss": rng.random(), "pad": "x" * (size % 4096)},
                                          to=f"metrics-{i}.json", tags=["metrics"])
             elif kind == "text":
                 result = files("logs").save_text(f"step {i}\n" * (size % 2000), to=f"log-{i}.txt")
             else:
+                data = rng.randbytes(size)
                 with open(source, "wb") as handle:
-                    handle.write(rng.randbytes(size))
+                    handle.write(data)
                 result = files.upload(source, to=f"upload-{i}.bin")
                 os.unlink(source)  # the snapshot is in the spool: the source may go
-            line = json.dumps({k: result[k] for k in ("id", "sizeBytes", "checksum")}) + "\n"
+            ack = {k: result[k] for k in ("id", "sizeBytes", "checksum")}
+            if ack["checksum"] is None and data is not None:  # deferred checksums: we know what we saved
+                ack["checksum"] = hashlib.sha256(data).hexdigest()
+            line = json.dumps(ack) + "\n"
             os.write(fd, line.encode())
     finally:
         os.close(fd)

@@ -27,9 +27,8 @@ from mldash import Experiment, InvalidInputError
 from mldash.config import Settings
 from mldash.keys import MAX_KEY_BYTES, experiment_key_prefix
 from mldash_syncd import drain
-from tests.backend_helpers import list_objects
 from tests.reliability.conftest import loop_count
-from tests.reliability.invariants import check_invariants
+from tests.reliability.invariants import check_invariants, list_keys
 
 NASTY = ["/", "\\", ".", "..", "\x00", "\n", "\x7f", "．", "‥", "﹒", "／", "＼", "~", ":", "*", "?", "%2e", " ",
          "\u202e", "é", "e\u0301", "😀", "𝔘", "ǅ", "$", "{", "'", '"']
@@ -96,7 +95,7 @@ def assert_nothing_outside(sandbox: Path, allowed: set[str]) -> None:
 
 
 def assert_keys(settings: Settings, accepted: list[dict[str, Any]], root: str = "") -> None:
-    keys = list_objects(settings)
+    keys = list_keys(settings)
     assert len(keys) == len(accepted)
     by_id = {str(r["id"]): r for r in accepted}
     for key in keys:

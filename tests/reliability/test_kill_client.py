@@ -37,14 +37,15 @@ def read_acks(path: Path) -> dict[int, Ack]:
     return acks(json.loads(line) for line in path.read_text().splitlines() if line.strip())
 
 
-def kill_client_loop(settings: Settings, fork_server: ForkServer, base: Path, count: int, seed: int) -> None:
+def kill_client_loop(settings: Settings, fork_server: ForkServer, base: Path, count: int, seed: int,
+                     checksum: str = "sync") -> None:
     rng = random.Random(seed)
     acked_total = unacked_total = 0
     for i in range(count):
         run = base / f"run-{i}"
         run.mkdir()
         local = settings.replace(spool=run / "spool", store=(run / "store").as_uri(),
-                                 catalog="sqlite://" + str(run / "catalog.sqlite"))
+                                 catalog="sqlite://" + str(run / "catalog.sqlite"), checksum=checksum)
         env = settings_env(local)
         daemon = fork_server.spawn("run_daemon", env=env, log=run / "daemon.log", args=["run"])
         ack_path = run / "acks.jsonl"
@@ -70,13 +71,20 @@ def kill_client_loop(settings: Settings, fork_server: ForkServer, base: Path, co
         unacked_total += len(result.rows) - len(acked)  # committed, but the kill came before the ack
     # The loop must have exercised something: saves acknowledged, and kills that landed mid-save.
     assert acked_total >= count, f"only {acked_total} saves acknowledged in {count} iterations"
-    print(f"kill -9 of the client: {count} kills, {acked_total} acknowledged saves verified, "
+    print(f"kill -9 of the client ({checksum} checksums): {count} kills, {acked_total} acknowledged saves verified, "
           f"{unacked_total} committed-but-unacknowledged")
 
 
 def test_kill9_client_during_saves(settings: Settings, fork_server: ForkServer, run_dir: Path,
                                    request: pytest.FixtureRequest) -> None:
     kill_client_loop(settings, fork_server, run_dir, loop_count(request, 30), seed=1)
+
+
+def test_kill9_client_during_saves_deferred_checksums(settings: Settings, fork_server: ForkServer, run_dir: Path,
+                                                      request: pytest.FixtureRequest) -> None:
+    """MLDASH_CHECKSUM=deferred: saves return without a checksum; the daemon computes it from the spooled
+    bytes — which must still be exactly what the save call had."""
+    kill_client_loop(settings, fork_server, run_dir, loop_count(request, 10), seed=3, checksum="deferred")
 
 
 @pytest.mark.slow
