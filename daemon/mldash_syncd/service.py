@@ -251,6 +251,11 @@ class Daemon:
         if free <= 0 or self.catalog_gate.is_open:
             return
         for row in self.index.claim(self.owner, self.settings.lease_seconds, free, states=(State.UPLOADED,)):
+            if row["id"] in self._commits:
+                # Our own commit in flight: after the wall clock stepped forward its lease looked expired.
+                # The claim just renewed it; a second commit task would race the first.
+                self._refund_attempt(row)
+                continue
             task = asyncio.create_task(self._commit_one(row), name=f"commit-{row['id']}")
             self._commits[row["id"]] = task
             task.add_done_callback(lambda _t, i=row["id"]: (self._commits.pop(i, None), self._wake.set()))
