@@ -150,3 +150,30 @@ def test_clock_steps_back_an_hour_while_entries_wait(s3_via_proxy: tuple[Setting
         assert daemon.stop() == 0, daemon.log()[-3000:]
     assert "Traceback" not in daemon.log(), daemon.log()[-3000:]
     check_invariants(settings, entries, view=direct)
+
+
+def test_clock_jumps_a_day_ahead_mid_commit(mongo_settings: Settings, mongo_uri: str, fault_proxy,
+                                            libfaketime: str, clock: Path, tmp_path: Path) -> None:
+    """A lease taken before a +1 day jump looks expired after it: commits in flight must not be claimed and
+    run a second time by the same daemon (nor trip over their own finished work)."""
+    from tests.faults import mongo_command
+    from tests.fixtures.faults import mongo_uri_via
+
+    counter = fault_proxy(mongo_uri, protocol="mongo")
+    slow = counter.delay(3.0, per="message", match=mongo_command("insert"))  # commits stay in flight a while
+    settings = mongo_settings.replace(catalog=mongo_uri_via(counter, mongo_uri), request_timeout=20.0)
+    entries = [enqueue_bytes(settings, os.urandom(2000 + i), filename=f"f{i}.bin") for i in range(4)]
+    daemon = FakeClockDaemon(settings, libfaketime, clock, tmp_path / "daemon.log", "run")
+    try:
+        wait_for(lambda: slow.injected >= 1, what="a commit in flight")
+        jump(clock, "+1d")
+        wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), timeout=60, what="all commits")
+        time.sleep(2.5)  # a duplicate commit would still be running
+    finally:
+        assert daemon.stop() == 0, daemon.log()[-3000:]
+    slow.remove()
+    log = daemon.log()
+    assert "Traceback" not in log and "never retrieved" not in log, log[-3000:]
+    inserts = sum(1 for m in counter.messages if m.method == "insert")
+    assert inserts == len(entries), f"{inserts} inserts for {len(entries)} files: a commit ran twice"
+    check_invariants(settings, entries, view=mongo_settings)
