@@ -9,6 +9,8 @@ keeps time.monotonic() real, as a clock step by NTP or an admin does. (With that
 - +1 day in the middle of a multipart upload, then a kill -9 and a restart still a day ahead: leases,
   start-up gc and the resume must treat the upload as live — one CreateMultipartUpload per file, parts
   stored before the kill never sent again — and everything commits exactly once.
+- +1 day while commits are in flight (slowed down at the MongoDB proxy): the daemon's own leases look
+  expired, yet each commit runs once (one insert per file) and no task dies.
 - -1 hour while entries wait out a store outage (their next attempt is a wall-clock time): once the
   store is back they must go within seconds, not an hour later.
 """

@@ -150,6 +150,7 @@ def test_names_over_the_limits_are_refused_clearly(settings: Settings, to: str) 
         exp.files("ckpt").save_blob(b"x", to=to)
     assert "bytes" in str(refused.value)
     assert not any(SpoolLayoutFiles(settings)), "a refused save left something in the spool"
+    check_invariants(settings)  # nothing stored, nothing catalogued, nothing pending
 
 
 def SpoolLayoutFiles(settings: Settings) -> list[Path]:
