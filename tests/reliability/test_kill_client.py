@@ -75,6 +75,7 @@ def kill_client_loop(settings: Settings, fork_server: ForkServer, base: Path, co
           f"{unacked_total} committed-but-unacknowledged")
 
 
+@pytest.mark.timeout(600)  # scales with --iterations
 def test_kill9_client_during_saves(settings: Settings, fork_server: ForkServer, run_dir: Path,
                                    request: pytest.FixtureRequest) -> None:
     kill_client_loop(settings, fork_server, run_dir, loop_count(request, 30), seed=1)

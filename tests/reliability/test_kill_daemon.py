@@ -188,6 +188,7 @@ def kill_daemon_loop(s3_via_proxy, fork_server: ForkServer, base: Path, kills: i
     return stats
 
 
+@pytest.mark.timeout(600)  # scales with --iterations
 def test_kill9_daemon_at_random_points(s3_via_proxy, fork_server: ForkServer, run_dir: Path,
                                        request: pytest.FixtureRequest) -> None:
     kill_daemon_loop(s3_via_proxy, fork_server, run_dir, loop_count(request, 100), seed=7)
