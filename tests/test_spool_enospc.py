@@ -8,10 +8,8 @@ manifest, no truncated manifest); earlier entries are intact; freeing space make
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,19 +24,6 @@ from tests.spool_helpers import Ack, assert_spool_integrity, make_settings, put
 PAGE = 4096
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 20 MiB tmpfs (needs root / CAP_SYS_ADMIN): a disk that really fills up."""
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mountpoint)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {result.stderr.strip() or result.returncode}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 def _acks(manifests: list[Manifest]) -> dict[int, Ack]:

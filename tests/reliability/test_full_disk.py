@@ -12,12 +12,8 @@ exactly once. A second round fills the disk while a daemon is running and draini
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from mldash import Experiment, SpoolFullError
 from mldash.config import Settings
@@ -30,19 +26,6 @@ from tests.spool_helpers import assert_spool_integrity
 MIB = 2**20
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 20 MiB tmpfs (needs root / CAP_SYS_ADMIN): a disk that really fills up."""
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mountpoint)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {result.stderr.strip() or result.returncode}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 def fill(exp: Experiment, size: int, limit: int = 50) -> tuple[list[dict], SpoolFullError]:
