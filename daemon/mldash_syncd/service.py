@@ -198,7 +198,14 @@ class Daemon:
 
     def _next_timeout(self) -> float:
         timeout = RESCAN_INTERVAL
-        due = self.index.next_due()
+        # Only entries we could start now may shorten the sleep: with every upload slot busy, a due queued
+        # entry waits for a slot (a finishing task wakes the loop), and polling for it would spin.
+        startable = []
+        if len(self._uploads) < self.settings.max_concurrent_files:
+            startable.append(State.QUEUED)
+        if len(self._commits) < MAX_CONCURRENT_COMMITS:
+            startable.append(State.UPLOADED)
+        due = self.index.next_due(startable)
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
         for gate in (self.store_gate, self.catalog_gate):

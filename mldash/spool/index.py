@@ -186,10 +186,13 @@ class SpoolIndex:
                                 [s.value for s in PENDING]).fetchone()
         return row[0]
 
-    def next_due(self) -> float | None:
-        """Earliest next_attempt_at among entries waiting for work (queued or uploaded)."""
-        row = self.conn.execute("SELECT MIN(next_attempt_at) FROM entries WHERE state IN ('queued','uploaded')"
-                                ).fetchone()
+    def next_due(self, states: Iterable[State] = (State.QUEUED, State.UPLOADED)) -> float | None:
+        """Earliest next_attempt_at among entries in `states` (default: all that wait for work)."""
+        states = [s.value for s in states]
+        if not states:
+            return None
+        marks = ",".join("?" * len(states))
+        row = self.conn.execute(f"SELECT MIN(next_attempt_at) FROM entries WHERE state IN ({marks})", states).fetchone()
         return row[0]
 
     def cap_waits(self, latest: float) -> int:
