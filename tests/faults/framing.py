@@ -130,6 +130,26 @@ class _Framer:
         self._passthrough: Message | None = None
         self._pt_offset = 0
 
+    def feed(self, data: bytes) -> list[Segment]:
+        """Frame `data`; on a parse error, everything from here on is passed through as one raw message."""
+        if self._passthrough is not None:
+            return self._passthrough_feed(data)
+        self._buf += data
+        out: list[Segment] = []
+        try:
+            while self._step(out):
+                pass
+        except FramingError:
+            out.extend(self._to_passthrough(self._failed_message()))
+        return out
+
+    def _step(self, out: list[Segment]) -> bool:
+        raise NotImplementedError
+
+    def _failed_message(self) -> Message:
+        """The message a parse error turns into passthrough."""
+        raise NotImplementedError
+
     def _to_passthrough(self, msg: Message) -> list[Segment]:
         self._passthrough = msg
         data = bytes(self._buf)
@@ -288,17 +308,8 @@ class HttpRequestFramer(_Framer):
         self._body: _HttpBodyReader | None = None
         self._offset = 0
 
-    def feed(self, data: bytes) -> list[Segment]:
-        if self._passthrough is not None:
-            return self._passthrough_feed(data)
-        self._buf += data
-        out: list[Segment] = []
-        try:
-            while self._step(out):
-                pass
-        except FramingError:
-            out.extend(self._to_passthrough(Message(self._conn_id, self._index, head=bytes(self._buf[:MAX_HEAD]))))
-        return out
+    def _failed_message(self) -> Message:
+        return Message(self._conn_id, self._index, head=bytes(self._buf[:MAX_HEAD]))
 
     def feed_eof(self) -> list[Segment]:
         if self._passthrough is not None:
@@ -384,17 +395,8 @@ class HttpResponseFramer(_Framer):
         self._body_length: int | None = None
         self._offset = 0
 
-    def feed(self, data: bytes) -> list[Segment]:
-        if self._passthrough is not None:
-            return self._passthrough_feed(data)
-        self._buf += data
-        out: list[Segment] = []
-        try:
-            while self._step(out):
-                pass
-        except FramingError:
-            out.extend(self._to_passthrough(self._request() or self._orphan()))
-        return out
+    def _failed_message(self) -> Message:
+        return self._request() or self._orphan()
 
     def feed_eof(self) -> list[Segment]:
         if self._passthrough is not None:
@@ -491,17 +493,8 @@ class MongoRequestFramer(_Framer):
         self._remaining = 0
         self._offset = 0
 
-    def feed(self, data: bytes) -> list[Segment]:
-        if self._passthrough is not None:
-            return self._passthrough_feed(data)
-        self._buf += data
-        out: list[Segment] = []
-        try:
-            while self._step(out):
-                pass
-        except FramingError:
-            out.extend(self._to_passthrough(Message(self._conn_id, self._index, head=bytes(self._buf[:64]))))
-        return out
+    def _failed_message(self) -> Message:
+        return Message(self._conn_id, self._index, head=bytes(self._buf[:64]))
 
     def feed_eof(self) -> list[Segment]:
         if self._passthrough is not None:
@@ -563,17 +556,8 @@ class MongoResponseFramer(_Framer):
         self._remaining = 0
         self._offset = 0
 
-    def feed(self, data: bytes) -> list[Segment]:
-        if self._passthrough is not None:
-            return self._passthrough_feed(data)
-        self._buf += data
-        out: list[Segment] = []
-        try:
-            while self._step(out):
-                pass
-        except FramingError:
-            out.extend(self._to_passthrough(self._request() or self._orphan()))
-        return out
+    def _failed_message(self) -> Message:
+        return self._request() or self._orphan()
 
     def feed_eof(self) -> list[Segment]:
         if self._passthrough is not None:
