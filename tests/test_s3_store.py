@@ -273,7 +273,8 @@ async def test_connection_refused_is_transient(aws_env: str) -> None:
 
 async def test_requests_carry_our_checksum_and_no_expect_header(aws_env: str) -> None:
     """No "Expect: 100-continue" (a server that never sends "100 Continue" would hold us), our SHA256 is
-    sent as is, and the create is conditional."""
+    sent as is, and the create is conditional. Bodies are not hashed a second time for SigV4 (UNSIGNED-PAYLOAD,
+    even on plain HTTP): the checksum header, which the signature covers, is what protects them."""
     async with FakeS3(lambda r: s3_error(503, "SlowDown")) as server:
         store = await open_store(server.url, timeout=5.0)
         part = bytearray(b"p" * (5 * MiB))
@@ -292,6 +293,10 @@ async def test_requests_carry_our_checksum_and_no_expect_header(aws_env: str) ->
     parts = [r for r in puts if "partNumber=1" in r.target]
     assert parts and parts[0].headers["x-amz-checksum-sha256"] == b64_sha256(part[1:])
     assert len(parts[0].body) == 5 * MiB - 1
+    for request in (first, parts[0]):
+        assert request.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+        signed = request.headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+        assert "x-amz-checksum-sha256" in signed
 
 
 # -- classification of scripted answers -----------------------------------------------------------------

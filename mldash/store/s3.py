@@ -15,6 +15,12 @@ Decisions, each for a reason:
 - Checksums: we send `ChecksumSHA256` ourselves (the daemon hashed the bytes while reading them), so
   botocore computes nothing more (`request_checksum_calculation="when_required"`). Downloads ask for the
   checksum (`ChecksumMode="ENABLED"`): botocore then verifies single-part objects as they stream.
+- Payload signing off (`UNSIGNED-PAYLOAD`), on plain HTTP too. SigV4 would otherwise hash every body once
+  more (SHA256, ~0.5 s of CPU per GiB, on the event-loop thread) only to put the digest in a signed header.
+  Every body we send carries `x-amz-checksum-sha256`, which is itself a signed header and which S3 checks
+  against the bytes received, so a body altered on the way is refused either way: this is what boto3 does
+  over HTTPS whenever a checksum header is present. (Stores that do not check it — moto, some
+  S3-compatibles — are covered by the daemon's ETag comparison, see `etag_is_md5`.)
 - One client per store, created in `open()` and kept, so connections are pooled; the pool is sized by
   `max_connections` (the daemon passes its concurrency) because a request waiting for a free connection
   would be eating its own deadline.
@@ -207,7 +213,8 @@ class S3Store(Store):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             # Custom endpoints (MinIO, Ceph, moto) widely support only path-style addressing.
-            s3={"addressing_style": "path"} if self.endpoint_url else None,
+            s3={"payload_signing_enabled": False,
+                **({"addressing_style": "path"} if self.endpoint_url else {})},
         )
         exit_stack = contextlib.AsyncExitStack()
         try:
