@@ -209,7 +209,10 @@ FIELDS: tuple[Field, ...] = (
           "Daemon: also check S3 ETags against the MD5 of the bytes sent, which catches corruption in flight "
           "on stores that accept a wrong SHA256 checksum without validating it. 'auto' (default): on for "
           "S3-compatible endpoints (MLDASH_S3_ENDPOINT_URL set), off for AWS S3, which validates the SHA256 "
-          "itself. Turn off for SSE-KMS buckets, whose ETags are not MD5s."),
+          "itself; for single PUTs only, since a multipart object is checked against the composite SHA256 the "
+          "store computes from the parts it received (a store that reports none gets its ETag checked). "
+          "'true': every part's ETag too, as it is sent (an MD5 of every byte, ~1 s of CPU per GiB). Turn off "
+          "for SSE-KMS buckets, whose ETags are not MD5s."),
     Field("keep_committed", "MLDASH_KEEP_COMMITTED", _parse_int(0), lambda: 0,
           "Daemon: committed artifacts whose bytes stay in the spool (newest first) for fast local reads."),
     Field("evict_after", "MLDASH_EVICT_AFTER", _parse_float(0.0), lambda: 0.0,

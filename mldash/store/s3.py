@@ -372,8 +372,15 @@ class S3Store(Store):
             raise TransientStoreError(f"complete_multipart {key!r}: the response carried no ETag",
                                       code="IncompleteResponse")
         etag = response.get("ETag")
-        return StoredObject(key=key, size=sum(p.size for p in parts),
-                            checksum_sha256=_qualified_checksum(response.get("ChecksumSHA256"), etag), etag=etag)
+        checksum = _qualified_checksum(response.get("ChecksumSHA256"), etag)
+        if checksum is None:
+            # moto (and some S3-compatibles) leave the composite out of this response but report it on HEAD:
+            # ask, so the daemon can compare it instead of reading the whole blob again for MD5s.
+            with contextlib.suppress(StoreError):
+                stored = await self.head(key)
+                if stored is not None and stored.etag == etag:
+                    checksum = stored.checksum_sha256
+        return StoredObject(key=key, size=sum(p.size for p in parts), checksum_sha256=checksum, etag=etag)
 
     async def _upload_is_gone(self, key: str, upload_id: str) -> bool:
         try:

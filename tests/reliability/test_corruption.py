@@ -5,10 +5,13 @@ What the policy (daemon/mldash_syncd/retry.py, upload.py) says, and what is asse
 - spooled bytes that no longer match the manifest's SHA256 are CORRUPT: the entry is quarantined at the
   first attempt, with the reason; nothing is uploaded (a multipart upload is aborted); once a person
   restores the bytes, `retry` delivers them;
-- a byte flipped on the way to the store is caught by the ETag (MD5 of what the store received; moto,
-  like some S3-compatibles, does not validate the SHA256 we send): a VerificationError, an ENTRY error
-  that costs one attempt; the damaged part is sent again / the damaged object removed and created
-  again, and the right bytes are committed;
+- a byte flipped on the way to the store is caught — moto, like some S3-compatibles, does not validate
+  the SHA256 we send — for a single PUT by the ETag (MD5 of what the store received), for a multipart
+  object by the composite SHA256 the store computes from the parts it received (or, with
+  verify_etag=true, by each part's ETag at once; a store that reports no composite gets its ETag
+  checked against MD5s from a second read): a VerificationError, an ENTRY error that costs one attempt;
+  the damaged part is sent again / the damaged object removed and created again, and the right bytes are
+  committed;
 - if every attempt is damaged (a persistently corrupting path), the entry ends `failed` after
   max_attempts with the reason, and the store holds no wrong bytes.
 In every case the invariant checker reads every stored object back and compares its SHA256.
@@ -16,6 +19,7 @@ In every case the invariant checker reads every stored object back and compares 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from urllib.parse import parse_qs
@@ -24,6 +28,8 @@ import pytest
 
 from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
+from mldash.store import make_store
+from mldash.store.base import PartReceipt, Store, StoredObject
 from mldash_syncd import drain
 from tests.faults import FaultProxy
 from tests.faults import http_faults as H
@@ -31,6 +37,8 @@ from tests.fixtures.daemon import enqueue_bytes
 from tests.reliability.conftest import MIB
 from tests.reliability.helpers import entry_rows
 from tests.reliability.invariants import check_invariants
+
+NO_COMPOSITE = "the store reports no SHA256 checksum"
 
 
 def flip_spooled_byte(settings: Settings, file_id: int, offset: int) -> bytes:
@@ -68,10 +76,14 @@ def test_spooled_byte_flipped_is_quarantined_then_retry_after_repair(
     check_invariants(settings, [*good, bad], view=direct)
 
 
-@pytest.mark.parametrize("operation", ["PutObject", "UploadPart"])
+@pytest.mark.parametrize(("operation", "verify_etag"), [("PutObject", None), ("UploadPart", None),
+                                                       ("UploadPart", True)],
+                         ids=["PutObject", "UploadPart-composite", "UploadPart-part-etags"])
 def test_byte_flipped_in_flight_once_is_sent_again(s3_via_proxy: tuple[Settings, Settings, FaultProxy],
-                                                   operation: str) -> None:
+                                                   operation: str, verify_etag: bool | None,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     settings, direct, proxy = s3_via_proxy
+    settings = settings.replace(verify_etag=verify_etag)
     match = H.PUT_OBJECT if operation == "PutObject" else H.UPLOAD_PART
     flip = proxy.flip_byte(match=match, times=1)
     size = 50_000 if operation == "PutObject" else 12 * MIB
@@ -97,6 +109,49 @@ def test_byte_flipped_in_flight_once_is_sent_again(s3_via_proxy: tuple[Settings,
     again = [m for m in proxy.messages if m is not flipped[0] and m.method == "PUT" and m.target
              and piece(m.target) == piece(flipped[0].target)]
     assert again, f"the flipped byte was not detected: {piece(flipped[0].target)} was never sent again"
+    assert NO_COMPOSITE not in caplog.text  # moto reports the composite (on HEAD): no second read was needed
+
+
+class _StoreWithoutChecksums:
+    """An S3-compatible store that keeps no checksums (as some do): reports none, like a real one would."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def __aenter__(self) -> _StoreWithoutChecksums:
+        await self._inner.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.close()
+
+    async def head(self, key: str) -> StoredObject | None:
+        stored = await self._inner.head(key)
+        return stored and dataclasses.replace(stored, checksum_sha256=None)
+
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[PartReceipt]) -> StoredObject:
+        return dataclasses.replace(await self._inner.complete_multipart(key, upload_id, parts), checksum_sha256=None)
+
+
+def test_store_without_composite_checksum_is_checked_by_its_etag(
+        s3_via_proxy: tuple[Settings, Settings, FaultProxy], caplog: pytest.LogCaptureFixture) -> None:
+    """No composite to compare: the daemon reads the blob once more for the parts' MD5s and compares the
+    object's ETag — the flipped part is caught, the object removed and created again."""
+    settings, direct, proxy = s3_via_proxy
+    flip = proxy.flip_byte(match=H.UPLOAD_PART, times=1)
+    entry = enqueue_bytes(settings, os.urandom(12 * MIB), filename="target.bin")
+
+    report = drain(settings, store=_StoreWithoutChecksums(make_store(settings)), max_wait=60)
+
+    assert NO_COMPOSITE in caplog.text
+    assert flip.injected == 1
+    assert report.committed == 1 and report.clean, report
+    check_invariants(settings, [entry], view=direct)
+    completes = [m for m in proxy.messages if m.method == "POST" and "uploadId=" in (m.target or "")]
+    assert len(completes) == 2, "the damaged object was not detected and created again"
 
 
 def test_every_attempt_damaged_ends_failed_without_wrong_bytes(s3_via_proxy: tuple[Settings, Settings,
