@@ -59,6 +59,7 @@ from mldash.store.base import (
     TransientStoreError,
 )
 from mldash.store.local import store_error_from_os_error
+from mldash.store.s3_body import SendBuffer
 
 T = TypeVar("T")
 
@@ -272,7 +273,7 @@ class S3Store(Store):
 
     async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
         self._check_key("put", key)
-        body = _body(data)
+        body = SendBuffer(data)
         response = await self._call("put", key, self._deadline(len(body)), self._client_op("put_object"),
                                     Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
                                     ChecksumSHA256=sha256_b64, IfNoneMatch="*")
@@ -327,7 +328,7 @@ class S3Store(Store):
 
     async def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes | memoryview,
                           sha256_b64: str) -> PartReceipt:
-        body = _body(data)
+        body = SendBuffer(data)
         response = await self._call("upload_part", key, self._deadline(len(body)), self._client_op("upload_part"),
                                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
                                     Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=sha256_b64)
@@ -435,16 +436,6 @@ def _qualified_checksum(checksum: str | None, etag: str | None) -> str | None:
         return checksum
     match = _MULTIPART_ETAG.fullmatch(etag)
     return f"{checksum}-{match.group(1)}" if match else checksum
-
-
-def _body(data: bytes | bytearray | memoryview) -> bytes | bytearray:
-    """A body botocore accepts (bytes, bytearray, file-like), copying a memoryview only when it must."""
-    if isinstance(data, (bytes, bytearray)):
-        return data
-    view = memoryview(data)
-    if isinstance(view.obj, (bytes, bytearray)) and view.contiguous and view.nbytes == len(view.obj):
-        return view.obj  # a view of a whole buffer: hand over the buffer itself
-    return view.tobytes()
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,0 +1,80 @@
+"""`SendBuffer`: a request body that aiohttp sends straight from the daemon's part buffer, without copying it.
+
+Why: handed `bytes`, botocore wraps the body in a BytesIO (its `convert_body_to_file_like_object` handler)
+and aiohttp's BytesIOPayload then calls `getbuffer()`, which un-shares the BytesIO and copies the whole
+body — 8 MiB per part, on the event-loop thread, into freshly mapped memory (~0.5 s per GiB measured with
+cProfile). A `bytearray` would escape the wrapping, but aiohttp (on Python < 3.12.9) joins headers and
+body into one new bytes object before writing, another full copy. This body is neither: botocore leaves
+it alone (it is file-like enough to validate as a blob, but neither bytes nor an io.IOBase), and the
+payload registered for it below writes memoryview slices of the caller's buffer, each awaited until the
+transport drains — so the socket reads from the buffer itself and the transport never holds more than one
+slice.
+
+The caller must not change the buffer until the request has finished (the daemon reuses part buffers only
+after `upload_part` returned). Sending is stateless: a retry of the same request writes it again from the
+start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import payload
+from aiohttp.abc import AbstractStreamWriter
+
+_SLICE = 1 << 20  # per write: big enough for few wake-ups, small enough to stay out of the transport's buffer
+
+
+class SendBuffer:
+    """Bytes to send as a request body, by reference (see module doc)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self.view = memoryview(data).cast("B")
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def __bool__(self) -> bool:
+        return self.view.nbytes > 0
+
+    # The file-like surface botocore expects: `read` makes its parameter validation accept this as a blob,
+    # `seek(0)` is how it rewinds a body before retrying. Our send path never reads through it.
+    position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = self.view.nbytes if size is None or size < 0 else min(self.view.nbytes, self.position + size)
+        chunk = self.view[self.position:end].tobytes()
+        self.position = max(self.position, end)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self.position, self.view.nbytes)[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+class _SendBufferPayload(payload.Payload):
+    def __init__(self, value: SendBuffer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(value, *args, **kwargs)
+        self._size = len(value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self._value.view.tobytes().decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        view: memoryview = self._value.view
+        end = view.nbytes if content_length is None else min(view.nbytes, content_length)
+        for start in range(0, end, _SLICE):
+            await writer.write(view[start:min(start + _SLICE, end)])
+
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self._value.view.tobytes()
+
+
+payload.PAYLOAD_REGISTRY.register(_SendBufferPayload, SendBuffer)
