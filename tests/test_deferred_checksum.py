@@ -1,4 +1,5 @@
-"""MLDASH_CHECKSUM=deferred: saves skip the SHA256, the daemon computes it in its one read of the bytes.
+"""MLDASH_CHECKSUM=deferred: saves skip the SHA256, the daemon computes it in its one read of the bytes;
+MLDASH_CHECKSUM=auto (the default): the same for artifacts over sync_checksum_limit, 'sync' below it.
 
 Every test drains through the real daemon and checks the store and the catalog directly (tests.backend_helpers):
 the catalog's checksum must be the SHA256 of the bytes the save was given, never None — including after a
@@ -66,10 +67,16 @@ def backend(request: pytest.FixtureRequest, settings: Settings) -> Settings:
 
 # ---- configuration and the pieces ----------------------------------------------------------------------------
 
-def test_checksum_setting_defaults_to_sync_and_parses_deferred(settings: Settings) -> None:
-    assert settings.checksum == "sync" and not settings.deferred_checksum
+def test_checksum_setting_defaults_to_auto_and_parses_every_mode() -> None:
+    default = Settings.load(env={"MLDASH_CONFIG": ""})
+    assert default.checksum == "auto" and default.sync_checksum_limit == 64 * MIB
+    assert default.hash_limit == 64 * MIB
     loaded = Settings.load(env={"MLDASH_CHECKSUM": "Deferred", "MLDASH_CONFIG": ""})
-    assert loaded.checksum == "deferred" and loaded.deferred_checksum
+    assert loaded.checksum == "deferred" and loaded.hash_limit == 0
+    loaded = Settings.load(env={"MLDASH_CHECKSUM": "sync", "MLDASH_CONFIG": ""})
+    assert loaded.checksum == "sync" and loaded.hash_limit is None
+    loaded = Settings.load(env={"MLDASH_SYNC_CHECKSUM_LIMIT": "1MiB", "MLDASH_CONFIG": ""})
+    assert loaded.checksum == "auto" and loaded.hash_limit == MIB
 
 
 def test_bogus_checksum_mode_is_a_clear_error() -> None:
@@ -77,7 +84,7 @@ def test_bogus_checksum_mode_is_a_clear_error() -> None:
         Settings.load(env={"MLDASH_CHECKSUM": "bogus"})
     message = str(info.value)
     assert "checksum" in message and "MLDASH_CHECKSUM" in message and "'bogus'" in message
-    assert "'sync'" in message and "'deferred'" in message
+    assert "'auto'" in message and "'sync'" in message and "'deferred'" in message
 
 
 def test_sink_without_hashing_writes_and_copies_the_same_bytes(tmp_path: Path) -> None:
@@ -94,12 +101,69 @@ def test_sink_without_hashing_writes_and_copies_the_same_bytes(tmp_path: Path) -
         target = tmp_path / name
         fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            sink = HashingSink(fd, hashing=False)
+            sink = HashingSink(fd, hash_limit=0)
             fill(sink)
         finally:
             os.close(fd)
         assert sink.hexdigest() is None
         assert sink.size == len(data) and target.read_bytes() == data
+
+
+@pytest.mark.parametrize(("size", "limit", "hashed"), [
+    (3 * MIB, 3 * MIB, True),      # exactly at the limit: hashed
+    (3 * MIB + 1, 3 * MIB, False),  # one byte over: not
+    (3 * MIB, None, True),          # 'sync': no limit
+])
+@pytest.mark.parametrize("how", ["written", "copied", "copied-unknown-size"])
+def test_sink_hashes_up_to_its_limit(tmp_path: Path, size: int, limit: int | None, hashed: bool, how: str) -> None:
+    data = os.urandom(size)
+    source = tmp_path / "source"
+    source.write_bytes(data)
+    target = tmp_path / "target"
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        sink = HashingSink(fd, hash_limit=limit)
+        if how == "written":  # torch.save-like: many writes, large ones hashed behind from the page cache
+            for start in range(0, size, 700_000):
+                sink.write(data[start:start + 700_000])
+        elif how == "copied":  # upload(path): the size is known before the copy starts
+            with open(source, "rb") as handle:
+                copy_into(handle, sink, chunk=MIB)
+        else:  # a stream without a file descriptor: the limit is crossed mid-copy
+            copy_into(io.BytesIO(data), sink, chunk=MIB)
+        digest = sink.hexdigest()
+    finally:
+        sink.close_hasher()
+        os.close(fd)
+    assert digest == (sha(data) if hashed else None)
+    assert sink.size == size and target.read_bytes() == data
+
+
+def test_auto_mode_returns_the_checksum_of_small_saves_and_defers_large_ones(settings: Settings, drain,
+                                                                            tmp_path: Path) -> None:
+    live = settings.replace(checksum="auto", sync_checksum_limit=MIB)
+    files = Experiment(prefix="alice/proj/auto", settings=live).files("ckpt")
+    small, large = os.urandom(MIB), os.urandom(MIB + 1)
+    source = tmp_path / "large.bin"
+    source.write_bytes(large)
+    model = torch.nn.Linear(600, 600)  # ~1.4 MiB serialized
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    results = {"small": files.save_blob(small, to="small.bin"), "large": files.save_blob(large, to="large.bin"),
+               "upload": files.upload(source, to="up.bin"), "torch": files.save_torch(model, to="m.pt")}
+
+    assert results["small"]["checksum"] == sha(small) and results["small"]["checksumPending"] is False
+    for name in ("large", "upload", "torch"):
+        assert results[name]["checksum"] is None and results[name]["checksumPending"] is True, name
+    assert drain(live).committed == 4
+    docs = docs_by_id(live)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert docs[str(results["small"]["id"])]["checksum"] == sha(small)
+    assert docs[str(results["large"]["id"])]["checksum"] == sha(large)
+    assert docs[str(results["upload"]["id"])]["checksum"] == sha(large)
+    torch_doc = docs[str(results["torch"]["id"])]
+    assert torch_doc["sizeBytes"] > MIB and torch_doc["checksum"] == sha(read_object(live, torch_doc["storageKey"]))
 
 
 def test_manifest_accepts_a_missing_sha256_and_still_rejects_malformed_ones(settings: Settings) -> None:

@@ -2,8 +2,8 @@
 
 Order of operations, each step safe to be interrupted by kill -9:
 
-1. write bytes to ``tmp/{pid}-{id}.blob.part`` (0600), hashing them on the way (unless the
-   checksum setting is "deferred": then the manifest's sha256 is None and the daemon hashes);
+1. write bytes to ``tmp/{pid}-{id}.blob.part`` (0600), hashing them on the way (up to the checksum
+   setting's limit: past it the manifest's sha256 is None and the daemon hashes);
 2. (quota) take the quota lock, wait for room;
 3. ``link`` the temp file to ``blobs/{id}`` — link, not rename, because it fails on an existing
    name instead of overwriting: an id collision is detected, never silent (a fresh id is drawn);
@@ -103,7 +103,7 @@ class Enqueuer:
         tmp_blob = self.layout.tmp_path(file_id, "blob")
         fd = open_private(tmp_blob, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # read back by HashingSink.copy_file
         try:
-            sink = HashingSink(fd, hashing=not self.settings.deferred_checksum)
+            sink = HashingSink(fd, hash_limit=self.settings.hash_limit)
             try:
                 write(sink)
                 digest = sink.hexdigest()  # waits for the hash trailing the writes (it reads this fd)

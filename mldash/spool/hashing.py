@@ -11,6 +11,7 @@ os.preadv all release the GIL, so the two threads really run side by side.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -41,15 +42,18 @@ def write_all(fd: int, data: memoryview) -> None:
 class HashingSink:
     """A write-only binary file object over an fd that tracks size and SHA256 of what was written.
 
-    `hashing=False` (the deferred checksum mode): only the size is tracked, `hexdigest()` is None and
-    `copy_file` is the bare copy_file_range loop — the daemon hashes the bytes when it reads them."""
+    `hash_limit` (from the checksum setting, see `Settings.hash_limit`): the most bytes the save hashes.
+    Past it — or from the start when it is 0 (the deferred mode), or when a copied file is known to be
+    larger — hashing stops: only the size is tracked, `hexdigest()` is None and the daemon hashes the bytes
+    in its one read of them. None hashes everything."""
 
-    def __init__(self, fd: int, *, hashing: bool = True) -> None:
+    def __init__(self, fd: int, *, hash_limit: int | None = None) -> None:
         self._fd = fd
-        self.hashing = hashing
-        self._hasher = hashlib.sha256() if hashing else None
+        self.hash_limit = hash_limit
+        self.hashing = hash_limit is None or hash_limit > 0
+        self._hasher = hashlib.sha256() if self.hashing else None
         self.size = 0
-        self._readable = hashing and _readable(fd)
+        self._readable = self.hashing and _readable(fd)
         self._trail: ThreadPoolExecutor | None = None  # one thread hashing the file behind the writes
         self._trail_jobs: list[Future] = []
         self._trail_buffer: bytearray | None = None
@@ -57,6 +61,8 @@ class HashingSink:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
+        if self._hasher is not None and self.hash_limit is not None and self.size + view.nbytes > self.hash_limit:
+            self._give_up_hashing()
         if self._hasher is None:
             write_all(self._fd, view)
         elif self._hashed_to == self.size and self._trail is None and view.nbytes < _PARALLEL_MIN:
@@ -92,6 +98,15 @@ class HashingSink:
         self._hashed_to = self.size
         while self._trail_jobs and self._trail_jobs[0].done():  # surface a failed read early
             self._trail_jobs.pop(0).result()
+
+    def _give_up_hashing(self) -> None:
+        """Past the hash limit: no digest for this save. Queued read-back jobs are dropped; a running one is
+        waited for (it reads our fd, which the caller closes after us)."""
+        self._hasher = None
+        if self._trail is not None:
+            self._trail.shutdown(wait=True, cancel_futures=True)
+            self._trail = None
+        self._trail_jobs.clear()
 
     def close_hasher(self) -> None:
         """Stop the trailing hasher (waiting for its reads of this fd): call before closing the fd,
@@ -145,6 +160,10 @@ class HashingSink:
         landed in the spool right behind it, from the page cache: chunk k is hashed while chunk k+1 is
         copied. The digest is therefore of the spooled bytes themselves — exactly the snapshot.
         Raises OSError before writing anything if the kernel or filesystem cannot copy_file_range."""
+        if self._hasher is not None and self.hash_limit is not None:
+            with contextlib.suppress(OSError):
+                if os.fstat(source_fd).st_size - offset > self.hash_limit:
+                    self._give_up_hashing()  # known to be over the limit: do not start
         if self._hasher is None:
             self._copy_only(source_fd, offset, chunk)
             return
