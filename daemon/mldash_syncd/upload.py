@@ -193,10 +193,14 @@ class Uploader:
                     have = held.get(number)
                     if have is not None and await self._store_holds(have, recorded.get(number), data, hashes):
                         receipts[number] = have
+                        data = None
                         await self.budget.release(part_size)
                         continue
                     group.create_task(self._send_part(manifest, key, upload_id, number, data, hashes, receipts,
                                                       part_size))
+                    # Memory is bounded by the budget only if nothing else keeps a part alive: without this, the
+                    # loop variable would hold a part whose upload finished while the next one is being read.
+                    data = None
         finally:
             os.close(fd)
 
@@ -237,6 +241,7 @@ class Uploader:
             self.index.record_part(manifest.id, number, len(data), receipt.etag, hashes.sha256_b64)
             receipts[number] = receipt
         finally:
+            data = None  # free the part before its budget lets the next one be read (see _multipart)
             await self.budget.release(reserved)
 
     async def _hash(self, data: bytes, whole: Any = None, *, md5: bool) -> _PartHashes:
