@@ -35,6 +35,7 @@ import pytest
 from mldash.config import Settings
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
+from mldash.spool.newfile import unnamed_files_supported
 from mldash.spool.recovery import ORPHAN_BLOB_GRACE, RecoveryReport, clean_debris, manifest_ids, recover
 from tests.spool_helpers import Ack, assert_entry_intact, assert_spool_integrity, iterations, slow_enabled
 
@@ -234,6 +235,8 @@ def kill9_loop(tmp_path: Path, count: int, seed: int, inline_max: int = 0) -> di
                 generation[ack.id] = iteration
                 stats["inline_acks"] += not layout.blob_path(ack.id).exists()
 
+            if unnamed_files_supported():  # a manifest being written has no name: a kill leaves none behind
+                assert not [n for n in os.listdir(layout.tmp_dir) if n.endswith(".manifest.part")]
             blobs_before = {int(name) for name in os.listdir(layout.blobs_dir)}
             orphans_before = blobs_before - manifest_ids(layout)
             if point in ORPHANING_POINTS:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import mldash.spool.enqueue as enqueue_module
+import mldash.spool.newfile as newfile
 from mldash.errors import FileTooLargeError, SpoolCorruptError, SpoolFullError
 from mldash.ids import new_id
 from mldash.spool.enqueue import Enqueuer
@@ -18,7 +19,7 @@ from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
 from mldash.spool.manifest import FORMAT_VERSION, INLINE_FORMAT_VERSION, Manifest
 from mldash.spool.recovery import ingest_new, manifest_ids, open_spooled, read_manifest
-from tests.spool_helpers import assert_private_modes, assert_spool_integrity, make_settings, put, spec
+from tests.spool_helpers import Ack, assert_private_modes, assert_spool_integrity, make_settings, put, spec
 
 
 @pytest.fixture
@@ -188,6 +189,22 @@ def test_failing_serializer_of_a_small_save_leaves_nothing(enqueuer: Enqueuer) -
     with pytest.raises(RuntimeError, match="exploded"):
         enqueuer.enqueue(spec(), write, expected_size=10)
     _nothing_written(enqueuer.layout)
+
+
+def test_without_unnamed_files_manifests_go_through_named_temp_files(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where O_TMPFILE or /proc is missing, a named temp manifest is linked into place, then unlinked."""
+    monkeypatch.setattr(newfile._Support, "unnamed", False)
+    linked: list[str] = []
+    real_link = os.link
+    monkeypatch.setattr(os, "link", lambda src, dst, **kw: (linked.append(os.fspath(src)), real_link(src, dst, **kw)))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool"))
+    small, big = put(enqueuer, b"small", "s.bin"), put(enqueuer, os.urandom(100_000), "b.bin")
+    assert small.inline and not big.inline
+    assert [os.path.basename(path).split("-", 1)[1] for path in linked] == [
+        f"{small.id}.manifest.part", f"{big.id}.blob.part", f"{big.id}.manifest.part"]
+    assert os.listdir(enqueuer.layout.tmp_dir) == []
+    assert_spool_integrity(enqueuer.layout, acknowledged={m.id: Ack(m.id, m.size, m.sha256) for m in (small, big)})
 
 
 def test_threads_of_one_process_enqueue_concurrently(enqueuer: Enqueuer) -> None:

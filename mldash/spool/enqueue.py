@@ -178,7 +178,7 @@ class Enqueuer:
     def _write_manifest(self, manifest: Manifest) -> None:
         """Link the encoded manifest to manifests/{id}.msgpack — the commit point; FileExistsError if taken."""
         publish_bytes(manifest.encode(), self.layout.manifest_path(manifest.id), self.layout.tmp_dir,
-                      self.layout.tmp_path(manifest.id, "manifest"), fsync=self.settings.power_safe)
+                      lambda: self.layout.tmp_path(manifest.id, "manifest"), fsync=self.settings.power_safe)
 
     def _publish_within_quota(self, manifest: Manifest, tmp_blob: os.PathLike, quota: int,
                               deadline: float) -> Manifest:

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from mldash.spool.hashing import write_all
@@ -61,11 +62,12 @@ def unnamed_files_supported() -> bool:
     return _Support.unnamed
 
 
-def publish_bytes(data: bytes, final: Path, tmp_dir: Path, named_tmp: Path, *, fsync: bool) -> None:
+def publish_bytes(data: bytes, final: Path, tmp_dir: Path, named_tmp: Callable[[], Path], *, fsync: bool) -> None:
     """Create `final` holding exactly `data`, mode 0600; FileExistsError if `final` exists.
 
-    `named_tmp`: the temp name to use where unnamed files are not available. `fsync`: the file's data is
-    on disk before its name appears (the caller fsyncs the directory afterwards if it needs the name to be).
+    `named_tmp`: gives the temp name to use where unnamed files are not available (only built then).
+    `fsync`: the file's data is on disk before its name appears (the caller fsyncs the directory afterwards
+    if it needs the name to be).
     """
     if _Support.unnamed:
         fd = _open_unnamed(tmp_dir)
@@ -76,16 +78,17 @@ def publish_bytes(data: bytes, final: Path, tmp_dir: Path, named_tmp: Path, *, f
                 return
             finally:
                 os.close(fd)
-    fd = open_private(named_tmp)
+    tmp = named_tmp()
+    fd = open_private(tmp)
     try:
         try:
             _fill(fd, data, fsync=fsync)
         finally:
             os.close(fd)
-        os.link(named_tmp, final)
+        os.link(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(named_tmp)
+            os.unlink(tmp)
 
 
 def _open_unnamed(directory: Path) -> int | None:
