@@ -5,6 +5,7 @@
     python -m benchmarks.diagnose drain-small  [--files 1000] [--rounds 2]
     python -m benchmarks.diagnose rss          [--size-mib 1024]
     python -m benchmarks.diagnose json-sched   [--calls 250]
+    python -m benchmarks.diagnose inode-alloc  [--files 4000]
 
 These are not benchmarks of the product: several variants switch a piece of mldash off (by patching it in
 this process) to measure what that piece costs. Nothing here is part of the results table; re-run them after
@@ -309,8 +310,67 @@ def json_sched(ctx: Context, args: argparse.Namespace) -> None:
         clear_spool(settings)
 
 
+# ---- inode-alloc: what one file creation costs after many deletions, by name vs unnamed ----------------------
+def _create_micros(directory: Path, count: int, tag: str, *, unnamed: bool) -> list[float]:
+    """µs per creation of `count` new files in `directory` (named O_EXCL creates, or O_TMPFILE + linkat)."""
+    from mldash.spool.newfile import publish_bytes
+
+    times = []
+    for i in range(count):
+        start = time.perf_counter_ns()
+        if unnamed:
+            publish_bytes(b"x", directory / f"{tag}{i}", directory, lambda: directory / "unused", fsync=False)
+        else:
+            os.close(os.open(directory / f"{tag}{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    return times
+
+
+def _parallel_creator(directory: str, count: int, rank: int, unnamed: bool, barrier: Any, out: Any) -> None:
+    barrier.wait()
+    out.put(_create_micros(Path(directory), count, f"w{rank}-", unnamed=unnamed))
+
+
+def inode_alloc(ctx: Context, args: argparse.Namespace) -> None:
+    """ext4 without a journal skips inodes freed in the last 5 s (300 s while their inode-table block is dirty)
+    on every allocation (fs/ext4/ialloc.c: find_inode_bit → recently_deleted); a create by name holds the
+    directory's i_rwsem meanwhile. Shows the cost per create before/after `--files` deletions, and 8 processes
+    creating at once in one directory, by name vs unnamed (O_TMPFILE + linkat, what the spool does)."""
+    directory = ctx.fresh_dir("inode-alloc")
+    journals = os.listdir("/proc/fs/jbd2") if os.path.isdir("/proc/fs/jbd2") else []
+    print(f"ext4 journals on this machine (/proc/fs/jbd2): {journals or 'none'}")
+
+    def median_create(tag: str, *, unnamed: bool = False) -> str:
+        return f"{percentile(_create_micros(directory, 200, tag, unnamed=unnamed), 50):.1f} µs"
+
+    print(f"fresh directory: create median {median_create('a')}")
+    for i in range(args.files):
+        (directory / f"d{i}").touch()
+    for i in range(args.files):
+        (directory / f"d{i}").unlink()
+    print(f"right after deleting {args.files} files: create median {median_create('b')} (same second: not recent yet)")
+    time.sleep(2)
+    for unnamed in (False, True):
+        kind = "O_TMPFILE + linkat" if unnamed else "create by name"
+        print(f"2 s later, {kind}: median {median_create(f'c{unnamed:d}', unnamed=unnamed)}")
+    spawn = multiprocessing.get_context("spawn")
+    for unnamed in (False, True, False, True):
+        barrier, out = spawn.Barrier(8), spawn.Queue()
+        procs = [spawn.Process(target=_parallel_creator, args=(str(directory), 25, rank + 100 * unnamed + 1000 * len(
+            os.listdir(directory)), unnamed, barrier, out)) for rank in range(8)]
+        for proc in procs:
+            proc.start()
+        times = sorted(t for _ in procs for t in out.get(timeout=300))
+        for proc in procs:
+            proc.join()
+        kind = "O_TMPFILE + linkat" if unnamed else "create by name"
+        print(f"8 processes × 25 creates at once, {kind}: p50 {percentile(times, 50):.0f} µs, "
+              f"p99 {percentile(times, 99):.0f} µs, max {times[-1]:.0f} µs")
+    ctx.remove(directory)
+
+
 EXPERIMENTS = {"stall": stall, "drain-large": drain_large, "drain-small": drain_small, "rss": rss,
-               "json-sched": json_sched}
+               "json-sched": json_sched, "inode-alloc": inode_alloc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=list(EXPERIMENTS))
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--files", type=int, default=None, help="drain-small: 1000; inode-alloc: 4000")
     parser.add_argument("--calls", type=int, default=250)
     args = parser.parse_args(argv)
+    if args.files is None:
+        args.files = 4000 if args.experiment == "inode-alloc" else 1000
     workdir = Path(tempfile.mkdtemp(prefix="mldash-diagnose-", dir="/tmp"))
     ctx = Context(workdir, quick=False)
     try:

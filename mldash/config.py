@@ -190,6 +190,10 @@ FIELDS: tuple[Field, ...] = (
           "Seconds a save blocks waiting for spool space (quota or full disk) before SpoolFullError."),
     Field("max_file_size", "MLDASH_MAX_FILE_SIZE", parse_size, lambda: 100 * 10**9,
           "Largest accepted artifact, checked before copying (default 100 GB)."),
+    Field("inline_max", "MLDASH_INLINE_MAX", parse_size, lambda: 64 * 2**10,
+          "Saves of at most this many bytes (serialized in memory, no spool_quota set) keep their bytes inside "
+          "their manifest: one spool file per save instead of two, which shortens the save when many processes "
+          "save at once. 0 = every save gets its own blob file. At most 1 MiB."),
     Field("experiment", "MLDASH_EXPERIMENT", _parse_experiment, lambda: "local/default/dxp",
           "'namespace/project/experiment' of the module-level `dxp` experiment."),
     Field("max_concurrent_files", "MLDASH_MAX_CONCURRENT_FILES", _parse_int(1), lambda: 16,
@@ -231,6 +235,9 @@ FIELDS: tuple[Field, ...] = (
 _BY_NAME = {f.name: f for f in FIELDS}
 
 
+INLINE_MAX_LIMIT = 2**20
+
+
 @dataclass(frozen=True)
 class Settings:
     spool: Path
@@ -246,6 +253,7 @@ class Settings:
     spool_quota: int | None
     save_timeout: float
     max_file_size: int
+    inline_max: int
     experiment: str
     max_concurrent_files: int
     max_concurrent_parts: int
@@ -293,6 +301,9 @@ class Settings:
         if self.multipart_threshold < self.part_size:
             raise ConfigError(
                 f"multipart_threshold ({self.multipart_threshold}) must be ≥ part_size ({self.part_size})")
+        if self.inline_max > INLINE_MAX_LIMIT:
+            raise ConfigError(f"inline_max = {self.inline_max} bytes; at most {INLINE_MAX_LIMIT} (1 MiB): the "
+                              "bytes live in the manifest, which the daemon reads several times")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level = {self.log_level!r}; accepted: DEBUG, INFO, WARNING, ERROR")
 

@@ -50,7 +50,7 @@ from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import is_held
 from mldash.spool.manifest import Manifest
-from mldash.spool.recovery import manifest_ids, read_manifest
+from mldash.spool.recovery import manifest_ids, open_spooled, read_manifest
 from mldash.spool.states import TERMINAL, State
 
 log = logging.getLogger("mldash")
@@ -337,7 +337,7 @@ class Reader:
         Returns "ok", "missing" (evicted, or no spool here) or "corrupt" (bytes differ from their SHA256).
         `checksum` None (a deferred-checksum entry the daemon has not read yet): the copy is not verified."""
         try:
-            source = open(self.layout.blob_path(file_id), "rb", buffering=0)  # noqa: SIM115
+            source = open_spooled(self.layout, file_id)
         except FileNotFoundError:
             return "missing"
         with source, open(temp, "wb") as out:

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlparse
 from mldash.config import Settings
 from mldash.keys import object_key
 from mldash.spool.layout import SpoolLayout
+from tests.spool_helpers import read_spooled
 
 
 def store_dir(settings: Settings) -> Path:
@@ -31,7 +32,8 @@ def store_bytes(settings: Settings, result: dict[str, Any]) -> bytes:
 
 
 def spool_blob(settings: Settings, result: dict[str, Any]) -> bytes:
-    return SpoolLayout(settings.spool).blob_path(int(result["id"])).read_bytes()
+    """The spooled bytes of a saved file: its blob, or the payload of its inline manifest."""
+    return read_spooled(SpoolLayout(settings.spool), int(result["id"]))
 
 
 def spool_snapshot(settings: Settings) -> set[str]:

@@ -7,6 +7,7 @@ the helpers directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import stat
@@ -21,7 +22,7 @@ from mldash.errors import SpoolCorruptError
 from mldash.spool.enqueue import Enqueuer, EntrySpec
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import DIR_MODE, FILE_MODE, SpoolLayout
-from mldash.spool.manifest import Manifest
+from mldash.spool.manifest import INLINE_FORMAT_VERSION, Manifest
 from mldash.spool.recovery import manifest_ids, read_manifest
 from mldash.spool.states import PENDING, State
 
@@ -97,9 +98,52 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def read_spooled(layout: SpoolLayout, file_id: int) -> bytes:
+    """The spooled bytes of an entry: its blob, or the payload of its inline manifest."""
+    blob = layout.blob_path(file_id)
+    return blob.read_bytes() if blob.exists() else _inline_payload(layout, file_id)
+
+
+def overwrite_spooled(layout: SpoolLayout, file_id: int, data: bytes) -> None:
+    """Change an entry's spooled bytes in place, as bit rot or a careless person would, its manifest's size
+    and sha256 untouched: in the blob, or in the payload of an inline manifest."""
+    blob = layout.blob_path(file_id)
+    if blob.exists():
+        blob.write_bytes(data)
+        return
+    manifest = read_manifest(layout, file_id)
+    assert manifest.inline and len(data) == manifest.size, "an inline payload can only be altered at its size"
+    layout.manifest_path(file_id).write_bytes(dataclasses.replace(manifest, payload=data).encode())
+
+
+def flip_spooled_byte(layout: SpoolLayout, file_id: int, offset: int) -> None:
+    data = bytearray(read_spooled(layout, file_id))
+    data[offset] ^= 0xFF
+    overwrite_spooled(layout, file_id, bytes(data))
+
+
+def _inline_payload(layout: SpoolLayout, file_id: int) -> bytes:
+    payload = read_manifest(layout, file_id).payload
+    assert payload is not None, f"entry {file_id} has neither a blob nor an inline payload"
+    return payload
+
+
+def assert_inline_intact(layout: SpoolLayout, manifest: Manifest, *, hash_bytes: bool = True) -> None:
+    """An inline entry (format 2) holds exactly its bytes and has no blob beside it."""
+    assert manifest.format == INLINE_FORMAT_VERSION and manifest.payload is not None
+    assert not layout.blob_path(manifest.id).exists(), f"inline entry {manifest.id} also has a blob"
+    assert len(manifest.payload) == manifest.size, f"inline entry {manifest.id} is not complete"
+    if hash_bytes and manifest.sha256 is not None:
+        assert hashlib.sha256(manifest.payload).hexdigest() == manifest.sha256, \
+            f"inline entry {manifest.id} does not match its manifest sha256"
+
+
 def assert_entry_intact(layout: SpoolLayout, ack: Ack, *, hash_bytes: bool = True) -> None:
     manifest = read_manifest(layout, ack.id)
     assert (manifest.size, manifest.sha256) == (ack.size, ack.sha256), f"manifest of {ack.id} differs from its ack"
+    if manifest.inline:
+        assert_inline_intact(layout, manifest, hash_bytes=hash_bytes)
+        return
     blob = layout.blob_path(ack.id)
     assert blob.exists(), f"acknowledged entry {ack.id} has no blob"
     assert blob.stat().st_size == ack.size, f"blob {ack.id}: {blob.stat().st_size} bytes, acknowledged {ack.size}"
@@ -137,12 +181,15 @@ def assert_spool_integrity(
             if allow_quarantined and file_id in quarantined:
                 continue  # a hand-damaged manifest, already quarantined by the daemon
             raise  # a manifest the spool itself committed is corrupt: the commit protocol is broken
+        by_id[file_id] = manifest
+        if manifest.inline:
+            assert_inline_intact(layout, manifest, hash_bytes=hash_bytes)
+            continue
         blob = layout.blob_path(file_id)
         assert blob.exists(), f"manifest {file_id} has no blob"
         assert blob.stat().st_size == manifest.size, f"blob {file_id} is not complete"
         if hash_bytes and manifest.sha256 is not None:  # None: deferred checksum, nothing recorded to check
             assert sha256_file(blob) == manifest.sha256, f"blob {file_id} does not match its manifest sha256"
-        by_id[file_id] = manifest
     blobs = {i for i in map(SpoolLayout.blob_id, os.listdir(layout.blobs_dir)) if i is not None}
     if not allow_orphan_blobs:
         assert blobs <= manifests, f"blobs without manifest: {sorted(blobs - manifests)}"
@@ -159,7 +206,10 @@ def assert_spool_integrity(
                                   ("filename", manifest.filename), ("prefix", manifest.prefix)):
                 if column == "sha256" and value is None and row[column] is not None:
                     # deferred checksum: the daemon records the SHA256 it computed; it must be the bytes'
-                    if hash_bytes and file_id in blobs:
+                    if hash_bytes and manifest.payload is not None:
+                        assert row[column] == hashlib.sha256(manifest.payload).hexdigest(), \
+                            f"index row {file_id}.sha256"
+                    elif hash_bytes and file_id in blobs:
                         assert row[column] == sha256_file(layout.blob_path(file_id)), f"index row {file_id}.sha256"
                     continue
                 assert row[column] == value, f"index row {file_id}.{column} = {row[column]!r}, manifest {value!r}"
@@ -169,7 +219,8 @@ def assert_spool_integrity(
                 assert allow_quarantined, f"entry {file_id} quarantined: {row['last_error']}"
             elif state in PENDING:
                 assert file_id in manifests, f"index row {file_id} ({state}) has no manifest"
-                assert file_id in blobs, f"index row {file_id} ({state}) has no bytes"
+                inline = file_id in by_id and by_id[file_id].inline
+                assert file_id in blobs or inline, f"index row {file_id} ({state}) has no bytes"
     for ack in (acknowledged or {}).values():
         assert_entry_intact(layout, ack, hash_bytes=hash_bytes)
 

@@ -15,6 +15,7 @@ from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from tests.client_helpers import store_path
+from tests.spool_helpers import overwrite_spooled
 
 
 @pytest.fixture
@@ -214,7 +215,7 @@ def test_download_refuses_corrupt_bytes(exp, settings, synced, tmp_path):
 def test_quarantined_entry_is_listed_with_its_reason_and_fails_flush(exp, settings, synced):
     good = exp.files.save_blob(b"good", "good.bin")
     bad = exp.files.save_blob(b"original", "bad.bin")
-    SpoolLayout(settings.spool).blob_path(int(bad["id"])).write_bytes(b"tampered")
+    overwrite_spooled(SpoolLayout(settings.spool), int(bad["id"]), b"tampered")
     report = synced(expect_clean=False)
     assert report.quarantined == 1
     entry = exp.files().get(bad["id"])

@@ -13,6 +13,7 @@ from mldash.spool import SpoolIndex, SpoolLayout, State
 from mldash.spool.recovery import rebuild
 from tests.backend_helpers import catalog_docs, list_objects, pending_uploads, read_object
 from tests.fixtures.daemon import enqueue_bytes
+from tests.spool_helpers import flip_spooled_byte, overwrite_spooled
 
 MIB = 2**20
 
@@ -81,16 +82,13 @@ def test_replay_after_reindex_changes_nothing(backend: Settings, drain) -> None:
     assert rows[big.id]["bytes_sent"] == 0, "the multipart object already stored must not be re-sent"
 
 
-@pytest.mark.parametrize("size", [1000, 7 * MIB], ids=["single", "multipart"])
+@pytest.mark.parametrize("size", [1000, 200_000, 7 * MIB], ids=["inline", "single", "multipart"])
 def test_spooled_byte_flipped_is_quarantined_never_committed(backend: Settings, drain, size: int) -> None:
     bad = enqueue_bytes(backend, os.urandom(size), filename="bad.bin")
     good = enqueue_bytes(backend, os.urandom(size), filename="good.bin")
-    blob = SpoolLayout(backend.spool).blob_path(bad.id)
-    with open(blob, "r+b") as handle:  # bit rot / a writer that did not respect the snapshot
-        handle.seek(size // 2)
-        byte = handle.read(1)
-        handle.seek(size // 2)
-        handle.write(bytes([byte[0] ^ 0xFF]))
+    assert bad.inline == (size <= backend.inline_max)
+    # bit rot / a writer that did not respect the snapshot
+    flip_spooled_byte(SpoolLayout(backend.spool), bad.id, size // 2)
 
     report = drain(backend)
 
@@ -109,15 +107,16 @@ def test_run_once_exit_status_reports_failures(backend: Settings, drain) -> None
     assert drain(backend).clean
 
 
-def test_retry_requeues_quarantined_entry_after_repair(backend: Settings, drain) -> None:
-    data = os.urandom(4096)
+@pytest.mark.parametrize("size", [4096, 200_000], ids=["inline", "blob"])
+def test_retry_requeues_quarantined_entry_after_repair(backend: Settings, drain, size: int) -> None:
+    data = os.urandom(size)
     entry = enqueue_bytes(backend, data, filename="x.bin")
-    blob = SpoolLayout(backend.spool).blob_path(entry.id)
-    blob.write_bytes(b"\0" * len(data))
+    layout = SpoolLayout(backend.spool)
+    overwrite_spooled(layout, entry.id, b"\0" * len(data))
     drain(backend)
     assert index_rows(backend)[entry.id]["state"] == State.QUARANTINED
 
-    blob.write_bytes(data)  # a person restores the right bytes
+    overwrite_spooled(layout, entry.id, data)  # a person restores the right bytes
     index = SpoolIndex(SpoolLayout(backend.spool))
     assert index.retry([entry.id]) == [entry.id]
     index.close()

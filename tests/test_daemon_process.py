@@ -15,6 +15,7 @@ from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
 from tests.backend_helpers import catalog_docs, pending_uploads, read_object
 from tests.fixtures.daemon import enqueue_bytes, settings_env
+from tests.spool_helpers import overwrite_spooled
 
 MIB = 2**20
 
@@ -124,7 +125,7 @@ def test_copied_spool_syncs_on_another_host_after_reindex(settings: Settings, tm
 def test_cli_status_ls_retry(settings: Settings) -> None:
     good = enqueue_bytes(settings, b"good", filename="good.bin")
     bad = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")
-    SpoolLayout(settings.spool).blob_path(bad.id).write_bytes(b"BAD-BYTES")
+    overwrite_spooled(SpoolLayout(settings.spool), bad.id, b"BAD-BYTES")
 
     assert cli(settings, "run", "--once", "--quiet").returncode == 1  # something left quarantined
 
@@ -142,7 +143,7 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert str(bad.id) in listed and str(good.id) not in listed and "sha256" in listed
 
     assert cli(settings, "retry").returncode == 2  # neither ids nor --all: a clear usage error
-    SpoolLayout(settings.spool).blob_path(bad.id).write_bytes(b"bad-bytes")
+    overwrite_spooled(SpoolLayout(settings.spool), bad.id, b"bad-bytes")
     retried = cli(settings, "retry", str(bad.id))
     assert "re-queued 1" in retried.stdout
     assert cli(settings, "run", "--once", "--quiet").returncode == 0

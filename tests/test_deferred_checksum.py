@@ -27,7 +27,7 @@ from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import read_manifest, rebuild
 from tests.backend_helpers import catalog_docs, list_objects, read_object
 from tests.fixtures.daemon import enqueue_bytes
-from tests.spool_helpers import assert_spool_integrity
+from tests.spool_helpers import assert_spool_integrity, overwrite_spooled
 
 MIB = 2**20
 
@@ -319,8 +319,7 @@ def test_what_deferred_mode_gives_up_corruption_in_the_spool_is_not_detected(set
     (sync mode quarantines them: see test_daemon_pipeline). The catalog's checksum still matches the stored bytes."""
     live = deferred(settings)
     manifest = enqueue_bytes(live, b"A" * 1000)
-    blob = SpoolLayout(live.spool).blob_path(manifest.id)
-    blob.write_bytes(b"B" * 1000)
+    overwrite_spooled(SpoolLayout(live.spool), manifest.id, b"B" * 1000)
 
     assert drain(live).committed == 1
     assert read_object(live, manifest.key()) == b"B" * 1000

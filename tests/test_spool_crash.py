@@ -6,8 +6,10 @@ entries of random sizes (some multi-MB, written in 1 MiB chunks) in a loop and p
 "ack <id> <size> <sha256>" to stdout, flushed, after each enqueue returns. The test kills it with
 SIGKILL after a random delay — or, one iteration in four, the writer kills itself at an exact
 point of the commit protocol (before/after the blob link, before/after the manifest link) through
-a hook on os.link installed in the child only. After each kill the daemon-side recovery runs with a
-fresh SpoolIndex and every invariant of the spool is checked.
+a hook on the link calls installed in the child only. After each kill the daemon-side recovery runs
+with a fresh SpoolIndex and every invariant of the spool is checked. The loop runs twice: with
+`inline_max=0` (every entry a blob + a manifest) and with the default inline_max, where the small
+entries (most of them) are one inline manifest each (format 2) and the rest take the blob path.
 
 Iterations: --iterations / $MLDASH_TEST_ITERATIONS (CI default 200, about 20 s here);
 `test_kill9_loop_long` runs 10× that when slow tests are selected (-m slow or MLDASH_TEST_SLOW=1).
@@ -30,26 +32,31 @@ from pathlib import Path
 
 import pytest
 
+from mldash.config import Settings
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
+from mldash.spool.newfile import unnamed_files_supported
 from mldash.spool.recovery import ORPHAN_BLOB_GRACE, RecoveryReport, clean_debris, manifest_ids, recover
 from tests.spool_helpers import Ack, assert_entry_intact, assert_spool_integrity, iterations, slow_enabled
 
 REPO = Path(__file__).resolve().parents[1]
 HOOK_POINTS = ("before_blob_link", "after_blob_link", "before_manifest_link", "after_manifest_link")
-# Points after which the crashed entry's blob is in blobs/ but its manifest is not.
+# Points after which the crashed entry's blob is in blobs/ but its manifest is not (blob-path entries only:
+# an inline entry killed before its manifest link leaves nothing at all).
 ORPHANING_POINTS = ("after_blob_link", "before_manifest_link")
+DEFAULT_INLINE_MAX = Settings.load(env={"MLDASH_CONFIG": os.devnull}).inline_max
 
 ZYGOTE = textwrap.dedent(r'''
     import json, os, random, signal, sys
     from pathlib import Path
 
+    import mldash.spool.newfile as newfile
     from mldash.config import Settings
     from mldash.spool.enqueue import Enqueuer, EntrySpec
 
     spool = Path(sys.argv[1])
     settings = Settings.load(env={"MLDASH_CONFIG": os.devnull}, spool=str(spool), autostart=False,
-                             store=(spool.parent / "store").as_uri(),
+                             store=(spool.parent / "store").as_uri(), inline_max=int(sys.argv[2]),
                              catalog="sqlite://" + str(spool.parent / "catalog.sqlite"))
     POOL = random.Random(1).randbytes(8 << 20)
     CHUNK = 1 << 20
@@ -69,33 +76,29 @@ ZYGOTE = textwrap.dedent(r'''
         return rng.randrange(1 << 20, 6 << 20)  # multi-MB
 
     def install_hook(point, nth):
-        """SIGKILL ourselves at an exact step of the nth enqueue (counted by blob links)."""
-        real_link = os.link
-        blob_links = [0]
+        """SIGKILL ourselves at an exact step: around the nth blob link, or the nth manifest link (named
+        temp files go through os.link, unnamed ones through newfile._link_fd)."""
+        real_link, real_link_fd = os.link, newfile._link_fd
+        counts = {"blobs": 0, "manifests": 0}
 
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
 
-        def link(src, dst, *args, **kwargs):
-            target = os.fspath(dst)
-            if os.sep + "blobs" + os.sep in target:
-                blob_links[0] += 1
-                if point == "before_blob_link" and blob_links[0] == nth:
-                    die()
-                real_link(src, dst, *args, **kwargs)
-                if point == "after_blob_link" and blob_links[0] == nth:
-                    die()
-                return
-            if os.sep + "manifests" + os.sep in target and blob_links[0] == nth:
-                if point == "before_manifest_link":
-                    die()
-                real_link(src, dst, *args, **kwargs)
-                if point == "after_manifest_link":
-                    die()  # committed, never acknowledged: allowed to exist, must be complete
-                return
-            real_link(src, dst, *args, **kwargs)
+        def hooked(target, do_link):
+            for kind in counts:
+                if os.sep + kind + os.sep in target:
+                    counts[kind] += 1
+                    stage = "blob" if kind == "blobs" else "manifest"
+                    if point == f"before_{stage}_link" and counts[kind] == nth:
+                        die()
+                    do_link()
+                    if point == f"after_{stage}_link" and counts[kind] == nth:
+                        die()  # after a manifest link: committed, never acknowledged; must be complete
+                    return
+            do_link()
 
-        os.link = link
+        os.link = lambda src, dst, *a, **k: hooked(os.fspath(dst), lambda: real_link(src, dst, *a, **k))
+        newfile._link_fd = lambda fd, final: hooked(os.fspath(final), lambda: real_link_fd(fd, final))
 
     def writer(cmd):
         rng = random.Random(cmd["seed"])
@@ -138,10 +141,10 @@ ZYGOTE = textwrap.dedent(r'''
 class Zygote:
     """The forking writer host; a reader thread drains its stdout so writers never block on the pipe."""
 
-    def __init__(self, tmp_path: Path, spool: Path) -> None:
+    def __init__(self, tmp_path: Path, spool: Path, inline_max: int) -> None:
         script = tmp_path / "zygote.py"
         script.write_text(ZYGOTE)
-        self.proc = subprocess.Popen([sys.executable, str(script), str(spool)], cwd=REPO, text=True,
+        self.proc = subprocess.Popen([sys.executable, str(script), str(spool), str(inline_max)], cwd=REPO, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -201,15 +204,15 @@ def _evict(layout: SpoolLayout, index: SpoolIndex, ids: list[int]) -> None:
     index.delete(ids)
 
 
-def kill9_loop(tmp_path: Path, count: int, seed: int) -> dict[str, int]:
+def kill9_loop(tmp_path: Path, count: int, seed: int, inline_max: int = 0) -> dict[str, int]:
     rng = random.Random(seed)
     spool = tmp_path / "spool"
     layout = SpoolLayout(spool).ensure()
-    zygote = Zygote(tmp_path, spool)
+    zygote = Zygote(tmp_path, spool, inline_max)
     live: dict[int, Ack] = {}            # acknowledged and not yet evicted by the test
     generation: dict[int, int] = {}      # iteration in which each entry was acknowledged
     stats = dict(iterations=count, acks=0, random_kills=0, hook_kills=0, tmp_debris=0, orphans_removed=0,
-                 unacked_committed=0)
+                 unacked_committed=0, inline_acks=0)
     try:
         for iteration in range(count):
             point = HOOK_POINTS[(iteration // 4) % 4] if iteration % 4 == 3 else None
@@ -230,11 +233,16 @@ def kill9_loop(tmp_path: Path, count: int, seed: int) -> dict[str, int]:
                 assert_entry_intact(layout, ack)
                 live[ack.id] = ack
                 generation[ack.id] = iteration
+                stats["inline_acks"] += not layout.blob_path(ack.id).exists()
 
+            if unnamed_files_supported():  # a manifest being written has no name: a kill leaves none behind
+                assert not [n for n in os.listdir(layout.tmp_dir) if n.endswith(".manifest.part")]
             blobs_before = {int(name) for name in os.listdir(layout.blobs_dir)}
             orphans_before = blobs_before - manifest_ids(layout)
             if point in ORPHANING_POINTS:
-                assert orphans_before, f"kill at {point} left no blob without manifest"
+                # with inline entries, the nth manifest link may be an inline entry's: nothing left then
+                assert orphans_before or (inline_max and point == "before_manifest_link"), \
+                    f"kill at {point} left no blob without manifest"
                 # A young orphan may be a live writer between its two links: the default grace keeps it.
                 young = RecoveryReport()
                 clean_debris(layout, young)
@@ -269,12 +277,17 @@ def kill9_loop(tmp_path: Path, count: int, seed: int) -> dict[str, int]:
     return stats
 
 
-def test_kill9_loop(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("inline_max", [0, DEFAULT_INLINE_MAX], ids=["blobs-only", "inline"])
+def test_kill9_loop(tmp_path: Path, request: pytest.FixtureRequest, inline_max: int) -> None:
     count = iterations(request.config, default=200)
-    stats = kill9_loop(tmp_path, count, seed=count)
+    stats = kill9_loop(tmp_path, count, seed=count, inline_max=inline_max)
     print(f"\nkill -9 loop: {stats}")
     assert stats["acks"] > 0
     assert stats["tmp_debris"] > 0, "no kill landed inside an enqueue: the loop proves nothing"
+    if inline_max:
+        assert 0 < stats["inline_acks"] < stats["acks"], "the loop must mix inline and blob entries"
+    else:
+        assert stats["inline_acks"] == 0
 
 
 @pytest.mark.slow
@@ -283,6 +296,6 @@ def test_kill9_loop_long(tmp_path: Path, request: pytest.FixtureRequest) -> None
     if not slow_enabled(request.config):
         pytest.skip("long kill -9 loop: select with -m slow or MLDASH_TEST_SLOW=1")
     count = 10 * iterations(request.config, default=200)
-    stats = kill9_loop(tmp_path, count, seed=count + 1)
+    stats = kill9_loop(tmp_path, count, seed=count + 1, inline_max=DEFAULT_INLINE_MAX)
     print(f"\nkill -9 loop (long): {stats}")
     assert stats["tmp_debris"] > 0

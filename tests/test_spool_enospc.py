@@ -40,7 +40,7 @@ def _evict(layout: SpoolLayout, manifests: list[Manifest]) -> None:
     """The daemon's eviction order: the manifest first, then the bytes."""
     for manifest in manifests:
         layout.manifest_path(manifest.id).unlink()
-        layout.blob_path(manifest.id).unlink()
+        layout.blob_path(manifest.id).unlink(missing_ok=True)  # inline entries have no blob
 
 
 def _free_pages(path: Path) -> int:

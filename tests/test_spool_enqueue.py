@@ -10,20 +10,27 @@ from pathlib import Path
 import pytest
 
 import mldash.spool.enqueue as enqueue_module
+import mldash.spool.newfile as newfile
 from mldash.errors import FileTooLargeError, SpoolCorruptError, SpoolFullError
 from mldash.ids import new_id
 from mldash.spool.enqueue import Enqueuer
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
-from mldash.spool.manifest import FORMAT_VERSION, Manifest
-from mldash.spool.recovery import ingest_new, manifest_ids, read_manifest
-from tests.spool_helpers import assert_private_modes, assert_spool_integrity, make_settings, put, spec
+from mldash.spool.manifest import FORMAT_VERSION, INLINE_FORMAT_VERSION, Manifest
+from mldash.spool.recovery import ingest_new, manifest_ids, open_spooled, read_manifest
+from tests.spool_helpers import Ack, assert_private_modes, assert_spool_integrity, make_settings, put, spec
 
 
 @pytest.fixture
 def enqueuer(tmp_path: Path) -> Enqueuer:
     return Enqueuer(make_settings(tmp_path / "spool"))
+
+
+@pytest.fixture
+def blob_enqueuer(tmp_path: Path) -> Enqueuer:
+    """Every entry a blob + a manifest, however small (inline_max=0): the blob path's own mechanics."""
+    return Enqueuer(make_settings(tmp_path / "spool", inline_max=0))
 
 
 def test_entry_lands_complete_with_its_manifest(enqueuer: Enqueuer) -> None:
@@ -95,7 +102,8 @@ def test_manifest_is_never_committed_short(enqueuer: Enqueuer, monkeypatch: pyte
     assert_spool_integrity(enqueuer.layout)
 
 
-def test_id_collision_on_blob_draws_a_fresh_id(enqueuer: Enqueuer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_id_collision_on_blob_draws_a_fresh_id(blob_enqueuer: Enqueuer, monkeypatch: pytest.MonkeyPatch) -> None:
+    enqueuer = blob_enqueuer
     first = put(enqueuer, b"first")
     fresh = new_id()
     ids = iter([first.id, fresh])  # the next entry collides with the first, then gets a fresh id
@@ -107,8 +115,10 @@ def test_id_collision_on_blob_draws_a_fresh_id(enqueuer: Enqueuer, monkeypatch: 
     assert_spool_integrity(enqueuer.layout)
 
 
-def test_id_collision_on_manifest_keeps_the_stranger(enqueuer: Enqueuer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_id_collision_on_manifest_keeps_the_stranger(blob_enqueuer: Enqueuer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A manifest whose blob is gone (evicted) must not be overwritten, nor adopt our bytes."""
+    enqueuer = blob_enqueuer
     stray = put(enqueuer, b"evicted")
     enqueuer.layout.blob_path(stray.id).unlink()
     stray_bytes = enqueuer.layout.manifest_path(stray.id).read_bytes()
@@ -121,6 +131,80 @@ def test_id_collision_on_manifest_keeps_the_stranger(enqueuer: Enqueuer, monkeyp
     assert not enqueuer.layout.blob_path(stray.id).exists()
     assert enqueuer.layout.blob_path(fresh).read_bytes() == b"new bytes"
     assert os.listdir(enqueuer.layout.tmp_dir) == []
+
+
+def test_small_save_is_one_inline_manifest(enqueuer: Enqueuer) -> None:
+    data = os.urandom(1000)
+    manifest = put(enqueuer, data, "m.json", metadata={"step": 1})
+    layout = enqueuer.layout
+    assert manifest.format == INLINE_FORMAT_VERSION and manifest.payload == data and manifest.inline
+    assert read_manifest(layout, manifest.id) == manifest
+    assert (manifest.size, manifest.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert os.listdir(layout.blobs_dir) == [] and os.listdir(layout.tmp_dir) == []
+    assert os.listdir(layout.manifests_dir) == [layout.manifest_path(manifest.id).name]
+    with open_spooled(layout, manifest.id) as spooled:
+        assert spooled.read() == data
+    assert_spool_integrity(layout)
+
+
+def test_inline_limit_and_what_is_never_inline(tmp_path: Path) -> None:
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", inline_max=100))
+    assert put(enqueuer, b"x" * 100).inline
+    assert not put(enqueuer, b"x" * 101).inline  # above the setting: a blob
+    assert not put(enqueuer, b"x", "u.bin", kind="upload").inline  # copied from a file: a blob
+    unknown_size = enqueuer.enqueue(spec("s.bin"), lambda sink: sink.write(b"y" * 10))
+    assert not unknown_size.inline
+    # announced small, wrote more: written again through the blob path, whole
+    grew = enqueuer.enqueue(spec("g.bin"), lambda sink: sink.write(b"z" * 500), expected_size=10)
+    assert not grew.inline and enqueuer.layout.blob_path(grew.id).read_bytes() == b"z" * 500
+    quota = Enqueuer(make_settings(tmp_path / "spool2", spool_quota="1MiB"))
+    assert not put(quota, b"q").inline  # the quota counts blobs/: with one, every entry is a blob
+    assert_spool_integrity(enqueuer.layout)
+    assert_spool_integrity(quota.layout)
+
+
+def test_inline_id_collision_keeps_the_stranger(enqueuer: Enqueuer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inline save whose id is taken (by a blob entry or an inline one) never overwrites it."""
+    layout = enqueuer.layout
+    blob_entry = put(Enqueuer(enqueuer.settings.replace(inline_max=0)), b"blob entry", "b.bin")
+    inline_entry = put(enqueuer, b"inline entry", "i.bin")
+    before = {i: layout.manifest_path(i).read_bytes() for i in (blob_entry.id, inline_entry.id)}
+    fresh = new_id()
+    ids = iter([blob_entry.id, inline_entry.id, fresh])
+    monkeypatch.setattr(enqueue_module, "new_id", lambda: next(ids))
+    entry = put(enqueuer, b"new bytes", "n.bin")
+    assert entry.id == fresh and entry.inline
+    assert {i: layout.manifest_path(i).read_bytes() for i in before} == before
+    assert layout.blob_path(blob_entry.id).read_bytes() == b"blob entry"
+    assert read_manifest(layout, fresh).payload == b"new bytes"
+    assert os.listdir(layout.tmp_dir) == []
+    assert_spool_integrity(layout)
+
+
+def test_failing_serializer_of_a_small_save_leaves_nothing(enqueuer: Enqueuer) -> None:
+    def write(sink):
+        sink.write(b"x" * 10)
+        raise RuntimeError("serializer exploded")
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        enqueuer.enqueue(spec(), write, expected_size=10)
+    _nothing_written(enqueuer.layout)
+
+
+def test_without_unnamed_files_manifests_go_through_named_temp_files(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where O_TMPFILE or /proc is missing, a named temp manifest is linked into place, then unlinked."""
+    monkeypatch.setattr(newfile._Support, "unnamed", False)
+    linked: list[str] = []
+    real_link = os.link
+    monkeypatch.setattr(os, "link", lambda src, dst, **kw: (linked.append(os.fspath(src)), real_link(src, dst, **kw)))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool"))
+    small, big = put(enqueuer, b"small", "s.bin"), put(enqueuer, os.urandom(100_000), "b.bin")
+    assert small.inline and not big.inline
+    assert [os.path.basename(path).split("-", 1)[1] for path in linked] == [
+        f"{small.id}.manifest.part", f"{big.id}.blob.part", f"{big.id}.manifest.part"]
+    assert os.listdir(enqueuer.layout.tmp_dir) == []
+    assert_spool_integrity(enqueuer.layout, acknowledged={m.id: Ack(m.id, m.size, m.sha256) for m in (small, big)})
 
 
 def test_threads_of_one_process_enqueue_concurrently(enqueuer: Enqueuer) -> None:
@@ -151,15 +235,23 @@ def test_power_durability_fsyncs_files_and_directories(tmp_path: Path, monkeypat
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    enqueuer = Enqueuer(make_settings(tmp_path / "spool", durability="power"))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", durability="power", inline_max=0))
     monkeypatch.setattr(os, "fsync", fsync)
     manifest = put(enqueuer, b"precious")
     layout = enqueuer.layout
-    # The blob's data, the manifest's data and the blobs/ directory are on disk before the commit
-    # point; the manifests/ directory right after it (before enqueue returns).
-    assert any(".blob.part" in path for path in synced)
-    assert any(".manifest.part" in path for path in synced)
+    # The blob's data, the manifest's data (an unnamed file in tmp/, or a named .manifest.part where
+    # O_TMPFILE is unavailable) and the blobs/ directory are on disk before the commit point; the
+    # manifests/ directory right after it (before enqueue returns).
+    tmp_files = [path for path in synced if path.startswith(str(layout.tmp_dir) + "/")]
+    assert any(".blob.part" in path for path in tmp_files)
+    assert any(".blob.part" not in path for path in tmp_files), f"manifest data not fsynced: {synced}"
     assert str(layout.blobs_dir) in synced and synced[-1] == str(layout.manifests_dir)
+    synced.clear()
+    inline = Enqueuer(make_settings(tmp_path / "spool3", durability="power"))
+    assert put(inline, b"small and precious").inline
+    # an inline entry: its one file's data before the commit point, manifests/ right after it
+    assert len(synced) == 2 and synced[0].startswith(str(inline.layout.tmp_dir) + "/")
+    assert synced[1] == str(inline.layout.manifests_dir)
     synced.clear()
     Enqueuer(make_settings(tmp_path / "spool2"))  # default "process" durability: no fsync on the hot path
     put(Enqueuer(make_settings(tmp_path / "spool2")), b"cheap")

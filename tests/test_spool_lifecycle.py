@@ -56,7 +56,8 @@ class Lifecycle(RuleBasedStateMachine):
         # shared VM disk would otherwise dominate its runtime.
         self.dir = Path(tempfile.mkdtemp(prefix="mldash-lifecycle-", dir=FAST_TMP))
         self.layout = SpoolLayout(self.dir / "spool").ensure()
-        self.enqueuer = Enqueuer(make_settings(self.layout.root), self.layout)
+        # inline_max=0: every entry has a blob, which this model evicts and checks (inline entries have none)
+        self.enqueuer = Enqueuer(make_settings(self.layout.root, inline_max=0), self.layout)
         self.index = SpoolIndex(self.layout)
         self.now = 1_000_000.0  # the injected clock of every lease and backoff decision
         self.sizes: dict[int, int] = {}              # enqueued (manifest committed) → size

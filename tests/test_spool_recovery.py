@@ -37,12 +37,18 @@ OWNER = "test-daemon"
 
 @pytest.fixture
 def enqueuer(tmp_path: Path) -> Enqueuer:
+    """Entries with blobs, however small (inline_max=0): most tests here are about blobs going wrong."""
+    return Enqueuer(make_settings(tmp_path / "spool", inline_max=0))
+
+
+@pytest.fixture
+def inline_enqueuer(tmp_path: Path) -> Enqueuer:
     return Enqueuer(make_settings(tmp_path / "spool"))
 
 
 def _fake_id(layout: SpoolLayout) -> int:
     """An id for a hand-made entry, taken from a real enqueue (then removed) so it is realistic."""
-    manifest = put(Enqueuer(make_settings(layout.root)), b"")
+    manifest = put(Enqueuer(make_settings(layout.root, inline_max=0)), b"")
     layout.manifest_path(manifest.id).unlink()
     layout.blob_path(manifest.id).unlink()
     return manifest.id
@@ -191,6 +197,72 @@ def test_index_rows_whose_files_disappeared_are_quarantined(enqueuer: Enqueuer) 
         assert layout.blob_path(lost_manifest.id).exists(), "the bytes of a quarantined entry were deleted"
         assert index.get(fine.id)["state"] == State.QUEUED
         assert [row["id"] for row in index.claim(OWNER, 60, 10)] == [fine.id]
+    finally:
+        index.close()
+
+
+def test_inline_entries_are_ingested_reconciled_and_rebuilt(inline_enqueuer: Enqueuer) -> None:
+    """Format-2 entries have no blob: that is not a loss, at start-up, in reconcile or in a reindex."""
+    layout = inline_enqueuer.layout
+    inline = [put(inline_enqueuer, os.urandom(10 + i), f"i{i}.bin") for i in range(3)]
+    blob = put(inline_enqueuer, os.urandom(100_000), "big.bin")
+    assert all(m.inline for m in inline) and not blob.inline
+    index, report = _recover(layout)
+    try:
+        assert report.ingested == 4 and not report.quarantined
+        assert {row["id"]: row["state"] for row in index.rows()} == {m.id: State.QUEUED for m in [*inline, blob]}
+        assert_spool_integrity(layout, index)
+    finally:
+        index.close()
+    layout.manifest_path(inline[0].id).unlink()  # a pending inline entry loses its only file
+    index, report = _recover(layout, now=time.time() + 10 * ORPHAN_BLOB_GRACE)
+    try:
+        assert report.quarantined == [inline[0].id]  # the others, without blobs too, are fine
+        _assert_quarantined(index, inline[0].id, "manifest disappeared")
+        assert {row["id"] for row in index.claim(OWNER, 60, 10)} == {m.id for m in [*inline[1:], blob]}
+    finally:
+        index.close()
+    report = rebuild(layout)
+    assert report.ingested == 3 and not report.removed_orphan_blobs
+    index = SpoolIndex(layout)
+    try:
+        assert all(row["state"] == State.QUEUED for row in index.rows())
+        assert_spool_integrity(layout, index)
+    finally:
+        index.close()
+
+
+def test_inline_manifests_are_checked_like_the_rest(enqueuer: Enqueuer) -> None:
+    layout = enqueuer.layout
+    cases: dict[int, str] = {}
+
+    def case(reason: str, file_id: int, manifest_bytes: bytes) -> None:
+        _write_entry(layout, file_id, manifest_bytes, blob=None)
+        cases[file_id] = reason
+
+    def inline(file_id: int, payload: bytes = b"data", **changes: object) -> bytes:
+        return _raw(_good_manifest(file_id, payload, format=2, payload=payload), **changes)
+
+    some = _fake_id(layout)
+    _write_entry(layout, some, inline(some), blob=None)
+    other = _fake_id(layout)
+    case("manifest format 2 without its payload", other, _raw(_good_manifest(other), format=2))
+    third = _fake_id(layout)
+    case("manifest field payload is invalid", third, inline(third, size=5))  # payload shorter than size
+    fourth = _fake_id(layout)
+    as_str = inline(fourth).replace(b"\xc4\x04data", b"\xa4data")  # the payload as a msgpack str, not bin
+    case("manifest field payload is invalid", fourth, as_str)
+    fifth = _fake_id(layout)
+    # A format-1 manifest's bytes are in blobs/, whatever else it holds: a `payload` key is ignored.
+    case(f"blob {fifth} is missing", fifth, _raw(_good_manifest(fifth), payload=b"data"))
+    sixth = _fake_id(layout)
+    case("unknown manifest format 3", sixth, inline(sixth, format=3))
+    index, report = _recover(layout)
+    try:
+        for file_id, reason in cases.items():
+            _assert_quarantined(index, file_id, reason)
+        assert index.get(some)["state"] == State.QUEUED
+        assert sorted(report.quarantined) == [] and report.ingested == len(cases) + 1
     finally:
         index.close()
 

@@ -112,7 +112,7 @@ class Uploader:
     async def upload(self, manifest: Manifest) -> Verified:
         key = self.store.key(manifest.key())
         blob = self.blobs_dir / str(manifest.id)
-        if manifest.size < self.settings.multipart_threshold:
+        if manifest.inline or manifest.size < self.settings.multipart_threshold:
             return await self._single(manifest, key, blob)
         return await self._multipart(manifest, key, blob)
 
@@ -120,7 +120,7 @@ class Uploader:
     async def _single(self, manifest: Manifest, key: str, blob: Path) -> Verified:
         await self.budget.acquire(manifest.size)
         try:
-            data = await asyncio.to_thread(_read_all, blob, manifest)
+            data = manifest.payload if manifest.inline else await asyncio.to_thread(_read_all, blob, manifest)
             hashes = await self._hash(data, md5=self.check_etag)
             sha_b64 = hashes.sha256_b64
             if manifest.sha256 is not None and sha_b64 != hex_to_b64(manifest.sha256):

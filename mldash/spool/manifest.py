@@ -1,13 +1,16 @@
 """The manifest: one immutable msgpack map per artifact, the source of truth of the spool.
 
-Format version 1 (see docs/spool-format.md). Keys are short but readable; unknown keys are kept
-when decoding so a newer minor writer does not break an older daemon; an unknown *major* format
-version is refused (the entry is quarantined, never guessed at).
+Format version 1: the bytes are in blobs/{id}. Format version 2: the same map plus `payload`, the
+bytes themselves (small saves, setting inline_max): a tiny save is then one file instead of two. A daemon
+that only reads format 1 quarantines a format-2 entry (visible, `retry` after an upgrade) instead of
+looking for a blob that does not exist. See docs/spool-format.md. Unknown keys are ignored when
+decoding so a newer minor writer does not break an older daemon; an unknown *major* format version
+is refused (the entry is quarantined, never guessed at).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -15,7 +18,9 @@ import msgpack
 from mldash.errors import SpoolCorruptError
 from mldash.keys import object_key
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1         # bytes in blobs/{id}
+INLINE_FORMAT_VERSION = 2  # bytes in the manifest's `payload`
+READABLE_FORMATS = (FORMAT_VERSION, INLINE_FORMAT_VERSION)
 
 
 def _is_int(value: object) -> bool:
@@ -53,6 +58,11 @@ class Manifest:
     host: str = ""       # producing host and pid: for people reading `ls`, never used as a path
     pid: int = 0
     format: int = FORMAT_VERSION
+    payload: bytes | None = None  # format 2 only: the artifact's bytes (else they are in blobs/{id})
+
+    @property
+    def inline(self) -> bool:
+        return self.payload is not None
 
     @property
     def path(self) -> str:
@@ -73,7 +83,12 @@ class Manifest:
                           prefix=self.prefix, file_id=self.id, filename=self.filename, root=root)
 
     def encode(self) -> bytes:
-        return msgpack.packb(asdict(self), use_bin_type=True)
+        # A shallow map, not dataclasses.asdict (which deep-copies tags and metadata on every save);
+        # `payload` only in format 2, so format-1 manifests stay byte-for-byte what older writers wrote.
+        raw = {name: getattr(self, name) for name in _ENCODED_FIELDS}
+        if self.payload is not None:
+            raw["payload"] = self.payload
+        return msgpack.packb(raw, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes, *, source: str = "manifest") -> Manifest:
@@ -86,10 +101,14 @@ class Manifest:
         if not isinstance(raw, dict):
             raise SpoolCorruptError(f"{source}: manifest is a {type(raw).__name__}, expected a map")
         version = raw.get("format")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS or isinstance(version, bool):
             raise SpoolCorruptError(f"{source}: unknown manifest format {version!r}; this mldash reads "
-                                    f"format {FORMAT_VERSION}")
+                                    f"formats {', '.join(map(str, READABLE_FORMATS))}")
         known = {name: raw[name] for name in cls.__dataclass_fields__ if name in raw}
+        if version == FORMAT_VERSION:
+            known.pop("payload", None)  # not a format-1 field: its bytes are in blobs/, whatever else is here
+        elif known.get("payload") is None:
+            raise SpoolCorruptError(f"{source}: manifest format 2 without its payload")
         try:
             manifest = cls(**known)
         except TypeError as exc:
@@ -111,6 +130,8 @@ class Manifest:
             (isinstance(self.kind, str) and isinstance(self.host, str) and _is_int(self.pid), "kind/host/pid"),
             (isinstance(self.tags, list), "tags"),
             (isinstance(self.metadata, dict), "metadata"),
+            (self.payload is None or (isinstance(self.payload, bytes) and len(self.payload) == self.size),
+             "payload"),
         ]
         for ok, what in checks:
             if not ok:
@@ -148,3 +169,6 @@ class Manifest:
             "metadata": dict(self.metadata),
             "createdAt": self.created_at,
         }
+
+
+_ENCODED_FIELDS = tuple(f.name for f in fields(Manifest) if f.name != "payload")

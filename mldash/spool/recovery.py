@@ -8,11 +8,13 @@ raises out of here, so one bad file never blocks the rest of the queue.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
@@ -40,6 +42,22 @@ def read_manifest(layout: SpoolLayout, file_id: int) -> Manifest:
     return manifest
 
 
+def open_spooled(layout: SpoolLayout, file_id: int) -> BinaryIO:
+    """The spooled bytes of an entry as a binary file: its blob, or its inline payload.
+
+    FileNotFoundError when neither is there (evicted). An open blob survives a later eviction."""
+    try:
+        return open(layout.blob_path(file_id), "rb", buffering=0)  # the caller closes it
+    except FileNotFoundError:
+        try:
+            manifest = read_manifest(layout, file_id)
+        except SpoolCorruptError:
+            raise FileNotFoundError(f"no spooled bytes for {file_id}") from None
+        if manifest.payload is None:
+            raise
+        return io.BytesIO(manifest.payload)
+
+
 def manifest_ids(layout: SpoolLayout) -> set[int]:
     ids = set()
     with os.scandir(layout.manifests_dir) as entries:
@@ -56,13 +74,8 @@ def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int]) -> list[
     for file_id in sorted(manifest_ids(layout) - known):
         try:
             manifest = read_manifest(layout, file_id)
-            blob = layout.blob_path(file_id)
-            info = blob.lstat()  # lstat: the daemon must never follow a link out of the spool
-            if not stat.S_ISREG(info.st_mode):
-                raise SpoolCorruptError(f"blob {file_id} is not a regular file")
-            size = info.st_size
-            if size != manifest.size:
-                raise SpoolCorruptError(f"blob {file_id}: {size} bytes, manifest says {manifest.size}")
+            if not manifest.inline:  # an inline manifest holds its bytes (its size was checked on decode)
+                _check_blob(layout, manifest)
             good.append(manifest)
         except FileNotFoundError:
             index.ingest_broken(file_id, f"blob {file_id} is missing; manifest present")
@@ -77,6 +90,22 @@ def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int]) -> list[
         fresh.append(file_id)
     index.ingest(good)
     return fresh
+
+
+def _check_blob(layout: SpoolLayout, manifest: Manifest) -> None:
+    info = layout.blob_path(manifest.id).lstat()  # lstat: the daemon must never follow a link out of the spool
+    if not stat.S_ISREG(info.st_mode):
+        raise SpoolCorruptError(f"blob {manifest.id} is not a regular file")
+    if info.st_size != manifest.size:
+        raise SpoolCorruptError(f"blob {manifest.id}: {info.st_size} bytes, manifest says {manifest.size}")
+
+
+def _is_inline(layout: SpoolLayout, file_id: int) -> bool:
+    """Whether an entry's manifest holds its bytes (then it has no blob); False if it cannot be read."""
+    try:
+        return read_manifest(layout, file_id).inline
+    except SpoolCorruptError:
+        return False
 
 
 @dataclass
@@ -140,7 +169,7 @@ def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) ->
         file_id = row["id"]
         if file_id not in manifests:
             reason = "manifest disappeared from the spool"
-        elif not layout.blob_path(file_id).exists():
+        elif not layout.blob_path(file_id).exists() and not _is_inline(layout, file_id):
             reason = f"blob {file_id} disappeared from the spool"
         else:
             continue

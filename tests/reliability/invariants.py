@@ -36,9 +36,11 @@ import boto3
 from botocore.config import Config
 
 from mldash.config import Settings
+from mldash.errors import SpoolCorruptError
 from mldash.keys import file_id_from_key, object_key
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock, is_held
+from mldash.spool.recovery import read_manifest
 from mldash.spool.states import PENDING, State
 from tests.backend_helpers import _s3, catalog_docs, list_objects, store_root
 from tests.spool_helpers import Ack, _pid_alive
@@ -174,6 +176,20 @@ def run_gc(settings: Settings) -> int:
 
 # ---- the checker --------------------------------------------------------------------------------------------
 
+def _has_spooled_bytes(layout: SpoolLayout, file_id: int, size: int) -> bool:
+    """The manifest is there, and the bytes: a blob of `size` bytes, or an inline payload (format 2)."""
+    if not layout.manifest_path(file_id).exists():
+        return False
+    blob = layout.blob_path(file_id)
+    if blob.exists():
+        return blob.stat().st_size == size
+    try:
+        payload = read_manifest(layout, file_id).payload
+    except SpoolCorruptError:
+        return False
+    return payload is not None and len(payload) == size
+
+
 def check_invariants(settings: Settings, acked: Iterable[Any] | Mapping[int, Ack] = (), *,
                      view: Settings | None = None, allow: Collection[State] = (), gc: bool = True,
                      allow_orphan_blobs: bool = False) -> InvariantReport:
@@ -210,10 +226,8 @@ def check_invariants(settings: Settings, acked: Iterable[Any] | Mapping[int, Ack
             problems.append(f"{file_id} is {state} without a reason (last_error empty)")
         if state in (State.QUEUED, State.UPLOADED) and row["error_kind"] and not row["last_error"]:
             problems.append(f"{file_id} waits after a {row['error_kind']} error without saying which")
-        if state in PENDING and state is not State.QUARANTINED:
-            blob, manifest = layout.blob_path(file_id), layout.manifest_path(file_id)
-            if not (manifest.exists() and blob.exists() and blob.stat().st_size == row["size"]):
-                problems.append(f"{file_id} ({state}) lost its spooled manifest or bytes: retry could not act")
+        if state in PENDING and state is not State.QUARANTINED and not _has_spooled_bytes(layout, file_id, row["size"]):
+            problems.append(f"{file_id} ({state}) lost its spooled manifest or bytes: retry could not act")
     for path in layout.tmp_dir.iterdir() if layout.tmp_dir.exists() else ():
         pid = SpoolLayout.tmp_owner_pid(path.name)
         if pid is None or not _pid_alive(pid):

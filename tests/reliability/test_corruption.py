@@ -37,22 +37,23 @@ from tests.fixtures.daemon import enqueue_bytes
 from tests.reliability.conftest import MIB
 from tests.reliability.helpers import entry_rows
 from tests.reliability.invariants import check_invariants
+from tests.spool_helpers import overwrite_spooled, read_spooled
 
 NO_COMPOSITE = "the store reports no SHA256 checksum"
 
 
 def flip_spooled_byte(settings: Settings, file_id: int, offset: int) -> bytes:
-    """Flip one byte of a spooled blob in place (bit rot, or a writer that ignored the snapshot); returns the
-    original bytes."""
-    blob = SpoolLayout(settings.spool).blob_path(file_id)
-    original = blob.read_bytes()
-    with open(blob, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(bytes([original[offset] ^ 0x5A]))
+    """Flip one byte of an entry's spooled bytes in place — its blob or its inline payload (bit rot, or a
+    writer that ignored the snapshot); returns the original bytes."""
+    layout = SpoolLayout(settings.spool)
+    original = read_spooled(layout, file_id)
+    flipped = bytearray(original)
+    flipped[offset] ^= 0x5A
+    overwrite_spooled(layout, file_id, bytes(flipped))
     return original
 
 
-@pytest.mark.parametrize("size", [1000, 11 * MIB], ids=["single", "multipart"])
+@pytest.mark.parametrize("size", [1000, 200_000, 11 * MIB], ids=["inline", "single", "multipart"])
 def test_spooled_byte_flipped_is_quarantined_then_retry_after_repair(
         s3_via_proxy: tuple[Settings, Settings, FaultProxy], size: int) -> None:
     settings, direct, _proxy = s3_via_proxy
@@ -68,7 +69,7 @@ def test_spooled_byte_flipped_is_quarantined_then_retry_after_repair(
     assert report.committed == 2 and not report.clean
     check_invariants(settings, [*good, bad], view=direct, allow={State.QUARANTINED})  # no object, no upload left
 
-    SpoolLayout(settings.spool).blob_path(bad.id).write_bytes(original)  # a person restores the bytes
+    overwrite_spooled(SpoolLayout(settings.spool), bad.id, original)  # a person restores the bytes
     index = SpoolIndex(SpoolLayout(settings.spool))
     assert index.retry([bad.id]) == [bad.id]
     index.close()
