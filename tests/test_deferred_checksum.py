@@ -166,6 +166,19 @@ def test_auto_mode_returns_the_checksum_of_small_saves_and_defers_large_ones(set
     assert torch_doc["sizeBytes"] > MIB and torch_doc["checksum"] == sha(read_object(live, torch_doc["storageKey"]))
 
 
+@pytest.mark.parametrize(("checksum", "limit", "hashed"), [("auto", 1000, True), ("auto", 999, False),
+                                                        ("deferred", 64 * MIB, False), ("sync", 0, True)])
+def test_inline_saves_follow_the_checksum_mode(settings: Settings, drain, checksum: str, limit: int,
+                                               hashed: bool) -> None:
+    live = settings.replace(checksum=checksum, sync_checksum_limit=limit)
+    data = os.urandom(1000)  # small enough to live inside its manifest
+    result = Experiment(prefix="alice/proj/inline", settings=live).files("m").save_blob(data, to="d.bin")
+    assert read_manifest(SpoolLayout(live.spool), int(result["id"])).inline
+    assert result["checksum"] == (sha(data) if hashed else None)
+    assert drain(live).committed == 1
+    assert docs_by_id(live)[str(result["id"])]["checksum"] == sha(data)
+
+
 def test_manifest_accepts_a_missing_sha256_and_still_rejects_malformed_ones(settings: Settings) -> None:
     manifest = enqueue_bytes(deferred(settings), b"payload")
     assert manifest.sha256 is None

@@ -153,7 +153,7 @@ class Enqueuer:
 
     def _attempt_inline(self, spec: EntrySpec, write: Writer) -> Manifest | None:
         """Spool a small save as one manifest holding its bytes; None if `write` produced more than inline_max."""
-        sink = InlineSink(hashing=not self.settings.deferred_checksum)
+        sink = InlineSink(hash_limit=self.settings.hash_limit)
         write(sink)
         if sink.size > self.settings.inline_max:
             return None

@@ -8,11 +8,11 @@ import hashlib
 class InlineSink:
     """A write-only binary file object collecting bytes in memory, with their size and SHA256.
 
-    `hashing=False` (deferred checksum mode): `hexdigest()` is None, as for a blob (the daemon hashes)."""
+    `hash_limit` as for HashingSink: over it (0 = the deferred mode) `hexdigest()` is None and the daemon hashes."""
 
-    def __init__(self, *, hashing: bool = True) -> None:
+    def __init__(self, *, hash_limit: int | None = None) -> None:
         self._buffer = bytearray()
-        self.hashing = hashing
+        self.hash_limit = hash_limit
 
     @property
     def size(self) -> int:
@@ -28,7 +28,9 @@ class InlineSink:
 
     def hexdigest(self) -> str | None:
         # hashed once, at the end: exactly the bytes that are spooled
-        return hashlib.sha256(self._buffer).hexdigest() if self.hashing else None
+        if self.hash_limit is not None and self.size > self.hash_limit:
+            return None
+        return hashlib.sha256(self._buffer).hexdigest()
 
     # The file-object surface serializers expect (same as HashingSink).
     def writable(self) -> bool:
