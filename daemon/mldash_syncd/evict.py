@@ -28,8 +28,10 @@ def evict(index: SpoolIndex, layout: SpoolLayout, *, keep: int, after: float, no
         for path in (layout.manifest_path(row["id"]), layout.blob_path(row["id"])):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        index.transition(row["id"], State.EVICTED, evicted_at=now)
         evicted.append(row["id"])
+    # One transaction for the pass. A crash before it leaves these rows committed with their files gone:
+    # the next pass finds nothing to unlink and records them then.
+    index.transition_many(evicted, State.EVICTED, evicted_at=now)
     return evicted
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mldash.catalog import make_catalog
-from mldash.catalog.base import Catalog
+from mldash.catalog.base import Catalog, FileDocument
 from mldash.config import Settings
 from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
@@ -32,8 +32,9 @@ from mldash.spool.states import State
 from mldash.store import make_store
 from mldash.store.base import Store
 from mldash_syncd.budget import ByteBudget
-from mldash_syncd.commit import document_for
+from mldash_syncd.commit import clash, document_for
 from mldash_syncd.evict import compact, evict
+from mldash_syncd.manifests import ManifestCache
 from mldash_syncd.memory import return_part_buffers_to_os
 from mldash_syncd.retry import Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
@@ -43,7 +44,10 @@ log = logging.getLogger("mldash_syncd")
 
 RESCAN_INTERVAL = 2.0      # fallback when inotify events are missed or unavailable
 HEARTBEAT_INTERVAL = 2.0
-MAX_CONCURRENT_COMMITS = 16
+# Uploaded entries go to the catalog in batches, one batch in flight: one request (SQLite: one
+# transaction) per batch instead of two round trips per file. A batch takes whatever is uploaded
+# when the previous one returns, so batches grow with the catalog's latency, up to this size.
+COMMIT_BATCH = 256
 EVICT_INTERVAL = 1.0       # seconds between eviction passes while commits happen
 COMPACT_INTERVAL = 600.0   # seconds between compactions of old evicted index rows
 STOP_GRACE = 20.0          # seconds in-flight work gets to finish after a stop request
@@ -93,7 +97,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._uploads: dict[int, asyncio.Task] = {}
-        self._commits: dict[int, asyncio.Task] = {}
+        self._commits: dict[int, asyncio.Task] = {}  # entry id → the commit batch it is in
+        self._manifests = ManifestCache()  # read by the upload stage, reused by the commit stage
         self._started = time.time()
         self._rate_window: list[tuple[float, int]] = []
         self.index: SpoolIndex | None = None
@@ -203,7 +208,7 @@ class Daemon:
         startable = []
         if len(self._uploads) < self.settings.max_concurrent_files:
             startable.append(State.QUEUED)
-        if len(self._commits) < MAX_CONCURRENT_COMMITS:
+        if not self._commits:
             startable.append(State.UPLOADED)
         due = self.index.next_due(startable)
         if due is not None:
@@ -254,18 +259,23 @@ class Daemon:
             task.add_done_callback(lambda _t, i=row["id"]: (self._uploads.pop(i, None), self._wake.set()))
 
     def _start_commits(self) -> None:
-        free = MAX_CONCURRENT_COMMITS - len(self._commits)
-        if free <= 0 or self.catalog_gate.is_open:
+        if self._commits or self.catalog_gate.is_open:  # one batch at a time (see COMMIT_BATCH)
             return
-        for row in self.index.claim(self.owner, self.settings.lease_seconds, free, states=(State.UPLOADED,)):
-            if row["id"] in self._commits:
-                # Our own commit in flight: after the wall clock stepped forward its lease looked expired.
-                # The claim just renewed it; a second commit task would race the first.
-                self._refund_attempt(row)
-                continue
-            task = asyncio.create_task(self._commit_one(row), name=f"commit-{row['id']}")
-            self._commits[row["id"]] = task
-            task.add_done_callback(lambda _t, i=row["id"]: (self._commits.pop(i, None), self._wake.set()))
+        rows = self.index.claim(self.owner, self.settings.lease_seconds, COMMIT_BATCH, states=(State.UPLOADED,))
+        if not rows:
+            return
+        task = asyncio.create_task(self._commit_batch(rows), name=f"commit-{rows[0]['id']}+{len(rows) - 1}")
+        ids = [row["id"] for row in rows]
+        for file_id in ids:
+            self._commits[file_id] = task
+
+        def finished(_task: asyncio.Task) -> None:
+            for file_id in ids:
+                if self._commits.get(file_id) is task:
+                    del self._commits[file_id]
+            self._wake.set()
+
+        task.add_done_callback(finished)
 
     def _renew_leases(self) -> None:
         for file_id in [*self._uploads, *self._commits]:
@@ -293,50 +303,100 @@ class Daemon:
         try:
             self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
                                   uploaded_at=time.time(), next_attempt_at=0, attempts=0, last_error=None,
-                                  error_kind=None, **computed)
-            self.index.clear_parts(file_id)
+                                  error_kind=None, drop_parts=True, **computed)
         except sqlite3.Error as exc:  # e.g. the index's disk is full: verified again once the lease expires
             log.error("upload %s: done, but the index cannot record it (%s)", file_id, exc)
             return
+        self._manifests.put(manifest)
         log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
         self._wake.set()
 
-    async def _commit_one(self, row: dict[str, Any]) -> None:
-        file_id = row["id"]
+    async def _commit_batch(self, rows: list[dict[str, Any]]) -> None:
+        """Commit claimed `uploaded` entries with one catalog request. The catalog reports the ids it already
+        held; only those are read back, to tell a replay (our own earlier commit) from an id clash."""
+        committed_at = time.time()
+        docs: dict[int, FileDocument] = {}
+        for row in rows:
+            try:
+                doc = self._document(row, committed_at)
+            except Exception as exc:  # a manifest that cannot be read: this entry only
+                self._failed(row, exc, stage="commit")
+                continue
+            if doc is not None:
+                docs[row["id"]] = doc
+        rows = [row for row in rows if row["id"] in docs]
+        if not rows:
+            return
         try:
-            manifest = read_manifest(self.layout, file_id)
-            checksum = manifest.sha256 or row["sha256"]
-            if checksum is None:  # uploaded, but the computed checksum is not recorded: read the bytes again
-                self.index.transition(file_id, State.QUEUED, attempts=0, next_attempt_at=0)
-                return
             await self.catalog_gate.wait()
-            doc = document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
-                               committed_at=time.time(), checksum=checksum)
-            await self.catalog.upsert(doc)
-            stored = await self.catalog.get(doc.id)
-            if stored is None or stored["checksum"] != doc.checksum or stored["storageKey"] != doc.storageKey:
-                # Another file already holds this id (ids are unique only with overwhelming probability
-                # across hosts): never let the upsert's "already there" hide that this one is not recorded.
-                raise SpoolCorruptError(f"catalog id {doc.id} already belongs to another file "
-                                        f"({stored and stored.get('storageKey')}); this entry was not recorded")
+            present = await self.catalog.upsert_many(list(docs.values()))
+            clashes = await self._clashes(present, docs)
         except asyncio.CancelledError:
-            self._refund_attempt(row)
+            for row in rows:
+                self._refund_attempt(row)
             raise
         except BaseException as exc:
-            self._failed(row, _first_error(exc), stage="commit")
+            await self._commit_batch_failed(rows, _first_error(exc))
             return
         self.catalog_gate.success()
+        for row in rows:
+            if row["id"] in clashes:
+                self._failed(row, SpoolCorruptError(clashes[row["id"]]), stage="commit")
+        done = [row for row in rows if row["id"] not in clashes]
         try:
-            self.index.transition(file_id, State.COMMITTED, committed_at=time.time(), last_error=None,
-                                  error_kind=None)
-        except sqlite3.Error as exc:  # e.g. the index's disk is full: the upsert is replayed once the lease expires
-            log.error("commit %s: done, but the index cannot record it (%s)", file_id, exc)
+            self.index.transition_many([row["id"] for row in done], State.COMMITTED, committed_at=time.time(),
+                                       last_error=None, error_kind=None)
+        except sqlite3.Error as exc:  # e.g. the index's disk is full: the upserts are replayed once the leases expire
+            log.error("commit of %d entries: done, but the index cannot record it (%s)", len(done), exc)
             return
-        self.report.committed += 1
-        self._evict_requested = bool(self.settings.keep_committed == 0 and self.settings.evict_after == 0)
-        log.info("committed %s (%s/%s)", file_id, row["experiment"], row["filename"])
-        self._emit("committed", id=file_id, size=row["size"] or 0)
+        self.report.committed += len(done)
+        self._evict_requested = bool(done) and self.settings.keep_committed == 0 and self.settings.evict_after == 0
+        for row in done:
+            self._manifests.discard(row["id"])
+            log.info("committed %s (%s/%s)", row["id"], row["experiment"], row["filename"])
+            self._emit("committed", id=row["id"], size=row["size"] or 0)
+
+    def _document(self, row: dict[str, Any], committed_at: float) -> FileDocument | None:
+        """The catalog document of an uploaded entry; None (and the entry queued again) when the checksum the
+        upload computed in deferred mode was not recorded: its bytes must be read again."""
+        file_id = row["id"]
+        manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
+        checksum = manifest.sha256 or row["sha256"]
+        if checksum is None:
+            self.index.transition(file_id, State.QUEUED, attempts=0, next_attempt_at=0)
+            return None
+        return document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
+                            committed_at=committed_at, checksum=checksum)
+
+    async def _clashes(self, present: set[str], docs: dict[int, FileDocument]) -> dict[int, str]:
+        """Entries whose id the catalog already held for another file → why they were not recorded."""
+        if not present:
+            return {}
+        stored = await self.catalog.get_many(sorted(present))
+        return {file_id: reason for file_id, doc in docs.items()
+                if doc.id in present and (reason := clash(doc, stored.get(doc.id))) is not None}
+
+    async def _commit_batch_failed(self, rows: list[dict[str, Any]], exc: BaseException) -> None:
+        if classify(exc) is Failure.OUTAGE:
+            # One outage, one step of the catalog gate's backoff — not one per entry in the batch.
+            delay = self.catalog_gate.failure(f"commit: {type(exc).__name__}: {exc}"[:2000])
+            for row in rows:
+                self._failed(row, exc, stage="commit", outage_delay=delay)
+            return
+        if len(rows) == 1:
+            self._failed(rows[0], exc, stage="commit")
+            return
+        # Maybe one document is what the catalog refuses: commit each alone, so it cannot fail the others.
+        log.warning("commit of %d entries failed (%s: %s); committing them one by one", len(rows),
+                    type(exc).__name__, exc)
+        for i, row in enumerate(rows):
+            try:
+                await self._commit_batch([row])
+            except asyncio.CancelledError:
+                for rest in rows[i + 1:]:
+                    self._refund_attempt(rest)
+                raise
 
     def _refund_attempt(self, row: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
@@ -354,18 +414,21 @@ class Daemon:
             if shortened := self.index.cap_waits(time.time() + self.settings.retry_max_delay):
                 log.warning("the clock stepped back: %d waiting entries rescheduled", shortened)
 
-    def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
+    def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str,
+                outage_delay: float | None = None) -> None:
         """Route a failure to its state and make it visible. If even that cannot be written (the index's
         disk is full), the entry keeps its lease, which expires without renewal: `_release_expired` then
         queues it again."""
         try:
-            self._route_failure(row, exc, stage=stage)
+            self._route_failure(row, exc, stage=stage, outage_delay=outage_delay)
         except sqlite3.Error as record_error:
             log.error("%s %s failed (%s) and the index cannot record it (%s); retried once its lease expires",
                       stage, row["id"], exc, record_error)
 
-    def _route_failure(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
-        """See retry.py for the policy."""
+    def _route_failure(self, row: dict[str, Any], exc: BaseException, *, stage: str,
+                       outage_delay: float | None = None) -> None:
+        """See retry.py for the policy. `outage_delay`: the gate already took its backoff step for this outage
+        (a whole commit batch failed at once)."""
         file_id, attempts = row["id"], row["attempts"]
         kind = classify(exc)
         reason = f"{stage}: {type(exc).__name__}: {exc}"[:2000]
@@ -373,7 +436,7 @@ class Daemon:
         now = time.time()
         if kind is Failure.OUTAGE:
             gate = self.store_gate if stage == "upload" else self.catalog_gate
-            delay = gate.failure(reason)
+            delay = gate.failure(reason) if outage_delay is None else outage_delay
             # An outage is not the entry's fault: give the attempt back.
             self.index.transition(file_id, retry_state, attempts=max(0, attempts - 1), next_attempt_at=now + delay,
                                   last_error=reason, error_kind=kind.value)

@@ -70,8 +70,8 @@ KILL_POINTS = {
     "after_put": ("store", "put", "after"),
     "after_complete": ("store", "complete_multipart", "after"),
     "after_uploaded": ("index", "transition", "after"),
-    "before_commit": ("catalog", "upsert", "before"),
-    "after_commit": ("catalog", "upsert", "after"),
+    "before_commit": ("catalog", "upsert_many", "before"),  # the daemon commits in batches
+    "after_commit": ("catalog", "upsert_many", "after"),
 }
 
 
