@@ -33,7 +33,7 @@ from mldash.store import make_store
 from mldash.store.base import Store
 from mldash_syncd.budget import ByteBudget
 from mldash_syncd.commit import clash, document_for
-from mldash_syncd.evict import compact, evict
+from mldash_syncd.evict import compact, evict, evictable, record_evicted, remove_files
 from mldash_syncd.manifests import ManifestCache
 from mldash_syncd.memory import return_part_buffers_to_os
 from mldash_syncd.retry import Backoff, Failure, Gate, classify
@@ -98,7 +98,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._uploads: dict[int, asyncio.Task] = {}
         self._commits: dict[int, asyncio.Task] = {}  # entry id → the commit batch it is in
-        self._manifests = ManifestCache()  # read by the upload stage, reused by the commit stage
+        self._manifests = ManifestCache()  # read by the ingest or upload stage, reused by the next stages
+        self._eviction: asyncio.Task | None = None
         self._started = time.time()
         self._rate_window: list[tuple[float, int]] = []
         self.index: SpoolIndex | None = None
@@ -125,7 +126,7 @@ class Daemon:
         with DaemonLock(self.layout):
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
             try:
-                recovered = recover(self.index, self.layout, self.owner)
+                recovered = recover(self.index, self.layout, self.owner, seen=self._manifests.offer)
                 log.info("started on %s (pid %d): %d new, %d leases released, %d debris removed, %d quarantined",
                          self.layout.root, os.getpid(), recovered.ingested, recovered.released_leases,
                          len(recovered.removed_tmp) + len(recovered.removed_orphan_blobs), len(recovered.quarantined))
@@ -159,16 +160,16 @@ class Daemon:
                 if now_mono - last_scan >= RESCAN_INTERVAL or self._scan_requested:
                     self._scan_requested = False
                     last_scan = now_mono
-                    for file_id in ingest_new(self.index, self.layout, known):
+                    for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer):
                         self._emit("queued", id=file_id)
                 self._start_uploads()
                 self._start_commits()
                 # Eviction soon after commits (bytes leave the spool promptly), but batched: at most
                 # once every EVICT_INTERVAL, since each pass reads every committed row.
-                if now_mono - last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0):
+                if now_mono - last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0) and not self._eviction:
                     self._evict_requested = False
                     last_evict = now_mono
-                    self._evict()
+                    self._start_eviction()
                 if now_mono - last_compact >= COMPACT_INTERVAL:
                     last_compact = now_mono
                     compact(self.index)
@@ -195,6 +196,8 @@ class Daemon:
         finally:
             watcher.cancel()
             await self._drain_tasks()
+            if self._eviction is not None:  # its unlinks run in a thread, which cannot be cancelled: let it end
+                await asyncio.wait([self._eviction])
             with contextlib.suppress(Exception):  # leave the spool tidy: evict what the last commits freed
                 self._evict()
 
@@ -285,7 +288,7 @@ class Daemon:
     async def _upload_one(self, row: dict[str, Any]) -> None:
         file_id = row["id"]
         try:
-            manifest = read_manifest(self.layout, file_id)
+            manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
             await self.store_gate.wait()
             self._emit("uploading", id=file_id, size=manifest.size)
             verified = await self.uploader.upload(manifest)
@@ -508,6 +511,33 @@ class Daemon:
         evicted = evict(self.index, self.layout, keep=self.settings.keep_committed, after=self.settings.evict_after)
         if evicted:
             log.debug("evicted %d committed entries", len(evicted))
+
+    def _start_eviction(self) -> None:
+        """An eviction pass as a task: the unlinks (two per entry, the bulk of its cost) run in a worker thread
+        while the loop goes on uploading; the index is written from the loop, its one user."""
+        now = time.time()
+        try:
+            ids = evictable(self.index, keep=self.settings.keep_committed, after=self.settings.evict_after, now=now)
+        except sqlite3.Error as exc:
+            log.warning("eviction skipped: %s", exc)
+            return
+        if not ids:
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(remove_files, self.layout, ids)
+                record_evicted(self.index, ids, now=now)
+            except (OSError, sqlite3.Error) as exc:  # the next pass tries again
+                log.warning("eviction of %d entries incomplete: %s", len(ids), exc)
+                return
+            log.debug("evicted %d committed entries", len(ids))
+
+        self._eviction = asyncio.create_task(run(), name="evict")
+        self._eviction.add_done_callback(self._eviction_done)
+
+    def _eviction_done(self, _task: asyncio.Task) -> None:
+        self._eviction = None
 
     def _write_heartbeat(self, stopping: bool = False) -> None:
         if self.index is None:
