@@ -257,9 +257,23 @@ class Daemon:
         if free <= 0 or self.store_gate.is_open:
             return
         for row in self.index.claim(self.owner, self.settings.lease_seconds, free, states=(State.QUEUED,)):
-            task = asyncio.create_task(self._upload_one(row), name=f"upload-{row['id']}")
+            task = asyncio.create_task(self._upload_worker(row), name=f"upload-{row['id']}")
             self._uploads[row["id"]] = task
-            task.add_done_callback(lambda _t, i=row["id"]: (self._uploads.pop(i, None), self._wake.set()))
+            task.add_done_callback(self._upload_worker_ended)
+
+    def _upload_worker_ended(self, task: asyncio.Task) -> None:
+        for file_id in [i for i, t in self._uploads.items() if t is task]:
+            del self._uploads[file_id]
+        self._wake.set()
+
+    def _claim_next_upload(self) -> dict[str, Any] | None:
+        """The next queued entry for a worker whose upload just ended, if it may start one now."""
+        if self._stop.is_set() or self.store_gate.is_open:
+            return None
+        if len(self._uploads) > self.settings.max_concurrent_files:  # the loop filled every slot meanwhile
+            return None
+        rows = self.index.claim(self.owner, self.settings.lease_seconds, 1, states=(State.QUEUED,))
+        return rows[0] if rows else None
 
     def _start_commits(self) -> None:
         if self._commits or self.catalog_gate.is_open:  # one batch at a time (see COMMIT_BATCH)
@@ -285,7 +299,19 @@ class Daemon:
             self.index.renew_lease(file_id, self.owner, self.settings.lease_seconds)
 
     # ---- one entry ----------------------------------------------------------------------------
-    async def _upload_one(self, row: dict[str, Any]) -> None:
+    async def _upload_worker(self, row: dict[str, Any] | None) -> None:
+        """Upload claimed entries one after another: each outcome is recorded in the same index transaction that
+        claims the next queued entry, so an upload slot is refilled without a round through the loop."""
+        me = asyncio.current_task()
+        while row is not None:
+            following = await self._upload_one(row)
+            self._uploads.pop(row["id"], None)
+            if following is not None and me is not None:
+                self._uploads[following["id"]] = me
+            row = following
+
+    async def _upload_one(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """Upload one entry and record the outcome; returns the next entry claimed with a success, if any."""
         file_id = row["id"]
         try:
             manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
@@ -297,23 +323,27 @@ class Daemon:
             raise
         except BaseException as exc:
             self._failed(row, _first_error(exc), stage="upload")
-            return
+            return None
         self.store_gate.success()
         # A deferred-checksum manifest has no sha256: the one computed from this read is recorded in the index,
         # where the commit stage (maybe in a later daemon process) finds it.
         computed = {"sha256": verified.sha256_hex} if manifest.sha256 is None else {}
-        # attempts count per stage: the commit stage starts afresh
         try:
-            self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
-                                  uploaded_at=time.time(), next_attempt_at=0, attempts=0, last_error=None,
-                                  error_kind=None, drop_parts=True, **computed)
+            with self.index.transaction():
+                # attempts count per stage: the commit stage starts afresh
+                self.index.transition(file_id, State.UPLOADED, store_key=verified.key,
+                                      store_checksum=verified.checksum, uploaded_at=time.time(), next_attempt_at=0,
+                                      attempts=0, last_error=None, error_kind=None, drop_parts=True, **computed)
+                following = self._claim_next_upload()
         except sqlite3.Error as exc:  # e.g. the index's disk is full: verified again once the lease expires
             log.error("upload %s: done, but the index cannot record it (%s)", file_id, exc)
-            return
+            return None
         self._manifests.put(manifest)
         log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
-        self._wake.set()
+        if not self._commits:  # else the batch in flight wakes the loop when it ends, and the next one takes this
+            self._wake.set()
+        return following
 
     async def _commit_batch(self, rows: list[dict[str, Any]]) -> None:
         """Commit claimed `uploaded` entries with one catalog request. The catalog reports the ids it already

@@ -63,6 +63,7 @@ class SpoolIndex:
         self.layout = layout
         self.readonly = readonly
         self.conn = _connect(layout.index_path, readonly=readonly, power_safe=power_safe)
+        self._nesting = 0  # depth of `transaction()` blocks: inner ones join the outermost
         if not readonly:
             self._create_schema()
             for suffix in ("-wal", "-shm"):
@@ -97,13 +98,30 @@ class SpoolIndex:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Blocks nested in it join it: several steps (record an outcome, claim the
+        next entry) commit together, or — if any of them raises — not at all."""
+        if self._nesting:
+            self._nesting += 1
+            try:
+                yield self.conn
+            finally:
+                self._nesting -= 1
+            return
         self.conn.execute("BEGIN IMMEDIATE")
+        self._nesting = 1
         try:
             yield self.conn
         except BaseException:
+            self._nesting = 0
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        self._nesting = 0
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:  # e.g. SQLITE_FULL at commit time: leave no transaction open
+                self.conn.execute("ROLLBACK")
+            raise
 
     # ---- ingest -------------------------------------------------------------------------------
     def known_ids(self) -> set[int]:
