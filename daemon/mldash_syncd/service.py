@@ -48,6 +48,11 @@ HEARTBEAT_INTERVAL = 2.0
 # transaction) per batch instead of two round trips per file. A batch takes whatever is uploaded
 # when the previous one returns, so batches grow with the catalog's latency, up to this size.
 COMMIT_BATCH = 256
+# While uploads run, more uploaded entries follow within milliseconds: a batch waits for this many of them
+# or until this long after the previous batch started, whichever comes first (so the catalog sees fewer,
+# larger requests). With nothing uploading it starts at once: an idle daemon commits a save immediately.
+COMMIT_BATCH_MIN = 32
+COMMIT_LINGER = 0.05
 EVICT_INTERVAL = 1.0       # seconds between eviction passes while commits happen
 COMPACT_INTERVAL = 600.0   # seconds between compactions of old evicted index rows
 STOP_GRACE = 20.0          # seconds in-flight work gets to finish after a stop request
@@ -100,6 +105,9 @@ class Daemon:
         self._commits: dict[int, asyncio.Task] = {}  # entry id → the commit batch it is in
         self._manifests = ManifestCache()  # read by the ingest or upload stage, reused by the next stages
         self._eviction: asyncio.Task | None = None
+        self._uploaded_unbatched = 0  # uploads this process recorded since the last commit batch was claimed
+        self._last_batch_at = 0.0     # time.monotonic() when it was
+        self._startup_gc: asyncio.Task | None = None
         self._started = time.time()
         self._rate_window: list[tuple[float, int]] = []
         self.index: SpoolIndex | None = None
@@ -134,13 +142,19 @@ class Daemon:
                     self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
                                              ByteBudget(self.settings.max_concurrent_parts * self.settings.part_size),
                                              on_bytes=self._count_bytes)
-                    await self._collect_orphans()
+                    # The start-up gc runs alongside the first uploads (its listing is a round trip): only
+                    # multipart uploads wait for it (see _upload_one), so it never judges one of this run's.
+                    self._startup_gc = asyncio.create_task(self._collect_orphans(), name="startup-gc")
                     self.notifier.ready(f"draining {self.layout.root}")
                     watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
                     try:
                         await self._loop(until_drained, max_wait)
                     finally:
                         watchdog.cancel()
+                        if self._stop.is_set():  # a stop request does not wait for it (the next start retries)
+                            self._startup_gc.cancel()
+                        # A drain that needed no multipart upload still ends only after the gc (it has a deadline).
+                        await asyncio.gather(self._startup_gc, return_exceptions=True)
             finally:
                 self._write_heartbeat(stopping=True)
                 self.report.remaining = {k: v["count"] for k, v in self.index.counts().items() if v["count"]}
@@ -212,7 +226,11 @@ class Daemon:
         if len(self._uploads) < self.settings.max_concurrent_files:
             startable.append(State.QUEUED)
         if not self._commits:
-            startable.append(State.UPLOADED)
+            wait = self._commit_wait(time.monotonic())
+            if wait <= 0:
+                startable.append(State.UPLOADED)
+            elif self._uploaded_unbatched:
+                timeout = min(timeout, wait)
         due = self.index.next_due(startable)
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
@@ -275,12 +293,22 @@ class Daemon:
         rows = self.index.claim(self.owner, self.settings.lease_seconds, 1, states=(State.QUEUED,))
         return rows[0] if rows else None
 
+    def _commit_wait(self, now_mono: float) -> float:
+        """Seconds until the next commit batch may start (see COMMIT_BATCH_MIN and COMMIT_LINGER)."""
+        if not self._uploads or self._uploaded_unbatched >= COMMIT_BATCH_MIN:
+            return 0.0
+        return max(0.0, self._last_batch_at + COMMIT_LINGER - now_mono)
+
     def _start_commits(self) -> None:
         if self._commits or self.catalog_gate.is_open:  # one batch at a time (see COMMIT_BATCH)
+            return
+        now_mono = time.monotonic()
+        if self._commit_wait(now_mono) > 0:
             return
         rows = self.index.claim(self.owner, self.settings.lease_seconds, COMMIT_BATCH, states=(State.UPLOADED,))
         if not rows:
             return
+        self._uploaded_unbatched, self._last_batch_at = 0, now_mono
         task = asyncio.create_task(self._commit_batch(rows), name=f"commit-{rows[0]['id']}+{len(rows) - 1}")
         ids = [row["id"] for row in rows]
         for file_id in ids:
@@ -315,6 +343,8 @@ class Daemon:
         file_id = row["id"]
         try:
             manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
+            if manifest.size >= self.settings.multipart_threshold and self._startup_gc is not None:
+                await asyncio.shield(self._startup_gc)  # no multipart upload of ours while it lists them
             await self.store_gate.wait()
             self._emit("uploading", id=file_id, size=manifest.size)
             verified = await self.uploader.upload(manifest)
@@ -341,7 +371,10 @@ class Daemon:
         self._manifests.put(manifest)
         log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
-        if not self._commits:  # else the batch in flight wakes the loop when it ends, and the next one takes this
+        self._uploaded_unbatched += 1
+        # The loop starts a batch when one is due (or, for the first entry waiting, sets its timer for it); a
+        # batch in flight wakes the loop when it ends, and the next one takes this entry.
+        if not self._commits and (self._uploaded_unbatched == 1 or self._commit_wait(time.monotonic()) <= 0):
             self._wake.set()
         return following
 

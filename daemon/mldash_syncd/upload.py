@@ -305,10 +305,19 @@ class Uploader:
 
 
 def _read_all(path: Path, manifest: Manifest) -> bytes:
+    # os-level calls, not Path.read_bytes: no buffered file object for a read that is often 4 KiB.
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SpoolCorruptError(f"blob {manifest.id} is missing from the spool") from None
+    try:
+        chunks, wanted = [], manifest.size + 1  # one byte more than the manifest says: a longer blob shows
+        while wanted > 0 and (chunk := os.read(fd, wanted)):
+            chunks.append(chunk)
+            wanted -= len(chunk)
+    finally:
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) != manifest.size:
         raise SpoolCorruptError(f"blob {manifest.id}: {len(data)} bytes, manifest says {manifest.size}")
     return data
