@@ -27,9 +27,8 @@ def evict(index: SpoolIndex, layout: SpoolLayout, *, keep: int, after: float, no
 
 def evictable(index: SpoolIndex, *, keep: int, after: float, now: float) -> list[int]:
     """Committed entries beyond the newest `keep` that were committed at least `after` seconds ago."""
-    committed = index.rows(states=[State.COMMITTED])
-    committed.sort(key=lambda row: row["id"], reverse=True)
-    return [row["id"] for row in committed[keep:] if (row["committed_at"] or 0) + after <= now]
+    committed = index.committed_times()  # (id, committed_at), newest id first
+    return [file_id for file_id, committed_at in committed[keep:] if (committed_at or 0) + after <= now]
 
 
 def remove_files(layout: SpoolLayout, ids: list[int]) -> None:

@@ -186,6 +186,12 @@ class SpoolIndex:
             sql += f" LIMIT {int(limit)}"
         return [dict(r) for r in self.conn.execute(sql, args)]
 
+    def committed_times(self) -> list[tuple[int, float | None]]:
+        """(id, committed_at) of every committed entry, newest id first: what eviction decides on, without
+        materialising whole rows on every pass."""
+        return [(row[0], row[1]) for row in self.conn.execute(
+            "SELECT id, committed_at FROM entries WHERE state='committed' ORDER BY id DESC")]
+
     def counts(self) -> dict[str, dict[str, int]]:
         out = {s.value: {"count": 0, "bytes": 0} for s in State}
         for state, count, size in self.conn.execute(
