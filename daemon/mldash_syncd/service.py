@@ -44,10 +44,12 @@ log = logging.getLogger("mldash_syncd")
 
 RESCAN_INTERVAL = 2.0      # fallback when inotify events are missed or unavailable
 HEARTBEAT_INTERVAL = 2.0
-# Uploaded entries go to the catalog in batches, one batch in flight: one request (SQLite: one
-# transaction) per batch instead of two round trips per file. A batch takes whatever is uploaded
-# when the previous one returns, so batches grow with the catalog's latency, up to this size.
+# Uploaded entries go to the catalog in batches: one request (SQLite: one transaction) per batch instead
+# of two round trips per file. A batch takes whatever is uploaded and due when it starts, up to this size.
 COMMIT_BATCH = 256
+# Two batches may be in flight: entries uploaded while one waits on a slow (or unreachable) catalog get their
+# own attempt instead of queueing behind it.
+MAX_COMMIT_BATCHES = 2
 # While uploads run, more uploaded entries follow within milliseconds: a batch waits for this many of them
 # or until this long after the previous batch started, whichever comes first (so the catalog sees fewer,
 # larger requests). With nothing uploading it starts at once: an idle daemon commits a save immediately.
@@ -103,6 +105,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._uploads: dict[int, asyncio.Task] = {}
         self._commits: dict[int, asyncio.Task] = {}  # entry id → the commit batch it is in
+        self._commit_batches: set[asyncio.Task] = set()
         self._manifests = ManifestCache()  # read by the ingest or upload stage, reused by the next stages
         self._eviction: asyncio.Task | None = None
         self._uploaded_unbatched = 0  # uploads this process recorded since the last commit batch was claimed
@@ -225,7 +228,7 @@ class Daemon:
         startable = []
         if len(self._uploads) < self.settings.max_concurrent_files:
             startable.append(State.QUEUED)
-        if not self._commits:
+        if len(self._commit_batches) < MAX_COMMIT_BATCHES:
             wait = self._commit_wait(time.monotonic())
             if wait <= 0:
                 startable.append(State.UPLOADED)
@@ -300,12 +303,19 @@ class Daemon:
         return max(0.0, self._last_batch_at + COMMIT_LINGER - now_mono)
 
     def _start_commits(self) -> None:
-        if self._commits or self.catalog_gate.is_open:  # one batch at a time (see COMMIT_BATCH)
+        if len(self._commit_batches) >= MAX_COMMIT_BATCHES or self.catalog_gate.is_open:
             return
         now_mono = time.monotonic()
         if self._commit_wait(now_mono) > 0:
             return
-        rows = self.index.claim(self.owner, self.settings.lease_seconds, COMMIT_BATCH, states=(State.UPLOADED,))
+        rows = []
+        for row in self.index.claim(self.owner, self.settings.lease_seconds, COMMIT_BATCH, states=(State.UPLOADED,)):
+            if row["id"] in self._commits:
+                # In a batch of ours in flight: after the wall clock stepped forward its lease looked expired.
+                # The claim just renewed it; a second commit would race the first.
+                self._refund_attempt(row)
+                continue
+            rows.append(row)
         if not rows:
             return
         self._uploaded_unbatched, self._last_batch_at = 0, now_mono
@@ -313,8 +323,10 @@ class Daemon:
         ids = [row["id"] for row in rows]
         for file_id in ids:
             self._commits[file_id] = task
+        self._commit_batches.add(task)
 
         def finished(_task: asyncio.Task) -> None:
+            self._commit_batches.discard(task)
             for file_id in ids:
                 if self._commits.get(file_id) is task:
                     del self._commits[file_id]
@@ -374,7 +386,8 @@ class Daemon:
         self._uploaded_unbatched += 1
         # The loop starts a batch when one is due (or, for the first entry waiting, sets its timer for it); a
         # batch in flight wakes the loop when it ends, and the next one takes this entry.
-        if not self._commits and (self._uploaded_unbatched == 1 or self._commit_wait(time.monotonic()) <= 0):
+        if len(self._commit_batches) < MAX_COMMIT_BATCHES and (
+                self._uploaded_unbatched == 1 or self._commit_wait(time.monotonic()) <= 0):
             self._wake.set()
         return following
 

@@ -4,7 +4,8 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
 
 * ``files`` — one row per file version, a column per `FileDocument` field; ``tags`` and ``metadata``
   are JSON text (the document as given, order kept); ``id`` is the primary key, so
-  ``INSERT OR IGNORE`` makes `upsert` first-writer-wins: a replay changes nothing.
+  ``INSERT OR IGNORE`` makes `upsert` first-writer-wins: a replay changes nothing. `upsert_many`
+  writes a batch in one transaction and reports the ids whose insert was ignored.
 * ``file_tags(file_id, tag)`` — the tag lookup, written in the same transaction as the row, so an
   all-of tag filter is one ``EXISTS`` per tag in SQL instead of loading the experiment.
 
