@@ -430,7 +430,8 @@ class Daemon:
             log.error("commit of %d entries: done, but the index cannot record it (%s)", len(done), exc)
             return
         self.report.committed += len(done)
-        self._evict_requested = bool(done) and self.settings.keep_committed == 0 and self.settings.evict_after == 0
+        if done and self.settings.keep_committed == 0 and self.settings.evict_after == 0:
+            self._evict_requested = True  # (never reset here: a later batch that committed nothing must not cancel it)
         for row in done:
             self._manifests.discard(row["id"])
             log.info("committed %s (%s/%s)", row["id"], row["experiment"], row["filename"])
