@@ -176,7 +176,6 @@ def drain_large(ctx: Context, args: argparse.Namespace) -> None:
 
 # ---- drain-small: the daemon's per-file overhead ------------------------------------------------------------
 def drain_small(ctx: Context, args: argparse.Namespace) -> None:
-    import mldash_syncd.service as service
     from benchmarks.daemon_timing import drain_timed
     from benchmarks.drain_small import FILE_SIZE, put_all, spool_small_files
 
@@ -184,33 +183,35 @@ def drain_small(ctx: Context, args: argparse.Namespace) -> None:
     moto = ctx.moto()
     bucket = "diag"
     moto.create_bucket(bucket)
-    me = psutil.Process()
-    compact = service.compact
+    me, moto_process = psutil.Process(), psutil.Process(moto.process.pid)
     bodies = [os.urandom(FILE_SIZE) for _ in range(count)]
 
-    def daemon(no_compact: bool = False, **overrides: Any) -> Callable[[], dict]:
+    def cpu_per_file(before: tuple[float, float]) -> dict[str, float]:
+        return {"client_cpu_ms_per_file": (_cpu(me) - before[0]) * 1000 / count,
+                "moto_cpu_ms_per_file": (_cpu(moto_process) - before[1]) * 1000 / count}
+
+    def daemon(catalog: str = "sqlite", **overrides: Any) -> Callable[[], dict]:
         def run() -> dict[str, float]:
-            service.compact = (lambda index, **kw: 0) if no_compact else compact
-            settings = ctx.settings("small", store="s3", bucket=bucket, endpoint_url=moto.url, **overrides)
+            settings = ctx.settings("small", store="s3", catalog=catalog, bucket=bucket, endpoint_url=moto.url,
+                                    **overrides)
             spool_small_files(settings, count)
             ctx.settle()
-            cpu0 = _cpu(me)
+            before = (_cpu(me), _cpu(moto_process))
             try:
                 timed = drain_timed(settings, expect=count)
             finally:
-                service.compact = compact
                 ctx.remove(settings.spool.parent)
-            return {"files/s": count / timed["seconds"], "client_cpu_ms_per_file": (_cpu(me) - cpu0) * 1000 / count}
+            return {"files/s": count / timed["seconds"], "startup_ms": timed["startup_s"] * 1000,
+                    **cpu_per_file(before)}
         return run
 
     def baseline() -> dict[str, float]:
-        cpu0, wall0 = _cpu(me), time.perf_counter()
+        before, wall0 = (_cpu(me), _cpu(moto_process)), time.perf_counter()
         asyncio.run(put_all(moto.url, bucket, bodies))
-        return {"files/s": count / (time.perf_counter() - wall0),
-                "client_cpu_ms_per_file": (_cpu(me) - cpu0) * 1000 / count}
+        return {"files/s": count / (time.perf_counter() - wall0), **cpu_per_file(before)}
 
-    variants = {"daemon (as shipped)": daemon(), "daemon without compact()": daemon(no_compact=True),
-                "daemon without compact(), 16 files": daemon(no_compact=True, max_concurrent_files=16),
+    variants = {"daemon + SQLite (as shipped)": daemon(), "daemon + MongoDB (as shipped)": daemon("mongo"),
+                "daemon + SQLite, 32 files in flight": daemon(max_concurrent_files=32),
                 "aioboto3 16-way put_object": baseline}
     _print(interleave(args.rounds, variants, between=lambda: (moto.empty_bucket(bucket), ctx.settle())))
 

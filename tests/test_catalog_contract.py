@@ -107,6 +107,69 @@ async def test_concurrent_upserts_of_one_id_make_one_document(catalog: Catalog) 
     assert await catalog.get(doc.id) == found[0]
 
 
+async def test_upsert_many_stores_every_new_document(catalog: Catalog) -> None:
+    docs = [make_doc(tags=["batch", f"t{i}"], metadata={"i": i, "$dollar": i}) for i in range(5)]
+    assert await catalog.upsert_many(docs) == set()
+    assert await catalog.get_many([d.id for d in docs]) == {d.id: d.to_dict() for d in docs}
+    assert await catalog.find(FileQuery(NS, PROJECT, EXP)) == [d.to_dict() for d in docs]
+    assert await catalog.find(FileQuery(NS, PROJECT, EXP, tags=("batch", "t3"))) == [docs[3].to_dict()]
+
+
+async def test_upsert_many_reports_present_ids_and_leaves_them_alone(catalog: Catalog) -> None:
+    first = make_doc(tags=["first"])
+    await catalog.upsert(first)
+    clash = replace(first, checksum="cd" * 32, storageKey="files/other", tags=["clash"])  # another file, same id
+    fresh = [make_doc(), make_doc()]
+    assert await catalog.upsert_many([fresh[0], clash, fresh[1]]) == {first.id}
+    stored = await catalog.get_many([first.id, *(d.id for d in fresh)])
+    assert stored == {first.id: first.to_dict(), **{d.id: d.to_dict() for d in fresh}}
+    assert await catalog.find(FileQuery(NS, PROJECT, EXP, tags=("clash",))) == []
+
+
+async def test_upsert_many_replay_reports_every_id(catalog: Catalog) -> None:
+    docs = [make_doc() for _ in range(3)]
+    assert await catalog.upsert_many(docs) == set()
+    later = [replace(d, committedAt=d.committedAt + 500) for d in docs]
+    assert await catalog.upsert_many(later) == {d.id for d in docs}
+    assert await catalog.find(FileQuery(NS, PROJECT, EXP)) == [d.to_dict() for d in docs]
+
+
+async def test_upsert_many_same_id_twice_keeps_the_first(catalog: Catalog) -> None:
+    doc = make_doc()
+    second = replace(doc, committedAt=doc.committedAt + 1)
+    assert await catalog.upsert_many([doc, second]) == {doc.id}
+    assert await catalog.get(doc.id) == doc.to_dict()
+
+
+async def test_upsert_many_after_upsert_and_upsert_after_upsert_many(catalog: Catalog) -> None:
+    """Both write paths share one notion of "present": a single replay of a batched document is a no-op."""
+    batched, single = make_doc(), make_doc()
+    await catalog.upsert(single)
+    assert await catalog.upsert_many([batched, single]) == {single.id}
+    await catalog.upsert(replace(batched, checksum="ef" * 32))
+    assert await catalog.get(batched.id) == batched.to_dict()
+
+
+async def test_empty_batches(catalog: Catalog) -> None:
+    assert await catalog.upsert_many([]) == set()
+    assert await catalog.get_many([]) == {}
+
+
+async def test_get_many_leaves_out_missing_ids(catalog: Catalog) -> None:
+    docs = [make_doc() for _ in range(3)]
+    await catalog.upsert_many(docs)
+    got = await catalog.get_many(["404", docs[2].id, docs[0].id, docs[0].id])
+    assert got == {docs[0].id: docs[0].to_dict(), docs[2].id: docs[2].to_dict()}
+    assert all(list(doc) == list(docs[0].to_dict()) for doc in got.values())  # no backend extras
+
+
+async def test_large_batches(catalog: Catalog) -> None:
+    docs = [make_doc() for _ in range(1200)]  # more ids than one SQL statement may bind
+    assert await catalog.upsert_many(docs) == set()
+    assert len(await catalog.get_many([d.id for d in docs])) == len(docs)
+    assert await catalog.upsert_many(docs[::2]) == {d.id for d in docs[::2]}
+
+
 async def test_find_isolates_experiments(catalog: Catalog) -> None:
     mine = make_doc()
     others = [make_doc(experiment="run-2"), make_doc(project="other"), make_doc(namespace="someone")]

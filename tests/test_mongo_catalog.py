@@ -126,6 +126,41 @@ async def test_failing_writes_are_transient_then_retry_succeeds(
     assert await catalog.get(doc.id) == doc.to_dict()
 
 
+@pytest.mark.parametrize("failure", [
+    {"closeConnection": True},
+    {"errorCode": 6},             # HostUnreachable
+    {"writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}},  # WriteConcernFailed
+], ids=["close-connection", "host-unreachable", "write-concern-failed"])
+async def test_failing_batch_is_transient_then_retry_succeeds(
+        catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str, failure: dict) -> None:
+    docs = [make_doc(str(7000000000000000100 + i)) for i in range(4)]
+    with fail_command(mongo_admin, {"failCommands": ["insert"], **failure}):
+        started = time.monotonic()
+        with pytest.raises(TransientCatalogError):
+            await catalog.upsert_many(docs)
+        assert time.monotonic() - started < GIVE_UP_WITHIN
+    # The daemon's retry of the same batch: whatever the failed call stored comes back as present.
+    present = await catalog.upsert_many(docs)
+    assert present <= {d.id for d in docs}
+    assert mongo_admin[mongo_db_name].files.count_documents({}) == len(docs)
+    assert await catalog.get_many([d.id for d in docs]) == {d.id: d.to_dict() for d in docs}
+
+
+async def test_batch_auth_failure_is_permanent(catalog: MongoCatalog, mongo_admin: pymongo.MongoClient) -> None:
+    unauthorized = {"failCommands": ["insert"], "errorCode": 13}
+    with fail_command(mongo_admin, unauthorized), pytest.raises(PermanentCatalogError):
+        await catalog.upsert_many([make_doc(), make_doc("7000000000000000002")])
+
+
+async def test_batch_with_a_network_error_replayed_by_the_driver(
+        catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str) -> None:
+    docs = [make_doc(str(7000000000000000200 + i)) for i in range(3)]
+    with fail_command(mongo_admin, {"failCommands": ["insert"], "closeConnection": True}, mode={"times": 1}):
+        present = await catalog.upsert_many(docs)
+    assert present <= {d.id for d in docs}  # a retried batch may find its own first try's documents
+    assert mongo_admin[mongo_db_name].files.count_documents({}) == len(docs)
+
+
 async def test_single_network_error_is_absorbed_by_retryable_writes(
         catalog: MongoCatalog, mongo_admin: pymongo.MongoClient, mongo_db_name: str) -> None:
     doc = make_doc()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mldash.catalog.base import FileDocument
 from mldash.keys import storage_uri
 from mldash.spool.manifest import Manifest
@@ -31,3 +33,14 @@ def document_for(manifest: Manifest, *, store_url: str, store_key: str, committe
         tags=list(manifest.tags),
         metadata=dict(manifest.metadata),
     )
+
+
+def clash(doc: FileDocument, stored: dict[str, Any] | None) -> str | None:
+    """Why `stored` — what the catalog holds under `doc.id` after an upsert found that id present — is not
+    this file's document, or None when it is (a replay of our own commit). Ids are unique only with
+    overwhelming probability across hosts: the upsert's "already there" must never hide that this file
+    is not the one recorded."""
+    if stored is not None and stored["checksum"] == doc.checksum and stored["storageKey"] == doc.storageKey:
+        return None
+    return (f"catalog id {doc.id} already belongs to another file "
+            f"({stored and stored.get('storageKey')}); this entry was not recorded")

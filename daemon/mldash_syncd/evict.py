@@ -19,18 +19,30 @@ EVICTED_ROW_RETENTION = 7 * 24 * 3600.0  # `ls` history of evicted entries; the 
 
 def evict(index: SpoolIndex, layout: SpoolLayout, *, keep: int, after: float, now: float | None = None) -> list[int]:
     now = time.time() if now is None else now
-    committed = index.rows(states=[State.COMMITTED])
-    committed.sort(key=lambda row: row["id"], reverse=True)
-    evicted = []
-    for row in committed[keep:]:
-        if (row["committed_at"] or 0) + after > now:
-            continue
-        for path in (layout.manifest_path(row["id"]), layout.blob_path(row["id"])):
+    evicted = evictable(index, keep=keep, after=after, now=now)
+    remove_files(layout, evicted)
+    record_evicted(index, evicted, now=now)
+    return evicted
+
+
+def evictable(index: SpoolIndex, *, keep: int, after: float, now: float) -> list[int]:
+    """Committed entries beyond the newest `keep` that were committed at least `after` seconds ago."""
+    committed = index.committed_times()  # (id, committed_at), newest id first
+    return [file_id for file_id, committed_at in committed[keep:] if (committed_at or 0) + after <= now]
+
+
+def remove_files(layout: SpoolLayout, ids: list[int]) -> None:
+    """The spooled files of these entries, manifest first. Syscalls only: safe to run in a worker thread."""
+    for file_id in ids:
+        for path in (layout.manifest_path(file_id), layout.blob_path(file_id)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        index.transition(row["id"], State.EVICTED, evicted_at=now)
-        evicted.append(row["id"])
-    return evicted
+
+
+def record_evicted(index: SpoolIndex, ids: list[int], *, now: float) -> None:
+    # One transaction for the pass. A crash before it leaves these rows committed with their files gone:
+    # the next pass finds nothing to unlink and records them then.
+    index.transition_many(ids, State.EVICTED, evicted_at=now)
 
 
 def compact(index: SpoolIndex, *, now: float | None = None, retention: float = EVICTED_ROW_RETENTION) -> int:

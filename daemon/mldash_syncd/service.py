@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mldash.catalog import make_catalog
-from mldash.catalog.base import Catalog
+from mldash.catalog.base import Catalog, FileDocument
 from mldash.config import Settings
 from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
@@ -32,8 +32,9 @@ from mldash.spool.states import State
 from mldash.store import make_store
 from mldash.store.base import Store
 from mldash_syncd.budget import ByteBudget
-from mldash_syncd.commit import document_for
-from mldash_syncd.evict import compact, evict
+from mldash_syncd.commit import clash, document_for
+from mldash_syncd.evict import compact, evict, evictable, record_evicted, remove_files
+from mldash_syncd.manifests import ManifestCache
 from mldash_syncd.memory import return_part_buffers_to_os
 from mldash_syncd.retry import Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
@@ -43,7 +44,17 @@ log = logging.getLogger("mldash_syncd")
 
 RESCAN_INTERVAL = 2.0      # fallback when inotify events are missed or unavailable
 HEARTBEAT_INTERVAL = 2.0
-MAX_CONCURRENT_COMMITS = 16
+# Uploaded entries go to the catalog in batches: one request (SQLite: one transaction) per batch instead
+# of two round trips per file. A batch takes whatever is uploaded and due when it starts, up to this size.
+COMMIT_BATCH = 256
+# Two batches may be in flight: entries uploaded while one waits on a slow (or unreachable) catalog get their
+# own attempt instead of queueing behind it.
+MAX_COMMIT_BATCHES = 2
+# While uploads run, more uploaded entries follow within milliseconds: a batch waits for this many of them
+# or until this long after the previous batch started, whichever comes first (so the catalog sees fewer,
+# larger requests). With nothing uploading it starts at once: an idle daemon commits a save immediately.
+COMMIT_BATCH_MIN = 32
+COMMIT_LINGER = 0.05
 EVICT_INTERVAL = 1.0       # seconds between eviction passes while commits happen
 COMPACT_INTERVAL = 600.0   # seconds between compactions of old evicted index rows
 STOP_GRACE = 20.0          # seconds in-flight work gets to finish after a stop request
@@ -93,7 +104,13 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._uploads: dict[int, asyncio.Task] = {}
-        self._commits: dict[int, asyncio.Task] = {}
+        self._commits: dict[int, asyncio.Task] = {}  # entry id → the commit batch it is in
+        self._commit_batches: set[asyncio.Task] = set()
+        self._manifests = ManifestCache()  # read by the ingest or upload stage, reused by the next stages
+        self._eviction: asyncio.Task | None = None
+        self._uploaded_unbatched = 0  # uploads this process recorded since the last commit batch was claimed
+        self._last_batch_at = 0.0     # time.monotonic() when it was
+        self._startup_gc: asyncio.Task | None = None
         self._started = time.time()
         self._rate_window: list[tuple[float, int]] = []
         self.index: SpoolIndex | None = None
@@ -120,7 +137,7 @@ class Daemon:
         with DaemonLock(self.layout):
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
             try:
-                recovered = recover(self.index, self.layout, self.owner)
+                recovered = recover(self.index, self.layout, self.owner, seen=self._manifests.offer)
                 log.info("started on %s (pid %d): %d new, %d leases released, %d debris removed, %d quarantined",
                          self.layout.root, os.getpid(), recovered.ingested, recovered.released_leases,
                          len(recovered.removed_tmp) + len(recovered.removed_orphan_blobs), len(recovered.quarantined))
@@ -128,13 +145,19 @@ class Daemon:
                     self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
                                              ByteBudget(self.settings.max_concurrent_parts * self.settings.part_size),
                                              on_bytes=self._count_bytes)
-                    await self._collect_orphans()
+                    # The start-up gc runs alongside the first uploads (its listing is a round trip): only
+                    # multipart uploads wait for it (see _upload_one), so it never judges one of this run's.
+                    self._startup_gc = asyncio.create_task(self._collect_orphans(), name="startup-gc")
                     self.notifier.ready(f"draining {self.layout.root}")
                     watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
                     try:
                         await self._loop(until_drained, max_wait)
                     finally:
                         watchdog.cancel()
+                        if self._stop.is_set():  # a stop request does not wait for it (the next start retries)
+                            self._startup_gc.cancel()
+                        # A drain that needed no multipart upload still ends only after the gc (it has a deadline).
+                        await asyncio.gather(self._startup_gc, return_exceptions=True)
             finally:
                 self._write_heartbeat(stopping=True)
                 self.report.remaining = {k: v["count"] for k, v in self.index.counts().items() if v["count"]}
@@ -154,16 +177,16 @@ class Daemon:
                 if now_mono - last_scan >= RESCAN_INTERVAL or self._scan_requested:
                     self._scan_requested = False
                     last_scan = now_mono
-                    for file_id in ingest_new(self.index, self.layout, known):
+                    for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer):
                         self._emit("queued", id=file_id)
                 self._start_uploads()
                 self._start_commits()
                 # Eviction soon after commits (bytes leave the spool promptly), but batched: at most
                 # once every EVICT_INTERVAL, since each pass reads every committed row.
-                if now_mono - last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0):
+                if now_mono - last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0) and not self._eviction:
                     self._evict_requested = False
                     last_evict = now_mono
-                    self._evict()
+                    self._start_eviction()
                 if now_mono - last_compact >= COMPACT_INTERVAL:
                     last_compact = now_mono
                     compact(self.index)
@@ -190,6 +213,8 @@ class Daemon:
         finally:
             watcher.cancel()
             await self._drain_tasks()
+            if self._eviction is not None:  # its unlinks run in a thread, which cannot be cancelled: let it end
+                await asyncio.wait([self._eviction])
             with contextlib.suppress(Exception):  # leave the spool tidy: evict what the last commits freed
                 self._evict()
 
@@ -203,8 +228,12 @@ class Daemon:
         startable = []
         if len(self._uploads) < self.settings.max_concurrent_files:
             startable.append(State.QUEUED)
-        if len(self._commits) < MAX_CONCURRENT_COMMITS:
-            startable.append(State.UPLOADED)
+        if len(self._commit_batches) < MAX_COMMIT_BATCHES:
+            wait = self._commit_wait(time.monotonic())
+            if wait <= 0:
+                startable.append(State.UPLOADED)
+            elif self._uploaded_unbatched:
+                timeout = min(timeout, wait)
         due = self.index.next_due(startable)
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
@@ -249,33 +278,85 @@ class Daemon:
         if free <= 0 or self.store_gate.is_open:
             return
         for row in self.index.claim(self.owner, self.settings.lease_seconds, free, states=(State.QUEUED,)):
-            task = asyncio.create_task(self._upload_one(row), name=f"upload-{row['id']}")
+            task = asyncio.create_task(self._upload_worker(row), name=f"upload-{row['id']}")
             self._uploads[row["id"]] = task
-            task.add_done_callback(lambda _t, i=row["id"]: (self._uploads.pop(i, None), self._wake.set()))
+            task.add_done_callback(self._upload_worker_ended)
+
+    def _upload_worker_ended(self, task: asyncio.Task) -> None:
+        for file_id in [i for i, t in self._uploads.items() if t is task]:
+            del self._uploads[file_id]
+        self._wake.set()
+
+    def _claim_next_upload(self) -> dict[str, Any] | None:
+        """The next queued entry for a worker whose upload just ended, if it may start one now."""
+        if self._stop.is_set() or self.store_gate.is_open:
+            return None
+        if len(self._uploads) > self.settings.max_concurrent_files:  # the loop filled every slot meanwhile
+            return None
+        rows = self.index.claim(self.owner, self.settings.lease_seconds, 1, states=(State.QUEUED,))
+        return rows[0] if rows else None
+
+    def _commit_wait(self, now_mono: float) -> float:
+        """Seconds until the next commit batch may start (see COMMIT_BATCH_MIN and COMMIT_LINGER)."""
+        if not self._uploads or self._uploaded_unbatched >= COMMIT_BATCH_MIN:
+            return 0.0
+        return max(0.0, self._last_batch_at + COMMIT_LINGER - now_mono)
 
     def _start_commits(self) -> None:
-        free = MAX_CONCURRENT_COMMITS - len(self._commits)
-        if free <= 0 or self.catalog_gate.is_open:
+        if len(self._commit_batches) >= MAX_COMMIT_BATCHES or self.catalog_gate.is_open:
             return
-        for row in self.index.claim(self.owner, self.settings.lease_seconds, free, states=(State.UPLOADED,)):
+        now_mono = time.monotonic()
+        if self._commit_wait(now_mono) > 0:
+            return
+        rows = []
+        for row in self.index.claim(self.owner, self.settings.lease_seconds, COMMIT_BATCH, states=(State.UPLOADED,)):
             if row["id"] in self._commits:
-                # Our own commit in flight: after the wall clock stepped forward its lease looked expired.
-                # The claim just renewed it; a second commit task would race the first.
+                # In a batch of ours in flight: after the wall clock stepped forward its lease looked expired.
+                # The claim just renewed it; a second commit would race the first.
                 self._refund_attempt(row)
                 continue
-            task = asyncio.create_task(self._commit_one(row), name=f"commit-{row['id']}")
-            self._commits[row["id"]] = task
-            task.add_done_callback(lambda _t, i=row["id"]: (self._commits.pop(i, None), self._wake.set()))
+            rows.append(row)
+        if not rows:
+            return
+        self._uploaded_unbatched, self._last_batch_at = 0, now_mono
+        task = asyncio.create_task(self._commit_batch(rows), name=f"commit-{rows[0]['id']}+{len(rows) - 1}")
+        ids = [row["id"] for row in rows]
+        for file_id in ids:
+            self._commits[file_id] = task
+        self._commit_batches.add(task)
+
+        def finished(_task: asyncio.Task) -> None:
+            self._commit_batches.discard(task)
+            for file_id in ids:
+                if self._commits.get(file_id) is task:
+                    del self._commits[file_id]
+            self._wake.set()
+
+        task.add_done_callback(finished)
 
     def _renew_leases(self) -> None:
         for file_id in [*self._uploads, *self._commits]:
             self.index.renew_lease(file_id, self.owner, self.settings.lease_seconds)
 
     # ---- one entry ----------------------------------------------------------------------------
-    async def _upload_one(self, row: dict[str, Any]) -> None:
+    async def _upload_worker(self, row: dict[str, Any] | None) -> None:
+        """Upload claimed entries one after another: each outcome is recorded in the same index transaction that
+        claims the next queued entry, so an upload slot is refilled without a round through the loop."""
+        me = asyncio.current_task()
+        while row is not None:
+            following = await self._upload_one(row)
+            self._uploads.pop(row["id"], None)
+            if following is not None and me is not None:
+                self._uploads[following["id"]] = me
+            row = following
+
+    async def _upload_one(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """Upload one entry and record the outcome; returns the next entry claimed with a success, if any."""
         file_id = row["id"]
         try:
-            manifest = read_manifest(self.layout, file_id)
+            manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
+            if manifest.size >= self.settings.multipart_threshold and self._startup_gc is not None:
+                await asyncio.shield(self._startup_gc)  # no multipart upload of ours while it lists them
             await self.store_gate.wait()
             self._emit("uploading", id=file_id, size=manifest.size)
             verified = await self.uploader.upload(manifest)
@@ -284,59 +365,118 @@ class Daemon:
             raise
         except BaseException as exc:
             self._failed(row, _first_error(exc), stage="upload")
-            return
+            return None
         self.store_gate.success()
         # A deferred-checksum manifest has no sha256: the one computed from this read is recorded in the index,
         # where the commit stage (maybe in a later daemon process) finds it.
         computed = {"sha256": verified.sha256_hex} if manifest.sha256 is None else {}
-        # attempts count per stage: the commit stage starts afresh
         try:
-            self.index.transition(file_id, State.UPLOADED, store_key=verified.key, store_checksum=verified.checksum,
-                                  uploaded_at=time.time(), next_attempt_at=0, attempts=0, last_error=None,
-                                  error_kind=None, **computed)
-            self.index.clear_parts(file_id)
+            with self.index.transaction():
+                # attempts count per stage: the commit stage starts afresh
+                self.index.transition(file_id, State.UPLOADED, store_key=verified.key,
+                                      store_checksum=verified.checksum, uploaded_at=time.time(), next_attempt_at=0,
+                                      attempts=0, last_error=None, error_kind=None, drop_parts=True, **computed)
+                following = self._claim_next_upload()
         except sqlite3.Error as exc:  # e.g. the index's disk is full: verified again once the lease expires
             log.error("upload %s: done, but the index cannot record it (%s)", file_id, exc)
-            return
+            return None
+        self._manifests.put(manifest)
         log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
-        self._wake.set()
+        self._uploaded_unbatched += 1
+        # The loop starts a batch when one is due (or, for the first entry waiting, sets its timer for it); a
+        # batch in flight wakes the loop when it ends, and the next one takes this entry.
+        if len(self._commit_batches) < MAX_COMMIT_BATCHES and (
+                self._uploaded_unbatched == 1 or self._commit_wait(time.monotonic()) <= 0):
+            self._wake.set()
+        return following
 
-    async def _commit_one(self, row: dict[str, Any]) -> None:
-        file_id = row["id"]
+    async def _commit_batch(self, rows: list[dict[str, Any]]) -> None:
+        """Commit claimed `uploaded` entries with one catalog request. The catalog reports the ids it already
+        held; only those are read back, to tell a replay (our own earlier commit) from an id clash."""
+        committed_at = time.time()
+        docs: dict[int, FileDocument] = {}
+        for row in rows:
+            try:
+                doc = self._document(row, committed_at)
+            except Exception as exc:  # a manifest that cannot be read: this entry only
+                self._failed(row, exc, stage="commit")
+                continue
+            if doc is not None:
+                docs[row["id"]] = doc
+        rows = [row for row in rows if row["id"] in docs]
+        if not rows:
+            return
         try:
-            manifest = read_manifest(self.layout, file_id)
-            checksum = manifest.sha256 or row["sha256"]
-            if checksum is None:  # uploaded, but the computed checksum is not recorded: read the bytes again
-                self.index.transition(file_id, State.QUEUED, attempts=0, next_attempt_at=0)
-                return
             await self.catalog_gate.wait()
-            doc = document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
-                               committed_at=time.time(), checksum=checksum)
-            await self.catalog.upsert(doc)
-            stored = await self.catalog.get(doc.id)
-            if stored is None or stored["checksum"] != doc.checksum or stored["storageKey"] != doc.storageKey:
-                # Another file already holds this id (ids are unique only with overwhelming probability
-                # across hosts): never let the upsert's "already there" hide that this one is not recorded.
-                raise SpoolCorruptError(f"catalog id {doc.id} already belongs to another file "
-                                        f"({stored and stored.get('storageKey')}); this entry was not recorded")
+            present = await self.catalog.upsert_many(list(docs.values()))
+            clashes = await self._clashes(present, docs)
         except asyncio.CancelledError:
-            self._refund_attempt(row)
+            for row in rows:
+                self._refund_attempt(row)
             raise
         except BaseException as exc:
-            self._failed(row, _first_error(exc), stage="commit")
+            await self._commit_batch_failed(rows, _first_error(exc))
             return
         self.catalog_gate.success()
+        for row in rows:
+            if row["id"] in clashes:
+                self._failed(row, SpoolCorruptError(clashes[row["id"]]), stage="commit")
+        done = [row for row in rows if row["id"] not in clashes]
         try:
-            self.index.transition(file_id, State.COMMITTED, committed_at=time.time(), last_error=None,
-                                  error_kind=None)
-        except sqlite3.Error as exc:  # e.g. the index's disk is full: the upsert is replayed once the lease expires
-            log.error("commit %s: done, but the index cannot record it (%s)", file_id, exc)
+            self.index.transition_many([row["id"] for row in done], State.COMMITTED, committed_at=time.time(),
+                                       last_error=None, error_kind=None)
+        except sqlite3.Error as exc:  # e.g. the index's disk is full: the upserts are replayed once the leases expire
+            log.error("commit of %d entries: done, but the index cannot record it (%s)", len(done), exc)
             return
-        self.report.committed += 1
-        self._evict_requested = bool(self.settings.keep_committed == 0 and self.settings.evict_after == 0)
-        log.info("committed %s (%s/%s)", file_id, row["experiment"], row["filename"])
-        self._emit("committed", id=file_id, size=row["size"] or 0)
+        self.report.committed += len(done)
+        if done and self.settings.keep_committed == 0 and self.settings.evict_after == 0:
+            self._evict_requested = True  # (never reset here: a later batch that committed nothing must not cancel it)
+        for row in done:
+            self._manifests.discard(row["id"])
+            log.info("committed %s (%s/%s)", row["id"], row["experiment"], row["filename"])
+            self._emit("committed", id=row["id"], size=row["size"] or 0)
+
+    def _document(self, row: dict[str, Any], committed_at: float) -> FileDocument | None:
+        """The catalog document of an uploaded entry; None (and the entry queued again) when the checksum the
+        upload computed in deferred mode was not recorded: its bytes must be read again."""
+        file_id = row["id"]
+        manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
+        checksum = manifest.sha256 or row["sha256"]
+        if checksum is None:
+            self.index.transition(file_id, State.QUEUED, attempts=0, next_attempt_at=0)
+            return None
+        return document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
+                            committed_at=committed_at, checksum=checksum)
+
+    async def _clashes(self, present: set[str], docs: dict[int, FileDocument]) -> dict[int, str]:
+        """Entries whose id the catalog already held for another file → why they were not recorded."""
+        if not present:
+            return {}
+        stored = await self.catalog.get_many(sorted(present))
+        return {file_id: reason for file_id, doc in docs.items()
+                if doc.id in present and (reason := clash(doc, stored.get(doc.id))) is not None}
+
+    async def _commit_batch_failed(self, rows: list[dict[str, Any]], exc: BaseException) -> None:
+        if classify(exc) is Failure.OUTAGE:
+            # One outage, one step of the catalog gate's backoff — not one per entry in the batch.
+            delay = self.catalog_gate.failure(f"commit: {type(exc).__name__}: {exc}"[:2000])
+            for row in rows:
+                self._failed(row, exc, stage="commit", outage_delay=delay)
+            return
+        if len(rows) == 1:
+            self._failed(rows[0], exc, stage="commit")
+            return
+        # Maybe one document is what the catalog refuses: commit each alone, so it cannot fail the others.
+        log.warning("commit of %d entries failed (%s: %s); committing them one by one", len(rows),
+                    type(exc).__name__, exc)
+        for i, row in enumerate(rows):
+            try:
+                await self._commit_batch([row])
+            except asyncio.CancelledError:
+                for rest in rows[i + 1:]:
+                    self._refund_attempt(rest)
+                raise
 
     def _refund_attempt(self, row: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
@@ -354,18 +494,21 @@ class Daemon:
             if shortened := self.index.cap_waits(time.time() + self.settings.retry_max_delay):
                 log.warning("the clock stepped back: %d waiting entries rescheduled", shortened)
 
-    def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
+    def _failed(self, row: dict[str, Any], exc: BaseException, *, stage: str,
+                outage_delay: float | None = None) -> None:
         """Route a failure to its state and make it visible. If even that cannot be written (the index's
         disk is full), the entry keeps its lease, which expires without renewal: `_release_expired` then
         queues it again."""
         try:
-            self._route_failure(row, exc, stage=stage)
+            self._route_failure(row, exc, stage=stage, outage_delay=outage_delay)
         except sqlite3.Error as record_error:
             log.error("%s %s failed (%s) and the index cannot record it (%s); retried once its lease expires",
                       stage, row["id"], exc, record_error)
 
-    def _route_failure(self, row: dict[str, Any], exc: BaseException, *, stage: str) -> None:
-        """See retry.py for the policy."""
+    def _route_failure(self, row: dict[str, Any], exc: BaseException, *, stage: str,
+                       outage_delay: float | None = None) -> None:
+        """See retry.py for the policy. `outage_delay`: the gate already took its backoff step for this outage
+        (a whole commit batch failed at once)."""
         file_id, attempts = row["id"], row["attempts"]
         kind = classify(exc)
         reason = f"{stage}: {type(exc).__name__}: {exc}"[:2000]
@@ -373,7 +516,7 @@ class Daemon:
         now = time.time()
         if kind is Failure.OUTAGE:
             gate = self.store_gate if stage == "upload" else self.catalog_gate
-            delay = gate.failure(reason)
+            delay = gate.failure(reason) if outage_delay is None else outage_delay
             # An outage is not the entry's fault: give the attempt back.
             self.index.transition(file_id, retry_state, attempts=max(0, attempts - 1), next_attempt_at=now + delay,
                                   last_error=reason, error_kind=kind.value)
@@ -445,6 +588,33 @@ class Daemon:
         evicted = evict(self.index, self.layout, keep=self.settings.keep_committed, after=self.settings.evict_after)
         if evicted:
             log.debug("evicted %d committed entries", len(evicted))
+
+    def _start_eviction(self) -> None:
+        """An eviction pass as a task: the unlinks (two per entry, the bulk of its cost) run in a worker thread
+        while the loop goes on uploading; the index is written from the loop, its one user."""
+        now = time.time()
+        try:
+            ids = evictable(self.index, keep=self.settings.keep_committed, after=self.settings.evict_after, now=now)
+        except sqlite3.Error as exc:
+            log.warning("eviction skipped: %s", exc)
+            return
+        if not ids:
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(remove_files, self.layout, ids)
+                record_evicted(self.index, ids, now=now)
+            except (OSError, sqlite3.Error) as exc:  # the next pass tries again
+                log.warning("eviction of %d entries incomplete: %s", len(ids), exc)
+                return
+            log.debug("evicted %d committed entries", len(ids))
+
+        self._eviction = asyncio.create_task(run(), name="evict")
+        self._eviction.add_done_callback(self._eviction_done)
+
+    def _eviction_done(self, _task: asyncio.Task) -> None:
+        self._eviction = None
 
     def _write_heartbeat(self, stopping: bool = False) -> None:
         if self.index is None:

@@ -9,6 +9,7 @@ Errors: `CatalogError` with `transient` (catalog down, timeout) vs permanent (ba
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,8 +83,23 @@ class Catalog(abc.ABC):
         """Insert the document, or do nothing if one with this id exists (first committedAt wins)."""
 
     @abc.abstractmethod
+    async def upsert_many(self, docs: Sequence[FileDocument]) -> set[str]:
+        """`upsert` for a batch in one request (SQLite: one transaction; MongoDB: one unordered insert).
+
+        Returns the ids that were already present: their stored document was left alone, as `upsert`
+        leaves it (a replay — or another file holding the same id: `get_many` tells which). Every
+        other document of the batch is stored when this returns. On an error, any subset of the batch
+        may be stored; calling again with the same batch is safe (the stored ones come back as present).
+        The same id twice in one batch: the first one is stored, the second reported present.
+        """
+
+    @abc.abstractmethod
     async def get(self, file_id: str) -> dict[str, Any] | None:
         """The document with this id, or None."""
+
+    @abc.abstractmethod
+    async def get_many(self, file_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The documents with these ids, by id, in one request; ids not in the catalog are left out."""
 
     @abc.abstractmethod
     async def find(self, query: FileQuery) -> list[dict[str, Any]]:

@@ -7,10 +7,12 @@ id string (plus the ``id`` field itself, unique-indexed, as ML-Dash documents ca
 (namespace, project, experiment, tags) — multikey — for tag filters; every query is scoped to one
 experiment, so the experiment leads every index.
 
-Writes: ``insert_one(doc)`` with ``_id`` = the id — the first writer wins and a replay changes
-nothing: its DuplicateKeyError means "already there", i.e. success (not update + $setOnInsert, which
-mongod refuses for "$"-prefixed metadata keys). Write concern ``w="majority", j=True``: the
-write is in the journal before it is acknowledged (SecantusDB's and mongod's defaults are not).
+Writes: ``insert_many(docs, ordered=False)`` with ``_id`` = the id — the first writer wins and a replay
+changes nothing: a duplicate-key write error means "already there", i.e. success, and its id is reported
+back (`upsert_many`) so the daemon can tell a replay from an id clash without reading every document
+(not update + $setOnInsert, which mongod refuses for "$"-prefixed metadata keys). One request per batch.
+Write concern ``w="majority", j=True``: the write is in the journal before it is acknowledged (SecantusDB's
+and mongod's defaults are not).
 
 Deadlines: the client runs with ``timeoutMS`` = `request_timeout` (PyMongo's client-side operation
 timeout, which also bounds server selection, connecting and the driver's own retries), and every await
@@ -25,11 +27,10 @@ The URI's password never leaves this object: `url` and `repr()` show it as ``***
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
@@ -37,9 +38,9 @@ import bson.errors
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
+    BulkWriteError,
     ConfigurationError,
     ConnectionFailure,
-    DuplicateKeyError,
     OperationFailure,
     PyMongoError,
 )
@@ -57,6 +58,7 @@ from mldash.catalog.query import Glob, folder
 log = logging.getLogger(__name__)
 
 COLLECTION = "files"
+DUPLICATE_KEY = 11000  # the server error code of a unique-index violation
 DEADLINE_GRACE = 1.0  # seconds the outer asyncio deadline waits beyond the driver's own timeoutMS
 
 # Server error codes that mean "the credentials are wrong or lack a role": never fixed by waiting.
@@ -137,6 +139,24 @@ def catalog_error(exc: BaseException, what: str, url: str) -> CatalogError:
     if isinstance(exc, OSError):
         return TransientCatalogError(message)
     return PermanentCatalogError(message)
+
+
+def _duplicates(exc: BulkWriteError, bodies: list[dict[str, Any]], what: str, url: str) -> set[str]:
+    """The ids an unordered insert found already present (duplicate key: a replay, or the id is taken).
+    Any other write error fails the call, classified like a single error; so does a write concern error
+    (the inserted documents may not be durable: the caller retries, and they come back as present)."""
+    details = exc.details or {}
+    errors = details.get("writeErrors") or []
+    others = [error for error in errors if error.get("code") != DUPLICATE_KEY]
+    concern = details.get("writeConcernErrors") or []
+    if not others and not concern:
+        return {bodies[error["index"]]["_id"] for error in errors}
+    first = (others or concern)[0]
+    message = (f"MongoDB catalog {url}: {what} failed: {'write' if others else 'write concern'} error "
+               f"{first.get('code')}: {first.get('errmsg')}")
+    if concern or first.get("code") in _TRANSIENT_CODES:
+        raise TransientCatalogError(message)
+    raise PermanentCatalogError(message)
 
 
 class MongoCatalog(Catalog):
@@ -254,22 +274,50 @@ class MongoCatalog(Catalog):
     # -- the contract ----------------------------------------------------------------------------
 
     async def upsert(self, doc: FileDocument) -> None:
-        files = await self._ready()
-        body = {"_id": doc.id, **doc.to_dict()}
+        await self._insert([doc], f"upsert of {doc.id}")
 
-        async def write() -> None:
+    async def upsert_many(self, docs: Sequence[FileDocument]) -> set[str]:
+        if not docs:
+            return set()
+        return await self._insert(docs, f"upsert of {len(docs)} documents")
+
+    async def _insert(self, docs: Sequence[FileDocument], what: str) -> set[str]:
+        """One unordered insert of every document; the ids that were already there (duplicate key)."""
+        files = await self._ready()
+        bodies = [{"_id": doc.id, **doc.to_dict()} for doc in docs]
+
+        async def write() -> set[str]:
             # A plain insert, not update+$setOnInsert: user metadata may hold "$"-prefixed keys, which
             # mongod accepts in inserted documents but refuses inside update operators. An id that is
             # already there (a replay, or a concurrent upsert that won) is what we asked for.
-            with contextlib.suppress(DuplicateKeyError):
-                await files.insert_one(body)
+            # Unordered: one duplicate does not stop the documents after it.
+            try:
+                await files.insert_many(bodies, ordered=False)
+            except BulkWriteError as exc:
+                return _duplicates(exc, bodies, what, self.url)
+            return set()
 
-        await self._deadline(f"upsert of {doc.id}", write)
+        return await self._deadline(what, write)
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
         files = self._collection()
         doc = await self._deadline(f"get of {file_id}", lambda: files.find_one({"_id": file_id}, {"_id": 0}))
         return None if doc is None else _ordered(doc)
+
+    async def get_many(self, file_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not file_ids:
+            return {}
+        files = self._collection()
+        ids = list(dict.fromkeys(file_ids))
+
+        async def read() -> dict[str, dict[str, Any]]:
+            cursor = files.find({"_id": {"$in": ids}}, {"_id": 0})
+            try:
+                return {doc["id"]: _ordered(doc) async for doc in cursor}
+            finally:
+                await cursor.close()
+
+        return await self._deadline(f"get of {len(ids)} documents", read)
 
     async def find(self, query: FileQuery) -> list[dict[str, Any]]:
         if query.limit is not None and query.limit < 0:

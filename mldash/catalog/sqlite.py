@@ -4,7 +4,8 @@ Schema (``PRAGMA user_version`` = `SCHEMA_VERSION`):
 
 * ``files`` — one row per file version, a column per `FileDocument` field; ``tags`` and ``metadata``
   are JSON text (the document as given, order kept); ``id`` is the primary key, so
-  ``INSERT OR IGNORE`` makes `upsert` first-writer-wins: a replay changes nothing.
+  ``INSERT OR IGNORE`` makes `upsert` first-writer-wins: a replay changes nothing. `upsert_many`
+  writes a batch in one transaction and reports the ids whose insert was ignored.
 * ``file_tags(file_id, tag)`` — the tag lookup, written in the same transaction as the row, so an
   all-of tag filter is one ``EXISTS`` per tag in SQL instead of loading the experiment.
 
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from mldash.spool.layout import make_private_dir, open_private
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+_IDS_PER_SELECT = 500  # below SQLite's limit on bound parameters in one statement (999 in old builds)
 
 _COLUMNS = ("id", "namespace", "project", "experiment", "path", "filename", "sizeBytes", "checksum",
             "contentType", "storageKey", "storageUri", "createdAt", "committedAt", "description",
@@ -118,6 +120,18 @@ def _discard_outcome(future: asyncio.Future[Any]) -> None:
     """Retrieve the outcome of a job nobody awaits any more (else asyncio logs it as never retrieved)."""
     if not future.cancelled():
         future.exception()
+
+
+def _row_values(doc: FileDocument) -> list[Any]:
+    """The `files` row of a document, tags and metadata as JSON text."""
+    values = doc.to_dict()
+    row = [values[name] for name in _COLUMNS[:-2]]
+    try:
+        row.append(json.dumps(values["tags"], ensure_ascii=False, allow_nan=False))
+        row.append(json.dumps(values["metadata"], ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise PermanentCatalogError(f"document {doc.id}: tags/metadata are not JSON: {exc}") from exc
+    return row
 
 
 def _row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
@@ -241,40 +255,60 @@ class SqliteCatalog(Catalog):
     # -- the contract ----------------------------------------------------------------------------
 
     async def upsert(self, doc: FileDocument) -> None:
-        values = doc.to_dict()
-        row = [values[name] for name in _COLUMNS[:-2]]
-        try:
-            row.append(json.dumps(values["tags"], ensure_ascii=False, allow_nan=False))
-            row.append(json.dumps(values["metadata"], ensure_ascii=False, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise PermanentCatalogError(f"document {doc.id}: tags/metadata are not JSON: {exc}") from exc
-        tags = sorted(set(values["tags"]))
+        await self._insert([doc], f"upsert of {doc.id}")
 
-        def write() -> None:
+    async def upsert_many(self, docs: Sequence[FileDocument]) -> set[str]:
+        if not docs:
+            return set()
+        return await self._insert(docs, f"upsert of {len(docs)} documents")
+
+    async def _insert(self, docs: Sequence[FileDocument], what: str) -> set[str]:
+        """INSERT OR IGNORE every document (and its tags) in one transaction; the ids that were present."""
+        rows = [(doc.id, _row_values(doc), sorted(set(doc.tags))) for doc in docs]
+        insert = f"INSERT OR IGNORE INTO files ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+
+        def write() -> set[str]:
             conn = self._require_conn()
+            present: set[str] = set()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                inserted = conn.execute(
-                    f"INSERT OR IGNORE INTO files ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                    row).rowcount
-                if inserted:  # only the first writer's tags, to match its row
+                for file_id, values, tags in rows:
+                    if not conn.execute(insert, values).rowcount:
+                        present.add(file_id)
+                        continue
+                    # only the first writer's tags, to match its row
                     conn.executemany("INSERT OR IGNORE INTO file_tags (file_id, tag) VALUES (?, ?)",
-                                     [(doc.id, tag) for tag in tags])
+                                     [(file_id, tag) for tag in tags])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            return present
 
-        await self._run(f"upsert of {doc.id}", write)
+        return await self._run(what, write)
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
-        def read() -> dict[str, Any] | None:
-            row = self._require_conn().execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM files WHERE id = ?", (file_id,)).fetchone()
-            return None if row is None else _row_to_dict(row)
+        return (await self._select([file_id], f"get of {file_id}")).get(file_id)
 
-        return await self._run(f"get of {file_id}", read)
+    async def get_many(self, file_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not file_ids:
+            return {}
+        return await self._select(file_ids, f"get of {len(file_ids)} documents")
+
+    async def _select(self, file_ids: Sequence[str], what: str) -> dict[str, dict[str, Any]]:
+        ids = list(dict.fromkeys(file_ids))
+
+        def read() -> dict[str, dict[str, Any]]:
+            conn, out = self._require_conn(), {}
+            for start in range(0, len(ids), _IDS_PER_SELECT):
+                chunk = ids[start:start + _IDS_PER_SELECT]
+                for row in conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM files WHERE id IN "
+                                        f"({', '.join('?' * len(chunk))})", chunk):
+                    out[row["id"]] = _row_to_dict(row)
+            return out
+
+        return await self._run(what, read)
 
     async def find(self, query: FileQuery) -> list[dict[str, Any]]:
         if query.limit is not None and query.limit < 0:

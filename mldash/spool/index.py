@@ -24,6 +24,7 @@ from mldash.spool.states import PENDING, State, check_transition
 
 SCHEMA_VERSION = 1
 _MAX_EVENTS = 1000
+_IDS_PER_STATEMENT = 500  # bound parameters per statement stay below SQLite's limit (999 in old builds)
 
 _ENTRY_COLUMNS: dict[str, Any] = {
     "id": int, "state": str,
@@ -62,6 +63,7 @@ class SpoolIndex:
         self.layout = layout
         self.readonly = readonly
         self.conn = _connect(layout.index_path, readonly=readonly, power_safe=power_safe)
+        self._nesting = 0  # depth of `transaction()` blocks: inner ones join the outermost
         if not readonly:
             self._create_schema()
             for suffix in ("-wal", "-shm"):
@@ -96,13 +98,30 @@ class SpoolIndex:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Blocks nested in it join it: several steps (record an outcome, claim the
+        next entry) commit together, or — if any of them raises — not at all."""
+        if self._nesting:
+            self._nesting += 1
+            try:
+                yield self.conn
+            finally:
+                self._nesting -= 1
+            return
         self.conn.execute("BEGIN IMMEDIATE")
+        self._nesting = 1
         try:
             yield self.conn
         except BaseException:
+            self._nesting = 0
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        self._nesting = 0
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:  # e.g. SQLITE_FULL at commit time: leave no transaction open
+                self.conn.execute("ROLLBACK")
+            raise
 
     # ---- ingest -------------------------------------------------------------------------------
     def known_ids(self) -> set[int]:
@@ -166,6 +185,12 @@ class SpoolIndex:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [dict(r) for r in self.conn.execute(sql, args)]
+
+    def committed_times(self) -> list[tuple[int, float | None]]:
+        """(id, committed_at) of every committed entry, newest id first: what eviction decides on, without
+        materialising whole rows on every pass."""
+        return [(row[0], row[1]) for row in self.conn.execute(
+            "SELECT id, committed_at FROM entries WHERE state='committed' ORDER BY id DESC")]
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {s.value: {"count": 0, "bytes": 0} for s in State}
@@ -246,20 +271,37 @@ class SpoolIndex:
             conn.execute("UPDATE entries SET lease_owner=NULL, lease_expires=NULL WHERE lease_owner IS NOT NULL")
         return changed
 
-    def transition(self, file_id: int, target: State, *, release: bool = True, **fields: Any) -> None:
-        """Move an entry to `target` (checked against the state machine) and set `fields`."""
+    def transition(self, file_id: int, target: State, *, release: bool = True, drop_parts: bool = False,
+                   **fields: Any) -> None:
+        """Move an entry to `target` (checked against the state machine) and set `fields`; `drop_parts`
+        also forgets its recorded multipart progress, in the same transaction."""
+        self.transition_many([file_id], target, release=release, drop_parts=drop_parts, **fields)
+
+    def transition_many(self, file_ids: Iterable[int], target: State, *, release: bool = True,
+                        drop_parts: bool = False, **fields: Any) -> None:
+        """`transition` for many entries in one transaction: every one of them moves, or none does (an
+        unknown id raises KeyError, a move the state machine forbids IllegalTransition)."""
+        ids = list(dict.fromkeys(file_ids))
+        if not ids:
+            return
+        fields = {**fields, "state": target.value, "updated_at": time.time()}
+        if release:
+            fields.update(lease_owner=None, lease_expires=None)
+        assignments = ", ".join(f"{name}=?" for name in fields)
         with self.transaction() as conn:
-            row = conn.execute("SELECT state FROM entries WHERE id=?", (file_id,)).fetchone()
-            if row is None:
-                raise KeyError(file_id)
-            current = State(row[0])
-            if current != target:
-                check_transition(file_id, current, target)
-            fields = {**fields, "state": target.value, "updated_at": time.time()}
-            if release:
-                fields.update(lease_owner=None, lease_expires=None)
-            assignments = ", ".join(f"{name}=?" for name in fields)
-            conn.execute(f"UPDATE entries SET {assignments} WHERE id=?", [*fields.values(), file_id])
+            for start in range(0, len(ids), _IDS_PER_STATEMENT):
+                chunk = ids[start:start + _IDS_PER_STATEMENT]
+                marks = ",".join("?" * len(chunk))
+                current = {row[0]: State(row[1]) for row in conn.execute(
+                    f"SELECT id, state FROM entries WHERE id IN ({marks})", chunk)}
+                for file_id in chunk:
+                    if file_id not in current:
+                        raise KeyError(file_id)
+                    if current[file_id] != target:
+                        check_transition(file_id, current[file_id], target)
+                conn.execute(f"UPDATE entries SET {assignments} WHERE id IN ({marks})", [*fields.values(), *chunk])
+                if drop_parts:
+                    conn.execute(f"DELETE FROM parts WHERE entry_id IN ({marks})", chunk)
 
     def update(self, file_id: int, **fields: Any) -> None:
         """Set bookkeeping fields without a state change (upload id, bytes sent…)."""

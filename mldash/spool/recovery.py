@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -68,8 +69,10 @@ def manifest_ids(layout: SpoolLayout) -> set[int]:
     return ids
 
 
-def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int]) -> list[int]:
-    """Index manifests not in `known` (updated in place); corrupt ones are quarantined with the reason."""
+def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int],
+               seen: Callable[[Manifest], None] | None = None) -> list[int]:
+    """Index manifests not in `known` (updated in place); corrupt ones are quarantined with the reason.
+    `seen` is handed every valid manifest read (the daemon keeps some, so it need not read them again)."""
     fresh, good = [], []
     for file_id in sorted(manifest_ids(layout) - known):
         try:
@@ -89,6 +92,9 @@ def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int]) -> list[
         known.add(file_id)
         fresh.append(file_id)
     index.ingest(good)
+    if seen is not None:
+        for manifest in good:
+            seen(manifest)
     return fresh
 
 
@@ -179,15 +185,15 @@ def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) ->
 
 
 def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | None = None,
-            orphan_grace: float = ORPHAN_BLOB_GRACE) -> RecoveryReport:
+            orphan_grace: float = ORPHAN_BLOB_GRACE, seen: Callable[[Manifest], None] | None = None) -> RecoveryReport:
     """Start-up of the daemon that holds the spool lock: leases, debris, repair, ingest.
 
-    `now` and `orphan_grace` exist for tests (an injected clock, a short grace)."""
+    `now` and `orphan_grace` exist for tests (an injected clock, a short grace); `seen` as for `ingest_new`."""
     report = RecoveryReport()
     report.released_leases = index.release_all_leases(owner)
     clean_debris(layout, report, now=now, orphan_grace=orphan_grace, keep=pending_ids(index))
     reconcile(index, layout, report)
-    report.ingested = len(ingest_new(index, layout, index.known_ids()))
+    report.ingested = len(ingest_new(index, layout, index.known_ids(), seen))
     return report
 
 

@@ -11,11 +11,13 @@ the real calls — nothing is faked; the process just dies at that instant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import random
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -45,20 +47,32 @@ def _wrap_async(cls: type, name: str, when: str, nth: int, delay: float) -> None
 
 
 def _hook_uploaded(nth: int) -> None:
+    """Die once the nth "uploaded" is recorded — durably: when the daemon records it inside a larger index
+    transaction (together with the claim of the next entry), right after that transaction commits."""
     from mldash.spool.index import SpoolIndex
     from mldash.spool.states import State
 
-    original = SpoolIndex.transition
-    seen = [0]
+    original_transition, original_transaction = SpoolIndex.transition, SpoolIndex.transaction
+    seen, pending = [0], [False]
 
     def transition(self: SpoolIndex, file_id: int, target: State, **kwargs: Any) -> None:
-        original(self, file_id, target, **kwargs)
+        original_transition(self, file_id, target, **kwargs)
         if target is State.UPLOADED:
             seen[0] += 1
             if seen[0] == nth:
-                _die()
+                if not self.conn.in_transaction:
+                    _die()
+                pending[0] = True
+
+    @contextlib.contextmanager
+    def transaction(self: SpoolIndex) -> Iterator[Any]:
+        with original_transaction(self) as conn:
+            yield conn
+        if pending[0] and not self.conn.in_transaction:
+            _die()
 
     SpoolIndex.transition = transition  # type: ignore[method-assign]
+    SpoolIndex.transaction = transaction  # type: ignore[method-assign]
 
 
 # kill point → (what to wrap, when)
@@ -70,8 +84,8 @@ KILL_POINTS = {
     "after_put": ("store", "put", "after"),
     "after_complete": ("store", "complete_multipart", "after"),
     "after_uploaded": ("index", "transition", "after"),
-    "before_commit": ("catalog", "upsert", "before"),
-    "after_commit": ("catalog", "upsert", "after"),
+    "before_commit": ("catalog", "upsert_many", "before"),  # the daemon commits in batches
+    "after_commit": ("catalog", "upsert_many", "after"),
 }
 
 

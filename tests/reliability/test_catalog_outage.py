@@ -6,8 +6,9 @@ later, exactly once.
   back on the same port and data directory, and the same daemon run commits everything.
 - failCommand failpoints on the daemon's own client (appName "mldash"): an insert refused with a
   transient code (ExceededTimeLimit), the connection dropped mid-insert, an insert that applied but answered with a
-  writeConcernError, and the read-back after the insert failing. Each makes the daemon (or the driver)
-  send the commit again; the catalog must still hold exactly one document per file.
+  writeConcernError, and the read-back failing (the daemon reads documents back only when the insert found their
+  id present: a replay, here of a run that committed and died before recording it). Each makes the daemon (or
+  the driver) send the commit again; the catalog must still hold exactly one document per file.
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ FAILURES = {
 }
 
 
+def commit_as_a_previous_run(settings: Settings, admin: pymongo.MongoClient, entries: list) -> None:
+    """The catalog documents a daemon would write for these entries, written directly: as if an earlier run
+    committed them and was killed before its index recorded "committed"."""
+    from mldash.catalog.mongo import COLLECTION
+    from mldash.store import make_store
+    from mldash_syncd.commit import document_for
+
+    store = make_store(settings)
+    for entry in entries:
+        doc = document_for(entry, store_url=settings.store, store_key=store.key(entry.key()), committed_at=time.time())
+        admin[settings.mongo_database][COLLECTION].insert_one({"_id": doc.id, **doc.to_dict()})
+
+
 @pytest.mark.parametrize("failure", list(FAILURES))
 def test_failpoints_commit_exactly_once(mongo_settings: Settings, mongo_uri: str, mongo_admin: pymongo.MongoClient,
                                         fault_proxy, failure: str) -> None:
@@ -86,16 +100,25 @@ def test_failpoints_commit_exactly_once(mongo_settings: Settings, mongo_uri: str
     counter = fault_proxy(mongo_uri, protocol="mongo")
     direct = fast(mongo_settings, request_timeout=1.0)
     settings = direct.replace(catalog=mongo_uri_via(counter, mongo_uri))
-    daemon = ServiceThread(settings).start()
+    replay = failure == "read-back-fails"
+    daemon = None if replay else ServiceThread(settings).start()
     try:
         with fail_command(mongo_admin, FAILURES[failure], mode="alwaysOn"):
             entries = [enqueue_bytes(settings, os.urandom(3000), filename=f"f{i}", metadata={"i": i})
                        for i in range(5)]
+            if replay:  # before the daemon starts, so that every one of its commits is a replay
+                commit_as_a_previous_run(direct, mongo_admin, entries)
+                daemon = ServiceThread(settings).start()
             time.sleep(FAILING_FOR)  # the driver retries within its timeout, then the daemon later
         wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), what="commits after the failpoint")
     finally:
-        report = daemon.stop()
-    assert report.committed == len(entries) and report.clean, report
-    inserts = sum(1 for m in counter.messages if m.method == "insert")
-    assert inserts > len(entries), f"only {inserts} inserts for {len(entries)} files: the failure never hit"
+        report = daemon.stop() if daemon is not None else None
+    assert report is not None and report.committed == len(entries) and report.clean, report
+    if replay:
+        reads = sum(1 for m in counter.messages if m.method == "find")
+        assert reads >= 2, f"only {reads} read-backs: the failure never hit"  # failed ones, then one that passed
+    else:
+        # Commits go in batches (one insert per batch), so more inserts than files means attempts were repeated.
+        inserts = sum(1 for m in counter.messages if m.method == "insert")
+        assert inserts > len(entries), f"only {inserts} inserts for {len(entries)} files: the failure never hit"
     check_invariants(settings, entries, view=direct)
