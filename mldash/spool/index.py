@@ -16,8 +16,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from mldash.spool.layout import FILE_MODE, SpoolLayout
 from mldash.spool.manifest import Manifest
 from mldash.spool.states import PENDING, State, check_transition
@@ -84,6 +82,10 @@ class SpoolIndex:
         self.conn.close()
 
     def _create_schema(self) -> None:
+        # Imported here: sqlite_utils pulls in numpy (~80 ms), and every training process imports this module
+        # (through mldash.spool) without ever creating the index — only the daemon does.
+        import sqlite_utils
+
         db = sqlite_utils.Database(self.conn)
         db["entries"].create(_ENTRY_COLUMNS, pk="id", not_null={"state"},
                              defaults={"attempts": 0, "next_attempt_at": 0.0, "bytes_sent": 0}, if_not_exists=True)
