@@ -19,6 +19,7 @@ from collections.abc import Callable
 from benchmarks.context import GIB, MIB, Context, clear_spool
 from benchmarks.model import ScenarioResult, ratio_row
 from benchmarks.stats import interleave
+from mldash.config import Settings
 
 NAME = "stall_torch"
 TITLE = "Stall of save_torch vs torch.save to a local file"
@@ -60,16 +61,7 @@ def run(ctx: Context) -> ScenarioResult:
         ctx.log(f"  state_dict of {label} ({actual} bytes of float32, {len(model)} tensors), {pairs} pairs")
 
         def subject(mode: str, model=model) -> Callable[[], float]:
-            def sample() -> float:
-                started = time.perf_counter()
-                saved = handles[mode].save_torch(model, to="model.pt")
-                elapsed = time.perf_counter() - started
-                limit = settings.replace(checksum=mode).hash_limit
-                # the mode under test is the one measured
-                assert (saved["checksum"] is None) == (limit is not None and saved["sizeBytes"] > limit)
-                clear_spool(settings)
-                return elapsed
-            return sample
+            return lambda: timed_save(settings, mode, lambda: handles[mode].save_torch(model, to="model.pt"))
 
         def baseline(model=model) -> float:
             path = baseline_dir / "model.pt"
@@ -97,6 +89,18 @@ def run(ctx: Context) -> ScenarioResult:
     ctx.remove(settings.spool.parent)
     ctx.remove(baseline_dir)
     return result
+
+
+def timed_save(settings: Settings, mode: str, save: Callable[[], dict]) -> float:
+    """One stall sample: the seconds `save()` (made with checksum `mode`) took. Checks that the mode under test
+    is the one measured (a checksum exactly when the save hashes), then empties the spool."""
+    started = time.perf_counter()
+    saved = save()
+    elapsed = time.perf_counter() - started
+    limit = settings.replace(checksum=mode).hash_limit
+    assert (saved["checksum"] is None) == (limit is not None and saved["sizeBytes"] > limit)
+    clear_spool(settings)
+    return elapsed
 
 
 def _label(size: int) -> str:

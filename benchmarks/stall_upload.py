@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.context import GIB, MIB, Context, clear_spool
+from benchmarks.context import GIB, MIB, Context
 from benchmarks.model import ScenarioResult, ratio_row
-from benchmarks.stall_torch import _label
+from benchmarks.stall_torch import _label, timed_save
 from benchmarks.stats import interleave
 
 NAME = "stall_upload"
@@ -62,16 +62,7 @@ def run(ctx: Context) -> ScenarioResult:
         ctx.log(f"  {label} file, {rounds} rounds")
 
         def subject(mode: str, source=source) -> Callable[[], float]:
-            def sample() -> float:
-                started = time.perf_counter()
-                saved = handles[mode].upload(source, to="data.bin")
-                elapsed = time.perf_counter() - started
-                limit = settings.replace(checksum=mode).hash_limit
-                # the mode under test is the one measured
-                assert (saved["checksum"] is None) == (limit is not None and saved["sizeBytes"] > limit)
-                clear_spool(settings)
-                return elapsed
-            return sample
+            return lambda: timed_save(settings, mode, lambda: handles[mode].upload(source, to="data.bin"))
 
         def copyfile(source=source, target=target) -> float:
             started = time.perf_counter()

@@ -78,11 +78,10 @@ class Catalog(abc.ABC):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @abc.abstractmethod
     async def upsert(self, doc: FileDocument) -> None:
         """Insert the document, or do nothing if one with this id exists (first committedAt wins)."""
+        await self._insert([doc], f"upsert of {doc.id}")
 
-    @abc.abstractmethod
     async def upsert_many(self, docs: Sequence[FileDocument]) -> set[str]:
         """`upsert` for a batch in one request (SQLite: one transaction; MongoDB: one unordered insert).
 
@@ -92,6 +91,14 @@ class Catalog(abc.ABC):
         may be stored; calling again with the same batch is safe (the stored ones come back as present).
         The same id twice in one batch: the first one is stored, the second reported present.
         """
+        if not docs:
+            return set()
+        return await self._insert(docs, f"upsert of {len(docs)} documents")
+
+    @abc.abstractmethod
+    async def _insert(self, docs: Sequence[FileDocument], what: str) -> set[str]:
+        """Store every document whose id is new, in one request; the ids already present. `what` names the
+        operation in error messages."""
 
     @abc.abstractmethod
     async def get(self, file_id: str) -> dict[str, Any] | None:

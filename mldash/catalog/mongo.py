@@ -273,14 +273,6 @@ class MongoCatalog(Catalog):
 
     # -- the contract ----------------------------------------------------------------------------
 
-    async def upsert(self, doc: FileDocument) -> None:
-        await self._insert([doc], f"upsert of {doc.id}")
-
-    async def upsert_many(self, docs: Sequence[FileDocument]) -> set[str]:
-        if not docs:
-            return set()
-        return await self._insert(docs, f"upsert of {len(docs)} documents")
-
     async def _insert(self, docs: Sequence[FileDocument], what: str) -> set[str]:
         """One unordered insert of every document; the ids that were already there (duplicate key)."""
         files = await self._ready()

@@ -254,14 +254,6 @@ class SqliteCatalog(Catalog):
 
     # -- the contract ----------------------------------------------------------------------------
 
-    async def upsert(self, doc: FileDocument) -> None:
-        await self._insert([doc], f"upsert of {doc.id}")
-
-    async def upsert_many(self, docs: Sequence[FileDocument]) -> set[str]:
-        if not docs:
-            return set()
-        return await self._insert(docs, f"upsert of {len(docs)} documents")
-
     async def _insert(self, docs: Sequence[FileDocument], what: str) -> set[str]:
         """INSERT OR IGNORE every document (and its tags) in one transaction; the ids that were present."""
         rows = [(doc.id, _row_values(doc), sorted(set(doc.tags))) for doc in docs]

@@ -39,7 +39,36 @@ def write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-class HashingSink:
+class WriteOnlySink:
+    """The file-object surface serializers expect of a sink (pickle, torch, matplotlib, PIL, imageio):
+    write-only, not seekable, `tell()` = bytes written so far (`size`), no file descriptor."""
+
+    size: int
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def fileno(self) -> int:  # some writers probe it; writing around the sink would skip the hash
+        raise OSError(f"{type(self).__name__} has no usable fileno")
+
+
+class HashingSink(WriteOnlySink):
     """A write-only binary file object over an fd that tracks size and SHA256 of what was written.
 
     `hash_limit` (from the checksum setting, see `Settings.hash_limit`): the most bytes the save hashes.
@@ -131,29 +160,6 @@ class HashingSink:
                 job.result()
             self._trail_jobs.clear()
         return self._hasher.hexdigest()
-
-    # The file-object surface serializers expect (pickle, torch, matplotlib, PIL, imageio).
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-    def fileno(self) -> int:  # some writers probe it; writing through the fd would skip the hash
-        raise OSError("HashingSink has no usable fileno")
 
     def copy_file(self, source_fd: int, offset: int = 0, chunk: int = COPY_CHUNK) -> None:
         """Copy a file in the kernel (copy_file_range: no user-space copy of the bytes) and hash what

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+from mldash.spool.hashing import WriteOnlySink
 
-class InlineSink:
+
+class InlineSink(WriteOnlySink):
     """A write-only binary file object collecting bytes in memory, with their size and SHA256.
 
     `hash_limit` as for HashingSink: over it (0 = the deferred mode) `hexdigest()` is None and the daemon hashes."""
@@ -31,26 +33,3 @@ class InlineSink:
         if self.hash_limit is not None and self.size > self.hash_limit:
             return None
         return hashlib.sha256(self._buffer).hexdigest()
-
-    # The file-object surface serializers expect (same as HashingSink).
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        raise OSError("InlineSink has no fileno")
