@@ -6,7 +6,8 @@ is sampled every 50 ms with psutil; the kernel's own high-water mark (VmHWM in /
 also catches peaks between samples) is read at every sample too, and the larger of the two is the peak.
 "Idle" is the same command draining a single 4 KiB file: the daemon's constant cost (interpreter, imports,
 SQLite, the event loop). Invariant 5 of DESIGN.md: memory ≤ constant + in-flight parts, so the peak above
-idle must stay within the in-flight budget (max_concurrent_parts × part_size) whatever the file size.
+idle must stay within the in-flight budget (max_concurrent_parts × part_size) whatever the file size, plus
+a stated 1 MiB for what only a large drain starts (its worker threads' stacks; see ACTIVE_ALLOWANCE_MIB).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from benchmarks.stall_torch import _label
 NAME = "daemon_rss"
 TITLE = "Daemon peak RSS draining one large file into the local store"
 SAMPLE_INTERVAL = 0.05
+# What a drain of large files touches that a 4 KiB drain does not, besides the part buffers: the stacks of the
+# worker threads that read and hash parts (a 4 KiB file is read and hashed on the event loop) and the index's
+# rows for the parts. Measured with /proc/<pid>/smaps: ~0.1 MiB of thread stacks, 0.3–0.8 MiB in all.
+ACTIVE_ALLOWANCE_MIB = 1.0
 
 
 def spool_file(settings, size: int) -> None:
@@ -117,7 +122,8 @@ def run(ctx: Context) -> ScenarioResult:
             NAME, f"daemon peak RSS above idle, draining {label} (local store)", "memory", "MiB",
             [p - idle_peak for p in peaks], stat="median",
             target=f"≤ in-flight budget ({probe.max_concurrent_parts} × {probe.part_size // MIB} MiB = "
-                   f"{budget_mib:.0f} MiB)", op="<=", bound=budget_mib,
+                   f"{budget_mib:.0f} MiB) + {ACTIVE_ALLOWANCE_MIB:.0f} MiB for worker threads",
+            op="<=", bound=budget_mib + ACTIVE_ALLOWANCE_MIB,
             baseline="idle daemon peak (4 KiB drain)", baseline_samples=result.samples["idle/peak_mib"],
             note=f"absolute peaks {', '.join(f'{p:.0f}' for p in peaks)} MiB; idle {idle_peak:.0f} MiB"))
     return result

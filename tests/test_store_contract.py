@@ -6,6 +6,7 @@ a test asserts only what holds for both, and says so.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -210,6 +211,33 @@ async def test_multipart_accepts_a_memoryview(store: Store, tmp_path: Path) -> N
     receipt = await store.upload_part(key, upload_id, 1, part, b64_sha256(part))
     await store.complete_multipart(key, upload_id, [receipt])
     assert await read_back(store, key, tmp_path) == bytes(buffer[100:10_100])
+
+
+async def test_part_buffers_are_let_go_when_the_call_returns(store: Store, tmp_path: Path) -> None:
+    """The daemon refills a part buffer (an anonymous mmap) for the next part as soon as no view of it is left
+    (mldash_syncd/budget.py): a store that kept one after upload_part/put returned would stall every part."""
+    key = key_of(store, "mapped.bin")
+    data = blob(6 * MiB, seed=4)
+    buffer = mmap.mmap(-1, len(data), flags=mmap.MAP_PRIVATE)
+    buffer[:] = data
+    upload_id = await store.create_multipart(key)
+    receipt = await store.upload_part(key, upload_id, 1, buffer, b64_sha256(data))
+    buffer.resize(len(buffer))  # raises BufferError while any view of the buffer is alive
+    buffer[:10] = b"x" * 10  # refilled at once, as the daemon does: the upload must not see it
+    await store.complete_multipart(key, upload_id, [receipt])
+    assert await read_back(store, key, tmp_path) == data
+
+    # Also when the call fails, while its exception (whose traceback holds the call's frames) is still alive.
+    with pytest.raises(StoreError) as failed:
+        await store.upload_part(key_of(store, "other.bin"), "no-such-upload", 1, buffer, b64_sha256(data))
+    assert failed.value is not None
+    buffer.resize(len(buffer))
+
+    small = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE)
+    small[:] = data[:4096]
+    await store.put(key_of(store, "mapped-small.bin"), small, b64_sha256(data[:4096]))
+    small.resize(len(small))
+    assert await read_back(store, key_of(store, "mapped-small.bin"), tmp_path) == data[:4096]
 
 
 async def test_complete_never_overwrites(store: Store, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""Keeping the daemon's memory bounded by the parts in flight.
+"""Keeping the daemon's memory bounded by what is in flight.
 
-Each multipart part is an 8 MiB (or larger) bytes object. glibc serves allocations that size from
-its heap once its adaptive mmap threshold has grown, and then keeps the freed memory: measured here,
-peak RSS reached ~100 MiB above idle for a 32 MiB part budget. Pinning the mmap threshold at 1 MiB
-makes every part buffer its own mapping, returned to the kernel the moment the part is sent.
+Multipart parts live in reused buffers of their own (budget.py). A single-PUT object between the on-loop
+limit and the multipart threshold is still read into a `bytes` of its size; glibc serves allocations that
+size from its heap once its adaptive mmap threshold has grown, and then keeps the freed memory: measured
+here, peak RSS reached ~100 MiB above idle for a 32 MiB budget. Pinning the mmap threshold at 1 MiB makes
+every such buffer its own mapping, returned to the kernel the moment the object is sent.
 """
 
 from __future__ import annotations

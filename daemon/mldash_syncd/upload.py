@@ -27,6 +27,7 @@ import base64
 import hashlib
 import logging
 import math
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,27 +189,28 @@ class Uploader:
         try:
             async with asyncio.TaskGroup() as group:
                 for number in range(1, count + 1):
-                    await self.budget.acquire(part_size)  # bounds memory to the parts in flight
+                    offset = (number - 1) * part_size
+                    length = min(part_size, manifest.size - offset)
+                    # A buffer from the budget bounds memory to the parts in flight. Parts are passed on as the
+                    # buffer itself, never as a view of it, so nothing that outlives a send pins it (budget.py).
+                    buffer = await self.budget.take_buffer(length)
                     try:
-                        offset = (number - 1) * part_size
-                        length = min(part_size, manifest.size - offset)
-                        data = await asyncio.to_thread(_read_part, fd, offset, length, manifest.id)
-                        hashes = await self._hash(data, whole, md5=self.md5_parts)
+                        # The view is made here, not in the thread: from now until the read is over, the buffer
+                        # counts as in use, even if this task is cancelled before the thread starts.
+                        await asyncio.to_thread(_read_into, fd, memoryview(buffer), offset, manifest.id)
+                        hashes = await self._hash(buffer, whole, md5=self.md5_parts)
+                        digests[number] = hashes
+                        have = held.get(number)
+                        held_already = have is not None and await self._store_holds(
+                            have, recorded.get(number), buffer, hashes)
                     except BaseException:
-                        await self.budget.release(part_size)
+                        await self.budget.give_back(buffer)
                         raise
-                    digests[number] = hashes
-                    have = held.get(number)
-                    if have is not None and await self._store_holds(have, recorded.get(number), data, hashes):
+                    if held_already:
                         receipts[number] = have
-                        data = None
-                        await self.budget.release(part_size)
+                        await self.budget.give_back(buffer)
                         continue
-                    group.create_task(self._send_part(manifest, key, upload_id, number, data, hashes, receipts,
-                                                      part_size))
-                    # Memory is bounded by the budget only if nothing else keeps a part alive: without this, the
-                    # loop variable would hold a part whose upload finished while the next one is being read.
-                    data = None
+                    group.create_task(self._send_part(manifest, key, upload_id, number, buffer, hashes, receipts))
         finally:
             os.close(fd)
 
@@ -234,23 +236,23 @@ class Uploader:
             raise
         return Verified(key, stored.checksum_sha256, whole_hex)
 
-    async def _send_part(self, manifest: Manifest, key: str, upload_id: str, number: int, data: bytes,
-                         hashes: _PartHashes, receipts: dict[int, PartReceipt], reserved: int) -> None:
+    async def _send_part(self, manifest: Manifest, key: str, upload_id: str, number: int, buffer: mmap.mmap,
+                         hashes: _PartHashes, receipts: dict[int, PartReceipt]) -> None:
         try:
-            receipt = await self.store.upload_part(key, upload_id, number, data, hashes.sha256_b64)
-            self.index.add_bytes_sent(manifest.id, len(data))
-            self.on_bytes(len(data))
+            receipt = await self.store.upload_part(key, upload_id, number, buffer, hashes.sha256_b64)
+            size = len(buffer)
+            self.index.add_bytes_sent(manifest.id, size)
+            self.on_bytes(size)
             if receipt.checksum_sha256 and receipt.checksum_sha256 != hashes.sha256_b64:
                 raise VerificationError(f"part {number} of {manifest.id}: store checksum {receipt.checksum_sha256} "
                                         f"≠ sent {hashes.sha256_b64}")
             if hashes.md5_hex and _etag(receipt.etag) != hashes.md5_hex:
                 raise VerificationError(f"part {number} of {manifest.id}: store received other bytes than sent "
                                         f"(ETag {receipt.etag} ≠ MD5 {hashes.md5_hex})")
-            self.index.record_part(manifest.id, number, len(data), receipt.etag, hashes.sha256_b64)
+            self.index.record_part(manifest.id, number, size, receipt.etag, hashes.sha256_b64)
             receipts[number] = receipt
         finally:
-            data = None  # free the part before its budget lets the next one be read (see _multipart)
-            await self.budget.release(reserved)
+            await self.budget.give_back(buffer)
 
     async def _hash(self, data: bytes, whole: Any = None, *, md5: bool) -> _PartHashes:
         """The part's SHA256, its MD5 (if asked for) and the whole-file digest's update, each on its own
@@ -374,14 +376,17 @@ def _read_all(path: Path, manifest: Manifest) -> bytes:
     return data
 
 
-def _read_part(fd: int, offset: int, length: int, file_id: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:  # pread may return short reads on huge requests
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise SpoolCorruptError(f"blob {file_id} is shorter than its manifest says")
-        data += more
-    return data
+def _read_into(fd: int, view: memoryview, offset: int, file_id: int) -> None:
+    """Fill the buffer behind `view` with the blob's bytes from `offset`, then release the view (runs in a
+    worker thread)."""
+    with view:
+        got = 0
+        while got < len(view):  # preadv may return short reads on huge requests
+            with view[got:] as rest:
+                count = os.preadv(fd, [rest], offset + got)
+            if count == 0:
+                raise SpoolCorruptError(f"blob {file_id} is shorter than its manifest says")
+            got += count
 
 
 def _digests(path: Path, part_size: int) -> tuple[str, list[str], list[str]]:

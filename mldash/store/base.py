@@ -17,10 +17,15 @@ from __future__ import annotations
 import abc
 import base64
 import hashlib
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 from mldash.errors import MldashError
+
+# Bytes a store sends or writes. The daemon passes its part buffers (anonymous mmaps) as they are: a store
+# must not keep a reference to them, nor a view, after the call returns — they are refilled with the next part.
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 
 class StoreError(MldashError):
@@ -132,9 +137,10 @@ class Store(abc.ABC):
         """Start a multipart upload with SHA256 part checksums; returns the upload id."""
 
     @abc.abstractmethod
-    async def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes | memoryview,
+    async def upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                           sha256_b64: str) -> PartReceipt:
-        """Upload one part (1-based numbers, all but the last ≥ 5 MiB). Re-uploading a number replaces it."""
+        """Upload one part (1-based numbers, all but the last ≥ 5 MiB). Re-uploading a number replaces it.
+        `data` is only read during the call (see `Buffer`)."""
 
     @abc.abstractmethod
     async def list_parts(self, key: str, upload_id: str) -> dict[int, PartReceipt]:

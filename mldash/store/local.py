@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 from mldash.keys import MAX_KEY_BYTES
 from mldash.spool.layout import fsync_dir, make_private_dir, open_private
 from mldash.store.base import (
+    Buffer,
     NoSuchUploadError,
     ObjectExistsError,
     PartReceipt,
@@ -107,7 +108,7 @@ class LocalStore(Store):
     async def create_multipart(self, key: str) -> str:
         return await self._run("create_multipart", key, self._create_multipart, key)
 
-    async def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes | memoryview,
+    async def upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                           sha256_b64: str) -> PartReceipt:
         return await self._run("upload_part", key, self._upload_part, key, upload_id, part_number, data, sha256_b64)
 
@@ -370,7 +371,7 @@ class LocalStore(Store):
             fsync_dir(self._uploads)
         return upload_id
 
-    def _upload_part(self, key: str, upload_id: str, part_number: int, data: bytes | memoryview,
+    def _upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                      sha256_b64: str) -> PartReceipt:
         if not isinstance(part_number, int) or not 1 <= part_number <= MAX_PART_NUMBER:
             raise PermanentStoreError(f"part number {part_number!r} is not in 1..{MAX_PART_NUMBER}",

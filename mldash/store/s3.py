@@ -48,6 +48,7 @@ from botocore.handlers import add_expect_header
 from mldash.keys import MAX_KEY_BYTES
 from mldash.spool.layout import open_private
 from mldash.store.base import (
+    Buffer,
     NoSuchUploadError,
     ObjectExistsError,
     PartReceipt,
@@ -273,11 +274,12 @@ class S3Store(Store):
 
     async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
         self._check_key("put", key)
-        body = SendBuffer(data)
-        response = await self._call("put", key, self._deadline(len(body)), self._client_op("put_object"),
-                                    Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
-                                    ChecksumSHA256=sha256_b64, IfNoneMatch="*")
-        return StoredObject(key=key, size=len(body), checksum_sha256=response.get("ChecksumSHA256"),
+        with SendBuffer(data) as body:
+            size = len(body)
+            response = await self._call("put", key, self._deadline(size), self._client_op("put_object"),
+                                        Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
+                                        ChecksumSHA256=sha256_b64, IfNoneMatch="*")
+        return StoredObject(key=key, size=size, checksum_sha256=response.get("ChecksumSHA256"),
                             etag=response.get("ETag"))
 
     async def download(self, key: str, dest: Path) -> StoredObject:
@@ -326,13 +328,14 @@ class S3Store(Store):
                                     Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256")
         return str(response["UploadId"])
 
-    async def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes | memoryview,
+    async def upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                           sha256_b64: str) -> PartReceipt:
-        body = SendBuffer(data)
-        response = await self._call("upload_part", key, self._deadline(len(body)), self._client_op("upload_part"),
-                                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
-                                    Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=sha256_b64)
-        return PartReceipt(part_number=part_number, size=len(body), etag=response["ETag"],
+        with SendBuffer(data) as body:
+            size = len(body)
+            response = await self._call("upload_part", key, self._deadline(size), self._client_op("upload_part"),
+                                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
+                                        Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=sha256_b64)
+        return PartReceipt(part_number=part_number, size=size, etag=response["ETag"],
                            checksum_sha256=response.get("ChecksumSHA256"))
 
     async def list_parts(self, key: str, upload_id: str) -> dict[int, PartReceipt]:

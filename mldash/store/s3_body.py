@@ -10,17 +10,20 @@ payload registered for it below writes memoryview slices of the caller's buffer,
 transport drains — so the socket reads from the buffer itself and the transport never holds more than one
 slice.
 
-The caller must not change the buffer until the request has finished (the daemon reuses part buffers only
-after `upload_part` returned). Sending is stateless: a retry of the same request writes it again from the
-start.
+The caller must not change the buffer until the request has finished: the store releases its view when the
+call returns (`release`), and the daemon refills a part buffer only when no view of it is left. Sending is
+stateless: a retry of the same request writes it again from the start.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from aiohttp import payload
 from aiohttp.abc import AbstractStreamWriter
+
+from mldash.store.base import Buffer
 
 _SLICE = 1 << 20  # per write: big enough for few wake-ups, small enough to stay out of the transport's buffer
 
@@ -28,11 +31,24 @@ _SLICE = 1 << 20  # per write: big enough for few wake-ups, small enough to stay
 class SendBuffer:
     """Bytes to send as a request body, by reference (see module doc)."""
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    def __init__(self, data: Buffer) -> None:
         self.view = memoryview(data).cast("B")
 
     def __len__(self) -> int:
         return self.view.nbytes
+
+    def __enter__(self) -> SendBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the caller's buffer once the request is over, whatever else still references this body
+        (botocore's request objects, a traceback): the daemon refills part buffers only when no view of them
+        is left. A view still being written from (a cancelled request's writer) stays until it is done."""
+        with contextlib.suppress(BufferError):
+            self.view.release()
 
     def __bool__(self) -> bool:
         return self.view.nbytes > 0
