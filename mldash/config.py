@@ -196,8 +196,9 @@ FIELDS: tuple[Field, ...] = (
           "save at once. 0 = every save gets its own blob file. At most 1 MiB."),
     Field("experiment", "MLDASH_EXPERIMENT", _parse_experiment, lambda: "local/default/dxp",
           "'namespace/project/experiment' of the module-level `dxp` experiment."),
-    Field("max_concurrent_files", "MLDASH_MAX_CONCURRENT_FILES", _parse_int(1), lambda: 16,
-          "Daemon: files uploaded at once (small files are latency-bound: many in flight keep the store busy)."),
+    Field("max_concurrent_files", "MLDASH_MAX_CONCURRENT_FILES", _parse_int(1), lambda: 64,
+          "Daemon: files uploaded at once (small files are latency-bound: many in flight keep the store busy; "
+          "multipart files at once are limited to max_concurrent_parts)."),
     Field("max_concurrent_parts", "MLDASH_MAX_CONCURRENT_PARTS", _parse_int(1), lambda: 4,
           "Daemon: multipart parts in flight at once, over all files (memory ≈ this × part size)."),
     Field("multipart_threshold", "MLDASH_MULTIPART_THRESHOLD", parse_size, lambda: 16 * 2**20,

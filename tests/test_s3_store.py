@@ -31,7 +31,7 @@ from mldash.store import (
     b64_sha256,
     make_store,
 )
-from mldash.store.s3 import classify_error
+from mldash.store.s3 import classify_error, unread_endpoint_params
 
 MiB = 2**20
 KEY = "root/files/ns/proj/exp/ckpt/1/model.pt"
@@ -445,3 +445,42 @@ async def test_store_leaves_botocore_logging_alone(s3_bucket: tuple[str, str]) -
     after = [(name, logging.getLogger(name).level, list(logging.getLogger(name).handlers))
              for name in ("botocore", "aiobotocore", "boto3", "aioboto3")]
     assert after == before
+
+
+# -- endpoint resolution ------------------------------------------------------------------------------
+
+async def test_endpoint_is_resolved_once_not_per_key(s3_store: S3Store) -> None:
+    """botocore would evaluate S3's endpoint ruleset for every object key (the key is one of its inputs and
+    its cache never hits); the store drops the inputs no rule reads, so the cached endpoint serves every key."""
+    ruleset = s3_store._client._ruleset_resolver._provider.ruleset
+    evaluations = 0
+    original = ruleset.evaluate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal evaluations
+        evaluations += 1
+        return original(*args, **kwargs)
+
+    ruleset.evaluate = counting
+    try:
+        for i in range(5):
+            data = os.urandom(100 + i)
+            await s3_store.put(s3_store.key(f"files/ns/p/e/x/{uuid.uuid4().hex}/f{i}"), data, b64_sha256(data))
+    finally:
+        del ruleset.evaluate
+    assert evaluations <= 1
+
+
+def test_only_inputs_no_rule_reads_are_dropped() -> None:
+    @dataclass
+    class Spec:
+        required: bool = False
+        builtin: str | None = None
+
+    definitions = {"Bucket": Spec(), "Key": Spec(), "Prefix": Spec(), "Region": Spec(builtin="AWS::Region"),
+                   "Needed": Spec(required=True), "Templated": Spec()}
+    rules = {"rules": [{"conditions": [{"fn": "isSet", "argv": [{"ref": "Bucket"}]}],
+                        "endpoint": {"url": "https://{Templated}.example.com"}}]}
+    assert unread_endpoint_params(rules, definitions) == {"Key", "Prefix"}
+    rules["rules"].append({"conditions": [{"fn": "isSet", "argv": [{"ref": "Key"}]}], "error": "x"})
+    assert unread_endpoint_params(rules, definitions) == {"Prefix"}

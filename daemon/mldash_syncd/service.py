@@ -104,6 +104,9 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._uploads: dict[int, asyncio.Task] = {}
+        # Multipart files share the parts budget: more of them at once than parts in flight would only open
+        # uploads that wait for a buffer, and delay every file's commit (each would get a sliver of the parts).
+        self._multipart_slots = asyncio.Semaphore(settings.max_concurrent_parts)
         self._commits: dict[int, asyncio.Task] = {}  # entry id → the commit batch it is in
         self._commit_batches: set[asyncio.Task] = set()
         self._manifests = ManifestCache()  # read by the ingest or upload stage, reused by the next stages
@@ -355,11 +358,13 @@ class Daemon:
         file_id = row["id"]
         try:
             manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
-            if manifest.size >= self.settings.multipart_threshold and self._startup_gc is not None:
+            multipart = not manifest.inline and manifest.size >= self.settings.multipart_threshold
+            if multipart and self._startup_gc is not None:
                 await asyncio.shield(self._startup_gc)  # no multipart upload of ours while it lists them
             await self.store_gate.wait()
-            self._emit("uploading", id=file_id, size=manifest.size)
-            verified = await self.uploader.upload(manifest)
+            async with self._multipart_slots if multipart else contextlib.nullcontext():
+                self._emit("uploading", id=file_id, size=manifest.size)
+                verified = await self.uploader.upload(manifest)
         except asyncio.CancelledError:
             self._refund_attempt(row)  # a stop request is not the entry's failure
             raise
@@ -376,6 +381,8 @@ class Daemon:
                 self.index.transition(file_id, State.UPLOADED, store_key=verified.key,
                                       store_checksum=verified.checksum, uploaded_at=time.time(), next_attempt_at=0,
                                       attempts=0, last_error=None, error_kind=None, drop_parts=True, **computed)
+                if sent := self.uploader.take_unrecorded_bytes(file_id):
+                    self.index.add_bytes_sent(file_id, sent)
                 following = self._claim_next_upload()
         except sqlite3.Error as exc:  # e.g. the index's disk is full: verified again once the lease expires
             log.error("upload %s: done, but the index cannot record it (%s)", file_id, exc)
@@ -500,7 +507,10 @@ class Daemon:
         disk is full), the entry keeps its lease, which expires without renewal: `_release_expired` then
         queues it again."""
         try:
-            self._route_failure(row, exc, stage=stage, outage_delay=outage_delay)
+            with self.index.transaction():
+                self._route_failure(row, exc, stage=stage, outage_delay=outage_delay)
+                if sent := self.uploader.take_unrecorded_bytes(row["id"]):
+                    self.index.add_bytes_sent(row["id"], sent)
         except sqlite3.Error as record_error:
             log.error("%s %s failed (%s) and the index cannot record it (%s); retried once its lease expires",
                       stage, row["id"], exc, record_error)

@@ -110,6 +110,12 @@ class Uploader:
         self.on_bytes = on_bytes or (lambda n: None)
         self.check_etag = settings.checks_etags and getattr(store, "etag_is_md5", False)
         self.md5_parts = self.check_etag and settings.verify_etag is True  # see the module doc
+        self._unrecorded_bytes: dict[int, int] = {}
+
+    def take_unrecorded_bytes(self, file_id: int) -> int:
+        """Bytes sent for this entry that the index does not count yet (single PUTs leave their count to the
+        transaction that records the outcome)."""
+        return self._unrecorded_bytes.pop(file_id, 0)
 
     async def upload(self, manifest: Manifest) -> Verified:
         key = self.store.key(manifest.key())
@@ -138,7 +144,8 @@ class Uploader:
             # behind for anyone to find by key if we die first — a retry's conditional PUT meets the object.
             try:
                 stored = await self.store.put(key, data, sha_b64)
-                self.index.add_bytes_sent(manifest.id, len(data))
+                # Counted in the index with the outcome (take_unrecorded_bytes): one write less per small file.
+                self._unrecorded_bytes[manifest.id] = self._unrecorded_bytes.get(manifest.id, 0) + len(data)
                 self.on_bytes(len(data))
             except ObjectExistsError:
                 # An earlier attempt's PUT landed but its response was lost (or we crashed after it).

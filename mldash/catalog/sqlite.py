@@ -124,11 +124,10 @@ def _discard_outcome(future: asyncio.Future[Any]) -> None:
 
 def _row_values(doc: FileDocument) -> list[Any]:
     """The `files` row of a document, tags and metadata as JSON text."""
-    values = doc.to_dict()
-    row = [values[name] for name in _COLUMNS[:-2]]
+    row = [getattr(doc, name) for name in _COLUMNS[:-2]]  # not to_dict(): its deep copy is wasted here
     try:
-        row.append(json.dumps(values["tags"], ensure_ascii=False, allow_nan=False))
-        row.append(json.dumps(values["metadata"], ensure_ascii=False, allow_nan=False))
+        row.append(json.dumps(doc.tags, ensure_ascii=False, allow_nan=False))
+        row.append(json.dumps(doc.metadata, ensure_ascii=False, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise PermanentCatalogError(f"document {doc.id}: tags/metadata are not JSON: {exc}") from exc
     return row
