@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -54,15 +55,20 @@ def test_missing_bucket_fails_after_one_attempt_then_retry_works(s3_settings: Se
 
 
 def test_catalog_down_uploads_continue_and_commit_later_exactly_once(settings: Settings, mongo_server_process,
-                                                                     drain) -> None:
+                                                                     drain, caplog: pytest.LogCaptureFixture) -> None:
     server = mongo_server_process()
     live = fast(settings, catalog=server.uri, mongo_database="mldash_down")
     server.stop()
     entries = [enqueue_bytes(live, os.urandom(2000), filename=f"f{i}") for i in range(4)]
 
     started = time.monotonic()
-    report = drain(live, max_wait=4)
+    with caplog.at_level(logging.WARNING, logger="mldash_syncd"):
+        report = drain(live, max_wait=4)
     assert time.monotonic() - started < 60, "a dead catalog must not hang the daemon"
+    outage_lines = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert outage_lines, "the outage must be visible in the log"
+    assert all(line.startswith("commit of ") for line in outage_lines), (
+        f"one line per failed batch, not one per entry: {outage_lines}")
 
     assert report.committed == 0
     for entry in entries:

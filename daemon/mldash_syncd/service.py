@@ -468,6 +468,8 @@ class Daemon:
         if classify(exc) is Failure.OUTAGE:
             # One outage, one step of the catalog gate's backoff — not one per entry in the batch.
             delay = self.catalog_gate.failure(f"commit: {type(exc).__name__}: {exc}"[:2000])
+            log.warning("commit of %d %s: catalog unavailable, retry in %.1fs: %s", len(rows),
+                        "entry" if len(rows) == 1 else "entries", delay, exc)
             for row in rows:
                 self._failed(row, exc, stage="commit", outage_delay=delay)
             return
@@ -530,7 +532,9 @@ class Daemon:
             # An outage is not the entry's fault: give the attempt back.
             self.index.transition(file_id, retry_state, attempts=max(0, attempts - 1), next_attempt_at=now + delay,
                                   last_error=reason, error_kind=kind.value)
-            log.warning("%s %s: %s unavailable, retry in %.1fs: %s", stage, file_id, gate.name, delay, exc)
+            # A whole commit batch that met the outage (outage_delay given) was logged once, as a batch.
+            log.log(logging.DEBUG if outage_delay is not None else logging.WARNING,
+                    "%s %s: %s unavailable, retry in %.1fs: %s", stage, file_id, gate.name, delay, exc)
             return
         if kind is Failure.ENTRY and attempts < self.settings.max_attempts:
             delay = self.backoff.delay(attempts)

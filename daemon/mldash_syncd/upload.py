@@ -338,10 +338,12 @@ class Uploader:
     def _verify_existing(self, manifest: Manifest, stored: StoredObject, blob: Path) -> Verified:
         """An object already at our key (a lost response, or a crash before the commit was recorded):
         recompute its checksum from the spooled bytes — one pass — and compare. Runs in a thread."""
-        checksum = stored.checksum_sha256 or ""
-        parts = int(checksum.rsplit("-", 1)[1]) if checksum.rsplit("-", 1)[-1].isdigit() and "-" in checksum else 0
+        # Multipart objects say so in their composite checksum, or (a store without checksums) in their ETag.
+        parts = _part_count(stored.checksum_sha256) or _part_count(_etag(stored.etag))
         part_size = part_size_for(manifest.size, self.settings.part_size) if parts else manifest.size or 1
-        whole_hex, digests, md5s = _digests(blob, part_size)
+        # Part MD5s only where the ETag is compared: a single object, verify_etag=true, or no composite to use.
+        md5 = self.check_etag and (not parts or self.md5_parts or stored.checksum_sha256 is None)
+        whole_hex, digests, md5s = _digests(blob, part_size, md5=md5)
         if manifest.sha256 is not None and whole_hex != manifest.sha256:
             raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ manifest "
                                     f"{manifest.sha256}")
@@ -349,11 +351,17 @@ class Uploader:
             if len(digests) != parts:
                 raise VerificationError(f"{manifest.id}: existing object has {parts} parts; ours would have "
                                         f"{len(digests)}")
-            self._verify_composite(manifest, stored, composite_sha256(digests), md5s if self.check_etag else None)
+            self._verify_composite(manifest, stored, composite_sha256(digests), md5s if md5 else None)
         else:
             whole_md5 = md5s[0] if len(md5s) == 1 and self.check_etag else None
             self._verify(manifest, stored, hex_to_b64(whole_hex), whole_md5)
         return Verified(stored.key, stored.checksum_sha256, whole_hex)
+
+
+def _part_count(value: str | None) -> int:
+    """N of a multipart checksum or ETag ("…-N"); 0 for a single object."""
+    head, _, tail = (value or "").rpartition("-")
+    return int(tail) if head and tail.isdigit() else 0
 
 
 def _part_md5s(path: Path, part_size: int) -> list[str]:
@@ -396,13 +404,13 @@ def _read_into(fd: int, view: memoryview, offset: int, file_id: int) -> None:
             got += count
 
 
-def _digests(path: Path, part_size: int) -> tuple[str, list[str], list[str]]:
-    """Whole-file SHA256 hex plus per-part SHA256 (base64) and MD5 (hex), in one read."""
+def _digests(path: Path, part_size: int, *, md5: bool) -> tuple[str, list[str], list[str]]:
+    """Whole-file SHA256 hex plus per-part SHA256 (base64) and, if asked for, MD5 (hex), in one read."""
     whole, shas, md5s = hashlib.sha256(), [], []
     with open(path, "rb") as handle:
         while chunk := handle.read(part_size):
             whole.update(chunk)
-            hashes = _hash_part(chunk)
-            shas.append(hashes.sha256_b64)
-            md5s.append(hashes.md5_hex)
+            shas.append(_sha256_b64(chunk))
+            if md5:
+                md5s.append(_md5_hex(chunk))
     return whole.hexdigest(), shas, md5s
