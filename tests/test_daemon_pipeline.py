@@ -102,6 +102,30 @@ def test_spooled_byte_flipped_is_quarantined_never_committed(backend: Settings, 
     assert pending_uploads(backend) == []  # the aborted multipart upload is gone
 
 
+@pytest.mark.parametrize("change", ["longer", "shorter", "missing"])
+@pytest.mark.parametrize("size", [200_000, 7 * MIB], ids=["single", "multipart"])
+def test_blob_whose_size_changed_is_quarantined(backend: Settings, drain, size: int, change: str) -> None:
+    data = os.urandom(size)
+    bad = enqueue_bytes(backend, data, filename="bad.bin")
+    good = enqueue_bytes(backend, data, filename="good.bin")
+    blob = SpoolLayout(backend.spool).blob_path(bad.id)
+    if change == "longer":
+        blob.write_bytes(data + b"!")
+    elif change == "shorter":
+        blob.write_bytes(data[:-1])
+    else:
+        blob.unlink()
+
+    report = drain(backend)
+
+    rows = index_rows(backend)
+    assert rows[bad.id]["state"] == State.QUARANTINED, rows[bad.id]["last_error"]
+    assert rows[good.id]["state"] in (State.COMMITTED, State.EVICTED)
+    assert not report.clean
+    assert read_object(backend, bad.key()) is None
+    assert read_object(backend, good.key()) == data
+
+
 def test_run_once_exit_status_reports_failures(backend: Settings, drain) -> None:
     enqueue_bytes(backend, b"fine", filename="ok.bin")
     assert drain(backend).clean

@@ -35,7 +35,6 @@ from mldash_syncd.budget import ByteBudget
 from mldash_syncd.commit import clash, document_for
 from mldash_syncd.evict import compact, evict, evictable, record_evicted, remove_files
 from mldash_syncd.manifests import ManifestCache
-from mldash_syncd.memory import return_part_buffers_to_os
 from mldash_syncd.retry import Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
 from mldash_syncd.upload import Uploader
@@ -135,7 +134,6 @@ class Daemon:
 
     # ---- main loop ----------------------------------------------------------------------------
     async def run(self, *, until_drained: bool = False, max_wait: float | None = None) -> RunReport:
-        return_part_buffers_to_os()
         self.layout.ensure()
         with DaemonLock(self.layout):
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)

@@ -126,16 +126,22 @@ class Uploader:
 
     # ---- small objects: one PUT ---------------------------------------------------------------
     async def _single(self, manifest: Manifest, key: str, blob: Path) -> Verified:
-        await self.budget.acquire(manifest.size)
+        on_loop = manifest.inline or manifest.size <= ON_LOOP_LIMIT
+        buffer = None
+        if on_loop:
+            await self.budget.acquire(manifest.size)
+        else:  # a buffer from the budget, as for multipart parts (budget.py)
+            buffer = await self.budget.take_buffer(manifest.size)
         try:
-            if manifest.inline or manifest.size <= ON_LOOP_LIMIT:
+            if buffer is None:
                 # Reading and hashing a few KiB takes microseconds; handing them to threads costs more
                 # than it saves, and small files are where the per-file cost is the whole cost.
                 data = manifest.payload if manifest.inline else _read_all(blob, manifest)
                 hashes = _hash_part(data) if self.check_etag else _PartHashes(_sha256_b64(data), "")
             else:
-                data = await asyncio.to_thread(_read_all, blob, manifest)
-                hashes = await self._hash(data, md5=self.check_etag)
+                data = buffer
+                await asyncio.to_thread(_read_blob_into, blob, memoryview(buffer), manifest)
+                hashes = await self._hash(buffer, md5=self.check_etag)
             sha_b64 = hashes.sha256_b64
             if manifest.sha256 is not None and sha_b64 != hex_to_b64(manifest.sha256):
                 raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 "
@@ -145,13 +151,17 @@ class Uploader:
             try:
                 stored = await self.store.put(key, data, sha_b64)
                 # Counted in the index with the outcome (take_unrecorded_bytes): one write less per small file.
-                self._unrecorded_bytes[manifest.id] = self._unrecorded_bytes.get(manifest.id, 0) + len(data)
-                self.on_bytes(len(data))
+                self._unrecorded_bytes[manifest.id] = self._unrecorded_bytes.get(manifest.id, 0) + manifest.size
+                self.on_bytes(manifest.size)
             except ObjectExistsError:
                 # An earlier attempt's PUT landed but its response was lost (or we crashed after it).
                 stored = await self._existing(key, manifest)
         finally:
-            await self.budget.release(manifest.size)
+            data = None
+            if buffer is None:
+                await self.budget.release(manifest.size)
+            else:
+                await self.budget.give_back(buffer)
         try:
             self._verify(manifest, stored, sha_b64, hashes.md5_hex if self.check_etag else None)
         except VerificationError:
@@ -389,6 +399,21 @@ def _read_all(path: Path, manifest: Manifest) -> bytes:
     if len(data) != manifest.size:
         raise SpoolCorruptError(f"blob {manifest.id}: {len(data)} bytes, manifest says {manifest.size}")
     return data
+
+
+def _read_blob_into(path: Path, view: memoryview, manifest: Manifest) -> None:
+    """A whole blob into the buffer behind `view` (exactly its size), then release the view (worker thread)."""
+    with view:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SpoolCorruptError(f"blob {manifest.id} is missing from the spool") from None
+        try:
+            _read_into(fd, view, 0, manifest.id)
+            if os.pread(fd, 1, manifest.size):  # one byte more than the manifest says: the blob is longer
+                raise SpoolCorruptError(f"blob {manifest.id} is longer than its manifest says ({manifest.size} bytes)")
+        finally:
+            os.close(fd)
 
 
 def _read_into(fd: int, view: memoryview, offset: int, file_id: int) -> None:
