@@ -123,7 +123,7 @@ class Experiment:
 
     def _enqueue(self, spec: EntrySpec, payload: Payload) -> Manifest:
         enqueuer = self._get_enqueuer()
-        manifest = enqueuer.enqueue(spec, payload.write, expected_size=payload.size)
+        manifest = enqueuer.enqueue(spec, payload.write, expected_size=payload.size, size_hint=payload.size_hint)
         with self._lock:
             self._saved.setdefault(manifest.prefix, array("q")).append(manifest.id)
         ensure_daemon(self.settings, enqueuer.layout)

@@ -48,6 +48,9 @@ class Payload:
     kind: str                      # upload, json, text, blob, torch, pkl, npy, fig, image, video
     write: Writer                  # re-runnable; writes the whole artifact into a binary file object
     size: int | None = None        # known in advance when possible (lets the spool refuse too-large input early)
+    # An estimate where the exact size is not known (a state_dict's tensor bytes): a save clearly larger than the
+    # sync checksum limit then skips the hashing it would abandon at the limit (see Enqueuer.enqueue).
+    size_hint: int | None = None
     on_saved: Callable[[], None] | None = None  # run once the artifact is safely spooled (e.g. close a figure)
     _close: Callable[[], None] | None = None
 
@@ -228,7 +231,32 @@ def torch_payload(obj: Any) -> Payload:
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     # torch.save copies every tensor's bytes out during the call, so training may go on as soon as it returns.
-    return Payload("torch", _wrap_errors("save_torch", lambda f: torch.save(obj, f)))
+    return Payload("torch", _wrap_errors("save_torch", lambda f: torch.save(obj, f)),
+                   size_hint=_tensor_bytes(torch, obj))
+
+
+def _tensor_bytes(torch: ModuleType, obj: Any) -> int | None:
+    """The bytes of the tensor storages in `obj` (a state_dict, nested dicts/lists/tuples), each storage once —
+    torch.save writes a storage shared by several tensors once. None when there is nothing to estimate from."""
+    seen: set[int] = set()
+    total = 0
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, torch.Tensor):
+            try:
+                storage = item.untyped_storage()
+                key = storage.data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # e.g. tensors without storage: no estimate from them
+                total += item.element_size() * item.numel()
+        elif level < 8 and isinstance(item, dict):
+            stack.extend((value, level + 1) for value in item.values())
+        elif level < 8 and isinstance(item, (list, tuple)):
+            stack.extend((value, level + 1) for value in item)
+    return total or None
 
 
 def npy_payload(array: Any) -> Payload:

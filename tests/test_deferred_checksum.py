@@ -337,3 +337,29 @@ def test_what_deferred_mode_gives_up_corruption_in_the_spool_is_not_detected(set
     assert drain(live).committed == 1
     assert read_object(live, manifest.key()) == b"B" * 1000
     assert docs_by_id(live)[str(manifest.id)]["checksum"] == sha(b"B" * 1000)
+
+
+def test_a_state_dict_is_sized_by_its_storages_each_counted_once() -> None:
+    from mldash.serializers import _tensor_bytes
+
+    weight = torch.zeros(1000, dtype=torch.float32)
+    state = {"a": weight, "b": weight[:10], "nested": {"c": torch.ones(250, dtype=torch.float64)},
+             "list": [torch.zeros(3, dtype=torch.int8)], "step": 7}
+    assert _tensor_bytes(torch, state) == 4000 + 2000 + 3  # weight's storage once, though two tensors share it
+    assert _tensor_bytes(torch, {"step": 7}) is None
+
+
+def test_a_save_estimated_above_the_limit_is_not_hashed_at_all(settings: Settings) -> None:
+    """Hashing a 1 GiB torch.save up to the 64 MiB limit and then giving up cost the save ~40 ms for
+    nothing: a save whose size estimate is above the limit does not start hashing."""
+    from mldash.spool.enqueue import Enqueuer
+
+    enqueuer = Enqueuer(settings.replace(checksum="auto", sync_checksum_limit=MIB))
+    assert enqueuer._hash_limit(None) == MIB and enqueuer._hash_limit(MIB) == MIB
+    assert enqueuer._hash_limit(MIB + 1) == 0
+    assert Enqueuer(settings.replace(checksum="sync"))._hash_limit(10 * MIB) is None  # sync hashes everything
+
+    exp = Experiment(prefix="ns/proj/exp", settings=settings.replace(checksum="auto", sync_checksum_limit=MIB))
+    big, small = torch.nn.Linear(1024, 512), torch.nn.Linear(64, 32)  # ~2 MiB and ~8 KiB of weights
+    assert exp.files("m").save_torch(big, to="big.pt")["checksum"] is None
+    assert exp.files("m").save_torch(small, to="small.pt")["checksum"] is not None

@@ -77,8 +77,13 @@ class Enqueuer:
         self.settings = settings
         self.layout = (layout or SpoolLayout(settings.spool)).ensure()
 
-    def enqueue(self, spec: EntrySpec, write: Writer, *, expected_size: int | None = None) -> Manifest:
+    def enqueue(self, spec: EntrySpec, write: Writer, *, expected_size: int | None = None,
+                size_hint: int | None = None) -> Manifest:
         """Spool one artifact; returns its manifest once it is durable (see module doc).
+
+        `size_hint` is an estimate where the exact size is unknown: an artifact estimated above the sync
+        checksum limit is not hashed at all (its hashing would be abandoned at the limit anyway, after costing
+        the save limit/2 GB/s); the daemon computes its checksum.
 
         `write` may be called more than once: after ENOSPC the partial temp file is deleted (to free
         the space) and the whole entry is written again, so `write` must produce the same bytes on
@@ -107,7 +112,7 @@ class Enqueuer:
                     if manifest is not None:
                         return manifest
                     inline = False  # wrote more than announced: the blob path writes it again
-                return self._attempt(spec, write, deadline)
+                return self._attempt(spec, write, deadline, self._hash_limit(expected_size or size_hint))
             except OSError as exc:
                 if exc.errno not in _SPACE_ERRNOS:
                     raise
@@ -119,12 +124,16 @@ class Enqueuer:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _attempt(self, spec: EntrySpec, write: Writer, deadline: float) -> Manifest:
+    def _hash_limit(self, size: int | None) -> int | None:
+        limit = self.settings.hash_limit
+        return 0 if limit is not None and size is not None and size > limit else limit
+
+    def _attempt(self, spec: EntrySpec, write: Writer, deadline: float, hash_limit: int | None) -> Manifest:
         file_id = new_id()
         tmp_blob = self.layout.tmp_path(file_id, "blob")
         fd = open_private(tmp_blob, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # read back by HashingSink.copy_file
         try:
-            sink = HashingSink(fd, hash_limit=self.settings.hash_limit)
+            sink = HashingSink(fd, hash_limit=hash_limit)
             try:
                 write(sink)
                 digest = sink.hexdigest()  # waits for the hash trailing the writes (it reads this fd)
