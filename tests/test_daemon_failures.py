@@ -133,3 +133,27 @@ def test_blackholed_store_never_hangs_and_burns_no_attempts(settings: Settings, 
         assert row["state"] == State.QUEUED
         assert row["attempts"] == 0
         assert row["error_kind"] == "outage" and row["last_error"]
+
+
+def test_index_write_failing_in_the_main_loop_is_retried_not_fatal(settings: Settings, monkeypatch) -> None:
+    """The main loop's own index writes (claims, ingest) meet a full disk like any other: the daemon must
+    skip the step and try again — dying would stop eviction, the one thing that frees the disk."""
+    import sqlite3
+
+    from mldash.spool.index import SpoolIndex
+    from mldash_syncd import drain as run_drain
+
+    entries = [enqueue_bytes(settings, os.urandom(1000), filename=f"f{i}") for i in range(3)]
+    real_claim = SpoolIndex.claim
+    failures = {"left": 3}
+
+    def claim(self, *args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_claim(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpoolIndex, "claim", claim)
+    report = run_drain(settings, max_wait=30)
+    assert failures["left"] == 0
+    assert report.committed == len(entries) and report.clean

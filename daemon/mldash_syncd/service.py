@@ -16,7 +16,7 @@ import random
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from mldash_syncd.upload import Uploader
 log = logging.getLogger("mldash_syncd")
 
 RESCAN_INTERVAL = 2.0      # fallback when inotify events are missed or unavailable
+INDEX_TROUBLE_PAUSE = 0.5  # seconds between loop passes while the index cannot be written (disk full)
 HEARTBEAT_INTERVAL = 2.0
 # Uploaded entries go to the catalog in batches: one request (SQLite: one transaction) per batch instead
 # of two round trips per file. A batch takes whatever is uploaded and due when it starts, up to this size.
@@ -119,6 +120,8 @@ class Daemon:
         self._scan_requested = True
         self._evict_requested = False
         self._background: set[asyncio.Task] = set()  # strong refs to fire-and-forget tasks
+        self._index_trouble = False  # a loop step's index write failed in this pass (see _index_guard)
+        self._index_trouble_logged = -1e9
         self.notifier = Notifier()  # systemd readiness/watchdog; a no-op outside systemd
 
     # ---- control ------------------------------------------------------------------------------
@@ -178,10 +181,13 @@ class Daemon:
                 if now_mono - last_scan >= RESCAN_INTERVAL or self._scan_requested:
                     self._scan_requested = False
                     last_scan = now_mono
-                    for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer):
-                        self._emit("queued", id=file_id)
-                self._start_uploads()
-                self._start_commits()
+                    with self._index_guard("ingest"):
+                        for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer):
+                            self._emit("queued", id=file_id)
+                with self._index_guard("claim uploads"):
+                    self._start_uploads()
+                with self._index_guard("claim commits"):
+                    self._start_commits()
                 # Eviction soon after commits (bytes leave the spool promptly), but batched: at most
                 # once every EVICT_INTERVAL, since each pass reads every committed row.
                 if now_mono - last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0) and not self._eviction:
@@ -190,14 +196,16 @@ class Daemon:
                     self._start_eviction()
                 if now_mono - last_compact >= COMPACT_INTERVAL:
                     last_compact = now_mono
-                    compact(self.index)
+                    with self._index_guard("compact"):
+                        compact(self.index)
                 if now_mono - last_beat >= HEARTBEAT_INTERVAL:
                     last_beat = now_mono
-                    self._renew_leases()
-                    # After the renewal only leases no task of ours holds can have expired: entries whose
-                    # task ended without recording its outcome (see _failed) go back to the queue.
-                    self._release_expired()
-                    self._cap_waits()
+                    with self._index_guard("lease renewal"):
+                        self._renew_leases()
+                        # After the renewal only leases no task of ours holds can have expired: entries whose
+                        # task ended without recording its outcome (see _failed) go back to the queue.
+                        self._release_expired()
+                        self._cap_waits()
                     self._write_heartbeat()
                 busy = bool(self._uploads or self._commits) or self._has_work()
                 if busy:
@@ -210,7 +218,9 @@ class Daemon:
                 if self.autostarted and self.settings.idle_exit and now_mono - idle_since > self.settings.idle_exit:
                     log.info("idle for %.0fs: exiting (autostarted)", self.settings.idle_exit)
                     break
-                await self._sleep(self._next_timeout())
+                # After an index write failed, do not spin on it: eviction (unlink, then record) frees the space.
+                await self._sleep(max(self._next_timeout(), INDEX_TROUBLE_PAUSE if self._index_trouble else 0.0))
+                self._index_trouble = False
         finally:
             watcher.cancel()
             await self._drain_tasks()
@@ -218,6 +228,20 @@ class Daemon:
                 await asyncio.wait([self._eviction])
             with contextlib.suppress(Exception):  # leave the spool tidy: evict what the last commits freed
                 self._evict()
+
+    @contextlib.contextmanager
+    def _index_guard(self, step: str) -> Iterator[None]:
+        """A step of the main loop whose index write fails — its disk is full, typically — is skipped, not
+        fatal: each step is one transaction that did not happen, and the loop tries it again after a pause
+        (eviction, which unlinks before it records, goes on freeing space meanwhile)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            self._index_trouble = True
+            now = time.monotonic()
+            if now - self._index_trouble_logged >= 30.0:
+                self._index_trouble_logged = now
+                log.warning("index: %s failed (%s); retrying", step, exc)
 
     def _has_work(self) -> bool:
         return self.index.has_active()

@@ -89,9 +89,9 @@ def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int],
         except SpoolCorruptError as exc:
             index.ingest_broken(file_id, str(exc))
             log.error("quarantined %s: %s", file_id, exc)
-        known.add(file_id)
         fresh.append(file_id)
     index.ingest(good)
+    known.update(fresh)  # only once indexed: after a failed write (a full disk) the next scan tries them again
     if seen is not None:
         for manifest in good:
             seen(manifest)
