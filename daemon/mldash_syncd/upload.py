@@ -39,6 +39,7 @@ from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
 from mldash.spool.manifest import Manifest
 from mldash.store.base import (
+    Buffer,
     NoSuchUploadError,
     ObjectExistsError,
     PartReceipt,
@@ -157,7 +158,6 @@ class Uploader:
                 # An earlier attempt's PUT landed but its response was lost (or we crashed after it).
                 stored = await self._existing(key, manifest)
         finally:
-            data = None
             if buffer is None:
                 await self.budget.release(manifest.size)
             else:
@@ -271,7 +271,7 @@ class Uploader:
         finally:
             await self.budget.give_back(buffer)
 
-    async def _hash(self, data: bytes, whole: Any = None, *, md5: bool) -> _PartHashes:
+    async def _hash(self, data: Buffer, whole: Any = None, *, md5: bool) -> _PartHashes:
         """The part's SHA256, its MD5 (if asked for) and the whole-file digest's update, each on its own
         thread: hashlib releases the GIL, so they run side by side instead of one after another."""
         sha, md5_hex, *_ = await asyncio.gather(
@@ -280,7 +280,7 @@ class Uploader:
             *([asyncio.to_thread(whole.update, data)] if whole is not None else []))
         return _PartHashes(sha, md5_hex)
 
-    async def _store_holds(self, have: PartReceipt, recorded: dict[str, Any] | None, data: bytes,
+    async def _store_holds(self, have: PartReceipt, recorded: dict[str, Any] | None, data: Buffer,
                            hashes: _PartHashes) -> bool:
         """Whether a part the store already holds (after a crash) is the spooled part we just read.
 
