@@ -119,7 +119,6 @@ class Daemon:
         self.index: SpoolIndex | None = None
         self._scan_requested = True
         self._evict_requested = False
-        self._background: set[asyncio.Task] = set()  # strong refs to fire-and-forget tasks
         self._index_trouble = False  # a loop step's index write failed in this pass (see _index_guard)
         self._index_trouble_logged = -1e9
         self.notifier = Notifier()  # systemd readiness/watchdog; a no-op outside systemd
@@ -391,7 +390,13 @@ class Daemon:
             self._refund_attempt(row)  # a stop request is not the entry's failure
             raise
         except BaseException as exc:
-            self._failed(row, _first_error(exc), stage="upload")
+            error = _first_error(exc)
+            try:
+                if self._gives_up(row, error):
+                    # Before the entry is marked failed: a failed entry has nothing of ours left in flight.
+                    await self._abandon_upload(row)
+            finally:
+                self._failed(row, error, stage="upload")
             return None
         self.store_gate.success()
         # A deferred-checksum manifest has no sha256: the one computed from this read is recorded in the index,
@@ -558,14 +563,13 @@ class Daemon:
             log.log(logging.DEBUG if outage_delay is not None else logging.WARNING,
                     "%s %s: %s unavailable, retry in %.1fs: %s", stage, file_id, gate.name, delay, exc)
             return
-        if kind is Failure.ENTRY and attempts < self.settings.max_attempts:
+        if not self._gives_up(row, exc):  # an entry's own error with attempts left
             delay = self.backoff.delay(attempts)
             self.index.transition(file_id, retry_state, next_attempt_at=now + delay, last_error=reason,
                                   error_kind=kind.value)
             log.warning("%s %s: attempt %d failed, retry in %.1fs: %s", stage, file_id, attempts, delay, exc)
             return
         target = State.QUARANTINED if kind is Failure.CORRUPT else State.FAILED
-        self._abandon_upload(row)
         self.index.transition(file_id, target, last_error=reason, error_kind=kind.value)
         self.index.add_event(file_id, "error", reason)
         if target is State.QUARANTINED:
@@ -575,22 +579,27 @@ class Daemon:
         log.error("%s %s → %s: %s", stage, file_id, target.value, reason)
         self._emit(target.value, id=file_id, reason=reason)
 
-    def _abandon_upload(self, row: dict[str, Any]) -> None:
-        """Compensation: a multipart upload we give up on is aborted (gc retries if this fails)."""
+    def _gives_up(self, row: dict[str, Any], exc: BaseException) -> bool:
+        """Whether `_route_failure` will end this entry in failed or quarantined (no retry follows)."""
+        kind = classify(exc)
+        retried = kind is Failure.OUTAGE or (kind is Failure.ENTRY and row["attempts"] < self.settings.max_attempts)
+        return not retried
+
+    async def _abandon_upload(self, row: dict[str, Any]) -> None:
+        """Compensation: a multipart upload we give up on is aborted. If the abort fails, the upload id stays
+        recorded and gc (or the next attempt after `retry`) aborts or reuses it."""
         current = self.index.get(row["id"]) or {}
         upload_id, key = current.get("upload_id"), current.get("store_key")
         if not (upload_id and key):
             return
-
-        async def abort() -> None:
-            with contextlib.suppress(Exception):
-                await self.store.abort_multipart(key, upload_id)
-                self.index.update(row["id"], upload_id=None)
-                self.index.clear_parts(row["id"])
-
-        task = asyncio.get_running_loop().create_task(abort())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        try:
+            await self.store.abort_multipart(key, upload_id)
+        except Exception as exc:
+            log.warning("upload %s: could not abort multipart upload %s (gc will): %s", row["id"], upload_id, exc)
+            return
+        with contextlib.suppress(sqlite3.Error), self.index.transaction():
+            self.index.update(row["id"], upload_id=None)
+            self.index.clear_parts(row["id"])
 
     async def _collect_orphans(self) -> None:
         """Start-up gc: abort multipart uploads of ours that no entry will finish (see gc.py)."""

@@ -26,7 +26,7 @@ from tests.faults import http_faults as H
 from tests.fixtures.daemon import enqueue_bytes, settings_env
 from tests.reliability.conftest import MIB
 from tests.reliability.helpers import ServiceThread, all_in, entry_rows, wait_for
-from tests.reliability.invariants import check_invariants
+from tests.reliability.invariants import _pending_uploads, check_invariants
 
 HOLD = 2.0
 DONE = ("committed", "evicted")
@@ -79,6 +79,8 @@ def test_access_denied_on_some_keys_fails_those_only(s3_via_proxy: tuple[Setting
     denied = H.ACCESS_DENIED.response(H.next_request_id())
     small_rule = proxy.respond(denied, match=rb"\APUT [^ ]*/forbidden/[^ ?]*(?: |\?(?![^ ]*partNumber))")
     part_rule = proxy.respond(denied, match=rb"\APUT [^ ]*/forbidden/[^ ]*partNumber=")
+    # A slow abort: the entry may show `failed` only once its multipart upload is gone from the store.
+    proxy.delay(0.5, per="message", match=rb"\ADELETE [^ ]*/forbidden/[^ ]*uploadId=")
     daemon = ServiceThread(settings).start()
     try:
         bad = [enqueue_bytes(settings, os.urandom(5000), filename="small.bin", prefix="forbidden"),
@@ -88,6 +90,9 @@ def test_access_denied_on_some_keys_fails_those_only(s3_via_proxy: tuple[Setting
         wait_for(lambda: all_in(settings, [e.id for e in good], DONE), what="the other entries' commits")
         wait_for(lambda: all_in(settings, [e.id for e in bad], ("failed",)), what="the denied entries' failure")
         sent = {e.id: requests_for(proxy, e) for e in bad}
+        assert entry_rows(settings)[bad[1].id]["upload_id"] is None, "failed before its upload was aborted"
+        assert not [u for u in _pending_uploads(direct) if str(bad[1].id) in u[0]], \
+            "a failed entry left its multipart upload in the store"
         time.sleep(HOLD)
         assert {e.id: requests_for(proxy, e) for e in bad} == sent, "requests kept coming for failed entries"
         assert small_rule.injected == 1 and part_rule.injected >= 1
