@@ -299,6 +299,124 @@ def test_debris_rules(enqueuer: Enqueuer) -> None:
     assert_spool_integrity(layout)
 
 
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_locked_temp_file_is_kept_whatever_its_pid_says(enqueuer: Enqueuer) -> None:
+    """A writer in another PID namespace (a container, another host on a shared spool) names its temp file
+    with a pid that is dead here: its lock, not the pid, says it is alive."""
+    layout = enqueuer.layout
+    path = layout.tmp_dir / f"{_dead_pid()}-7.blob.part"
+    path.write_bytes(b"half a checkpoint")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for now in (None, time.time() + STALE_TMP_AGE + 1):  # not even a day-old locked file is debris
+            report = RecoveryReport()
+            clean_debris(layout, report, now=now)
+            assert path.exists() and report.removed_tmp == [], "a live writer's temp file was removed"
+    finally:
+        holder.communicate("")  # the writer ends: its lock goes with it
+    report = RecoveryReport()
+    clean_debris(layout, report)
+    assert report.removed_tmp == [path.name] and not path.exists()
+
+
+def test_a_temp_file_removed_before_its_writer_locked_it_is_written_again(enqueuer: Enqueuer) -> None:
+    """The window between a writer's create and its lock: a clean-up that judged the file debris holds the
+    lock while it unlinks; the writer's hold() waits for it, sees the file unlinked and says so."""
+    import threading
+
+    from mldash.spool.tmp_owner import Writer, hold, writer_of
+
+    path = enqueuer.layout.tmp_dir / f"{_dead_pid()}-8.blob.part"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        writer, probe = writer_of(path)
+        assert writer is Writer.GONE and probe is not None
+        held: list[bool] = []
+        thread = threading.Thread(target=lambda: held.append(hold(fd)))
+        thread.start()
+        thread.join(0.2)
+        assert thread.is_alive(), "hold() must wait for the clean-up's lock, not go on unlocked"
+        path.unlink()
+        os.close(probe)
+        thread.join(10)
+        assert held == [False]
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert hold(fd) is True and writer_of(path)[0] is Writer.ALIVE
+    finally:
+        os.close(fd)
+
+
+_NAMESPACED_WRITER = """
+import sys
+from pathlib import Path
+from mldash.spool.enqueue import Enqueuer
+from tests.spool_helpers import make_settings, spec
+
+def write(sink):
+    sink.write(b"a" * 100_000)
+    print("writing", flush=True)
+    sys.stdin.readline()  # the test runs the daemon's recovery meanwhile
+    sink.write(b"b" * 100_000)
+
+manifest = Enqueuer(make_settings(Path(sys.argv[1]), inline_max=0)).enqueue(spec("ckpt.bin"), write)
+print(manifest.id, flush=True)
+"""
+
+
+def _free_pid() -> int:
+    for pid in range(30000, 20000, -1):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    raise AssertionError("no free pid")
+
+
+def test_a_save_in_another_pid_namespace_survives_the_daemons_recovery(enqueuer: Enqueuer) -> None:
+    """End to end, as with a training job in a container and the daemon outside it: the writer's pid (set
+    through ns_last_pid in its own namespace) is dead here, and the daemon's start-up runs mid-save."""
+    layout = enqueuer.layout
+    pid = _free_pid()
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
+               f'echo {pid - 1} > /proc/sys/kernel/ns_last_pid && "$0" -c "$1" "$2"',
+               sys.executable, _NAMESPACED_WRITER, str(layout.root)]
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with PID namespaces (root, or user namespaces enabled)")
+    writer = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert writer.stdout.readline() == "writing\n", writer.stderr.read()
+        assert [name.split("-")[0] for name in os.listdir(layout.tmp_dir)] == [str(pid)]
+        index, report = _recover(layout)  # the daemon's start-up, in this (the parent) namespace
+        index.close()
+        assert report.removed_tmp == [], "the daemon removed the temp file of a save in progress"
+        out, err = writer.communicate("go\n", timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert writer.returncode == 0, err
+    manifest_id = int(out.strip())
+    assert layout.blob_path(manifest_id).read_bytes() == b"a" * 100_000 + b"b" * 100_000
+    assert os.listdir(layout.tmp_dir) == []
+    assert_spool_integrity(layout)
+
+
 def test_rebuild_recreates_the_index_from_manifests(enqueuer: Enqueuer) -> None:
     layout = enqueuer.layout
     entries = [put(enqueuer, os.urandom(50), f"{i}.bin") for i in range(5)]

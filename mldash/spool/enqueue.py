@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mldash.config import Settings
@@ -42,6 +43,7 @@ from mldash.spool.layout import SpoolLayout, fsync_dir, open_private
 from mldash.spool.manifest import FORMAT_VERSION, INLINE_FORMAT_VERSION, Manifest
 from mldash.spool.newfile import publish_bytes
 from mldash.spool.quota import quota_lock, spooled_bytes
+from mldash.spool.tmp_owner import hold
 
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _ID_ATTEMPTS = 5
@@ -129,9 +131,7 @@ class Enqueuer:
         return 0 if limit is not None and size is not None and size > limit else limit
 
     def _attempt(self, spec: EntrySpec, write: Writer, deadline: float, hash_limit: int | None) -> Manifest:
-        file_id = new_id()
-        tmp_blob = self.layout.tmp_path(file_id, "blob")
-        fd = open_private(tmp_blob, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # read back by HashingSink.copy_file
+        file_id, tmp_blob, fd = self._new_tmp_blob()
         try:
             sink = HashingSink(fd, hash_limit=hash_limit)
             try:
@@ -141,7 +141,6 @@ class Enqueuer:
                     os.fsync(fd)
             finally:
                 sink.close_hasher()
-                os.close(fd)
             self._check_size(spec, sink.size)
             manifest = _manifest(spec, file_id, sink.size, digest)
             quota = self.settings.spool_quota
@@ -159,6 +158,19 @@ class Enqueuer:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_blob)
+            os.close(fd)  # only now: its lock marks the temp file as being written until it is gone
+
+    def _new_tmp_blob(self) -> tuple[int, Path, int]:
+        """A new named temp file for a blob, locked as being written (see tmp_owner): (id, path, fd)."""
+        for _ in range(_ID_ATTEMPTS):
+            file_id = new_id()
+            path = self.layout.tmp_path(file_id, "blob")
+            fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)  # read back by HashingSink.copy_file
+            if hold(fd):
+                return file_id, path, fd
+            os.close(fd)  # a daemon's clean-up removed it between our create and our lock: take another
+        raise OSError(errno.EAGAIN, f"spool {self.layout.root}: temp files removed as soon as created "
+                                    f"{_ID_ATTEMPTS} times in a row; is another program cleaning tmp/?")
 
     def _attempt_inline(self, spec: EntrySpec, write: Writer) -> Manifest | None:
         """Spool a small save as one manifest holding its bytes; None if `write` produced more than inline_max."""

@@ -2,7 +2,7 @@
 
     {spool}/
       SPOOL                    layout marker: "mldash-spool 1"
-      tmp/                     client temp files: "{pid}-{id}.{blob|manifest}.part" (debris if the pid is gone)
+      tmp/                     client temp files: "{pid}-{id}.{blob|manifest}.part", locked while written
       blobs/{id}               artifact bytes, immutable once linked into place
       manifests/{id}.msgpack   one manifest per artifact; linking it into place is the commit point
       index.sqlite             the daemon's index (WAL); rebuildable from manifests/ at any time

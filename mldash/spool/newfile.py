@@ -12,7 +12,7 @@ The file is written without a name (``O_TMPFILE`` in ``tmp/``) and given its fin
 
 ``linkat`` fails on an existing name (``FileExistsError``), so nothing is ever overwritten. Where
 ``O_TMPFILE`` or ``/proc`` is unavailable (another OS, an old kernel, a filesystem without it) the same
-function falls back to a named temp file in ``tmp/`` (debris once its pid is dead, see recovery).
+function falls back to a named temp file in ``tmp/``, locked while it is written (see tmp_owner).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mldash.spool.hashing import write_all
 from mldash.spool.layout import FILE_MODE, open_private
+from mldash.spool.tmp_owner import hold
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _PROC_FD = "/proc/self/fd"
@@ -80,15 +81,16 @@ def publish_bytes(data: bytes, final: Path, tmp_dir: Path, named_tmp: Callable[[
                 os.close(fd)
     tmp = named_tmp()
     fd = open_private(tmp)
+    while not hold(fd):  # a daemon's clean-up unlinked it between our create and our lock: create it again
+        os.close(fd)
+        fd = open_private(tmp)
     try:
-        try:
-            _fill(fd, data, fsync=fsync)
-        finally:
-            os.close(fd)
+        _fill(fd, data, fsync=fsync)
         os.link(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        os.close(fd)  # only now: its lock marks the temp file as being written until it is gone
 
 
 def _open_unnamed(directory: Path) -> int | None:

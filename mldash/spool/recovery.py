@@ -22,6 +22,7 @@ from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.manifest import Manifest
 from mldash.spool.states import PENDING, State
+from mldash.spool.tmp_owner import Writer, writer_of
 
 log = logging.getLogger("mldash.spool")
 
@@ -135,6 +136,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove_if_debris(entry: os.DirEntry, now: float, report: RecoveryReport) -> None:
+    """A temp file is debris when its writer is gone: asked of the writer's lock (tmp_owner), and only where
+    the lock cannot answer, of the pid in its name (meaningful in this PID namespace only) or its age."""
+    writer, held = writer_of(entry.path) if entry.is_file(follow_symlinks=False) else (Writer.UNKNOWN, None)
+    try:
+        if writer is Writer.ALIVE:
+            return
+        pid = SpoolLayout.tmp_owner_pid(entry.name)
+        # GONE: no writer of ours holds it; the pid still protects a writer of a version without the lock.
+        if pid is None or not _pid_alive(pid) or now - entry.stat(follow_symlinks=False).st_ctime > STALE_TMP_AGE:
+            os.unlink(entry.path)  # under our lock: a writer that raced its creation sees it unlinked
+            report.removed_tmp.append(entry.name)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
 def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None = None,
                  orphan_grace: float = ORPHAN_BLOB_GRACE, keep: set[int] | frozenset[int] = frozenset()) -> None:
     """Remove temp files of dead writers and blobs whose manifest never landed.
@@ -145,12 +163,8 @@ def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None 
     now = time.time() if now is None else now
     with os.scandir(layout.tmp_dir) as entries:
         for entry in entries:
-            pid = SpoolLayout.tmp_owner_pid(entry.name)
             with contextlib.suppress(FileNotFoundError):
-                age = now - entry.stat(follow_symlinks=False).st_ctime
-                if pid is None or not _pid_alive(pid) or age > STALE_TMP_AGE:
-                    os.unlink(entry.path)
-                    report.removed_tmp.append(entry.name)
+                _remove_if_debris(entry, now, report)
     manifests = manifest_ids(layout)
     with os.scandir(layout.blobs_dir) as entries:
         for entry in entries:
