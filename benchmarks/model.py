@@ -3,7 +3,8 @@
 A row's verdict is computed here, from the numbers, in one place: no scenario decides its own pass/miss.
 Two kinds of targets:
 - a *ratio* target compares subject and baseline pair by pair (`ratio_row`): the verdict uses the median of
-  the per-pair ratios, and the min–max of those ratios is shown next to it;
+  the per-pair ratios, and the min–max of those ratios is shown next to it; a verdict whose bound lies
+  inside that range is marked "within noise" (`Row.within_noise`);
 - an *absolute* target bounds one statistic of the subject (`absolute_row`), e.g. p99 ≤ 5 ms.
 Rows without a target are context (shown, never judged).
 """
@@ -45,6 +46,15 @@ class Row:
         value = (self.ratio_stats or {}).get("median") if what == "ratio" else self.subject_stats.get(self.stat)
         self.passed = None if value is None else bool(_OPS[op](value, bound))
         return self
+
+    @property
+    def within_noise(self) -> bool:
+        """A ratio verdict the pairs do not settle: the bound lies inside the min–max of the per-pair ratios.
+        For n pairs that range holds the true median ratio with probability 1 − 2·0.5ⁿ (94 % for 5 pairs,
+        99.6 % for 9), so a verdict outside it is clear at that level and one inside it could flip."""
+        if self.check is None or self.check[0] != "ratio" or not (self.ratio_stats or {}).get("n"):
+            return False
+        return self.ratio_stats["min"] <= self.check[2] <= self.ratio_stats["max"]
 
 
 def ratio_row(scenario: str, subject: str, baseline: str, metric: str, unit: str, subject_samples: Sequence[float],

@@ -41,7 +41,8 @@ def _measured(label: str | None, stats: dict[str, float] | None, row: Row) -> st
 def verdict(row: Row) -> str:
     if row.passed is None:
         return "info" if row.check is None else "n/a"
-    return "**pass**" if row.passed else "**MISS**"
+    mark = "**pass**" if row.passed else "**MISS**"
+    return f"{mark} (within noise)" if row.within_noise else mark
 
 
 def row_cells(row: Row) -> list[str]:
@@ -79,7 +80,10 @@ def markdown(run: dict[str, Any], machine: dict[str, Any], results: list[Scenari
              f"{' (uncommitted changes)' if machine.get('git', {}).get('dirty') else ''}. "
              f"Total {run['seconds']:.0f} s. Command: `{run['command']}`.", "",
              "Ratios are subject/baseline per interleaved pair (for throughput: subject rate / baseline rate); "
-             "the verdict uses the median of the per-pair ratios, or the stated statistic for absolute targets. "
+             "the verdict uses the median of the per-pair ratios, or the stated statistic for absolute targets; "
+             "\"within noise\": the target bound lies inside the min–max of the per-pair ratios, which for n "
+             "pairs holds the true median ratio with probability 1 − 2·0.5ⁿ (94 % for 5 pairs), so the verdict "
+             "could flip in another run. "
              "Methodology: docs/benchmarks.md.", "", markdown_table(results), ""]
     for result in results:
         if result.notes or result.params:

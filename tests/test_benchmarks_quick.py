@@ -60,6 +60,17 @@ def test_verdicts_follow_the_numbers() -> None:
     assert context.passed is None
     table = markdown_table([ScenarioResult("s", "t", rows=[slow, fast, tail, context])])
     assert table.count("**MISS**") == 2 and table.count("**pass**") == 1 and "| info |" in table
+    assert "within noise" not in table  # every pair of slow and fast lies on one side of its bound
+
+
+def test_a_verdict_the_pairs_do_not_settle_says_so() -> None:
+    straddling = ratio_row("s", "subject", "base", "rate", "files/s", [90.0, 104.0, 97.0], [100.0] * 3,
+                           target="≥ 1.0×", op=">=", bound=1.0)
+    assert straddling.passed is False and straddling.within_noise
+    assert "**MISS** (within noise)" in markdown_table([ScenarioResult("s", "t", rows=[straddling])])
+    clear = ratio_row("s", "subject", "base", "rate", "files/s", [110.0, 104.0], [100.0] * 2, target="≥ 1.0×",
+                      op=">=", bound=1.0)
+    assert clear.passed is True and not clear.within_noise
 
 
 @pytest.mark.timeout(400)
