@@ -150,6 +150,30 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert hashlib.sha256(b"bad-bytes").hexdigest() in {d["checksum"] for d in catalog_docs(settings)}
 
 
+def test_cli_while_a_daemon_is_creating_the_index(settings: Settings) -> None:
+    """A save autostarts a daemon and the user types `status` or `run --once` at once: the index file exists,
+    its schema only in part. Seen as "no index yet", not a traceback."""
+    import json
+    import sqlite3
+
+    entry = enqueue_bytes(settings, b"step 1", filename="ckpt.bin")
+    layout = SpoolLayout(settings.spool)
+    SpoolIndex(layout).close()
+    conn = sqlite3.connect(layout.index_path)
+    conn.execute("DROP TABLE meta")  # as if the daemon were between its schema's tables and its last row
+    conn.commit()
+    conn.close()
+
+    status = cli(settings, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["pendingFiles"] == 0
+    listed = cli(settings, "ls")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    drained = cli(settings, "run", "--once")
+    assert drained.returncode == 0 and "committed 1 files" in drained.stderr, drained.stderr
+    assert [int(d["id"]) for d in catalog_docs(settings)] == [entry.id]
+
+
 def test_second_daemon_on_same_spool_refuses(settings: Settings, daemon_process) -> None:
     daemon_process(settings, "run")
     wait_for(lambda: (SpoolLayout(settings.spool).lock_path.exists()

@@ -74,9 +74,18 @@ class SpoolIndex:
         if not layout.index_path.exists():
             return None
         try:
-            return cls(layout, readonly=True)
+            index = cls(layout, readonly=True)
         except sqlite3.Error:
             return None
+        try:
+            # The schema row is written last (_create_schema): without it, a daemon is creating the index.
+            complete = index.conn.execute("SELECT 1 FROM meta WHERE key = 'schema'").fetchone() is not None
+        except sqlite3.Error:
+            complete = False
+        if not complete:
+            index.close()
+            return None
+        return index
 
     def close(self) -> None:
         self.conn.close()
@@ -96,6 +105,7 @@ class SpoolIndex:
         db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db["entries"].create_index(["state", "next_attempt_at"], if_not_exists=True)
         db["entries"].create_index(["namespace", "project", "experiment"], if_not_exists=True)
+        # Last: a reader that finds this row finds every table and index above (open_readonly relies on it).
         self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     @contextlib.contextmanager
