@@ -10,6 +10,7 @@ is refused (the entry is quarantined, never guessed at).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -31,8 +32,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def _is_sha256_hex(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 
 
 MAX_MANIFEST_BYTES = 4 * 2**20  # metadata is small; anything bigger is corrupt or hostile
