@@ -41,7 +41,25 @@ def cached_pages(path: Path) -> int:
     return sum(byte & 1 for byte in vector.raw)
 
 
+def _drops_pages(directory: Path) -> bool:
+    """Whether this filesystem drops clean pages on request at all (tmpfs keeps them: they are the file)."""
+    probe = directory / "probe"
+    probe.write_bytes(os.urandom(64 * 2**10))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.pread(fd, 64 * 2**10, 0)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    dropped = cached_pages(probe) == 0
+    probe.unlink()
+    return dropped
+
+
 def test_a_part_read_leaves_no_cached_pages_behind(tmp_path: Path) -> None:
+    if not _drops_pages(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} keeps clean pages cached (tmpfs?): nothing to observe")
     blob = tmp_path / "blob"
     size = 4 * 2**20
     blob.write_bytes(os.urandom(size))
