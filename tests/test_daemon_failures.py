@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -157,3 +158,66 @@ def test_index_write_failing_in_the_main_loop_is_retried_not_fatal(settings: Set
     report = run_drain(settings, max_wait=30)
     assert failures["left"] == 0
     assert report.committed == len(entries) and report.clean
+
+
+class _CancellationMaskedAsError:
+    """Wraps a real store or catalog; `hung` calls wait forever (a server that cannot be selected) and, when
+    cancelled, raise RuntimeError instead of CancelledError. That is what PyMongo does on CPython 3.11 when
+    the cancellation lands while `asyncio.wait_for` re-acquires a Condition's lock ("Lock is not acquired");
+    it marked an uploaded entry failed at the end of a `run --once` whose max wait ran out."""
+
+    def __init__(self, inner: object, *hung: str) -> None:
+        self._inner = inner
+        self.calls = 0
+        self.broken = False
+        for name in hung:
+            setattr(self, name, self._hang)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def __aenter__(self) -> _CancellationMaskedAsError:
+        await self._inner.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.close()
+
+    async def _hang(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        if self.broken:  # as the driver's lock is after that: later calls fail at once
+            raise RuntimeError("Lock is not acquired.")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.broken = True
+            raise RuntimeError("Lock is not acquired.") from None
+        raise AssertionError("unreachable")
+
+
+def test_an_error_raised_by_the_cancellation_at_stop_is_not_the_entrys_failure(settings: Settings, drain) -> None:
+    from mldash.catalog import make_catalog
+    from mldash.store import make_store
+
+    small = settings.replace(multipart_threshold=64 * MIB)
+    uploaded = [enqueue_bytes(small, os.urandom(1000), filename=f"c{i}") for i in range(3)]
+    catalog = _CancellationMaskedAsError(make_catalog(small), "upsert_many")
+    report = drain(small, catalog=catalog, max_wait=1.0)  # the commits hang; max wait cancels them
+
+    assert catalog.calls >= 1 and report.failed == 0
+    for entry in uploaded:
+        row = rows(small)[entry.id]
+        assert (row["state"], row["attempts"]) == (State.UPLOADED, 0), row["last_error"]
+
+    queued = [enqueue_bytes(small, os.urandom(1000), filename=f"u{i}") for i in range(2)]
+    store = _CancellationMaskedAsError(make_store(small), "put")
+    catalog.broken = False
+    report = drain(small, store=store, catalog=catalog, max_wait=1.0)  # the uploads hang too
+
+    assert store.calls >= 1 and report.failed == 0
+    for entry in queued:
+        row = rows(small)[entry.id]
+        assert (row["state"], row["attempts"]) == (State.QUEUED, 0), row["last_error"]
+
+    assert drain(small).committed == 5  # nothing was lost on the way
+    assert sorted(d["id"] for d in catalog_docs(small)) == sorted(str(e.id) for e in uploaded + queued)

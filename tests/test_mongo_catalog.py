@@ -211,6 +211,35 @@ async def test_server_stopped_then_back(mongo_server_process: Callable[..., Mong
         assert [d["id"] for d in found] == [first.id, second.id]
 
 
+async def test_a_call_whose_caller_is_cancelled_is_abandoned_not_cancelled_inside_the_driver(
+        mongo_server_process: Callable[..., MongoServerProcess]) -> None:
+    """Cancelling PyMongo's Condition waits can leave its topology lock held forever on CPython < 3.12 (a
+    daemon stopping mid-commit then hung in close and leaked the client). The catalog never cancels a driver
+    call: the caller gets its CancelledError at once, the call itself ends by the client's close — which,
+    with the server down, must not wait out the timeout either (endSessions gets its own short one)."""
+    server = mongo_server_process()
+    catalog = MongoCatalog(server.uri, database="mldash", request_timeout=60.0)
+    await catalog.open()
+    try:
+        await catalog.upsert(make_doc("7000000000000000001"))
+        await asyncio.to_thread(server.stop)
+        caller = asyncio.create_task(catalog.upsert(make_doc("7000000000000000002")))
+        await asyncio.sleep(0.5)  # the driver waits for a server (up to 60 s)
+        assert not caller.done()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert len(catalog._abandoned) == 1, "the driver call must outlive its cancelled caller"
+        (driver_call,) = catalog._abandoned
+        assert not driver_call.done()
+    finally:
+        started = time.monotonic()
+        await catalog.close()
+    assert time.monotonic() - started < GIVE_UP_WITHIN, "close must not wait for the abandoned call's timeout"
+    assert driver_call.done() and not driver_call.cancelled()
+    assert isinstance(driver_call.exception(), pymongo.errors.PyMongoError)
+
+
 async def test_server_killed_keeps_acknowledged_writes(
         mongo_server_process: Callable[..., MongoServerProcess]) -> None:
     server = mongo_server_process()

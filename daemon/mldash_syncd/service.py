@@ -82,6 +82,14 @@ def _first_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _being_cancelled() -> bool:
+    """Whether the current task has been asked to stop. A library can turn our cancellation into another
+    error — PyMongo on CPython < 3.12 raises ``RuntimeError: Lock is not acquired`` when `asyncio.wait_for`
+    around a Condition is cancelled at the wrong instant — and that error is the stop, not the entry's."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Daemon:
     def __init__(self, settings: Settings, *, store: Store | None = None, catalog: Catalog | None = None,
                  autostarted: bool = False, rng: random.Random | None = None,
@@ -390,6 +398,9 @@ class Daemon:
             self._refund_attempt(row)  # a stop request is not the entry's failure
             raise
         except BaseException as exc:
+            if _being_cancelled():
+                self._refund_attempt(row)
+                raise asyncio.CancelledError from exc
             error = _first_error(exc)
             try:
                 if self._gives_up(row, error):
@@ -450,6 +461,10 @@ class Daemon:
                 self._refund_attempt(row)
             raise
         except BaseException as exc:
+            if _being_cancelled():
+                for row in rows:
+                    self._refund_attempt(row)
+                raise asyncio.CancelledError from exc
             await self._commit_batch_failed(rows, _first_error(exc))
             return
         self.catalog_gate.success()

@@ -18,7 +18,8 @@ Deadlines: the client runs with ``timeoutMS`` = `request_timeout` (PyMongo's cli
 timeout, which also bounds server selection, connecting and the driver's own retries), and every await
 is additionally wrapped in ``asyncio.timeout(request_timeout + DEADLINE_GRACE)`` as the backstop: the
 driver's timeout normally fires first and says more. `catalog_error` is the one place that decides
-transient vs permanent.
+transient vs permanent. A driver call is never cancelled: a caller that stops waiting (its deadline, a
+daemon stopping) leaves it to end by its own timeout, or at `close` — see `_deadline` for why.
 
 The client is bound to the event loop that ran `open()`; use and close the catalog on that loop.
 The URI's password never leaves this object: `url` and `repr()` show it as ``***``.
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
 import bson.errors
+import pymongo
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
@@ -60,6 +62,8 @@ log = logging.getLogger(__name__)
 COLLECTION = "files"
 DUPLICATE_KEY = 11000  # the server error code of a unique-index violation
 DEADLINE_GRACE = 1.0  # seconds the outer asyncio deadline waits beyond the driver's own timeoutMS
+CLOSE_SESSIONS_TIMEOUT = 1.0  # seconds `close` gives the endSessions command (see _close_client)
+ABANDONED_CALLS_GRACE = 2.0  # seconds `close` waits for abandoned calls (server selection wakes every 0.5 s)
 
 # Server error codes that mean "the credentials are wrong or lack a role": never fixed by waiting.
 _AUTH_CODES = frozenset({
@@ -173,6 +177,7 @@ class MongoCatalog(Catalog):
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._files: AsyncCollection[dict[str, Any]] | None = None
         self._indexes_ready = False
+        self._abandoned: set[asyncio.Task[Any]] = set()  # driver calls whose caller stopped waiting
 
     def __repr__(self) -> str:
         return f"MongoCatalog({self.url!r}, database={self.database!r})"
@@ -217,9 +222,19 @@ class MongoCatalog(Catalog):
         self._indexes_ready = False
         if client is not None:
             try:
-                await self._deadline("close", client.close)
+                await self._deadline("close", lambda: self._close_client(client))
             except CatalogError as exc:
                 log.warning("%s", exc)
+        if self._abandoned:  # a closed client ends them: its server selection wakes up to InvalidOperation
+            await asyncio.wait(list(self._abandoned), timeout=ABANDONED_CALLS_GRACE)
+
+    @staticmethod
+    async def _close_client(client: AsyncMongoClient[dict[str, Any]]) -> None:
+        # close() first sends endSessions, with a server selection of its own that would wait the whole
+        # timeoutMS for a server that is down: a daemon stopping during an outage would hang that long.
+        # Ending sessions is best effort (the server expires them after 30 minutes), so give it little time.
+        with pymongo.timeout(CLOSE_SESSIONS_TIMEOUT):
+            await client.close()
 
     async def _ensure_indexes(self) -> None:
         if self._indexes_ready:
@@ -244,12 +259,30 @@ class MongoCatalog(Catalog):
         self._indexes_ready = True
 
     async def _deadline(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Await `call()` under the outer deadline, mapping every failure through `catalog_error`."""
+        """Await `call()` under the outer deadline, mapping every failure through `catalog_error`.
+
+        The driver call runs in a task of its own, shielded from our cancellation. On CPython < 3.12,
+        `asyncio.wait_for` — which PyMongo wraps around its Condition waits (server selection, the pool) —
+        can be cancelled while it is already cancelling its own timed-out wait; the inner wait then
+        re-acquires the topology lock after wait_for has left, nobody ever releases it, the call fails with
+        "RuntimeError: Lock is not acquired" and every later call, `close` included, hangs. A call we stop
+        waiting for is therefore abandoned, not cancelled: it ends by its own timeoutMS or at `close`.
+        """
+        task = asyncio.ensure_future(call())
         try:
             async with asyncio.timeout(self.request_timeout + DEADLINE_GRACE):
-                return await call()
+                return await asyncio.shield(task)
         except (PyMongoError, bson.errors.BSONError, OSError, TimeoutError) as exc:
             raise self._scrub(catalog_error(exc, what, self.url)) from exc
+        finally:
+            if not task.done():
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned_ended)
+
+    def _abandoned_ended(self, task: asyncio.Task[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # retrieved: no "never retrieved"
+            log.debug("%s: an abandoned call ended: %s: %s", self.url, type(exc).__name__, exc)
 
     def _scrub(self, error: CatalogError) -> CatalogError:
         """Belt and braces: drivers do not echo the password, but a message must never carry it."""
