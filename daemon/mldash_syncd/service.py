@@ -32,6 +32,7 @@ from mldash.spool.states import State
 from mldash.store import make_store
 from mldash.store.base import Store
 from mldash_syncd.budget import ByteBudget
+from mldash_syncd.collector import CollectorPause
 from mldash_syncd.commit import clash, document_for
 from mldash_syncd.evict import compact, evict, evictable, record_evicted, remove_files
 from mldash_syncd.manifests import ManifestCache
@@ -130,6 +131,7 @@ class Daemon:
         self._index_trouble = False  # a loop step's index write failed in this pass (see _index_guard)
         self._index_trouble_logged = -1e9
         self.notifier = Notifier()  # systemd readiness/watchdog; a no-op outside systemd
+        self._collector = CollectorPause()  # from start until the first uploads are in flight
 
     # ---- control ------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -144,6 +146,13 @@ class Daemon:
 
     # ---- main loop ----------------------------------------------------------------------------
     async def run(self, *, until_drained: bool = False, max_wait: float | None = None) -> RunReport:
+        self._collector.begin()
+        try:
+            return await self._run(until_drained, max_wait)
+        finally:
+            self._collector.end()
+
+    async def _run(self, until_drained: bool, max_wait: float | None) -> RunReport:
         self.layout.ensure()
         with DaemonLock(self.layout):
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
@@ -193,6 +202,7 @@ class Daemon:
                             self._emit("queued", id=file_id)
                 with self._index_guard("claim uploads"):
                     self._start_uploads()
+                self._collector.end()  # start-up is over: the first uploads are in flight
                 with self._index_guard("claim commits"):
                     self._start_commits()
                 # Eviction soon after commits (bytes leave the spool promptly), but batched: at most
