@@ -178,8 +178,70 @@ def test_second_daemon_on_same_spool_refuses(settings: Settings, daemon_process)
     daemon_process(settings, "run")
     wait_for(lambda: (SpoolLayout(settings.spool).lock_path.exists()
                       and cli(settings, "status", "--json").stdout.count('"running": true')))
-    second = cli(settings, "run", "--once")
+    second = cli(settings, "run")
     assert second.returncode == 3 and "another mldash-syncd" in second.stderr
+    gc = cli(settings, "gc")
+    assert gc.returncode == 3 and "another mldash-syncd" in gc.stderr and "stop it first" in gc.stderr
+
+
+def _uploaded_with_the_catalog_down(settings: Settings, mongo_server_process, daemon_process):
+    """A service daemon whose catalog is down: it uploads two entries, then waits to commit them."""
+    server = mongo_server_process()
+    live = settings.replace(catalog=server.uri, mongo_database="mldash_follow", retry_base_delay=0.05,
+                            retry_max_delay=0.5, request_timeout=1.0)
+    server.stop()
+    entries = [enqueue_bytes(live, os.urandom(n), filename=f"f{n}") for n in (100, 5000)]
+    holder = daemon_process(live, "run")
+    wait_for(lambda: all(row(live, e.id) and row(live, e.id)["state"] == State.UPLOADED for e in entries))
+    return live, server, entries, holder
+
+
+def _run_once(settings: Settings, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mldash_syncd", "run", "--once", *args],
+                            env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_run_once_follows_the_daemon_holding_the_spool_until_drained(
+        settings: Settings, mongo_server_process, daemon_process) -> None:
+    """The end of a training job: the daemon its saves autostarted still holds the spool; `run --once` must
+    wait for the spool to drain and say how it ended, not exit at once."""
+    live, server, entries, holder = _uploaded_with_the_catalog_down(settings, mongo_server_process, daemon_process)
+    once = _run_once(live)
+    time.sleep(2.0)
+    assert once.poll() is None, "run --once returned while entries were still waiting for the catalog"
+
+    server.start()
+    _, stderr = once.communicate(timeout=60)
+
+    assert once.returncode == 0, stderr
+    assert "following it" in stderr and "the other daemon committed 2 files; in spool: " in stderr
+    assert sorted(int(d["id"]) for d in catalog_docs(live)) == sorted(e.id for e in entries)
+    assert holder.proc.poll() is None, "the followed daemon keeps running"
+
+
+def test_run_once_takes_over_when_the_followed_daemon_exits(
+        settings: Settings, mongo_server_process, daemon_process) -> None:
+    live, server, entries, holder = _uploaded_with_the_catalog_down(settings, mongo_server_process, daemon_process)
+    once = _run_once(live, "--quiet")
+    time.sleep(1.0)
+    assert holder.terminate() == 0
+    server.start()
+    _, stderr = once.communicate(timeout=60)
+
+    assert once.returncode == 0, stderr
+    assert "draining the rest here" in stderr and "committed 2 files (" in stderr
+    assert sorted(int(d["id"]) for d in catalog_docs(live)) == sorted(e.id for e in entries)
+
+
+def test_run_once_following_gives_up_at_max_wait(settings: Settings, mongo_server_process, daemon_process) -> None:
+    live, _server, _entries, holder = _uploaded_with_the_catalog_down(settings, mongo_server_process,
+                                                                      daemon_process)
+    once = _run_once(live, "--quiet", "--max-wait", "1.5")
+    _, stderr = once.communicate(timeout=60)
+
+    assert once.returncode == 1, stderr  # pending at --max-wait
+    assert "in spool: 2 uploaded" in stderr
+    assert holder.proc.poll() is None
 
 
 @pytest.mark.parametrize("command", ["run", "status", "ls", "retry", "reindex", "gc"])

@@ -45,7 +45,7 @@ def _open_index(settings: Settings, *, write: bool = False) -> tuple[SpoolLayout
 
 # ---- run ------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from mldash_syncd.service import Daemon
+    from mldash_syncd.service import Daemon, RunReport
 
     settings = _settings(args)
     setup_logging("WARNING" if args.quiet else settings.log_level)
@@ -61,27 +61,44 @@ def cmd_run(args: argparse.Namespace) -> int:
                 total_bytes += counts[state.value]["bytes"]
             index.close()
         bar = ProgressBar(total_files, total_bytes)
-    daemon = Daemon(settings, autostarted=args.autostarted, on_event=bar.event if bar else None)
+    deadline = None if args.max_wait is None else time.monotonic() + args.max_wait
 
-    async def main() -> Any:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, daemon.request_stop)
-        return await daemon.run(until_drained=args.once, max_wait=args.max_wait)
+    def drain_here() -> RunReport:
+        daemon = Daemon(settings, autostarted=args.autostarted, on_event=bar.event if bar else None)
 
-    try:
-        report = asyncio.run(main())
-    except DaemonBusyError as exc:
-        if args.autostarted:
-            return EXIT_OK  # another client started one first: fine
-        print(f"mldash-syncd: {exc}", file=sys.stderr)
-        return EXIT_BUSY
+        async def main() -> RunReport:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, daemon.request_stop)
+            max_wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await daemon.run(until_drained=args.once, max_wait=max_wait)
+
+        return asyncio.run(main())
+
+    followed_other = False
+    while True:
+        try:
+            report = drain_here()
+            break
+        except DaemonBusyError as exc:
+            if args.autostarted:
+                return EXIT_OK  # another client started one first: fine
+            if not args.once:
+                print(f"mldash-syncd: {exc}", file=sys.stderr)
+                return EXIT_BUSY
+            print(f"mldash-syncd: {exc}; following it until the spool is drained", file=sys.stderr)
+            followed = _follow(settings, deadline, bar)
+            if followed is not None:
+                report, followed_other = followed, True
+                break
+            print("mldash-syncd: the other daemon exited; draining the rest here", file=sys.stderr)
     if bar:
         bar.finish()
     if args.once:
         left = ", ".join(f"{n} {s}" for s, n in sorted(report.remaining.items())) or "nothing"
-        print(f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent); in spool: {left}",
-              file=sys.stderr)
+        done = (f"the other daemon committed {report.committed} files" if followed_other else
+                f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent)")
+        print(f"{done}; in spool: {left}", file=sys.stderr)
         if not report.clean:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
                   "quarantined`, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
@@ -89,6 +106,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         pending = sum(report.remaining.get(s, 0) for s in ("queued", "uploading", "uploaded"))
         return EXIT_LEFT_FAILED if pending else EXIT_OK
     return EXIT_OK
+
+
+def _follow(settings: Settings, deadline: float | None, bar: ProgressBar | None) -> Any:
+    """Follow the daemon holding the spool (see follow.py): its outcome as a RunReport, or None when it exited
+    with work left, for this process to take over."""
+    from mldash_syncd.follow import follow
+    from mldash_syncd.service import RunReport
+
+    first: list[int] = []
+
+    def shown(progress: Any) -> None:
+        first[:] = first or [progress.done_files]
+        if bar is not None:
+            bar.show(files=progress.done_files - first[0], pending_files=progress.pending_files,
+                     pending_bytes=progress.pending_bytes)
+
+    followed = follow(SpoolLayout(settings.spool), deadline=deadline, on_progress=shown)
+    if followed.outcome == "holder_gone" and (deadline is None or time.monotonic() < deadline):
+        return None
+    last = followed.last
+    committed = max(0, last.done_files - first[0]) if last and first else 0
+    return RunReport(committed=committed, remaining=dict(last.remaining) if last else {})
 
 
 # ---- status ---------------------------------------------------------------------------------------
@@ -248,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "gracefully on SIGTERM/SIGINT, checkpointing in-flight multipart uploads.")
     run.add_argument("--once", action="store_true",
                      help="drain what is spooled, then exit: 0 if everything committed, 1 if anything is left "
-                          "failed/quarantined (or pending at --max-wait), 3 if another daemon holds the spool")
+                          "failed/quarantined (or pending at --max-wait). If another daemon holds the spool, "
+                          "follow it until the spool is drained (take over if it exits first)")
     run.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
                      help="with --once: give up after this long (e.g. while the store is unreachable)")
     run.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
@@ -297,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DaemonBusyError as exc:
-        print(f"mldash-syncd: {exc}", file=sys.stderr)
+        print(f"mldash-syncd {args.command}: {exc}; stop it first (on SIGTERM it checkpoints and exits)",
+              file=sys.stderr)
         return EXIT_BUSY
     except (ConfigError, MldashError) as exc:
         print(f"mldash-syncd: {exc}", file=sys.stderr)

@@ -49,6 +49,16 @@ class ProgressBar:
                 self.failed += 1
             self.draw()
 
+    def show(self, *, files: int, pending_files: int, pending_bytes: int) -> None:
+        """Progress of another daemon, read from the index (`run --once` following it): no events to count,
+        so bytes done are the bytes no longer pending."""
+        with self._lock:
+            self.files = files
+            self.total_files = max(self.total_files, files + pending_files)
+            self.total_bytes = max(self.total_bytes, self.bytes + pending_bytes)
+            self.bytes = self.total_bytes - pending_bytes
+            self.draw()
+
     def line(self) -> str:
         elapsed = max(1e-3, time.monotonic() - self.started)
         rate = self.bytes / elapsed

@@ -1,0 +1,78 @@
+"""`run --once` while another daemon holds the spool: follow that daemon until the spool is drained.
+
+The typical case is the end of a training job: its first save autostarted a daemon, and the job script ends
+with `mldash-syncd run --once` to be sure everything is synced before the node is released. Only one daemon
+may drain a spool, so this one watches the running daemon's progress through a read-only view of the index
+and exits with the status its own drain would have had. If the running daemon exits first (it was stopped,
+or it was autostarted and went idle), `run --once` takes the spool over and drains the rest itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mldash.spool.index import SpoolIndex
+from mldash.spool.layout import SpoolLayout
+from mldash.spool.lock import is_held
+from mldash.spool.recovery import manifest_ids
+from mldash.spool.states import State
+
+POLL_INTERVAL = 0.5
+PENDING = (State.QUEUED, State.UPLOADING, State.UPLOADED)
+DONE = (State.COMMITTED, State.EVICTED)
+
+
+@dataclass
+class Progress:
+    pending_files: int
+    pending_bytes: int
+    done_files: int  # committed or evicted: the spool's own history, not only this follow's
+    remaining: dict[str, int]  # non-zero counts per state, like RunReport.remaining
+
+
+@dataclass
+class Followed:
+    outcome: str  # "drained" | "holder_gone" | "max_wait"
+    last: Progress | None
+
+
+def progress(index: SpoolIndex, layout: SpoolLayout) -> Progress:
+    counts = index.counts()
+    pending_files = sum(counts[s.value]["count"] for s in PENDING)
+    if pending_files == 0:
+        # Saved, but not yet ingested by the running daemon (it does so within ~0.1 s): pending as well.
+        pending_files = len(manifest_ids(layout) - index.known_ids())
+    return Progress(
+        pending_files=pending_files,
+        pending_bytes=sum(counts[s.value]["bytes"] for s in PENDING),
+        done_files=sum(counts[s.value]["count"] for s in DONE),
+        remaining={state: c["count"] for state, c in counts.items() if c["count"]},
+    )
+
+
+def follow(layout: SpoolLayout, *, deadline: float | None,
+           on_progress: Callable[[Progress], None] | None = None) -> Followed:
+    """Poll until nothing is pending, the lock holder is gone, or `deadline` (time.monotonic()) passes."""
+    index: SpoolIndex | None = None
+    last: Progress | None = None
+    try:
+        while True:
+            if index is None:
+                index = SpoolIndex.open_readonly(layout)
+            if index is not None:
+                last = progress(index, layout)
+                if on_progress is not None:
+                    on_progress(last)
+                if last.pending_files == 0:
+                    return Followed("drained", last)
+            # After the read: a holder that drained everything and exited counts as drained, not as gone.
+            if not is_held(layout):
+                return Followed("holder_gone", last)
+            if deadline is not None and time.monotonic() >= deadline:
+                return Followed("max_wait", last)
+            time.sleep(POLL_INTERVAL)
+    finally:
+        if index is not None:
+            index.close()
