@@ -83,14 +83,6 @@ def _first_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _being_cancelled() -> bool:
-    """Whether the current task has been asked to stop. A library can turn our cancellation into another
-    error — PyMongo on CPython < 3.12 raises ``RuntimeError: Lock is not acquired`` when `asyncio.wait_for`
-    around a Condition is cancelled at the wrong instant — and that error is the stop, not the entry's."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 class Daemon:
     def __init__(self, settings: Settings, *, store: Store | None = None, catalog: Catalog | None = None,
                  autostarted: bool = False, rng: random.Random | None = None,
@@ -118,6 +110,7 @@ class Daemon:
         self._multipart_slots = asyncio.Semaphore(settings.max_concurrent_parts)
         self._commits: dict[int, asyncio.Task] = {}  # entry id → the commit batch it is in
         self._commit_batches: set[asyncio.Task] = set()
+        self._stopped_tasks: set[asyncio.Task] = set()  # upload/commit tasks _drain_tasks cancelled
         self._manifests = ManifestCache()  # read by the ingest or upload stage, reused by the next stages
         self._eviction: asyncio.Task | None = None
         self._uploaded_unbatched = 0  # uploads this process recorded since the last commit batch was claimed
@@ -309,6 +302,7 @@ class Daemon:
             return
         _done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE if self._stop.is_set() else 0)
         for task in pending:
+            self._stopped_tasks.add(task)
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         # Interrupted entries go back to the queue now (their recorded parts stay for the resume).
@@ -408,7 +402,7 @@ class Daemon:
             self._refund_attempt(row)  # a stop request is not the entry's failure
             raise
         except BaseException as exc:
-            if _being_cancelled():
+            if self._being_stopped():
                 self._refund_attempt(row)
                 raise asyncio.CancelledError from exc
             error = _first_error(exc)
@@ -471,7 +465,7 @@ class Daemon:
                 self._refund_attempt(row)
             raise
         except BaseException as exc:
-            if _being_cancelled():
+            if self._being_stopped():
                 for row in rows:
                     self._refund_attempt(row)
                 raise asyncio.CancelledError from exc
@@ -538,6 +532,14 @@ class Daemon:
                 for rest in rows[i + 1:]:
                     self._refund_attempt(rest)
                 raise
+
+    def _being_stopped(self) -> bool:
+        """Whether the current task is one the stop cancelled. A library can turn that cancellation into another
+        error — PyMongo on CPython < 3.12 raises "RuntimeError: Lock is not acquired" when a cancellation meets
+        its `asyncio.wait_for` around a Condition — and that error is the stop's, not the entry's. (Not
+        `Task.cancelling()`: libraries that time out by cancelling the task, as aiohttp does, do not all
+        uncancel it, and a timed-out part would then look like a stop.)"""
+        return asyncio.current_task() in self._stopped_tasks
 
     def _refund_attempt(self, row: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
