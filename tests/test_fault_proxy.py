@@ -57,21 +57,26 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class EchoServer(ThreadedServer):
-    """Echoes every byte back; records what it received per connection."""
+    """Echoes every byte back; records what it received per connection, and how many connections ended (what
+    a connection received is complete only then: the server's thread may read it after the proxy is done)."""
 
     name = "echo"
 
     def __init__(self) -> None:
         super().__init__()
         self.received: list[bytearray] = []
+        self.ended = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = bytearray()
         self.received.append(buf)
-        while data := await reader.read(65536):
-            buf += data
-            writer.write(data)
-            await writer.drain()
+        try:
+            while data := await reader.read(65536):
+                buf += data
+                writer.write(data)
+                await writer.drain()
+        finally:
+            self.ended += 1
 
 
 @dataclass
@@ -324,7 +329,7 @@ def test_raw_reset_after_bytes_up(echo: EchoServer, n: int) -> None:
             while sock.recv(65536):
                 pass
         _wait_for(lambda: fault.injected == 1)
-        _wait_for(lambda: len(echo.received) == 1 and proxy.stats().active_connections == 0)
+        _wait_for(lambda: echo.ended == 1 and proxy.stats().active_connections == 0)
         assert bytes(echo.received[0]) == b"y" * n  # the upstream got exactly n bytes, then EOF
         assert proxy.stats().bytes_to_upstream == n and proxy.stats().faults == {"reset_after_bytes": 1}
 
@@ -338,7 +343,7 @@ def test_raw_reset_at_random_point_and_wait(echo: EchoServer) -> None:
                 while sock.recv(65536):
                     pass
         fault.wait(5)
-        _wait_for(lambda: len(echo.received) == 5 and proxy.stats().active_connections == 0)
+        _wait_for(lambda: echo.ended == 5 and proxy.stats().active_connections == 0)
     sizes = [len(r) for r in echo.received]
     assert all(100 <= n <= 900 for n in sizes) and len(set(sizes)) > 1
     with pytest.raises(TimeoutError):
