@@ -537,8 +537,9 @@ class Daemon:
         """Whether the current task is one the stop cancelled. A library can turn that cancellation into another
         error — PyMongo on CPython < 3.12 raises "RuntimeError: Lock is not acquired" when a cancellation meets
         its `asyncio.wait_for` around a Condition — and that error is the stop's, not the entry's. (Not
-        `Task.cancelling()`: libraries that time out by cancelling the task, as aiohttp does, do not all
-        uncancel it, and a timed-out part would then look like a stop.)"""
+        `Task.cancelling()`: after a part's timeout inside the aiohttp/aiobotocore stack it was seen to stay
+        above 0 — a timeout that cancels the task and leaves by another exception is never uncancelled — and a
+        timed-out part then looked like a stop: tests/reliability/test_blackhole.py hung on that.)"""
         return asyncio.current_task() in self._stopped_tasks
 
     def _refund_attempt(self, row: dict[str, Any]) -> None:
