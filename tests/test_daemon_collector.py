@@ -10,30 +10,25 @@ import pytest
 
 from mldash.config import Settings
 from mldash.store import make_store
+from tests.faults.wrapped import Wrapped
 from tests.fixtures.daemon import enqueue_bytes
 
 
-class _RecordsCollectorState:
+class _RecordsCollectorState(Wrapped):
     """A real store that notes whether automatic collection was enabled when it was opened and at each put."""
 
     def __init__(self, settings: Settings, *, fail_open: bool = False) -> None:
-        self._inner = make_store(settings)
+        super().__init__(make_store(settings))
         self.fail_open = fail_open
         self.at_open: bool | None = None
         self.at_put: list[bool] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
 
     async def __aenter__(self) -> _RecordsCollectorState:
         self.at_open = gc.isenabled()
         if self.fail_open:
             raise OSError("the store cannot be opened")
-        await self._inner.open()
+        await super().__aenter__()
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._inner.close()
 
     async def put(self, *args: object, **kwargs: object) -> object:
         self.at_put.append(gc.isenabled())

@@ -16,6 +16,7 @@ import pytest
 from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
 from tests.backend_helpers import catalog_docs, read_object
+from tests.faults.wrapped import Wrapped
 from tests.fixtures.daemon import enqueue_bytes
 
 MIB = 2**20
@@ -160,28 +161,18 @@ def test_index_write_failing_in_the_main_loop_is_retried_not_fatal(settings: Set
     assert report.committed == len(entries) and report.clean
 
 
-class _CancellationMaskedAsError:
+class _CancellationMaskedAsError(Wrapped):
     """Wraps a real store or catalog; `hung` calls wait forever (a server that cannot be selected) and, when
     cancelled, raise RuntimeError instead of CancelledError. That is what PyMongo does on CPython 3.11 when
     the cancellation lands while `asyncio.wait_for` re-acquires a Condition's lock ("Lock is not acquired");
     it marked an uploaded entry failed at the end of a `run --once` whose max wait ran out."""
 
     def __init__(self, inner: object, *hung: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.calls = 0
         self.broken = False
         for name in hung:
             setattr(self, name, self._hang)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-    async def __aenter__(self) -> _CancellationMaskedAsError:
-        await self._inner.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._inner.close()
 
     async def _hang(self, *args: object, **kwargs: object) -> object:
         self.calls += 1

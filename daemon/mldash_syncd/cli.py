@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
@@ -20,9 +20,13 @@ from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
 from mldash.spool.recovery import rebuild
-from mldash.spool.states import State
+from mldash.spool.states import OUTSTANDING, State
+from mldash_syncd.follow import Progress, follow, progress
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
+
+if TYPE_CHECKING:
+    from mldash_syncd.service import RunReport
 
 EXIT_OK, EXIT_LEFT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -45,22 +49,22 @@ def _open_index(settings: Settings, *, write: bool = False) -> tuple[SpoolLayout
 
 # ---- run ------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from mldash_syncd.service import Daemon, RunReport
+    from mldash_syncd.service import Daemon
 
     settings = _settings(args)
     setup_logging("WARNING" if args.quiet else settings.log_level)
     bar = None
     if args.once and not args.quiet:
-        total_files = total_bytes = 0
         layout = SpoolLayout(settings.spool)
         index = SpoolIndex.open_readonly(layout) if layout.exists() else None
-        if index is not None:
-            counts = index.counts()
-            for state in (State.QUEUED, State.UPLOADING, State.UPLOADED):
-                total_files += counts[state.value]["count"]
-                total_bytes += counts[state.value]["bytes"]
-            index.close()
-        bar = ProgressBar(total_files, total_bytes)
+        if index is None:
+            bar = ProgressBar(0, 0)
+        else:
+            try:
+                now = progress(index, layout)
+            finally:
+                index.close()
+            bar = ProgressBar(now.pending_files, now.pending_bytes)
     deadline = None if args.max_wait is None else time.monotonic() + args.max_wait
 
     def drain_here() -> RunReport:
@@ -103,31 +107,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
                   "quarantined`, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
             return EXIT_LEFT_FAILED
-        pending = sum(report.remaining.get(s, 0) for s in ("queued", "uploading", "uploaded"))
+        pending = sum(report.remaining.get(s.value, 0) for s in OUTSTANDING)
         return EXIT_LEFT_FAILED if pending else EXIT_OK
     return EXIT_OK
 
 
-def _follow(settings: Settings, deadline: float | None, bar: ProgressBar | None) -> Any:
+def _follow(settings: Settings, deadline: float | None, bar: ProgressBar | None) -> RunReport | None:
     """Follow the daemon holding the spool (see follow.py): its outcome as a RunReport, or None when it exited
     with work left, for this process to take over."""
-    from mldash_syncd.follow import follow
     from mldash_syncd.service import RunReport
 
-    first: list[int] = []
-
-    def shown(progress: Any) -> None:
-        first[:] = first or [progress.done_files]
+    def shown(first: Progress, latest: Progress) -> None:
         if bar is not None:
-            bar.show(files=progress.done_files - first[0], pending_files=progress.pending_files,
-                     pending_bytes=progress.pending_bytes)
+            bar.show(files=latest.done_files - first.done_files, pending_files=latest.pending_files,
+                     pending_bytes=latest.pending_bytes)
 
     followed = follow(SpoolLayout(settings.spool), deadline=deadline, on_progress=shown)
     if followed.outcome == "holder_gone" and (deadline is None or time.monotonic() < deadline):
         return None
-    last = followed.last
-    committed = max(0, last.done_files - first[0]) if last and first else 0
-    return RunReport(committed=committed, remaining=dict(last.remaining) if last else {})
+    return RunReport(committed=followed.committed,
+                     remaining=dict(followed.last.remaining) if followed.last else {})
 
 
 # ---- status ---------------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         return data
     try:
         data["states"] = index.counts()
-        pending = [data["states"][s] for s in ("queued", "uploading", "uploaded")]
+        pending = [data["states"][s.value] for s in OUTSTANDING]
         data["pendingFiles"] = sum(p["count"] for p in pending)
         data["pendingBytes"] = sum(p["bytes"] for p in pending)
         oldest = index.oldest_pending_created_at()

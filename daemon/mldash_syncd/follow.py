@@ -17,16 +17,14 @@ from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import is_held
 from mldash.spool.recovery import manifest_ids
-from mldash.spool.states import State
+from mldash.spool.states import OUTSTANDING, TERMINAL
 
 POLL_INTERVAL = 0.5
-PENDING = (State.QUEUED, State.UPLOADING, State.UPLOADED)
-DONE = (State.COMMITTED, State.EVICTED)
 
 
 @dataclass
 class Progress:
-    pending_files: int
+    pending_files: int  # in an outstanding state, or saved and not yet ingested
     pending_bytes: int
     done_files: int  # committed or evicted: the spool's own history, not only this follow's
     remaining: dict[str, int]  # non-zero counts per state, like RunReport.remaining
@@ -35,27 +33,35 @@ class Progress:
 @dataclass
 class Followed:
     outcome: str  # "drained" | "holder_gone" | "max_wait"
+    first: Progress | None
     last: Progress | None
+
+    @property
+    def committed(self) -> int:
+        """Entries the followed daemon finished while we watched."""
+        return max(0, self.last.done_files - self.first.done_files) if self.first and self.last else 0
 
 
 def progress(index: SpoolIndex, layout: SpoolLayout) -> Progress:
     counts = index.counts()
-    pending_files = sum(counts[s.value]["count"] for s in PENDING)
+    pending_files = sum(counts[s.value]["count"] for s in OUTSTANDING)
     if pending_files == 0:
         # Saved, but not yet ingested by the running daemon (it does so within ~0.1 s): pending as well.
         pending_files = len(manifest_ids(layout) - index.known_ids())
     return Progress(
         pending_files=pending_files,
-        pending_bytes=sum(counts[s.value]["bytes"] for s in PENDING),
-        done_files=sum(counts[s.value]["count"] for s in DONE),
+        pending_bytes=sum(counts[s.value]["bytes"] for s in OUTSTANDING),
+        done_files=sum(counts[s.value]["count"] for s in TERMINAL),
         remaining={state: c["count"] for state, c in counts.items() if c["count"]},
     )
 
 
 def follow(layout: SpoolLayout, *, deadline: float | None,
-           on_progress: Callable[[Progress], None] | None = None) -> Followed:
-    """Poll until nothing is pending, the lock holder is gone, or `deadline` (time.monotonic()) passes."""
+           on_progress: Callable[[Progress, Progress], None] | None = None) -> Followed:
+    """Poll until nothing is pending, the lock holder is gone, or `deadline` (time.monotonic()) passes.
+    `on_progress(first, latest)` after every read."""
     index: SpoolIndex | None = None
+    first: Progress | None = None
     last: Progress | None = None
     try:
         while True:
@@ -63,15 +69,16 @@ def follow(layout: SpoolLayout, *, deadline: float | None,
                 index = SpoolIndex.open_readonly(layout)
             if index is not None:
                 last = progress(index, layout)
+                first = first or last
                 if on_progress is not None:
-                    on_progress(last)
+                    on_progress(first, last)
                 if last.pending_files == 0:
-                    return Followed("drained", last)
+                    return Followed("drained", first, last)
             # After the read: a holder that drained everything and exited counts as drained, not as gone.
             if not is_held(layout):
-                return Followed("holder_gone", last)
+                return Followed("holder_gone", first, last)
             if deadline is not None and time.monotonic() >= deadline:
-                return Followed("max_wait", last)
+                return Followed("max_wait", first, last)
             time.sleep(POLL_INTERVAL)
     finally:
         if index is not None:

@@ -28,7 +28,7 @@ from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
 from mldash.spool.recovery import ingest_new, read_manifest, recover
-from mldash.spool.states import State
+from mldash.spool.states import OUTSTANDING, State
 from mldash.store import make_store
 from mldash.store.base import Store
 from mldash_syncd.budget import ByteBudget
@@ -693,7 +693,7 @@ class Daemon:
         if self.index is None:
             return
         counts = self.index.counts()
-        pending = sum(counts[s.value]["count"] for s in (State.QUEUED, State.UPLOADING, State.UPLOADED))
+        pending = sum(counts[s.value]["count"] for s in OUTSTANDING)
         self.notifier.status(f"{pending} pending, {self.report.committed} committed, "
                              f"{self.throughput() / 2**20:.1f} MiB/s")
         beat = {"owner": self.owner, "pid": os.getpid(), "startedAt": self._started, "heartbeat": time.time(),

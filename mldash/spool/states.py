@@ -43,6 +43,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 # States in which the spooled bytes are still needed (eviction and quota must leave them alone).
 PENDING = frozenset({State.QUEUED, State.UPLOADING, State.UPLOADED, State.FAILED, State.QUARANTINED})
+# States the daemon still has work to do in: what a drain waits for.
+OUTSTANDING = frozenset({State.QUEUED, State.UPLOADING, State.UPLOADED})
 # States a `retry` acts on.
 RETRYABLE = frozenset({State.FAILED, State.QUARANTINED})
 TERMINAL = frozenset({State.COMMITTED, State.EVICTED})

@@ -29,10 +29,11 @@ import pytest
 from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
 from mldash.store import make_store
-from mldash.store.base import PartReceipt, Store, StoredObject
+from mldash.store.base import PartReceipt, StoredObject
 from mldash_syncd import drain
 from tests.faults import FaultProxy
 from tests.faults import http_faults as H
+from tests.faults.wrapped import Wrapped
 from tests.fixtures.daemon import enqueue_bytes
 from tests.reliability.conftest import MIB
 from tests.reliability.helpers import entry_rows
@@ -113,21 +114,8 @@ def test_byte_flipped_in_flight_once_is_sent_again(s3_via_proxy: tuple[Settings,
     assert NO_COMPOSITE not in caplog.text  # moto reports the composite (on HEAD): no second read was needed
 
 
-class _StoreWithoutChecksums:
+class _StoreWithoutChecksums(Wrapped):
     """An S3-compatible store that keeps no checksums (as some do): reports none, like a real one would."""
-
-    def __init__(self, inner: Store) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-    async def __aenter__(self) -> _StoreWithoutChecksums:
-        await self._inner.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._inner.close()
 
     async def head(self, key: str) -> StoredObject | None:
         stored = await self._inner.head(key)
