@@ -209,6 +209,10 @@ FIELDS: tuple[Field, ...] = (
           "Daemon: deadline in seconds of every single S3/MongoDB call (parts scale it by size)."),
     Field("lease_seconds", "MLDASH_LEASE_SECONDS", _parse_float(1.0), lambda: 300.0,
           "Daemon: how long a claim on an entry lasts without renewal."),
+    Field("stop_grace", "MLDASH_STOP_GRACE", _parse_float(0.0), lambda: 20.0,
+          "Daemon: seconds in-flight uploads get to finish after SIGTERM/SIGINT; then they are interrupted "
+          "(completed parts stay recorded, so the next start resumes them) and the daemon exits. A second "
+          "signal stops at once. Keep it well below the service's TimeoutStopSec (60 s in our units)."),
     Field("max_attempts", "MLDASH_MAX_ATTEMPTS", _parse_int(1), lambda: 20,
           "Daemon: attempts per entry for transient errors before it is left 'failed'."),
     Field("retry_base_delay", "MLDASH_RETRY_BASE_DELAY", _parse_float(0.0), lambda: 1.0,
@@ -262,6 +266,7 @@ class Settings:
     part_size: int
     request_timeout: float
     lease_seconds: float
+    stop_grace: float
     max_attempts: int
     retry_base_delay: float
     retry_max_delay: float

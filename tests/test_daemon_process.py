@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -242,6 +243,24 @@ def test_run_once_following_gives_up_at_max_wait(settings: Settings, mongo_serve
     assert once.returncode == 1, stderr  # pending at --max-wait
     assert "in spool: 2 uploaded" in stderr
     assert holder.proc.poll() is None
+
+
+def test_ctrl_c_while_following_exits_130_without_a_traceback(
+        settings: Settings, mongo_server_process, daemon_process) -> None:
+    live, _server, _entries, holder = _uploaded_with_the_catalog_down(settings, mongo_server_process,
+                                                                      daemon_process)
+    once = _run_once(live)
+    stderr_lines = []
+    for line in once.stderr:  # the follow has begun once it says so
+        stderr_lines.append(line)
+        if "following it" in line:
+            break
+    once.send_signal(signal.SIGINT)
+    _, rest = once.communicate(timeout=60)
+
+    assert once.returncode == 130, rest
+    assert "interrupted" in rest and "Traceback" not in rest, rest
+    assert holder.proc.poll() is None, "the followed daemon is not affected"
 
 
 @pytest.mark.parametrize("command", ["run", "status", "ls", "retry", "reindex", "gc"])

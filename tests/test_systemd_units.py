@@ -162,18 +162,20 @@ def test_system_units_expose_at_most_2_0(analyze: str, tmp_path: Path, unit: Pat
 @pytest.mark.parametrize("unit", ALL_UNITS, ids=lambda p: p.name)
 def test_common_service_policy(unit: Path) -> None:
     # Imported here, not at module level: a broken daemon import must not hide the unit checks.
+    from mldash.config import FIELDS
     from mldash_syncd.cli import EXIT_USAGE
-    from mldash_syncd.service import STOP_GRACE
+
+    stop_grace = next(f for f in FIELDS if f.name == "stop_grace").default()
 
     assert value(unit, "Service", "Type") == "notify"  # READY=1 and watchdog pings: mldash_syncd/sdnotify.py
     assert value(unit, "Service", "NotifyAccess") == "main"
     assert value(unit, "Service", "WatchdogSec") == "2min"
     assert value(unit, "Service", "Restart") == "on-failure"
     assert value(unit, "Service", "KillSignal") == "SIGTERM"
-    # After SIGTERM the daemon gives in-flight work STOP_GRACE seconds, then cancels it (recording
+    # After SIGTERM the daemon gives in-flight work stop_grace seconds (default), then cancels it (recording
     # finished parts) and closes the index: SIGKILL must come well after that.
     assert value(unit, "Service", "TimeoutStopSec") == "60"
-    assert int(value(unit, "Service", "TimeoutStopSec")) >= STOP_GRACE + 30
+    assert int(value(unit, "Service", "TimeoutStopSec")) >= stop_grace + 30
     # A configuration error exits EXIT_USAGE: restarting cannot fix it. Everything else restarts.
     assert value(unit, "Service", "RestartPreventExitStatus") == str(EXIT_USAGE)
     assert value(unit, "Unit", "StartLimitIntervalSec") == "0"

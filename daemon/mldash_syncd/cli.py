@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from mldash_syncd.service import RunReport
 
 EXIT_OK, EXIT_LEFT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # the shell's status for a Ctrl-C (128 + SIGINT)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -342,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MldashError) as exc:
         print(f"mldash-syncd: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Ctrl-C outside the daemon's own loop (which turns SIGINT into a graceful stop): while following
+        # another daemon, or before the loop started. Nothing here holds the spool, so there is nothing to undo.
+        print("\nmldash-syncd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ COMMIT_BATCH_MIN = 32
 COMMIT_LINGER = 0.05
 EVICT_INTERVAL = 1.0       # seconds between eviction passes while commits happen
 COMPACT_INTERVAL = 600.0   # seconds between compactions of old evicted index rows
-STOP_GRACE = 20.0          # seconds in-flight work gets to finish after a stop request
 
 
 @dataclass
@@ -104,6 +103,7 @@ class Daemon:
         self.report = RunReport()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._stop_now = asyncio.Event()  # a second stop request: in-flight work gets no more grace
         self._uploads: dict[int, asyncio.Task] = {}
         # Multipart files share the parts budget: more of them at once than parts in flight would only open
         # uploads that wait for a buffer, and delay every file's commit (each would get a sliver of the parts).
@@ -128,7 +128,15 @@ class Daemon:
 
     # ---- control ------------------------------------------------------------------------------
     def request_stop(self) -> None:
-        """Graceful stop: no new work; in-flight parts finish (or are checkpointed) within STOP_GRACE."""
+        """Graceful stop: no new work; in-flight uploads get `stop_grace` seconds to finish, then they are
+        interrupted (their completed parts stay recorded for the resume). A second request stops at once."""
+        if self._stop.is_set():
+            if not self._stop_now.is_set():
+                log.warning("second stop request: interrupting in-flight work now (the next start resumes it)")
+            self._stop_now.set()
+            return
+        log.info("stop requested: no new work; in-flight uploads get up to %gs (a second signal stops at once)",
+                 self.settings.stop_grace)
         self._stop.set()
         self._wake.set()
         self.notifier.stopping()
@@ -300,13 +308,26 @@ class Daemon:
         tasks = [*self._uploads.values(), *self._commits.values()]
         if not tasks:
             return
-        _done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE if self._stop.is_set() else 0)
+        if self._stop.is_set() and not self._stop_now.is_set() and self.settings.stop_grace > 0:
+            await self._grace(tasks, self.settings.stop_grace)
+        pending = [task for task in tasks if not task.done()]
         for task in pending:
             self._stopped_tasks.add(task)
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         # Interrupted entries go back to the queue now (their recorded parts stay for the resume).
         self.index.release_all_leases(self.owner)
+
+    async def _grace(self, tasks: list[asyncio.Task], seconds: float) -> None:
+        """Wait until `tasks` are done, `seconds` have passed, or a second stop request came."""
+        everything = asyncio.ensure_future(asyncio.wait(tasks))  # cancelling it leaves `tasks` alone
+        stop_now = asyncio.ensure_future(self._stop_now.wait())
+        try:
+            await asyncio.wait((everything, stop_now), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            everything.cancel()
+            stop_now.cancel()
+            await asyncio.gather(everything, stop_now, return_exceptions=True)
 
     # ---- scheduling ---------------------------------------------------------------------------
     def _start_uploads(self) -> None:

@@ -104,17 +104,12 @@ def install_kill_hook(point: str, nth: int = 1, delay: float = 0.0) -> None:
         _wrap_async(cls, name, when, nth, delay)
 
 
-def run_daemon(args: list[str], kill_at: str | None = None, nth: int = 1, delay: float = 0.0,
-               stop_grace: float | None = None) -> int:
-    """`mldash-syncd <args>` (the real CLI entry point, signal handlers included), optionally with a kill hook
-    and a shorter grace period for in-flight work after SIGTERM (so a test can stop it mid-file cheaply)."""
-    from mldash_syncd import service
+def run_daemon(args: list[str], kill_at: str | None = None, nth: int = 1, delay: float = 0.0) -> int:
+    """`mldash-syncd <args>` (the real CLI entry point, signal handlers included), optionally with a kill hook."""
     from mldash_syncd.cli import main
 
     if kill_at:
         install_kill_hook(kill_at, nth, delay)
-    if stop_grace is not None:
-        service.STOP_GRACE = stop_grace
     return main(args)
 
 

@@ -3,12 +3,12 @@ systemd/*.service), then a resume that re-sends only what was in flight.
 
 `mldash-syncd run` (the real CLI entry point with its signal handlers, forked from the fork server) uploads
 through the fault proxy, which slows parts down so the signal lands mid-part. At a random moment it gets
-SIGTERM (with a 1 s grace for in-flight work instead of 20 s, so the stop cuts the big file short):
+SIGTERM (with stop_grace = 1 s for in-flight work instead of 20 s, so the stop cuts the big file short):
 it must exit 0 within the stop timeout, leave no entry `uploading` or leased, and keep the multipart
 upload resumable. `mldash-syncd run --once` then finishes; bytes re-sent on resume are at most
 what the stop interrupted (the daemon's in-flight budget). One more case, with the real 20 s grace: the
 part in flight is blackholed (its call would wait for its own long deadline), and the stop still ends in
-time.
+time. And a second SIGTERM ends the grace period at once.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def sigterm_round(i: int, rng: random.Random, settings: Settings, direct: Settin
     bucket = direct.store.split("/")[2]
     where = dict(spool=run / "spool", store=f"s3://{bucket}/{root}", catalog="sqlite://" + str(run / "catalog.sqlite"))
     local, view = settings.replace(**where), direct.replace(**where)
+    if stop_grace is not None:
+        local = local.replace(stop_grace=stop_grace)
     entries = [enqueue_bytes(local, os.urandom(rng.randrange(16 * MIB, 26 * MIB)), filename="big.bin")]
     entries += [enqueue_bytes(local, os.urandom(rng.randrange(1, 100_000)), filename=f"small-{k}.bin")
                 for k in range(3)]
@@ -50,7 +52,7 @@ def sigterm_round(i: int, rng: random.Random, settings: Settings, direct: Settin
 
     slow = proxy.delay(0.01, per="chunk", match=H.UPLOAD_PART)  # ~0.8 s per 5 MiB part
     hang = proxy.blackhole(match=H.UPLOAD_PART, times=1, skip=1) if hang_a_part else None
-    daemon = fork_server.spawn("run_daemon", env=env, log=run / "daemon.log", args=["run"], stop_grace=stop_grace)
+    daemon = fork_server.spawn("run_daemon", env=env, log=run / "daemon.log", args=["run"])
     parts_seen = rng.randrange(1, 4)
     wait_for(lambda: sum(1 for m in proxy.messages if m.target and root in m.target and "partNumber=" in m.target)
              >= parts_seen, what="parts in flight")
@@ -106,3 +108,34 @@ def test_sigterm_while_a_part_hangs_still_stops_in_time(s3_via_proxy: tuple[Sett
     # A deadline far beyond the stop timeout: only the stop's own grace period can end the hung part.
     settings = settings.replace(request_timeout=120.0)
     sigterm_round(0, random.Random(11), settings, direct, proxy, fork_server, run_dir, hang_a_part=True)
+
+
+def test_a_second_sigterm_ends_the_grace_period_at_once(s3_via_proxy: tuple[Settings, Settings, FaultProxy],
+                                                        fork_server: ForkServer, run_dir: Path) -> None:
+    """Ctrl-C twice, or `kill` twice: the operator wants it gone now, not after stop_grace. In-flight work is
+    interrupted as at the end of the grace period: nothing is lost, and the next start sends it."""
+    settings, direct, proxy = s3_via_proxy
+    # The PUT hangs and neither its deadline nor the grace period would end it within this test's timeouts.
+    local = settings.replace(spool=run_dir / "spool", request_timeout=600.0, stop_grace=600.0)
+    hang = proxy.blackhole(match=H.PUT_OBJECT, times=1)
+    entry = enqueue_bytes(local, os.urandom(5000), filename="stuck.bin")
+    daemon = fork_server.spawn("run_daemon", env=settings_env(local), log=run_dir / "daemon.log", args=["run"])
+    wait_for(lambda: hang.injected, what="the PUT in flight")
+
+    daemon.signal(signal.SIGTERM)
+    wait_for(lambda: "stop requested" in daemon.log(), what="the first SIGTERM handled")
+    assert "up to 600s" in daemon.log()
+    time.sleep(0.5)
+    assert daemon.poll() is None, "the first SIGTERM must give the hung PUT its grace period"
+    daemon.signal(signal.SIGTERM)
+    code = daemon.wait(timeout=STOP_TIMEOUT)
+
+    assert code == 0, daemon.log()[-3000:]
+    assert "second stop request" in daemon.log() and "Traceback" not in daemon.log(), daemon.log()[-3000:]
+    row = entry_rows(local)[entry.id]
+    assert row["state"] == State.QUEUED and row["lease_owner"] is None, row
+    assert row["attempts"] == 0, "an interrupted upload is not an attempt that failed"
+    resume = fork_server.spawn("run_daemon", env=settings_env(local), log=run_dir / "resume.log",
+                               args=["run", "--once", "--quiet"])
+    assert resume.wait(timeout=120) == 0, resume.log()[-3000:]
+    check_invariants(local, [entry], view=direct.replace(spool=local.spool))
