@@ -6,6 +6,7 @@
     python -m benchmarks.diagnose rss          [--size-mib 1024]
     python -m benchmarks.diagnose json-sched   [--calls 250]
     python -m benchmarks.diagnose inode-alloc  [--files 4000]
+    python -m benchmarks.diagnose quota        [--files 50000]
 
 These are not benchmarks of the product: several variants switch a piece of mldash off (by patching it in
 this process) to measure what that piece costs. Nothing here is part of the results table; re-run them after
@@ -370,8 +371,54 @@ def inode_alloc(ctx: Context, args: argparse.Namespace) -> None:
     ctx.remove(directory)
 
 
+def quota(ctx: Context, args: argparse.Namespace) -> None:
+    """What a save pays for the spool quota while many entries wait in the spool (a long outage): the admission
+    reads the quota ledger, and sums blobs/ only after something other than an admission changed it."""
+    from mldash.config import Settings
+    from mldash.spool.enqueue import Enqueuer, EntrySpec
+    from mldash.spool.quota import quota_lock
+
+    root = ctx.fresh_dir("quota")
+    settings = Settings.load(env={}, spool=str(root / "spool"), store=(root / "store").as_uri(),
+                             catalog="sqlite://" + str(root / "catalog.sqlite"), autostart=False)
+    with_quota = Enqueuer(settings.replace(spool_quota=2**40))
+    without = Enqueuer(settings)
+    layout = with_quota.layout
+    layout.ensure()
+    body = os.urandom(4096)
+    spec = EntrySpec("bench", "quota", "run", "files", "f.bin", "application/octet-stream", "blob")
+
+    def save_micros(enqueuer: Enqueuer) -> float:
+        started = time.perf_counter()
+        enqueuer.enqueue(spec, lambda sink: sink.write(body), expected_size=len(body))
+        return (time.perf_counter() - started) * 1e6
+
+    save_micros(without), save_micros(with_quota)  # warm-up: imports, first file creations
+    made = 0
+    for count in sorted({1000, 10_000, args.files}):
+        for i in range(made, count):  # stand-ins for spooled entries: the quota only counts blobs/
+            (layout.blobs_dir / f"x{i}.blob").write_bytes(body)
+        made = count
+        with quota_lock(layout) as ledger:
+            started = time.perf_counter()
+            ledger.used(fresh=True)
+            summed = (time.perf_counter() - started) * 1e3
+            started = time.perf_counter()
+            ledger.used()
+            read = (time.perf_counter() - started) * 1e6
+        plain = [save_micros(without) for _ in range(50)]
+        quota_saves = [save_micros(with_quota) for _ in range(50)]
+        (layout.blobs_dir / "x0.blob").unlink()  # as eviction does: the next admission sums blobs/ again
+        (layout.blobs_dir / "x0.blob").write_bytes(body)
+        after_change = save_micros(with_quota)
+        print(f"{count:>6} blobs: summing blobs/ {summed:.1f} ms, ledger read {read:.0f} µs; save p50 without quota "
+              f"{percentile(plain, 50):.0f} µs, with quota {percentile(quota_saves, 50):.0f} µs; first save after "
+              f"blobs/ changed {after_change / 1e3:.1f} ms")
+    ctx.remove(root)
+
+
 EXPERIMENTS = {"stall": stall, "drain-large": drain_large, "drain-small": drain_small, "rss": rss,
-               "json-sched": json_sched, "inode-alloc": inode_alloc}
+               "json-sched": json_sched, "inode-alloc": inode_alloc, "quota": quota}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,11 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=list(EXPERIMENTS))
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--files", type=int, default=None, help="drain-small: 1000; inode-alloc: 4000")
+    parser.add_argument("--files", type=int, default=None, help="drain-small: 1000; inode-alloc: 4000; quota: 50000")
     parser.add_argument("--calls", type=int, default=250)
     args = parser.parse_args(argv)
     if args.files is None:
-        args.files = 4000 if args.experiment == "inode-alloc" else 1000
+        args.files = {"inode-alloc": 4000, "quota": 50_000}.get(args.experiment, 1000)
     workdir = Path(tempfile.mkdtemp(prefix="mldash-diagnose-", dir="/tmp"))
     ctx = Context(workdir, quick=False)
     try:

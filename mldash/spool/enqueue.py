@@ -42,7 +42,7 @@ from mldash.spool.inline import InlineSink
 from mldash.spool.layout import SpoolLayout, fsync_dir, open_private
 from mldash.spool.manifest import FORMAT_VERSION, INLINE_FORMAT_VERSION, Manifest
 from mldash.spool.newfile import publish_bytes
-from mldash.spool.quota import quota_lock, spooled_bytes
+from mldash.spool.quota import quota_lock
 from mldash.spool.tmp_owner import hold
 
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -205,10 +205,15 @@ class Enqueuer:
                               deadline: float) -> Manifest:
         delay = 0.02
         while True:
-            with quota_lock(self.layout):
-                used = spooled_bytes(self.layout)
+            with quota_lock(self.layout) as ledger:
+                used = ledger.used()
+                if used + manifest.size > quota:
+                    used = ledger.used(fresh=True)  # the ledger may overstate: never refuse on its word alone
                 if used + manifest.size <= quota:
-                    return self._publish(manifest, tmp_blob)
+                    ledger.linking()
+                    published = self._publish(manifest, tmp_blob)
+                    ledger.linked(manifest.size)
+                    return published
             if time.monotonic() + delay > deadline:
                 raise SpoolFullError(
                     f"spool quota full: {used} of {quota} bytes in use, {manifest.filename!r} needs "
