@@ -7,6 +7,7 @@ environment rebuilt from the same Settings (`settings_env`).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
@@ -60,8 +61,11 @@ class Context:
 
     @staticmethod
     def settle(pause: float = 0.2) -> None:
-        """Between samples: flush dirty pages so one sample's writeback does not land in the next one."""
+        """Between samples: flush dirty pages so one sample's writeback does not land in the next one, and
+        collect garbage so that one sample's allocations are not collected on the next one's clock (samples
+        of both sides run in this process)."""
         os.sync()
+        gc.collect()
         time.sleep(pause)
 
     # ---- settings --------------------------------------------------------------------------------------
