@@ -137,8 +137,11 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert data["states"]["quarantined"]["count"] == 1
     assert data["states"]["evicted"]["count"] + data["states"]["committed"]["count"] == 1
     assert any(str(bad.id) == e["id"] for e in data["recentErrors"])
+    # The quarantined entry's bytes stay spooled; the good one was evicted (no quota set).
+    assert data["disk"]["spoolBytes"] >= len(b"bad-bytes") and data["disk"]["quotaBytes"] is None
+    assert data["disk"]["filesystemFreeBytes"] == pytest.approx(shutil.disk_usage(settings.spool).free, rel=0.1)
     human = cli(settings, "status").stdout
-    assert "quarantined" in human and "recent errors" in human
+    assert "quarantined" in human and "recent errors" in human and "free on its filesystem" in human
 
     listed = cli(settings, "ls", "--state", "quarantined").stdout
     assert str(bad.id) in listed and str(good.id) not in listed and "sha256" in listed

@@ -140,3 +140,16 @@ def test_ledger_linked_without_used_is_a_programming_error(tmp_path: Path) -> No
     layout.ensure()
     with quota_lock(layout) as ledger, pytest.raises(RuntimeError, match="without used"):
         ledger.linked(10)
+
+
+def test_status_shows_what_the_spool_and_its_quota_hold(tmp_path: Path) -> None:
+    from mldash_syncd.cli import status_data
+
+    settings = make_settings(tmp_path / "spool", spool_quota="1MiB")
+    enqueuer = Enqueuer(settings)
+    saved = [put(enqueuer, os.urandom(1000 * (n + 1)), f"{n}.bin") for n in range(3)]
+    disk = status_data(settings)["disk"]
+    assert disk["quotaBytes"] == 2**20
+    assert disk["quotaUsedBytes"] == sum(m.size for m in saved) == 6000
+    assert disk["spoolBytes"] > disk["quotaUsedBytes"]  # the manifests are on disk too
+    assert disk["filesystemFreeBytes"] > 0

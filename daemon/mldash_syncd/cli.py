@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mldash.config import Settings
@@ -139,6 +143,8 @@ def status_data(settings: Settings) -> dict[str, Any]:
         "states": {s.value: {"count": 0, "bytes": 0} for s in State}, "pendingFiles": 0, "pendingBytes": 0,
         "oldestPendingAgeSeconds": None, "recentErrors": [], "throughputBytesPerSecond": 0.0,
     }
+    if layout.exists():
+        data["disk"] = disk_usage(settings, layout)
     if index is None:
         return data
     try:
@@ -163,6 +169,24 @@ def status_data(settings: Settings) -> dict[str, Any]:
     return data
 
 
+def _directory_bytes(directory: Path) -> int:
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # evicted while we list
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def disk_usage(settings: Settings, layout: SpoolLayout) -> dict[str, Any]:
+    """What the spool takes on disk (artifacts in blobs/ and inline in manifests/), what its quota counts
+    (blobs/), and what the filesystem has left — the numbers to look at before the disk fills."""
+    blobs = _directory_bytes(layout.blobs_dir)
+    return {"spoolBytes": blobs + _directory_bytes(layout.manifests_dir), "quotaBytes": settings.spool_quota,
+            "quotaUsedBytes": blobs if settings.spool_quota is not None else None,
+            "filesystemFreeBytes": shutil.disk_usage(layout.root).free}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     data = status_data(_settings(args))
     if args.json:
@@ -182,6 +206,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           + (f"; oldest {human_duration(age)} old" if age is not None else ""))
     if daemon["running"]:
         print(f"rate     {human_bytes(data['throughputBytesPerSecond'])}/s (last 30 s)")
+    if disk := data.get("disk"):
+        quota = ("no quota" if disk["quotaBytes"] is None else
+                 f"quota {human_bytes(disk['quotaUsedBytes'])} of {human_bytes(disk['quotaBytes'])}")
+        print(f"disk     {human_bytes(disk['spoolBytes'])} spooled ({quota}); "
+              f"{human_bytes(disk['filesystemFreeBytes'])} free on its filesystem")
     if data["recentErrors"]:
         print("\nrecent errors:")
         for err in data["recentErrors"]:
