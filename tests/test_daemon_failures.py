@@ -212,3 +212,27 @@ def test_an_error_raised_by_the_cancellation_at_stop_is_not_the_entrys_failure(s
 
     assert drain(small).committed == 5  # nothing was lost on the way
     assert sorted(d["id"] for d in catalog_docs(small)) == sorted(str(e.id) for e in uploaded + queued)
+
+
+class _HungPuts(Wrapped):
+    """A real store whose single PUTs never answer."""
+
+    async def put(self, *args: object, **kwargs: object) -> object:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_uploads_claimed_in_the_last_pass_are_not_charged_an_attempt(settings: Settings, drain) -> None:
+    """The loop's last pass can claim entries and create their tasks just before it ends (here: the max wait
+    is over at once). A task cancelled before its first step never runs its own handlers — the attempt refund
+    among them — so the drain must let new tasks start before it cancels them."""
+    from mldash.store import make_store
+
+    entries = [enqueue_bytes(settings, os.urandom(1000), filename=f"f{i}") for i in range(3)]
+    report = drain(settings, store=_HungPuts(make_store(settings)), max_wait=0.0)
+
+    assert report.committed == 0 and report.failed == 0
+    for entry in entries:
+        row = rows(settings)[entry.id]
+        assert (row["state"], row["attempts"], row["lease_owner"]) == (State.QUEUED, 0, None), row
+    assert drain(settings).committed == 3

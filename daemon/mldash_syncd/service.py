@@ -308,6 +308,9 @@ class Daemon:
         tasks = [*self._uploads.values(), *self._commits.values()]
         if not tasks:
             return
+        # Let tasks created in this pass take their first step: a task cancelled before it ever ran skips its
+        # own handlers, the refund of the attempt its claim counted among them.
+        await asyncio.sleep(0)
         if self._stop.is_set() and not self._stop_now.is_set() and self.settings.stop_grace > 0:
             await self._grace(tasks, self.settings.stop_grace)
         pending = [task for task in tasks if not task.done()]
