@@ -240,6 +240,18 @@ async def test_a_call_whose_caller_is_cancelled_is_abandoned_not_cancelled_insid
     assert isinstance(driver_call.exception(), pymongo.errors.PyMongoError)
 
 
+async def test_close_ends_an_abandoned_call_that_outlives_the_closed_client() -> None:
+    """A driver call that neither its timeout nor the closed client ends (none is known; this is the guard):
+    `close` cancels it after its grace, so no task is left pending when the event loop closes."""
+    catalog = MongoCatalog("mongodb://127.0.0.1:9/?directConnection=true", database="mldash", request_timeout=0.1)
+    stubborn = asyncio.Event()
+    with pytest.raises(TransientCatalogError):
+        await catalog._deadline("a stubborn call", stubborn.wait)  # outer deadline 0.1 s + grace: abandoned
+    (call,) = catalog._abandoned
+    await catalog.close()
+    assert call.cancelled() and not catalog._abandoned
+
+
 async def test_server_killed_keeps_acknowledged_writes(
         mongo_server_process: Callable[..., MongoServerProcess]) -> None:
     server = mongo_server_process()

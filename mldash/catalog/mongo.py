@@ -227,6 +227,12 @@ class MongoCatalog(Catalog):
                 log.warning("%s", exc)
         if self._abandoned:  # a closed client ends them: its server selection wakes up to InvalidOperation
             await asyncio.wait(list(self._abandoned), timeout=ABANDONED_CALLS_GRACE)
+        if self._abandoned:
+            # Still running: the client they belong to is closed, so cancelling them can no longer break a
+            # client we use — and a task left pending would be destroyed with the event loop, with a warning.
+            for task in list(self._abandoned):
+                task.cancel()
+            await asyncio.wait(list(self._abandoned), timeout=ABANDONED_CALLS_GRACE)
 
     @staticmethod
     async def _close_client(client: AsyncMongoClient[dict[str, Any]]) -> None:
