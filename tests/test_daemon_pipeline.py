@@ -199,3 +199,23 @@ def test_multipart_files_at_once_are_limited_to_the_parts_in_flight(settings: Se
     rows = index_rows(local)
     # Every byte put on the wire is counted, small files included (their count rides on the outcome's write).
     assert all(row["bytes_sent"] == sizes[file_id] for file_id, row in rows.items())
+
+
+def test_a_large_backlog_starts_uploading_before_it_is_all_indexed(settings: Settings, drain, monkeypatch) -> None:
+    """A spool synced days later holds many entries: the first uploads start after the first chunk of
+    manifests has been indexed, not after all of them; oldest first, and everything still drains once."""
+    from mldash_syncd import service
+
+    monkeypatch.setattr(service, "INGEST_CHUNK", 8)
+    entries = [enqueue_bytes(settings, os.urandom(100), filename=f"f{i}") for i in range(40)]
+    order: list[tuple[str, int]] = []
+    report = drain(settings, on_event=lambda kind, data: order.append((kind, int(data["id"])))
+                   if kind in ("queued", "uploading") else None)
+
+    assert report.committed == 40 and report.clean
+    queued = [file_id for kind, file_id in order if kind == "queued"]
+    assert queued == sorted(e.id for e in entries), "every entry indexed once, oldest first"
+    first_upload = next(i for i, (kind, _) in enumerate(order) if kind == "uploading")
+    indexed_before = sum(1 for kind, _ in order[:first_upload] if kind == "queued")
+    assert indexed_before == 8, f"{indexed_before} entries were indexed before the first upload started"
+    assert sorted(int(d["id"]) for d in catalog_docs(settings)) == sorted(e.id for e in entries)

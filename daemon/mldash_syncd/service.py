@@ -27,7 +27,7 @@ from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
-from mldash.spool.recovery import ingest_new, read_manifest, recover
+from mldash.spool.recovery import ingest_new, manifest_ids, read_manifest, recover
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store import make_store
 from mldash.store.base import Store
@@ -56,6 +56,7 @@ MAX_COMMIT_BATCHES = 2
 # larger requests). With nothing uploading it starts at once: an idle daemon commits a save immediately.
 COMMIT_BATCH_MIN = 32
 COMMIT_LINGER = 0.05
+INGEST_CHUNK = 256         # new manifests read and indexed per loop pass (see _ingest)
 EVICT_INTERVAL = 1.0       # seconds between eviction passes while commits happen
 COMPACT_INTERVAL = 600.0   # seconds between compactions of old evicted index rows
 
@@ -120,6 +121,7 @@ class Daemon:
         self._rate_window: list[tuple[float, int]] = []
         self.index: SpoolIndex | None = None
         self._scan_requested = True
+        self._backlog: list[int] = []  # new manifests not indexed yet, newest first (see _ingest)
         self._evict_requested = False
         self._index_trouble = False  # a loop step's index write failed in this pass (see _index_guard)
         self._index_trouble_logged = -1e9
@@ -158,9 +160,10 @@ class Daemon:
         with DaemonLock(self.layout):
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
             try:
-                recovered = recover(self.index, self.layout, self.owner, seen=self._manifests.offer)
+                recovered = recover(self.index, self.layout, self.owner, ingest=False)
+                self._backlog = self._list_backlog(self.index.known_ids())
                 log.info("started on %s (pid %d): %d new, %d leases released, %d debris removed, %d quarantined",
-                         self.layout.root, os.getpid(), recovered.ingested, recovered.released_leases,
+                         self.layout.root, os.getpid(), len(self._backlog), recovered.released_leases,
                          len(recovered.removed_tmp) + len(recovered.removed_orphan_blobs), len(recovered.quarantined))
                 async with self.store, self.catalog:
                     self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
@@ -199,8 +202,7 @@ class Daemon:
                     self._scan_requested = False
                     last_scan = now_mono
                     with self._index_guard("ingest"):
-                        for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer):
-                            self._emit("queued", id=file_id)
+                        self._ingest(known)
                 with self._index_guard("claim uploads"):
                     self._start_uploads()
                 self._collector.end()  # start-up is over: the first uploads are in flight
@@ -262,7 +264,25 @@ class Daemon:
                 log.warning("index: %s failed (%s); retrying", step, exc)
 
     def _has_work(self) -> bool:
-        return self.index.has_active()
+        return bool(self._backlog) or self.index.has_active()
+
+    def _list_backlog(self, known: set[int]) -> list[int]:
+        """Manifests not in the index yet, newest first (the end of the list is the next to ingest)."""
+        return sorted(manifest_ids(self.layout) - known, reverse=True)
+
+    def _ingest(self, known: set[int]) -> None:
+        """Index the next chunk of new manifests (oldest first). With more left, the loop comes straight back
+        after this pass has claimed uploads from the chunk: a spool of 100,000 entries synced after an outage
+        starts uploading after reading 256 manifests, not all of them."""
+        if not self._backlog:
+            self._backlog = self._list_backlog(known)
+        chunk = self._backlog[-INGEST_CHUNK:][::-1]
+        for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer, candidates=chunk):
+            self._emit("queued", id=file_id)
+        del self._backlog[-len(chunk):]  # only once indexed: after a failed index write they are tried again
+        if self._backlog:
+            self._scan_requested = True
+            self._wake.set()
 
     def _next_timeout(self) -> float:
         timeout = RESCAN_INTERVAL
@@ -286,6 +306,9 @@ class Daemon:
         return max(0.01, timeout)
 
     async def _sleep(self, timeout: float) -> None:
+        if self._wake.is_set():  # a pass asked for the next one at once: still let this pass's new tasks start
+            await asyncio.sleep(0)
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._wake.wait()

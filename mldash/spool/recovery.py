@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -71,11 +71,13 @@ def manifest_ids(layout: SpoolLayout) -> set[int]:
 
 
 def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int],
-               seen: Callable[[Manifest], None] | None = None) -> list[int]:
+               seen: Callable[[Manifest], None] | None = None, candidates: Iterable[int] | None = None) -> list[int]:
     """Index manifests not in `known` (updated in place); corrupt ones are quarantined with the reason.
-    `seen` is handed every valid manifest read (the daemon keeps some, so it need not read them again)."""
+    `seen` is handed every valid manifest read (the daemon keeps some, so it need not read them again).
+    `candidates`: the ids to look at, oldest first (default: every manifest in the spool)."""
     fresh, good = [], []
-    for file_id in sorted(manifest_ids(layout) - known):
+    todo = sorted(manifest_ids(layout) - known) if candidates is None else [i for i in candidates if i not in known]
+    for file_id in todo:
         try:
             manifest = read_manifest(layout, file_id)
             if not manifest.inline:  # an inline manifest holds its bytes (its size was checked on decode)
@@ -199,15 +201,19 @@ def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) ->
 
 
 def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | None = None,
-            orphan_grace: float = ORPHAN_BLOB_GRACE, seen: Callable[[Manifest], None] | None = None) -> RecoveryReport:
-    """Start-up of the daemon that holds the spool lock: leases, debris, repair, ingest.
+            orphan_grace: float = ORPHAN_BLOB_GRACE, seen: Callable[[Manifest], None] | None = None,
+            ingest: bool = True) -> RecoveryReport:
+    """Start-up of the daemon that holds the spool lock: leases, debris, repair, and (`ingest`) ingest.
 
-    `now` and `orphan_grace` exist for tests (an injected clock, a short grace); `seen` as for `ingest_new`."""
+    `now` and `orphan_grace` exist for tests (an injected clock, a short grace); `seen` as for `ingest_new`.
+    The daemon passes `ingest=False` and ingests in its loop, a chunk per pass, so that the first uploads of
+    a large backlog do not wait until every manifest has been read."""
     report = RecoveryReport()
     report.released_leases = index.release_all_leases(owner)
     clean_debris(layout, report, now=now, orphan_grace=orphan_grace, keep=pending_ids(index))
     reconcile(index, layout, report)
-    report.ingested = len(ingest_new(index, layout, index.known_ids(), seen))
+    if ingest:
+        report.ingested = len(ingest_new(index, layout, index.known_ids(), seen))
     return report
 
 
