@@ -279,7 +279,8 @@ class Daemon:
         chunk = self._backlog[-INGEST_CHUNK:][::-1]
         for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer, candidates=chunk):
             self._emit("queued", id=file_id)
-        del self._backlog[-len(chunk):]  # only once indexed: after a failed index write they are tried again
+        if chunk:  # dropped only once indexed: after a failed index write they are tried again
+            del self._backlog[-len(chunk):]
         if self._backlog:
             self._scan_requested = True
             self._wake.set()

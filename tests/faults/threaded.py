@@ -100,7 +100,11 @@ class ThreadedServer:
         try:
             self._loop.run_forever()
         finally:
-            # Connections accepted during shutdown may not be in _tasks yet: finish every task still here.
+            # Connections accepted during shutdown may not be in _tasks yet: finish every task still here. First
+            # one iteration, so that their tasks take a first step: a task cancelled before it ever ran skips
+            # _accept's `finally`, which is what closes the connection — its socket would leak to the garbage
+            # collector and warn inside whichever test runs then (seen as "unclosed transport", "loop is closed").
+            self._loop.run_until_complete(asyncio.sleep(0))
             pending = asyncio.all_tasks(self._loop)
             for task in pending:
                 task.cancel()
