@@ -40,6 +40,16 @@ def _same_tick(layout: SpoolLayout, change) -> None:
     os.utime(layout.blobs_dir, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+def _spool_with_one_blob(tmp_path: Path) -> SpoolLayout:
+    """A spool whose blobs/ holds 100 bytes, and whose ledger has recorded them."""
+    layout = SpoolLayout(tmp_path / "spool")
+    layout.ensure()
+    (layout.blobs_dir / "1.blob").write_bytes(b"a" * 100)
+    with quota_lock(layout) as ledger:
+        assert ledger.used() == 100
+    return layout
+
+
 def test_admissions_sum_blobs_once_while_nothing_else_changes_it(tmp_path: Path, monkeypatch) -> None:
     enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota="10MiB"))
     sums = _counting_sums(monkeypatch)
@@ -73,9 +83,7 @@ def test_an_overstating_ledger_never_refuses_a_save_that_fits(tmp_path: Path) ->
 
 
 def test_a_writer_that_died_while_linking_makes_the_next_admission_sum_again(tmp_path: Path) -> None:
-    layout = SpoolLayout(tmp_path / "spool")
-    layout.ensure()
-    (layout.blobs_dir / "1.blob").write_bytes(b"a" * 100)
+    layout = _spool_with_one_blob(tmp_path)
     with quota_lock(layout) as ledger:
         assert ledger.used() == 100
         ledger.linking()
@@ -86,11 +94,7 @@ def test_a_writer_that_died_while_linking_makes_the_next_admission_sum_again(tmp
 
 
 def test_a_torn_or_foreign_ledger_is_summed_again(tmp_path: Path) -> None:
-    layout = SpoolLayout(tmp_path / "spool")
-    layout.ensure()
-    (layout.blobs_dir / "1.blob").write_bytes(b"a" * 100)
-    with quota_lock(layout) as ledger:
-        assert ledger.used() == 100
+    layout = _spool_with_one_blob(tmp_path)
     record = layout.quota_lock_path.read_bytes()
     for damaged in (record[:-1], record[:5] + bytes([record[5] ^ 1]) + record[6:], b"", b"x" * len(record)):
         _same_tick(layout, lambda: (layout.blobs_dir / "2.blob").write_bytes(b"b" * 50))
