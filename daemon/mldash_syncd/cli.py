@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
 from mldash.spool.index import SpoolIndex
-from mldash.spool.layout import SpoolLayout
+from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
 from mldash.spool.recovery import rebuild
 from mldash.spool.states import OUTSTANDING, State
@@ -169,20 +166,11 @@ def status_data(settings: Settings) -> dict[str, Any]:
     return data
 
 
-def _directory_bytes(directory: Path) -> int:
-    total = 0
-    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):  # evicted while we list
-                total += entry.stat(follow_symlinks=False).st_size
-    return total
-
-
 def disk_usage(settings: Settings, layout: SpoolLayout) -> dict[str, Any]:
     """What the spool takes on disk (artifacts in blobs/ and inline in manifests/), what its quota counts
     (blobs/), and what the filesystem has left — the numbers to look at before the disk fills."""
-    blobs = _directory_bytes(layout.blobs_dir)
-    return {"spoolBytes": blobs + _directory_bytes(layout.manifests_dir), "quotaBytes": settings.spool_quota,
+    blobs = directory_bytes(layout.blobs_dir)
+    return {"spoolBytes": blobs + directory_bytes(layout.manifests_dir), "quotaBytes": settings.spool_quota,
             "quotaUsedBytes": blobs if settings.spool_quota is not None else None,
             "filesystemFreeBytes": shutil.disk_usage(layout.root).free}
 

@@ -14,6 +14,7 @@ Directories are 0700 and files 0600 whatever the umask: artifacts can be private
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -53,6 +54,17 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def directory_bytes(path: Path) -> int:
+    """Sum of the sizes of the files in `path` (not recursive; 0 if it does not exist). Files removed while
+    it lists them are skipped: the spool's directories change under a running daemon."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(path) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def _is_ascii_number(text: str) -> bool:

@@ -26,7 +26,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from mldash.spool.layout import SpoolLayout, open_private
+from mldash.spool.layout import SpoolLayout, directory_bytes, open_private
 
 # magic, st_dev, st_ino, st_mtime_ns of blobs/ (-1: a writer was linking), total bytes; then a CRC32 of it all.
 _LEDGER = struct.Struct("<4sQQqQ")
@@ -36,12 +36,7 @@ _LINKING = -1
 
 def spooled_bytes(layout: SpoolLayout) -> int:
     """Sum of blobs/ by listing it (what the ledger saves admissions from doing)."""
-    total = 0
-    with os.scandir(layout.blobs_dir) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):  # evicted while we scan
-                total += entry.stat(follow_symlinks=False).st_size
-    return total
+    return directory_bytes(layout.blobs_dir)
 
 
 class QuotaLedger:
