@@ -60,7 +60,10 @@ def _parse_float(minimum: float) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError(f"{value!r} is not a number")
-        number = float(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number; expected one ≥ {minimum:g}, e.g. 30 or 2.5") from None
         if not number >= minimum:
             raise ValueError(f"{value!r} must be ≥ {minimum}")
         return number
@@ -71,7 +74,10 @@ def _parse_int(minimum: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"{value!r} is not an integer")
-        number = int(value)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not an integer; expected one ≥ {minimum}") from None
         if number < minimum:
             raise ValueError(f"{value!r} must be ≥ {minimum}")
         return number

@@ -73,7 +73,10 @@ def test_mldash_key_that_is_not_a_table(xdg: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "fragment"), [
-    ("save_timeout", '"soon"', "'soon'"),
+    ("save_timeout", '"soon"', "'soon' is not a number; expected one ≥ 0"),
+    ("stop_grace", '"later"', "'later' is not a number; expected one ≥ 0"),
+    ("stop_grace", "-5", "must be ≥ 0"),
+    ("max_attempts", '"many"', "'many' is not an integer; expected one ≥ 1"),
     ("save_timeout", "-1", "must be ≥ 0"),
     ("spool_quota", '"lots"', "'lots' is not a size"),
     ("durability", '"sometimes"', "'sometimes': accepted durability levels"),
