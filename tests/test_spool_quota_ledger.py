@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mldash.spool.quota as quota
+from mldash.errors import SpoolFullError
 from mldash.spool.enqueue import Enqueuer
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.quota import quota_lock, spooled_bytes
@@ -80,6 +81,18 @@ def test_an_overstating_ledger_never_refuses_a_save_that_fits(tmp_path: Path) ->
     with quota_lock(layout) as ledger:
         assert ledger.used() == 3000  # what the test is about: the ledger could not see that removal
     put(enqueuer, os.urandom(1000), "fits.bin")  # 2000 + 1000 ≤ 3000: must be admitted, not wait and fail
+
+
+def test_a_save_that_does_not_fit_sums_blobs_once_per_attempt(tmp_path: Path, monkeypatch) -> None:
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=3000, save_timeout=0))
+    layout = enqueuer.layout
+    for n in range(3):
+        put(enqueuer, os.urandom(1000), f"{n}.bin")
+    os.utime(layout.blobs_dir, ns=(0, os.stat(layout.blobs_dir).st_mtime_ns + 1_000_000))  # the ledger is stale
+    sums = _counting_sums(monkeypatch)
+    with pytest.raises(SpoolFullError, match="3000 of 3000 bytes in use"):
+        put(enqueuer, os.urandom(1000), "one-too-many.bin")
+    assert len(sums) == 1, "a sum just made is not made again to check the ledger's word"
 
 
 def test_a_writer_that_died_while_linking_makes_the_next_admission_sum_again(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ Deadlines: the client runs with ``timeoutMS`` = `request_timeout` (PyMongo's cli
 timeout, which also bounds server selection, connecting and the driver's own retries), and every await
 is additionally wrapped in ``asyncio.timeout(request_timeout + DEADLINE_GRACE)`` as the backstop: the
 driver's timeout normally fires first and says more. `catalog_error` is the one place that decides
-transient vs permanent. A driver call is never cancelled: a caller that stops waiting (its deadline, a
-daemon stopping) leaves it to end by its own timeout, or at `close` — see `_deadline` for why.
+transient vs permanent. A driver call is never cancelled while its client is open: a caller that stops
+waiting (its deadline, a daemon stopping) leaves it to end by its own timeout, or at `close` — see
+`_deadline` for why.
 
 The client is bound to the event loop that ran `open()`; use and close the catalog on that loop.
 The URI's password never leaves this object: `url` and `repr()` show it as ``***``.

@@ -207,7 +207,7 @@ class Enqueuer:
         while True:
             with quota_lock(self.layout) as ledger:
                 used = ledger.used()
-                if used + manifest.size > quota:
+                if used + manifest.size > quota and ledger.from_record:
                     used = ledger.used(fresh=True)  # the ledger may overstate: never refuse on its word alone
                 if used + manifest.size <= quota:
                     ledger.linking()

@@ -47,6 +47,7 @@ class QuotaLedger:
         self.layout = layout
         self._fd = fd
         self._used: int | None = None
+        self.from_record = False  # whether the last `used()` came from the ledger (it may overstate) or a sum
 
     def used(self, *, fresh: bool = False) -> int:
         """Bytes in blobs/: from the ledger while blobs/ is unchanged (possibly more than now, if a removal
@@ -54,8 +55,10 @@ class QuotaLedger:
         before = os.stat(self.layout.blobs_dir)
         recorded = None if fresh else self._read()
         if recorded is not None and recorded[:3] == (before.st_dev, before.st_ino, before.st_mtime_ns):
+            self.from_record = True
             self._used = recorded[3]
             return self._used
+        self.from_record = False
         # Stat first, then sum: a removal during the sum changes the mtime again (the next admission sums
         # anew) or shares the tick (the sum is then at most too high). No addition can happen: we hold the lock.
         self._used = spooled_bytes(self.layout)

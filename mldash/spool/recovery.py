@@ -201,11 +201,10 @@ def reconcile(index: SpoolIndex, layout: SpoolLayout, report: RecoveryReport) ->
 
 
 def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | None = None,
-            orphan_grace: float = ORPHAN_BLOB_GRACE, seen: Callable[[Manifest], None] | None = None,
-            ingest: bool = True) -> RecoveryReport:
+            orphan_grace: float = ORPHAN_BLOB_GRACE, ingest: bool = True) -> RecoveryReport:
     """Start-up of the daemon that holds the spool lock: leases, debris, repair, and (`ingest`) ingest.
 
-    `now` and `orphan_grace` exist for tests (an injected clock, a short grace); `seen` as for `ingest_new`.
+    `now` and `orphan_grace` exist for tests (an injected clock, a short grace).
     The daemon passes `ingest=False` and ingests in its loop, a chunk per pass, so that the first uploads of
     a large backlog do not wait until every manifest has been read."""
     report = RecoveryReport()
@@ -213,7 +212,7 @@ def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | 
     clean_debris(layout, report, now=now, orphan_grace=orphan_grace, keep=pending_ids(index))
     reconcile(index, layout, report)
     if ingest:
-        report.ingested = len(ingest_new(index, layout, index.known_ids(), seen))
+        report.ingested = len(ingest_new(index, layout, index.known_ids()))
     return report
 
 
