@@ -275,3 +275,66 @@ class Lifecycle(RuleBasedStateMachine):
 Lifecycle.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None, database=None,
                                        suppress_health_check=[HealthCheck.too_slow])
 test_lifecycle = Lifecycle.TestCase
+
+
+# ---- transition_many: one statement, still all or nothing --------------------------------------------------
+def _index_with_entries(tmp_path: Path, count: int) -> tuple[SpoolIndex, list[int]]:
+    layout = SpoolLayout(tmp_path / "spool").ensure()
+    enqueuer = Enqueuer(make_settings(layout.root, inline_max=0), layout)
+    for i in range(count):
+        put(enqueuer, b"x" * (i + 1), filename=f"f{i}.bin")
+    index = SpoolIndex(layout)
+    ids = ingest_new(index, layout, set())
+    return index, sorted(ids)
+
+
+def test_transition_many_with_one_illegal_move_moves_none(tmp_path: Path) -> None:
+    index, ids = _index_with_entries(tmp_path, 3)
+    try:
+        index.claim(OWNER, LEASE, 2)  # the first two are uploading, the last one stays queued
+        index.transition(ids[0], State.UPLOADED)
+        # ids[0] uploaded → committed is legal, ids[2] queued → committed is not: neither moves
+        try:
+            index.transition_many([ids[0], ids[2]], State.COMMITTED)
+        except IllegalTransition as exc:
+            assert str(ids[2]) in str(exc)
+        else:
+            raise AssertionError("queued → committed was accepted")
+        assert index.states_of(ids) == {ids[0]: State.UPLOADED, ids[1]: State.UPLOADING, ids[2]: State.QUEUED}
+        # inside an enclosing transaction the refusal aborts that transaction too: nothing of it is kept
+        try:
+            with index.transaction():
+                index.transition(ids[1], State.UPLOADED)
+                index.transition_many([ids[0], 999_999], State.COMMITTED)
+        except KeyError as exc:
+            assert exc.args == (999_999,)
+        else:
+            raise AssertionError("an unknown id was accepted")
+        assert index.states_of(ids) == {ids[0]: State.UPLOADED, ids[1]: State.UPLOADING, ids[2]: State.QUEUED}
+        index.transition_many(ids[:2], State.UPLOADED)  # uploaded → uploaded is a stay, allowed
+        assert set(index.states_of(ids[:2]).values()) == {State.UPLOADED}
+    finally:
+        index.close()
+
+
+def test_transition_adds_to_counters_and_claim_counts_each_attempt(tmp_path: Path) -> None:
+    index, ids = _index_with_entries(tmp_path, 3)
+    try:
+        claimed = index.claim(OWNER, LEASE, 3)
+        assert [row["attempts"] for row in claimed] == [1, 1, 1]
+        index.add_bytes_sent(ids[0], 5)
+        index.transition(ids[0], State.QUEUED, add={"bytes_sent": 7})
+        index.transition(ids[1], State.UPLOADED, add={"bytes_sent": 3}, store_key="k")
+        rows = {row["id"]: row for row in index.rows()}
+        assert rows[ids[0]]["bytes_sent"] == 12 and rows[ids[0]]["state"] == "queued"
+        assert rows[ids[1]]["bytes_sent"] == 3 and rows[ids[1]]["store_key"] == "k"
+        assert rows[ids[2]]["bytes_sent"] == 0 and rows[ids[2]]["state"] == "uploading"
+        index.transition(ids[1], State.COMMITTED)
+        again = index.claim(OWNER, LEASE, 3, states=(State.QUEUED, State.COMMITTED))
+        assert {row["id"]: (row["state"], row["attempts"]) for row in again} == {
+            ids[0]: ("uploading", 2), ids[1]: ("committed", 2)}  # one UPDATE per target state
+        rows = {row["id"]: row for row in index.rows()}
+        assert [(rows[i]["state"], rows[i]["attempts"], rows[i]["lease_owner"]) for i in ids] == [
+            ("uploading", 2, OWNER), ("committed", 2, OWNER), ("uploading", 1, OWNER)]
+    finally:
+        index.close()

@@ -468,11 +468,11 @@ class Daemon:
         try:
             with self.index.transaction():
                 # attempts count per stage: the commit stage starts afresh
+                sent = self.uploader.take_unrecorded_bytes(file_id)
                 self.index.transition(file_id, State.UPLOADED, store_key=verified.key,
                                       store_checksum=verified.checksum, uploaded_at=time.time(), next_attempt_at=0,
-                                      attempts=0, last_error=None, error_kind=None, drop_parts=True, **computed)
-                if sent := self.uploader.take_unrecorded_bytes(file_id):
-                    self.index.add_bytes_sent(file_id, sent)
+                                      attempts=0, last_error=None, error_kind=None, drop_parts=True,
+                                      add={"bytes_sent": sent} if sent else None, **computed)
                 following = self._claim_next_upload()
         except sqlite3.Error as exc:  # e.g. the index's disk is full: verified again once the lease expires
             log.error("upload %s: done, but the index cannot record it (%s)", file_id, exc)

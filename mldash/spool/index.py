@@ -18,11 +18,14 @@ from typing import Any
 
 from mldash.spool.layout import FILE_MODE, SpoolLayout
 from mldash.spool.manifest import Manifest
-from mldash.spool.states import PENDING, State, check_transition
+from mldash.spool.states import PENDING, TRANSITIONS, State, check_transition
 
 SCHEMA_VERSION = 1
 _MAX_EVENTS = 1000
 _IDS_PER_STATEMENT = 500  # bound parameters per statement stay below SQLite's limit (999 in old builds)
+# The states an entry may be in to move to each state (the state itself included: staying is allowed).
+_SOURCES: dict[State, list[str]] = {
+    target: [target.value, *(s.value for s, allowed in TRANSITIONS.items() if target in allowed)] for target in State}
 
 _ENTRY_COLUMNS: dict[str, Any] = {
     "id": int, "state": str,
@@ -250,13 +253,17 @@ class SpoolIndex:
                 f"SELECT * FROM entries WHERE state IN ({marks}) AND next_attempt_at <= ? "
                 f"AND (lease_expires IS NULL OR lease_expires < ?) ORDER BY next_attempt_at, id LIMIT ?",
                 [*(s.value for s in states), now, now, limit])]
+            # One UPDATE per target state (at most two), not one per row: claims run once per file.
+            targets: dict[str, list[int]] = {}
             for row in rows:
-                target = State.UPLOADING if row["state"] == State.QUEUED.value else State(row["state"])
-                conn.execute("UPDATE entries SET state=?, lease_owner=?, lease_expires=?, attempts=attempts+1,"
-                             " updated_at=? WHERE id=?",
-                             (target.value, owner, now + lease_seconds, now, row["id"]))
-                row.update(state=target.value, lease_owner=owner, lease_expires=now + lease_seconds,
+                target = State.UPLOADING.value if row["state"] == State.QUEUED.value else row["state"]
+                targets.setdefault(target, []).append(row["id"])
+                row.update(state=target, lease_owner=owner, lease_expires=now + lease_seconds,
                            attempts=row["attempts"] + 1)
+            for target, ids in targets.items():
+                conn.execute(f"UPDATE entries SET state=?, lease_owner=?, lease_expires=?, attempts=attempts+1,"
+                             f" updated_at=? WHERE id IN ({','.join('?' * len(ids))})",
+                             (target, owner, now + lease_seconds, now, *ids))
         return rows
 
     def renew_lease(self, file_id: int, owner: str, lease_seconds: float, now: float | None = None) -> bool:
@@ -284,36 +291,52 @@ class SpoolIndex:
         return changed
 
     def transition(self, file_id: int, target: State, *, release: bool = True, drop_parts: bool = False,
-                   **fields: Any) -> None:
-        """Move an entry to `target` (checked against the state machine) and set `fields`; `drop_parts`
-        also forgets its recorded multipart progress, in the same transaction."""
-        self.transition_many([file_id], target, release=release, drop_parts=drop_parts, **fields)
+                   add: dict[str, int] | None = None, **fields: Any) -> None:
+        """Move an entry to `target` (checked against the state machine) and set `fields`; `add` adds to
+        counters (``add={"bytes_sent": n}``); `drop_parts` also forgets its recorded multipart progress, in
+        the same transaction."""
+        self.transition_many([file_id], target, release=release, drop_parts=drop_parts, add=add, **fields)
 
     def transition_many(self, file_ids: Iterable[int], target: State, *, release: bool = True,
-                        drop_parts: bool = False, **fields: Any) -> None:
+                        drop_parts: bool = False, add: dict[str, int] | None = None, **fields: Any) -> None:
         """`transition` for many entries in one transaction: every one of them moves, or none does (an
-        unknown id raises KeyError, a move the state machine forbids IllegalTransition)."""
+        unknown id raises KeyError, a move the state machine forbids IllegalTransition; either aborts the
+        whole transaction, an enclosing one included)."""
         ids = list(dict.fromkeys(file_ids))
         if not ids:
             return
         fields = {**fields, "state": target.value, "updated_at": time.time()}
         if release:
             fields.update(lease_owner=None, lease_expires=None)
-        assignments = ", ".join(f"{name}=?" for name in fields)
+        assignments = ", ".join([*(f"{name}=?" for name in fields), *(f"{name}={name}+?" for name in add or {})])
+        values = [*fields.values(), *(add or {}).values()]
+        sources = _SOURCES[target]
+        source_marks = ",".join("?" * len(sources))
         with self.transaction() as conn:
             for start in range(0, len(ids), _IDS_PER_STATEMENT):
                 chunk = ids[start:start + _IDS_PER_STATEMENT]
                 marks = ",".join("?" * len(chunk))
-                current = {row[0]: State(row[1]) for row in conn.execute(
-                    f"SELECT id, state FROM entries WHERE id IN ({marks})", chunk)}
-                for file_id in chunk:
-                    if file_id not in current:
-                        raise KeyError(file_id)
-                    if current[file_id] != target:
-                        check_transition(file_id, current[file_id], target)
-                conn.execute(f"UPDATE entries SET {assignments} WHERE id IN ({marks})", [*fields.values(), *chunk])
+                # The state machine is checked by the UPDATE itself (one statement per transition, no read
+                # first); only a count short of the chunk reads the states back, to say which move failed.
+                moved = conn.execute(f"UPDATE entries SET {assignments} WHERE id IN ({marks}) AND state IN "
+                                     f"({source_marks})", [*values, *chunk, *sources]).rowcount
+                if moved != len(chunk):
+                    self._refuse(conn, chunk, target)
                 if drop_parts:
                     conn.execute(f"DELETE FROM parts WHERE entry_id IN ({marks})", chunk)
+
+    @staticmethod
+    def _refuse(conn: sqlite3.Connection, chunk: list[int], target: State) -> None:
+        """Raise for the first entry of `chunk` that cannot move to `target` (this raise rolls the UPDATE back
+        with the transaction)."""
+        marks = ",".join("?" * len(chunk))
+        current = dict(conn.execute(f"SELECT id, state FROM entries WHERE id IN ({marks})", chunk).fetchall())
+        for file_id in chunk:
+            if file_id not in current:
+                raise KeyError(file_id)
+            if current[file_id] != target.value:  # the ones at `target` now moved (or stayed): not the culprit
+                check_transition(file_id, State(current[file_id]), target)
+        raise RuntimeError(f"transition to {target} of {len(chunk)} entries moved fewer rows than it matched")
 
     def update(self, file_id: int, **fields: Any) -> None:
         """Set bookkeeping fields without a state change (upload id, bytes sent…)."""
