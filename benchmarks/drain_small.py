@@ -56,7 +56,9 @@ async def put_all(endpoint_url: str, bucket: str, bodies: list[bytes]) -> None:
 
 
 def run(ctx: Context) -> ScenarioResult:
-    count, rounds = (100, 1) if ctx.quick else (1000, 5)  # per-pair ratios move ±10 %: 5 pairs, not 3
+    # Per-pair ratios move ±10 % and the MongoDB variant sits within a few % of the bound: 9 pairs, whose
+    # min–max holds the true median ratio with 99.6 % probability (5 pairs: 94 %).
+    count, rounds = (100, 1) if ctx.quick else (1000, 9)
     moto = ctx.moto()
     bucket = "bench-drain-small"
     moto.create_bucket(bucket)
