@@ -154,6 +154,50 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert hashlib.sha256(b"bad-bytes").hexdigest() in {d["checksum"] for d in catalog_docs(settings)}
 
 
+def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> None:
+    """An offline node whose daemon never ran (autostart off): `status` must not say nothing is pending while
+    every checkpoint waits in the spool."""
+    import json
+
+    from mldash.ids import id_timestamp_ms
+
+    blob = enqueue_bytes(settings, os.urandom(100_000), filename="ckpt.pt")  # a blob in blobs/
+    inline = enqueue_bytes(settings, b'{"loss": 0.5}', filename="metrics.json")  # bytes inside its manifest
+    assert not SpoolLayout(settings.spool).index_path.exists()
+
+    def status() -> dict:
+        result = cli(settings, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    data = status()
+    assert data["notIndexed"] == {"count": 2, "bytes": 100_000 + len(b'{"loss": 0.5}')}
+    assert (data["pendingFiles"], data["pendingBytes"]) == (2, 100_000 + len(b'{"loss": 0.5}'))
+    oldest = min(blob.id, inline.id)
+    assert data["oldestPendingAgeSeconds"] == pytest.approx(time.time() - id_timestamp_ms(oldest) / 1000, abs=30)
+    human = cli(settings, "status").stdout
+    assert "not indexed        2" in human and "pending  2 files" in human and "run --once" in human
+    listed = cli(settings, "ls")
+    assert "2 saved entries are not indexed yet" in listed.stderr
+
+    # Once a daemon indexed some (here: one, by an index built from the first manifest alone), the rest still count.
+    layout = SpoolLayout(settings.spool)
+    index = SpoolIndex(layout)
+    from mldash.spool.recovery import ingest_new
+    assert ingest_new(index, layout, set(), candidates=[blob.id]) == [blob.id]
+    index.close()
+    data = status()
+    assert data["states"]["queued"]["count"] == 1 and data["notIndexed"]["count"] == 1
+    assert (data["pendingFiles"], data["pendingBytes"]) == (2, 100_000 + len(b'{"loss": 0.5}'))
+
+    assert cli(settings, "run", "--once", "--quiet").returncode == 0
+    data = status()
+    assert data["notIndexed"] == {"count": 0, "bytes": 0} and data["pendingFiles"] == 0
+    assert data["oldestPendingAgeSeconds"] is None
+    assert "no daemon is running" not in cli(settings, "status").stdout
+    assert "not indexed yet" not in cli(settings, "ls").stderr
+
+
 def test_cli_while_a_daemon_is_creating_the_index(settings: Settings) -> None:
     """A save autostarts a daemon and the user types `status` or `run --once` at once: the index file exists,
     its schema only in part. Seen as "no index yet", not a traceback."""
@@ -170,7 +214,8 @@ def test_cli_while_a_daemon_is_creating_the_index(settings: Settings) -> None:
 
     status = cli(settings, "status", "--json")
     assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["pendingFiles"] == 0
+    data = json.loads(status.stdout)
+    assert data["pendingFiles"] == 1 and data["notIndexed"] == {"count": 1, "bytes": entry.size}
     listed = cli(settings, "ls")
     assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
     drained = cli(settings, "run", "--once")

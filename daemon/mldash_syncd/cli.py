@@ -20,7 +20,7 @@ from mldash.errors import ConfigError, DaemonBusyError, MldashError
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
-from mldash.spool.recovery import rebuild
+from mldash.spool.recovery import Unindexed, rebuild, unindexed
 from mldash.spool.states import OUTSTANDING, State
 from mldash_syncd.follow import Progress, follow, progress
 from mldash_syncd.logs import redact, setup_logging
@@ -143,14 +143,14 @@ def status_data(settings: Settings) -> dict[str, Any]:
     if layout.exists():
         data["disk"] = disk_usage(settings, layout)
     if index is None:
+        _add_unindexed(data, unindexed(layout, set()), None)
         return data
     try:
         data["states"] = index.counts()
         pending = [data["states"][s.value] for s in OUTSTANDING]
         data["pendingFiles"] = sum(p["count"] for p in pending)
         data["pendingBytes"] = sum(p["bytes"] for p in pending)
-        oldest = index.oldest_pending_created_at()
-        data["oldestPendingAgeSeconds"] = None if oldest is None else max(0.0, time.time() - oldest)
+        _add_unindexed(data, unindexed(layout, index.known_ids()), index.oldest_pending_created_at())
         data["recentErrors"] = [{"time": e["ts"], "id": str(e["entry_id"]), "message": e["message"]}
                                 for e in index.recent_events(10, level="error")]
         beat = index.get_meta("daemon")
@@ -164,6 +164,16 @@ def status_data(settings: Settings) -> dict[str, Any]:
     finally:
         index.close()
     return data
+
+
+def _add_unindexed(data: dict[str, Any], saved: Unindexed, oldest_indexed: float | None) -> None:
+    """Saves no daemon has indexed yet are pending too: without them, `status` on a node whose daemon never ran
+    would say nothing is waiting while every checkpoint is."""
+    data["notIndexed"] = {"count": saved.count, "bytes": saved.bytes}
+    data["pendingFiles"] += saved.count
+    data["pendingBytes"] += saved.bytes
+    times = [t for t in (oldest_indexed, saved.oldest_created_at) if t is not None]
+    data["oldestPendingAgeSeconds"] = max(0.0, time.time() - min(times)) if times else None
 
 
 def disk_usage(settings: Settings, layout: SpoolLayout) -> dict[str, Any]:
@@ -187,11 +197,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         if daemon["running"] and daemon.get(problem):
             print(f"         {problem[:-7]} unavailable: {daemon[problem]}")
     print(f"\n{'state':<12}{'files':>8}{'bytes':>14}")
-    for state, value in data["states"].items():
+    saved = data["notIndexed"]
+    for state, value in [("not indexed", saved), *data["states"].items()]:
         print(f"{state:<12}{value['count']:>8}{human_bytes(value['bytes']):>14}")
     age = data["oldestPendingAgeSeconds"]
     print(f"\npending  {data['pendingFiles']} files, {human_bytes(data['pendingBytes'])}"
           + (f"; oldest {human_duration(age)} old" if age is not None else ""))
+    if data["pendingFiles"] and not daemon["running"]:
+        print("         no daemon is running: `mldash-syncd run --once` syncs them and exits")
     if daemon["running"]:
         print(f"rate     {human_bytes(data['throughputBytesPerSecond'])}/s (last 30 s)")
     if disk := data.get("disk"):
@@ -209,8 +222,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # ---- ls -------------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
-    _layout, index = _open_index(_settings(args))
+    layout, index = _open_index(_settings(args))
     rows: list[dict[str, Any]] = []
+    known: set[int] = set()
     if index is not None:
         try:
             states = [State(s) for s in args.state] if args.state else None
@@ -218,6 +232,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if experiment is not None and len(experiment) != 3:
                 raise MldashError(f"--experiment {args.experiment!r}: expected namespace/project/experiment")
             rows = index.rows(states=states, experiment=experiment, limit=args.limit)
+            known = index.known_ids()
         finally:
             index.close()
     if args.json:
@@ -231,6 +246,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if r["last_error"] and r["state"] in ("failed", "quarantined", "queued", "uploaded"):
             line += f"\n{'':<20}   ↳ {r['last_error']}"
         print(line)
+    if saved := unindexed(layout, known).count:
+        print(f"({saved} saved entries are not indexed yet, so not listed: a daemon indexes them when it runs; "
+              f"`mldash-syncd status` counts them)", file=sys.stderr)
     return EXIT_OK
 
 

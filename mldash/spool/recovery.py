@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from mldash.errors import SpoolCorruptError
+from mldash.ids import id_timestamp_ms
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.manifest import Manifest
@@ -68,6 +69,30 @@ def manifest_ids(layout: SpoolLayout) -> set[int]:
             if file_id is not None:
                 ids.add(file_id)
     return ids
+
+
+@dataclass(frozen=True)
+class Unindexed:
+    """Saved entries no daemon has indexed yet: none has run since they were saved (an offline node, autostart
+    off), or the running one has not got to them. They are pending like queued ones."""
+    count: int
+    bytes: int
+    oldest_created_at: float | None  # Unix time (from the id), None when there are none
+
+
+def unindexed(layout: SpoolLayout, known: set[int]) -> Unindexed:
+    """Count the manifests not in `known` and their bytes: a stat of the blob, or for an inline entry (no
+    blob) the size its manifest records. Unreadable ones count with 0 bytes: ingest will quarantine them."""
+    ids = manifest_ids(layout) - known
+    total = 0
+    for file_id in ids:
+        try:
+            total += os.stat(layout.blob_path(file_id)).st_size
+        except FileNotFoundError:
+            with contextlib.suppress(SpoolCorruptError):
+                total += read_manifest(layout, file_id).size
+    oldest = id_timestamp_ms(min(ids)) / 1000 if ids else None
+    return Unindexed(len(ids), total, oldest)
 
 
 def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int],
