@@ -198,6 +198,19 @@ def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> 
     assert "not indexed yet" not in cli(settings, "ls").stderr
 
 
+def test_follow_progress_counts_saves_the_daemon_has_not_indexed(settings: Settings) -> None:
+    from mldash_syncd.follow import progress
+
+    saved = [enqueue_bytes(settings, os.urandom(n), filename=f"{n}.bin") for n in (10, 200_000)]
+    layout = SpoolLayout(settings.spool)
+    index = SpoolIndex(layout)  # as a daemon that has not ingested them yet
+    try:
+        seen = progress(index, layout)
+    finally:
+        index.close()
+    assert (seen.pending_files, seen.pending_bytes) == (2, sum(m.size for m in saved))
+
+
 def test_cli_while_a_daemon_is_creating_the_index(settings: Settings) -> None:
     """A save autostarts a daemon and the user types `status` or `run --once` at once: the index file exists,
     its schema only in part. Seen as "no index yet", not a traceback."""

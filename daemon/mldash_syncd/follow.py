@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import is_held
-from mldash.spool.recovery import manifest_ids
+from mldash.spool.recovery import unindexed
 from mldash.spool.states import OUTSTANDING, TERMINAL
 
 POLL_INTERVAL = 0.5
@@ -45,12 +45,15 @@ class Followed:
 def progress(index: SpoolIndex, layout: SpoolLayout) -> Progress:
     counts = index.counts()
     pending_files = sum(counts[s.value]["count"] for s in OUTSTANDING)
+    pending_bytes = sum(counts[s.value]["bytes"] for s in OUTSTANDING)
     if pending_files == 0:
         # Saved, but not yet ingested by the running daemon (it does so within ~0.1 s): pending as well.
-        pending_files = len(manifest_ids(layout) - index.known_ids())
+        # (Only looked for when nothing indexed is pending: this runs at every poll.)
+        saved = unindexed(layout, index.known_ids())
+        pending_files, pending_bytes = saved.count, saved.bytes
     return Progress(
         pending_files=pending_files,
-        pending_bytes=sum(counts[s.value]["bytes"] for s in OUTSTANDING),
+        pending_bytes=pending_bytes,
         done_files=sum(counts[s.value]["count"] for s in TERMINAL),
         remaining={state: c["count"] for state, c in counts.items() if c["count"]},
     )
