@@ -288,3 +288,42 @@ def test_every_spool_file_is_private_whatever_the_umask(tmp_path: Path, umask: i
                  "tmp", "blobs", "manifests"):
         assert name in checked, f"{name} was not created, so its mode was not checked"
     assert any(path.startswith("blobs/") for path in checked) and any(p.startswith("manifests/") for p in checked)
+
+
+def test_spool_marker_creation_survives_a_concurrent_debris_clean_up(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes create one spool at the same moment and one of them has already started a daemon, whose
+    clean-up of tmp/ runs while the other writes the SPOOL marker's temp file. Seen from another PID namespace
+    (a container), the pid in the temp name is dead: only the writer's lock protects it."""
+    import mldash.spool.layout as layout_module
+    import mldash.spool.recovery as recovery
+
+    monkeypatch.setattr(recovery, "_pid_alive", lambda pid: False)
+    root = tmp_path / "spool"
+    removed: list[list[str]] = []
+
+    def clean_up() -> None:
+        report = recovery.RecoveryReport()
+        recovery.clean_debris(SpoolLayout(root), report)
+        removed.append(report.removed_tmp)
+
+    real_open, real_hold = layout_module.open_private, layout_module.hold
+
+    def open_then_clean_up(path, *args, **kwargs):  # the unlucky moment: created, not locked yet
+        fd = real_open(path, *args, **kwargs)
+        if str(path).endswith("SPOOL.part") and not removed:
+            clean_up()
+        return fd
+
+    def hold_then_clean_up(fd: int) -> bool:  # any later moment: locked
+        held = real_hold(fd)
+        if held:
+            clean_up()
+        return held
+
+    monkeypatch.setattr(layout_module, "open_private", open_then_clean_up)
+    monkeypatch.setattr(layout_module, "hold", hold_then_clean_up)
+    layout = SpoolLayout(root).ensure()
+    assert (root / "SPOOL").read_text() == "mldash-spool 1\n"
+    assert len(removed) == 2 and len(removed[0]) == 1 and removed[1] == [], removed
+    assert os.listdir(layout.tmp_dir) == []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mldash.errors import SpoolCorruptError
+from mldash.spool.tmp_owner import hold
 
 LAYOUT_VERSION = 1
 _MARKER = f"mldash-spool {LAYOUT_VERSION}\n"
@@ -150,13 +151,19 @@ class SpoolLayout:
                     f"{self.root} holds a spool of layout {text.strip()!r}; this mldash reads {_MARKER.strip()!r}")
         for directory in (self.root, self.tmp_dir, self.blobs_dir, self.manifests_dir):
             make_private_dir(directory)
-        if not marker.exists():
+        while not marker.exists():
             # unique per thread too: a client and an in-process daemon may create the spool at once
             tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}-SPOOL.part"
             fd = open_private(tmp)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                # Locked like every temp file being written (tmp_owner.py): a daemon's debris clean-up,
+                # started by another process that created the spool at the same moment, leaves it alone.
+                if not hold(handle.fileno()):
+                    continue  # judged debris (unlinked) before the lock: start over
                 handle.write(_MARKER)
-            os.replace(tmp, marker)
+                handle.flush()
+                with contextlib.suppress(FileNotFoundError):  # only if the lock was not available (no flock)
+                    os.replace(tmp, marker)
         return self
 
     def exists(self) -> bool:
