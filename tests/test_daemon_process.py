@@ -211,6 +211,19 @@ def test_follow_progress_counts_saves_the_daemon_has_not_indexed(settings: Setti
     assert (seen.pending_files, seen.pending_bytes) == (2, sum(m.size for m in saved))
 
 
+def test_run_once_progress_bar_counts_each_file_once(settings: Settings) -> None:
+    """Saves made after an earlier drain (an index exists, nothing in it pending): the bar's totals used to
+    count them from the manifests and again from the daemon's "queued" events ("2/4 files" when done)."""
+    enqueue_bytes(settings, b"first", filename="a.bin")
+    assert cli(settings, "run", "--once", "--quiet").returncode == 0
+    for name in ("b.bin", "c.bin"):
+        enqueue_bytes(settings, b"later", filename=name)
+    result = cli(settings, "run", "--once")
+    assert result.returncode == 0, result.stderr
+    bars = [line for line in result.stderr.replace("\r", "\n").splitlines() if " files  " in line]
+    assert bars and "2/2 files  10 B/10 B" in bars[-1], bars
+
+
 def test_cli_while_a_daemon_is_creating_the_index(settings: Settings) -> None:
     """A save autostarts a daemon and the user types `status` or `run --once` at once: the index file exists,
     its schema only in part. Seen as "no index yet", not a traceback."""

@@ -63,7 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar = ProgressBar(0, 0)
         else:
             try:
-                now = progress(index, layout)
+                # Indexed entries only: the daemon's "queued" event of each manifest it indexes adds the rest
+                # (counting those here as well showed "2/4 files" at the end of a complete drain).
+                now = progress(index, layout, count_unindexed=False)
             finally:
                 index.close()
             bar = ProgressBar(now.pending_files, now.pending_bytes)

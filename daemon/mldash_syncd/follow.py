@@ -42,11 +42,13 @@ class Followed:
         return max(0, self.last.done_files - self.first.done_files) if self.first and self.last else 0
 
 
-def progress(index: SpoolIndex, layout: SpoolLayout) -> Progress:
+def progress(index: SpoolIndex, layout: SpoolLayout, *, count_unindexed: bool = True) -> Progress:
+    """`count_unindexed=False`: leave out saves not indexed yet (a drain of our own counts them as it indexes
+    them, from its "queued" events)."""
     counts = index.counts()
     pending_files = sum(counts[s.value]["count"] for s in OUTSTANDING)
     pending_bytes = sum(counts[s.value]["bytes"] for s in OUTSTANDING)
-    if pending_files == 0:
+    if pending_files == 0 and count_unindexed:
         # Saved, but not yet ingested by the running daemon (it does so within ~0.1 s): pending as well.
         # (Only looked for when nothing indexed is pending: this runs at every poll.)
         saved = unindexed(layout, index.known_ids())
