@@ -224,6 +224,24 @@ def test_run_once_progress_bar_counts_each_file_once(settings: Settings) -> None
     assert bars and "2/2 files  10 B/10 B" in bars[-1], bars
 
 
+def test_run_once_max_wait_bounds_the_run_while_the_catalog_is_down(settings: Settings) -> None:
+    """`--max-wait` counts from the start and ends the run then: opening a catalog that is down used to take
+    the whole request timeout (60 s) before the wait even began, and the end of the run turned into a stop
+    request whose grace (here 600 s) waited for the commit hanging on the dead catalog."""
+    from tests.fixtures.mongo import free_port
+
+    down = settings.replace(catalog=f"mongodb://127.0.0.1:{free_port()}/mldash", request_timeout=60.0,
+                            stop_grace=600.0)
+    for name in ("a.bin", "b.bin"):
+        enqueue_bytes(down, b"bytes", filename=name)
+    started = time.monotonic()
+    result = cli(down, "run", "--once", "--max-wait", "8", "--quiet", timeout=100)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr  # still pending at --max-wait
+    assert "in spool: 2 uploaded" in result.stderr  # the uploads went on while the catalog was down
+    assert took < 45, f"run --once --max-wait 8 took {took:.0f}s"
+
+
 def test_cli_while_a_daemon_is_creating_the_index(settings: Settings) -> None:
     """A save autostarts a daemon and the user types `status` or `run --once` at once: the index file exists,
     its schema only in part. Seen as "no index yet", not a traceback."""

@@ -75,6 +75,21 @@ async def test_closed_port_is_transient_within_deadline() -> None:
         await catalog.close()
 
 
+async def test_open_does_not_wait_the_request_timeout_for_a_server_that_is_down() -> None:
+    """A daemon starting while MongoDB is down must start uploading: `open` gives the index creation
+    OPEN_TIMEOUT (3 s), not the request timeout (60 s by default), then defers it to the first write."""
+    from mldash.catalog.mongo import OPEN_TIMEOUT
+
+    catalog = MongoCatalog(f"mongodb://127.0.0.1:{free_port()}/", database="x", request_timeout=60.0)
+    started = time.monotonic()
+    await catalog.open()
+    try:
+        assert time.monotonic() - started < OPEN_TIMEOUT + GIVE_UP_WITHIN < 60.0
+        assert not catalog._indexes_ready  # retried before the first write
+    finally:
+        await catalog.close()
+
+
 async def test_blackhole_server_is_transient_within_deadline() -> None:
     async with blackhole_server() as port:
         catalog = MongoCatalog(f"mongodb://127.0.0.1:{port}/", database="x", request_timeout=REQUEST_TIMEOUT)

@@ -156,6 +156,8 @@ class Daemon:
             self._collector.end()
 
     async def _run(self, until_drained: bool, max_wait: float | None) -> RunReport:
+        # Counted from here, not from the loop: opening the store and catalog is part of the wait.
+        deadline = None if max_wait is None else time.monotonic() + max_wait
         self.layout.ensure()
         with DaemonLock(self.layout):
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
@@ -175,7 +177,7 @@ class Daemon:
                     self.notifier.ready(f"draining {self.layout.root}")
                     watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
                     try:
-                        await self._loop(until_drained, max_wait)
+                        await self._loop(until_drained, deadline)
                     finally:
                         watchdog.cancel()
                         if self._stop.is_set():  # a stop request does not wait for it (the next start retries)
@@ -188,10 +190,9 @@ class Daemon:
                 self.index.close()
         return self.report
 
-    async def _loop(self, until_drained: bool, max_wait: float | None) -> None:
+    async def _loop(self, until_drained: bool, deadline: float | None) -> None:
         watcher = asyncio.create_task(self._watch(), name="watch")
         known = self.index.known_ids()
-        deadline = None if max_wait is None else time.monotonic() + max_wait
         last_scan = last_beat = last_evict = last_compact = 0.0
         idle_since = time.monotonic()
         try:
@@ -319,8 +320,11 @@ class Daemon:
         try:
             import watchfiles
 
+            # No stop_event: awatch sets the one it is given when it is cancelled, and ours would turn the end
+            # of every run (max wait included) into a stop request whose grace waits for in-flight work.
+            # Cancelling the task (see _loop) ends it.
             async for _changes in watchfiles.awatch(self.layout.manifests_dir, debounce=20, step=10,
-                                                    recursive=False, stop_event=self._stop):
+                                                    recursive=False):
                 self._scan_requested = True
                 self._wake.set()
         except asyncio.CancelledError:

@@ -65,6 +65,9 @@ DUPLICATE_KEY = 11000  # the server error code of a unique-index violation
 DEADLINE_GRACE = 1.0  # seconds the outer asyncio deadline waits beyond the driver's own timeoutMS
 CLOSE_SESSIONS_TIMEOUT = 1.0  # seconds `close` gives the endSessions command (see _close_client)
 ABANDONED_CALLS_GRACE = 2.0  # seconds `close` waits for abandoned calls (server selection wakes every 0.5 s)
+# Seconds `open` gives the index creation: a reachable server answers in milliseconds (bad credentials too);
+# one that is down must not hold a starting daemon — and its uploads — for the whole request timeout.
+OPEN_TIMEOUT = 3.0
 
 # Server error codes that mean "the credentials are wrong or lack a role": never fixed by waiting.
 _AUTH_CODES = frozenset({
@@ -188,8 +191,9 @@ class MongoCatalog(Catalog):
     async def open(self) -> None:
         """Create the client (on this event loop) and the indexes.
 
-        An unreachable server does not make `open` fail: it logs a warning and the next `upsert`
-        retries the index creation first, so a daemon can start while MongoDB is down and catch up.
+        An unreachable server does not make `open` fail, nor wait the request timeout: the index creation gets
+        `OPEN_TIMEOUT` seconds, then `open` logs a warning and the next `upsert` retries it first, so a daemon
+        starts (and uploads) while MongoDB is down and catches up.
         A user without the right to create indexes (read-only) gets a warning, not an error.
         Bad credentials or a bad URI raise `PermanentCatalogError`.
         """
@@ -211,7 +215,8 @@ class MongoCatalog(Catalog):
         self._files = self._client.get_database(self.database).get_collection(
             COLLECTION, write_concern=WriteConcern(w="majority", j=True))
         try:
-            await self._ensure_indexes()
+            with pymongo.timeout(min(self.request_timeout, OPEN_TIMEOUT)):  # the driver's own deadline, shortened
+                await self._ensure_indexes()
         except TransientCatalogError as exc:
             log.warning("%s; will retry before the next catalog call", exc)
         except BaseException:
