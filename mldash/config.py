@@ -193,7 +193,8 @@ FIELDS: tuple[Field, ...] = (
     Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_optional_size, lambda: None,
           "Maximum bytes of artifacts held in the spool (e.g. '50GiB'); unset = only the disk limits it."),
     Field("save_timeout", "MLDASH_SAVE_TIMEOUT", _parse_float(0.0), lambda: 60.0,
-          "Seconds a save blocks waiting for spool space (quota or full disk) before SpoolFullError."),
+          "Seconds a save blocks waiting for spool space (quota or full disk) before SpoolFullError. Over quota "
+          "it waits only while a daemon may make room (autostart on, or one held the spool in the last 30 s)."),
     Field("max_file_size", "MLDASH_MAX_FILE_SIZE", parse_size, lambda: 100 * 10**9,
           "Largest accepted artifact, checked before copying (default 100 GB)."),
     Field("inline_max", "MLDASH_INLINE_MAX", parse_size, lambda: 64 * 2**10,

@@ -29,6 +29,7 @@ from mldash.files import FilesHandle
 from mldash.reader import ExperimentId, Reader
 from mldash.serializers import Payload
 from mldash.spool.enqueue import Enqueuer, EntrySpec
+from mldash.spool.layout import SpoolLayout
 from mldash.spool.manifest import Manifest
 
 log = logging.getLogger("mldash")
@@ -115,7 +116,10 @@ class Experiment:
     def _get_enqueuer(self) -> Enqueuer:
         with self._lock:
             if self._enqueuer is None:
-                self._enqueuer = Enqueuer(self.settings)
+                layout = SpoolLayout(self.settings.spool)
+                # A save waiting for spool space starts a daemon if none drains it (one that died, say).
+                self._enqueuer = Enqueuer(self.settings, layout,
+                                          on_wait=lambda: ensure_daemon(self.settings, layout))
             return self._enqueuer
 
     def _spool_tmp(self) -> Path:

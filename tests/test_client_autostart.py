@@ -165,3 +165,24 @@ def test_waiting_restarts_a_daemon_that_is_gone(settings, monkeypatch):
     with pytest.raises(TimeoutError):
         exp.flush(timeout=0.01)
     assert len(spawned) == 1  # flush asked for a daemon (the fake one never drains, hence the timeout)
+
+
+def test_a_save_waiting_for_spool_quota_starts_the_daemon_that_makes_room(settings):
+    """The quota is full of saves no daemon drains (its daemon died, or autostart was off when they were made):
+    the next save's wait starts one, whose eviction makes room, and the save goes through. Before, the wait
+    never asked for a daemon: every save over quota failed after save_timeout, and the spool stayed full."""
+    quota = settings.replace(spool_quota=1_000_000, save_timeout=120)
+    filler = Experiment(prefix="alice/project/quota", settings=quota)  # autostart off (the fixture's)
+    for n in range(3):
+        filler.files.save_blob(os.urandom(300_000), f"{n}.bin")
+    layout = SpoolLayout(quota.spool)
+    assert not layout.lock_path.exists() and autostart._states == {}
+
+    live = quota.replace(autostart=True, idle_exit=2.0)
+    exp = Experiment(prefix="alice/project/quota", settings=live)
+    data = os.urandom(300_000)
+    result = exp.files("later").save_blob(data, "fourth.bin")  # over quota: waits for the daemon it starts
+    state = autostart._states[Path(live.spool)]
+    assert state.child is not None, "the waiting save did not start a daemon"
+    assert exp.flush(timeout=60)[result["id"]] in ("committed", "evicted")
+    assert store_bytes(live, result) == data

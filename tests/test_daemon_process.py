@@ -277,6 +277,24 @@ def test_second_daemon_on_same_spool_refuses(settings: Settings, daemon_process)
     assert gc.returncode == 3 and "another mldash-syncd" in gc.stderr and "stop it first" in gc.stderr
 
 
+def test_a_killed_daemon_leaves_a_recent_sign_of_life_for_waiting_saves(settings: Settings, daemon_process) -> None:
+    """A save over quota waits for a daemon only if one held the spool in the last DAEMON_RESTART_GRACE seconds
+    (a service being restarted). The daemon marks the lock file with each heartbeat, so even after kill -9 the
+    mark is at most a heartbeat old."""
+    from mldash.spool.enqueue import DAEMON_RESTART_GRACE
+    from mldash.spool.lock import seconds_since_held
+
+    layout = SpoolLayout(settings.spool)
+    holder = daemon_process(settings, "run")
+    wait_for(lambda: seconds_since_held(layout) == 0.0)
+    stale = time.time() - 1000
+    os.utime(layout.lock_path, (stale, stale))  # the mark as an old daemon left it: only heartbeats renew it
+    wait_for(lambda: layout.lock_path.stat().st_mtime > time.time() - 10, timeout=30)
+    holder.kill()
+    since = seconds_since_held(layout)
+    assert since is not None and since < DAEMON_RESTART_GRACE / 2, since
+
+
 def _uploaded_with_the_catalog_down(settings: Settings, mongo_server_process, daemon_process):
     """A service daemon whose catalog is down: it uploads two entries, then waits to commit them."""
     server = mongo_server_process()

@@ -3,6 +3,8 @@
 Either way a save blocks up to save_timeout, then raises SpoolFullError with a message that says
 what is full and which setting to change; nothing partial is left (no temp file, no blob without
 manifest, no truncated manifest); earlier entries are intact; freeing space makes saves work again.
+Over quota it waits only while a daemon may drain the spool (one holds its lock, held it in the last
+DAEMON_RESTART_GRACE seconds, or autostart starts one); otherwise it fails at once.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from mldash.errors import SpoolFullError
-from mldash.spool.enqueue import Enqueuer
+from mldash.spool.enqueue import DAEMON_RESTART_GRACE, Enqueuer
 from mldash.spool.layout import SpoolLayout
+from mldash.spool.lock import DaemonLock, seconds_since_held
 from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import manifest_ids
 from tests.spool_helpers import Ack, assert_spool_integrity, make_settings, put
@@ -98,7 +101,7 @@ def test_disk_fills_exactly_at_the_manifest(small_fs: Path, manifest_pages: int,
 def test_quota_blocks_then_raises_and_writes_nothing(tmp_path: Path) -> None:
     enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1_000_000, save_timeout=0.3))
     saved = [put(enqueuer, os.urandom(300_000), f"{n}.bin") for n in range(3)]
-    with pytest.raises(SpoolFullError) as info:
+    with DaemonLock(enqueuer.layout), pytest.raises(SpoolFullError) as info:  # a daemon that drains nothing
         put(enqueuer, os.urandom(300_000), "fourth.bin")
     assert str(info.value) == ("spool quota full: 900000 of 1000000 bytes in use, 'fourth.bin' needs 300000; "
                                "waited 0.3s (setting save_timeout) for the daemon to drain; nothing was written")
@@ -122,6 +125,7 @@ def test_draining_unblocks_a_waiting_save(tmp_path: Path) -> None:
         finally:
             done.set()
 
+    daemon = DaemonLock(layout).acquire()  # the daemon whose eviction makes room below
     saver = threading.Thread(target=blocked_save)
     saver.start()
     # The save is waiting for room once its temp file is complete and it has not returned.
@@ -137,7 +141,69 @@ def test_draining_unblocks_a_waiting_save(tmp_path: Path) -> None:
     drain.join()
     assert done.wait(30), "draining did not unblock the waiting save"
     saver.join()
+    daemon.release()
     assert "error" not in outcome, outcome
     entry = outcome["manifest"]
     assert isinstance(entry, Manifest)
     _nothing_partial(layout, _acks([saved[2], entry]))
+
+
+def _over_quota(tmp_path: Path, **overrides: object) -> tuple[Enqueuer, list[Manifest]]:
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1_000_000, **overrides))
+    return enqueuer, [put(enqueuer, os.urandom(300_000), f"{n}.bin") for n in range(3)]
+
+
+def test_quota_full_without_a_daemon_fails_at_once(tmp_path: Path) -> None:
+    """Autostart off and no daemon ever ran: nothing will make room, so the save must not stall save_timeout."""
+    enqueuer, saved = _over_quota(tmp_path, save_timeout=90)
+    started = time.monotonic()
+    with pytest.raises(SpoolFullError) as info:
+        put(enqueuer, os.urandom(300_000), "fourth.bin")
+    assert time.monotonic() - started < 60, "the save waited for a daemon that does not exist"
+    assert str(info.value) == (
+        f"spool quota full: 900000 of 1000000 bytes in use, 'fourth.bin' needs 300000, and no daemon is draining "
+        f"{enqueuer.layout.root} (none has held it in the last 30s; autostart is off): start one (`mldash-syncd run`, "
+        "or its systemd unit) or raise spool_quota; nothing was written")
+    assert (info.value.requested, info.value.used, info.value.quota) == (300_000, 900_000, 1_000_000)
+    _nothing_partial(enqueuer.layout, _acks(saved))
+
+
+def test_quota_full_waits_for_a_daemon_that_is_being_restarted(tmp_path: Path) -> None:
+    """A daemon let go of the spool moments ago (systemd restarts it): wait for it, up to save_timeout."""
+    enqueuer, saved = _over_quota(tmp_path, save_timeout=0.3)
+    DaemonLock(enqueuer.layout).acquire().release()  # as a daemon stopping (or its last heartbeat)
+    assert seconds_since_held(enqueuer.layout) < DAEMON_RESTART_GRACE
+    with pytest.raises(SpoolFullError, match=r"waited 0.3s \(setting save_timeout\) for the daemon to drain"):
+        put(enqueuer, os.urandom(300_000), "fourth.bin")
+
+    # The same spool once its daemon has been gone for longer than the grace: at once, naming the spool.
+    stale = time.time() - DAEMON_RESTART_GRACE - 5
+    os.utime(enqueuer.layout.lock_path, (stale, stale))
+    assert seconds_since_held(enqueuer.layout) > DAEMON_RESTART_GRACE
+    enqueuer.settings = enqueuer.settings.replace(save_timeout=90)
+    started = time.monotonic()
+    with pytest.raises(SpoolFullError, match="no daemon is draining"):
+        put(enqueuer, os.urandom(300_000), "fourth.bin")
+    assert time.monotonic() - started < 60
+    _nothing_partial(enqueuer.layout, _acks(saved))
+
+
+def test_quota_wait_calls_on_wait_and_fails_once_the_daemon_is_gone(tmp_path: Path) -> None:
+    """`on_wait` runs between tries (the client's autostart hook); a daemon that dies while a save waits — and is
+    not back within the grace — ends the wait early instead of at save_timeout."""
+    enqueuer, saved = _over_quota(tmp_path, save_timeout=90)
+    daemon = DaemonLock(enqueuer.layout).acquire()
+    calls: list[float] = []
+
+    def on_wait() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 3:  # the daemon dies, and its last sign of life is long past
+            daemon.release()
+            stale = time.time() - DAEMON_RESTART_GRACE - 5
+            os.utime(enqueuer.layout.lock_path, (stale, stale))
+
+    enqueuer.on_wait = on_wait
+    with pytest.raises(SpoolFullError, match="no daemon is draining"):
+        put(enqueuer, os.urandom(300_000), "fourth.bin")
+    assert len(calls) == 3, calls
+    _nothing_partial(enqueuer.layout, _acks(saved))

@@ -120,6 +120,7 @@ class Daemon:
         self._started = time.time()
         self._rate_window: list[tuple[float, int]] = []
         self.index: SpoolIndex | None = None
+        self._daemon_lock: DaemonLock | None = None
         self._scan_requested = True
         self._backlog: list[int] = []  # new manifests not indexed yet, newest first (see _ingest)
         self._evict_requested = False
@@ -159,7 +160,7 @@ class Daemon:
         # Counted from here, not from the loop: opening the store and catalog is part of the wait.
         deadline = None if max_wait is None else time.monotonic() + max_wait
         self.layout.ensure()
-        with DaemonLock(self.layout):
+        with DaemonLock(self.layout) as self._daemon_lock:
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
             try:
                 recovered = recover(self.index, self.layout, self.owner, ingest=False)
@@ -742,6 +743,8 @@ class Daemon:
         self._eviction = None
 
     def _write_heartbeat(self, stopping: bool = False) -> None:
+        if self._daemon_lock is not None:  # tells a save waiting for spool space that a daemon is here
+            self._daemon_lock.touch()
         if self.index is None:
             return
         counts = self.index.counts()

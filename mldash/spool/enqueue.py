@@ -8,7 +8,7 @@ Every other save, in order of operations, each step safe to be interrupted by ki
 
 1. write bytes to ``tmp/{pid}-{id}.blob.part`` (0600), hashing them on the way (up to the checksum
    setting's limit: past it the manifest's sha256 is None and the daemon hashes);
-2. (quota) take the quota lock, wait for room;
+2. (quota) take the quota lock, wait for room — only while a daemon drains the spool (see `Enqueuer`);
 3. ``link`` the temp file to ``blobs/{id}`` — link, not rename, because it fails on an existing
    name instead of overwriting: an id collision is detected, never silent (a fresh id is drawn);
 4. write the manifest (unnamed, or to ``tmp/`` where that is not available), then ``link`` it to
@@ -40,6 +40,7 @@ from mldash.ids import new_id
 from mldash.spool.hashing import HashingSink
 from mldash.spool.inline import InlineSink
 from mldash.spool.layout import SpoolLayout, fsync_dir, open_private
+from mldash.spool.lock import seconds_since_held
 from mldash.spool.manifest import FORMAT_VERSION, INLINE_FORMAT_VERSION, Manifest
 from mldash.spool.newfile import publish_bytes
 from mldash.spool.quota import quota_lock
@@ -47,6 +48,9 @@ from mldash.spool.tmp_owner import hold
 
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _ID_ATTEMPTS = 5
+# A save over quota waits for a daemon to make room only if one holds the spool or held it this recently: a
+# service being restarted (systemd RestartSec=10s, then its start-up) is back well within it.
+DAEMON_RESTART_GRACE = 30.0
 _HOST = socket.gethostname()
 # Kinds whose writer copies a file (copy_into: copy_file_range from the source into the spool file); their
 # bytes are not in memory, so they always take the blob path.
@@ -73,11 +77,19 @@ Writer = Callable[[HashingSink | InlineSink], None]
 
 
 class Enqueuer:
-    """Writes entries into one spool for one process. Cheap to create; holds no open files."""
+    """Writes entries into one spool for one process. Cheap to create; holds no open files.
 
-    def __init__(self, settings: Settings, layout: SpoolLayout | None = None) -> None:
+    A save that finds no room (quota, full disk) waits up to `save_timeout` for the daemon's eviction to make
+    some, calling `on_wait` between tries (the client starts a daemon there when autostart is on). Over quota,
+    with autostart off and no daemon holding the spool now or in the last DAEMON_RESTART_GRACE seconds, it
+    fails at once: nothing else ever removes blobs, so waiting would only stall the training loop.
+    """
+
+    def __init__(self, settings: Settings, layout: SpoolLayout | None = None, *,
+                 on_wait: Callable[[], object] | None = None) -> None:
         self.settings = settings
         self.layout = (layout or SpoolLayout(settings.spool)).ensure()
+        self.on_wait = on_wait
 
     def enqueue(self, spec: EntrySpec, write: Writer, *, expected_size: int | None = None,
                 size_hint: int | None = None) -> Manifest:
@@ -118,6 +130,8 @@ class Enqueuer:
             except OSError as exc:
                 if exc.errno not in _SPACE_ERRNOS:
                     raise
+                if self.on_wait is not None:
+                    self.on_wait()
                 if time.monotonic() + delay > deadline:
                     raise SpoolFullError(
                         f"the spool filesystem at {self.layout.root} is full ({os.strerror(exc.errno)}); waited "
@@ -214,6 +228,13 @@ class Enqueuer:
                     published = self._publish(manifest, tmp_blob)
                     ledger.linked(manifest.size)
                     return published
+            if not self._daemon_may_drain():
+                raise SpoolFullError(
+                    f"spool quota full: {used} of {quota} bytes in use, {manifest.filename!r} needs "
+                    f"{manifest.size}, and no daemon is draining {self.layout.root} (none has held it in the last "
+                    f"{DAEMON_RESTART_GRACE:g}s; autostart is off): start one (`mldash-syncd run`, or its systemd "
+                    "unit) or raise spool_quota; nothing was written",
+                    requested=manifest.size, used=used, quota=quota)
             if time.monotonic() + delay > deadline:
                 raise SpoolFullError(
                     f"spool quota full: {used} of {quota} bytes in use, {manifest.filename!r} needs "
@@ -221,6 +242,15 @@ class Enqueuer:
                     "daemon to drain; nothing was written", requested=manifest.size, used=used, quota=quota)
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    def _daemon_may_drain(self) -> bool:
+        """Whether waiting can make room: a daemon drains the spool, is being restarted, or autostart starts one."""
+        if self.on_wait is not None:
+            self.on_wait()
+        if self.settings.autostart:
+            return True
+        since = seconds_since_held(self.layout)
+        return since is not None and since <= DAEMON_RESTART_GRACE
 
     def _publish(self, manifest: Manifest, tmp_blob: os.PathLike) -> Manifest:
         blob = self.layout.blob_path(manifest.id)

@@ -2,6 +2,9 @@
 
 The kernel drops an flock when its holder dies, so a kill -9'd daemon never leaves a stale lock.
 The lock file holds the holder's pid for `status` output only; the flock is the truth.
+Its mtime says when a daemon last held it: the daemon touches it with every heartbeat and as it lets go, so a
+save waiting for spool space can tell a daemon being restarted (systemd: RestartSec=10s) from no daemon at all
+(`seconds_since_held`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 
 from mldash.errors import DaemonBusyError
 from mldash.spool.layout import SpoolLayout, open_private
@@ -32,8 +36,15 @@ class DaemonLock:
         self._fd = fd
         return self
 
+    def touch(self) -> None:
+        """Record "a daemon held this spool just now" (the lock file's mtime; see `seconds_since_held`)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):  # a marker for waiting writers: never worth failing the daemon
+                os.utime(self._fd)
+
     def release(self) -> None:
         if self._fd is not None:
+            self.touch()
             os.close(self._fd)
             self._fd = None
 
@@ -62,3 +73,18 @@ def holder_pid(layout: SpoolLayout) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(layout.lock_path.read_text().strip() or 0) or None
     return None
+
+
+def seconds_since_held(layout: SpoolLayout) -> float | None:
+    """Seconds since a daemon last held this spool's lock: 0.0 while one holds it, None if none ever did.
+
+    Between holders it is the age of the last touch (heartbeat or release); a daemon killed with -9 touched it
+    at most one heartbeat before its death.
+    """
+    if is_held(layout):
+        return 0.0
+    try:
+        touched = layout.lock_path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return max(0.0, time.time() - touched)
