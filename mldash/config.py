@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mldash.errors import ConfigError
+from mldash.redact import redact_uri
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -90,37 +91,73 @@ def _parse_optional_size(value: Any) -> int | None:
     return parse_size(value)
 
 
+def _text(value: Any, example: str) -> str:
+    """A setting that is text: environment values always are; a TOML true, 12 or list is a mistake, not a name."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is a {type(value).__name__}; expected a string such as {example!r}")
+    return value
+
+
 def _parse_path(value: Any) -> Path:
-    text = str(value)
-    if not text or "\x00" in text:
+    text = os.fspath(value) if isinstance(value, os.PathLike) else _text(value, "/scratch/mldash/spool")
+    if not isinstance(text, str) or not text.strip() or "\x00" in text:
         raise ValueError(f"{value!r} is not a path")
     return Path(os.path.expanduser(text)).absolute()
 
 
 def _parse_store(value: Any) -> str:
-    url = str(value)
+    url = _text(value, "s3://bucket/prefix")
+    shown = redact_uri(url)
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise ValueError(f"{url!r}: a file store must be an absolute 'file:///abs/dir' URL")
+            raise ValueError(f"{shown!r}: a file store must be an absolute 'file:///abs/dir' URL")
         return url
     if parsed.scheme == "s3":
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc or ""):
-            raise ValueError(f"{url!r}: 's3://bucket[/root-prefix]' needs a valid bucket name")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc.rpartition("@")[2]):
+            raise ValueError(f"{shown!r}: 's3://bucket[/root-prefix]' needs a valid bucket name")
+        if parsed.password is not None or parsed.username is not None:
+            raise ValueError(f"{shown!r}: credentials do not go in the store URL; use the standard AWS chain "
+                             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role)")
         return url
-    raise ValueError(f"{url!r}: accepted stores are 'file:///abs/dir' and 's3://bucket[/root-prefix]'")
+    raise ValueError(f"{shown!r}: accepted stores are 'file:///abs/dir' and 's3://bucket[/root-prefix]'")
 
 
 def _parse_catalog(value: Any) -> str:
-    url = str(value)
+    url = _text(value, "mongodb://host:27017")
+    shown = redact_uri(url)
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         if not parsed.path.startswith("/") or parsed.netloc:
-            raise ValueError(f"{url!r}: a SQLite catalog must be 'sqlite:///abs/file'")
+            raise ValueError(f"{shown!r}: a SQLite catalog must be 'sqlite:///abs/file'")
         return url
     if parsed.scheme in ("mongodb", "mongodb+srv"):
         return url
-    raise ValueError(f"{url!r}: accepted catalogs are 'sqlite:///abs/file' and 'mongodb://…' URIs")
+    raise ValueError(f"{shown!r}: accepted catalogs are 'sqlite:///abs/file' and 'mongodb://…' URIs")
+
+
+def _parse_endpoint_url(value: Any) -> str:
+    url = _text(value, "http://127.0.0.1:9000")
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{redact_uri(url)!r}: expected an http:// or https:// URL such as 'http://minio:9000'")
+    return url
+
+
+def _parse_region(value: Any) -> str:
+    text = _text(value, "us-east-1").strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):  # AWS's, and S3-compatible services' own names
+        raise ValueError(f"{value!r}: expected a region name such as 'us-east-1'")
+    return text
+
+
+def _parse_database(value: Any) -> str:
+    text = _text(value, "mldash")
+    # MongoDB's own rules for database names (on any platform): 1–63 bytes, none of /\. "$*<>:|? or space/NUL.
+    if not text or len(text.encode()) > 63 or re.search(r'[/\\. "$*<>:|?\x00]', text):
+        raise ValueError(f"{value!r}: a MongoDB database name is 1–63 bytes without spaces or any of "
+                         "/\\.\"$*<>:|?")
+    return text
 
 
 def _parse_durability(value: Any) -> str:
@@ -138,9 +175,16 @@ def _parse_checksum(value: Any) -> str:
 
 
 def _parse_experiment(value: Any) -> str:
-    text = str(value).strip("/")
+    text = _text(value, "team/project/run-1").strip("/")
     if text.count("/") != 2:
         raise ValueError(f"{value!r}: expected 'namespace/project/experiment'")
+    from mldash import names  # imports no setting; here so config stays the first module loaded
+
+    for part, what in zip(text.split("/"), ("namespace", "project", "experiment"), strict=True):
+        try:
+            names.validate_segment(part, what)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}; expected 'namespace/project/experiment'") from None
     return text
 
 
@@ -166,13 +210,13 @@ FIELDS: tuple[Field, ...] = (
           "Spool directory (local disk of the training node). Artifacts wait here until synced."),
     Field("store", "MLDASH_STORE", _parse_store, lambda: (_data_home() / "store").as_uri(),
           "Where bytes go: 'file:///abs/dir' (embedded default) or 's3://bucket[/root-prefix]'."),
-    Field("s3_endpoint_url", "MLDASH_S3_ENDPOINT_URL", str, lambda: None,
+    Field("s3_endpoint_url", "MLDASH_S3_ENDPOINT_URL", _parse_endpoint_url, lambda: None,
           "Endpoint of an S3-compatible service (MinIO, Ceph…); unset means AWS S3."),
-    Field("s3_region", "MLDASH_S3_REGION", str, lambda: None,
+    Field("s3_region", "MLDASH_S3_REGION", _parse_region, lambda: None,
           "S3 region; unset means the standard AWS chain (AWS_REGION, profile), else us-east-1."),
     Field("catalog", "MLDASH_CATALOG", _parse_catalog, lambda: "sqlite://" + str(_data_home() / "catalog.sqlite"),
           "Where metadata goes: 'sqlite:///abs/file' (embedded default) or a 'mongodb://' URI."),
-    Field("mongo_database", "MLDASH_MONGO_DATABASE", str, lambda: "mldash",
+    Field("mongo_database", "MLDASH_MONGO_DATABASE", _parse_database, lambda: "mldash",
           "MongoDB database holding the 'files' collection."),
     Field("autostart", "MLDASH_AUTOSTART", _parse_bool, lambda: True,
           "Start a detached mldash-syncd for the spool on the first save if none runs (0 = never)."),
@@ -297,7 +341,8 @@ class Settings:
         for name, raw in overrides.items():
             if name not in _BY_NAME:
                 raise ConfigError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
-            values[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else None
+            # None = this setting's default (for the optional ones, the default is None: unset).
+            values[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else _BY_NAME[name].default()
         for field in FIELDS:
             if field.name not in values:
                 values[field.name] = field.default()
@@ -306,7 +351,15 @@ class Settings:
         return settings
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, each parsed and checked as `load` does (None = the setting's default)."""
+        parsed = {}
+        for name, raw in changes.items():
+            if name not in _BY_NAME:
+                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
+            parsed[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else _BY_NAME[name].default()
+        settings = dataclasses.replace(self, **parsed)
+        settings._check()
+        return settings
 
     def _check(self) -> None:
         if self.part_size < 5 * 2**20:
@@ -353,6 +406,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} (from MLDASH_CONFIG) does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); TOML files must be UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     section = data.get("mldash", data)  # both a flat file and an [mldash] table are accepted

@@ -141,7 +141,7 @@ class Experiment:
 
     def _wait(self, timeout: float | None, *, prefix: str) -> dict[str, str]:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout < 0):
+                                    or not timeout >= 0):  # also NaN, which compares false to everything
             raise InvalidInputError(f"timeout must be None or a number of seconds ≥ 0, got {timeout!r}")
         with self._lock:
             ids = [i for p, saved in self._saved.items() if not prefix or p == prefix or p.startswith(prefix + "/")

@@ -88,9 +88,10 @@ class FilesHandle:
         if prefix is not None:
             source, folder = path_or_prefix, prefix
         elif path_or_prefix is not None:
-            if isinstance(path_or_prefix, os.PathLike) or (
-                    isinstance(path_or_prefix, str) and os.path.isfile(path_or_prefix)):
+            if isinstance(path_or_prefix, (str, os.PathLike)) and os.path.isfile(path_or_prefix):
                 source = path_or_prefix
+            elif isinstance(path_or_prefix, os.PathLike):  # not a file: a folder, spelled as a path
+                folder = os.fspath(path_or_prefix)  # type: ignore[assignment]
             else:
                 folder = path_or_prefix  # type: ignore[assignment]
         if folder is not None and not isinstance(folder, str):
@@ -136,7 +137,7 @@ class FilesHandle:
                 raise InvalidInputError("save() needs something to save, e.g. save(obj, to='name.ext'), or a file "
                                         "given as exp.files('model.pth', prefix='/models').save()")
             return self.upload(self._source, to, **meta)
-        target_ext = extension(to) if isinstance(to, str) else ""
+        target_ext = extension(os.fspath(to)) if isinstance(to, (str, os.PathLike)) else ""
         if isinstance(content, (str, os.PathLike)):
             if isinstance(content, str) and not os.path.lexists(content):
                 raise SourceNotFoundError(
@@ -150,6 +151,10 @@ class FilesHandle:
         if serializers.is_pil_image(content):
             return self.save_image(content, to, **meta, **options)
         numpy = sys.modules.get("numpy")
+        if numpy is not None and isinstance(content, numpy.generic):  # its buffer is 8 raw bytes, not a file
+            raise InvalidInputError(
+                f"save() does not store a bare numpy {type(content).__name__} ({content!r:.40}); for a number use "
+                "save_json({'loss': float(x)}) or save_text(str(x)), for its raw bytes save_blob(x.tobytes())")
         if numpy is not None and isinstance(content, numpy.ndarray):
             if target_ext == ".npy":
                 return self._save("npy", lambda _name: serializers.npy_payload(content), to, **meta)

@@ -2,29 +2,61 @@
 
 Names are compared after NFKC normalisation, because look-alikes such as fullwidth "．．" or "‥"
 become ".." there; what is *stored* is the NFC form, so a user's spelling is kept. Rules, per
-path component: not empty, not "." or "..", no NUL or other control characters, no "/" or "\\"
-inside a component, at most 255 bytes in UTF-8.
+path component: not empty, not "." or "..", no NUL or other control characters (C0, DEL, C1), no line
+separators or bidirectional-override characters (a name must read as it sorts: "evil\u202egnp.exe"), no
+"/" or "\\" inside a component, valid Unicode (no lone surrogates, which is how Python spells a file name
+in another encoding), at most 255 bytes in UTF-8. Tags follow the same character rules; descriptions and
+metadata strings need only be valid Unicode.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any
 
 from mldash.errors import InvalidInputError
 
 MAX_COMPONENT_BYTES = 255
 # One regex search instead of a generator over every character: names are checked on every save and for every
 # manifest the daemon ingests (half of its start-up CPU for 1,000 entries went to per-character generators).
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
-_BELOW_SPACE = re.compile(r"[\x00-\x1f]")
+# Characters no name may hold: C0/DEL/C1 controls, line and paragraph separators, bidirectional marks and
+# overrides, and lone surrogates (a file name that is not UTF-8, as os.fsdecode and os.listdir return it).
+_FORBIDDEN_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                                 "\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_METADATA_DEPTH = 100  # nesting levels of metadata; a cyclic dict or list is infinitely deep
+
+
+def _bad_character(text: str, what: str, shown: str) -> InvalidInputError | None:
+    """The error for the first character of `text` no name may hold, or None."""
+    match = _FORBIDDEN_IN_NAMES.search(text)
+    if match is None:
+        return None
+    char = match.group()
+    if _SURROGATE.match(char):
+        return InvalidInputError(
+            f"{what} {shown!r} is not valid Unicode text (U+{ord(char):04X}, a lone surrogate: a file name in "
+            "another encoding than UTF-8?); pass a UTF-8 name, e.g. to='model.pt'")
+    return InvalidInputError(f"{what} {shown!r} contains a control or bidirectional-formatting character "
+                             f"(U+{ord(char):04X}); printable text only")
+
+
+def _check_text(text: str, what: str) -> str:
+    """Any stored string (description, metadata): must encode to UTF-8."""
+    match = _SURROGATE.search(text)
+    if match is not None:
+        raise InvalidInputError(f"{what} {text[:80]!r} is not valid Unicode text (U+{ord(match.group()):04X}, a "
+                                "lone surrogate); decode bytes before passing them as text")
+    return text
 
 
 def _check_component(component: str, what: str, full: str) -> str:
     if not component:
         raise InvalidInputError(f"{what} {full!r} has an empty path component; use names like 'checkpoints'")
-    if _CONTROL_CHARACTER.search(component):
-        raise InvalidInputError(f"{what} {full!r} contains a NUL or control character; printable text only")
+    error = _bad_character(component, what, full)
+    if error is not None:
+        raise error
     folded = unicodedata.normalize("NFKC", component)
     if folded in (".", "..") or "/" in folded or "\\" in folded:
         raise InvalidInputError(
@@ -82,8 +114,11 @@ def validate_tags(tags: object) -> list[str]:
     for tag in tags:
         if not isinstance(tag, str):
             raise InvalidInputError(f"tag {tag!r} is a {type(tag).__name__}; every tag must be a str")
-        if not tag or len(tag) > 256 or _BELOW_SPACE.search(tag):
+        if not tag or len(tag) > 256:
             raise InvalidInputError(f"tag {tag!r} must be 1–256 printable characters")
+        error = _bad_character(tag, "tag", tag)
+        if error is not None:
+            raise error
         if tag not in seen:
             seen.add(tag)
             out.append(tag)
@@ -97,40 +132,48 @@ def validate_description(description: object) -> str | None:
         raise InvalidInputError(f"description must be a str, got {type(description).__name__}")
     if len(description) > 65_536:
         raise InvalidInputError(f"description is {len(description)} characters; at most 65536 are accepted")
-    return description
+    return _check_text(description, "description")
 
 
 def validate_metadata(metadata: object) -> dict:
-    """JSON-serialisable metadata: str keys; None, bool, int, float, str, list and dict values."""
+    """JSON-serialisable metadata: str keys; None, bool, int, float, str, list and dict values.
+
+    Returns a copy: what is saved is the metadata as it was when checked, whatever the caller changes later
+    (a handle keeps it for every later save; a config dict that gets a NaN afterwards must not reach them).
+    """
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
         raise InvalidInputError(f"metadata must be a dict, got {type(metadata).__name__}")
-    _check_json(metadata, "metadata")
-    return metadata
+    return _json_copy(metadata, "metadata", 0)
 
 
-def _check_json(value: object, where: str) -> None:
-    if value is None or isinstance(value, (bool, str)):
-        return
+def _json_copy(value: object, where: str, depth: int) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _check_text(value, where)
     if isinstance(value, int):
         if not -(2**63) <= value < 2**63:
             raise InvalidInputError(f"{where} = {value} does not fit in 64 bits")
-        return
+        return int(value)
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidInputError(f"{where} = {value} is not valid JSON (NaN/Infinity)")
-        return
+        return float(value)
+    if isinstance(value, (list, tuple, dict)) and depth >= MAX_METADATA_DEPTH:
+        raise InvalidInputError(f"{where[:200]}… is nested deeper than {MAX_METADATA_DEPTH} levels (or contains "
+                                "itself); metadata must be a JSON tree")
     if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_json(item, f"{where}[{i}]")
-        return
+        return [_json_copy(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, dict):
+        out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidInputError(f"{where} has a non-str key {key!r}; JSON object keys are str")
-            _check_json(item, f"{where}[{key!r}]")
-        return
+            _check_text(key, f"{where} key")
+            out[key] = _json_copy(item, f"{where}[{key!r}]", depth + 1)
+        return out
     raise InvalidInputError(
         f"{where} is a {type(value).__name__} ({value!r:.80}), which is not JSON-serialisable; "
         "accepted: None, bool, int, float, str, list, dict"

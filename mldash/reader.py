@@ -46,6 +46,7 @@ from mldash.errors import (
     UploadFailedError,
     WaitTimeoutError,
 )
+from mldash.redact import redact_uri
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import is_held
@@ -94,7 +95,9 @@ def _parse_id(value: int | str) -> int | None:
     if isinstance(value, int):
         return value if value > 0 else None
     text = value.strip()
-    return int(text) if text.isdigit() else None
+    # ASCII digits only: str.isdigit() is also true for "²" (int() refuses it) and for other scripts' digits,
+    # which are file names here, not ids.
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _under(path: str, prefix: str, recursive: bool) -> bool:
@@ -230,7 +233,7 @@ class Reader:
             if strict:
                 raise
             log.warning("mldash: the catalog %s could not be read (%s: %s); showing only the files still in the "
-                        "local spool", _redact(self.settings.catalog), type(exc).__name__, exc)
+                        "local spool", redact_uri(self.settings.catalog), type(exc).__name__, exc)
             docs = []
         # Entries evicted from the spool are known only to the catalog; the index still says "evicted".
         rows = self._index_rows(int(d["id"]) for d in docs if int(d["id"]) not in entries)
@@ -272,6 +275,8 @@ class Reader:
         file_id = _parse_id(ref) if isinstance(ref, (int, str)) else None
         if file_id is not None:
             return self._resolve_id(exp, file_id)
+        if isinstance(ref, int) and not isinstance(ref, bool):
+            raise InvalidInputError(f"file ids are positive integers, got {ref}")
         if not isinstance(ref, str):
             raise InvalidInputError(f"a file is named by its id or its path, got {type(ref).__name__}")
         text = ref.strip()
@@ -452,6 +457,8 @@ class Reader:
 def _destination(dest: str | os.PathLike[str] | None, filename: str) -> Path:
     if dest is None:
         return Path.cwd() / filename
+    if not isinstance(dest, (str, os.PathLike)):
+        raise InvalidInputError(f"dest_path must be a str or os.PathLike, got {type(dest).__name__} {dest!r}")
     text = os.fspath(dest)
     if not isinstance(text, str) or not text or "\x00" in text:
         raise InvalidInputError(f"dest_path {dest!r} is not a usable path")
@@ -459,11 +466,3 @@ def _destination(dest: str | os.PathLike[str] | None, filename: str) -> Path:
     if path.is_dir() or text.endswith(os.sep):
         return path / filename
     return path
-
-
-def _redact(url: str) -> str:
-    """A URL without its password, for messages (mongodb://user:secret@host → mongodb://user:***@host)."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url

@@ -111,6 +111,9 @@ def json_payload(obj: Any, **json_kwargs: Any) -> Payload:
         raise InvalidInputError(
             f"save_json: {exc}. JSON accepts dict, list, str, int, float, bool, None (and numpy scalars/arrays); "
             "use save_pkl or save_torch for other objects, or pass default=") from None
+    except RecursionError:
+        raise InvalidInputError("save_json: the object is nested too deeply, or contains itself, to encode as "
+                                "JSON; use save_pkl") from None
     return _buffer_payload("json", text.encode("utf-8"))
 
 
@@ -118,6 +121,8 @@ def text_payload(text: Any, encoding: str = "utf-8") -> Payload:
     if not isinstance(text, str):
         hint = "; for bytes use save_blob" if isinstance(text, (bytes, bytearray, memoryview)) else ""
         raise InvalidInputError(f"save_text takes a str, got {type(text).__name__}{hint}")
+    if not isinstance(encoding, str):
+        raise InvalidInputError(f"save_text: encoding must be a codec name such as 'utf-8', got {encoding!r}")
     try:
         data = text.encode(encoding)
     except (LookupError, UnicodeEncodeError) as exc:
@@ -140,6 +145,9 @@ def blob_payload(data: Any) -> Payload:
     if isinstance(data, str):
         raise InvalidInputError("save_blob takes bytes, got str; use save_text for text, or upload(path) for a file")
     if is_bytes_like(data):
+        if "O" in memoryview(data).format:  # a numpy object array: its buffer is PyObject pointers, not data
+            raise InvalidInputError("save_blob: this buffer holds Python object pointers (a numpy array of "
+                                    "dtype=object), not bytes; use save_pkl, or save_json for JSON-able values")
         try:
             view = memoryview(data).cast("B")
         except TypeError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from mldash import (
     FileTooLargeError,
     InvalidInputError,
     MissingDependencyError,
+    NotFoundError,
     SourceNotFoundError,
     SpoolFullError,
 )
 from mldash.config import Settings
-from tests.client_helpers import spool_snapshot
+from tests.client_helpers import spool_blob, spool_snapshot
 
 
 @pytest.fixture
@@ -60,6 +62,13 @@ def raises(exc: type[BaseException], *fragments: str):
 
 # ---- types ---------------------------------------------------------------------------------------------
 
+def _deep(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def test_save_of_an_unsupported_type_lists_the_accepted_ones(exp, unchanged):
     with raises(InvalidInputError, "object", "Accepted", "bytes", "dict", "numpy array", "torch", "save_pkl"):
         exp.files("x").save(object(), to="o.bin")
@@ -79,8 +88,16 @@ def test_save_of_an_unsupported_type_lists_the_accepted_ones(exp, unchanged):
     (lambda f: f.save_pkl(lambda: 1, "p.pkl"), ("save_pkl",)),
     (lambda f: f.save_torch(lambda: 1, "t.pt"), ("save_torch",)),
     (lambda f: f.save(np.array([object()]), "a.npy"), ("object",)),
+    # A numpy object array's buffer is PyObject pointers and a numpy scalar's is its 8 raw bytes: both used to
+    # be stored as the file's content (save(np.float64(0.25), "loss.json") wrote 8 binary bytes as JSON).
+    (lambda f: f.save_blob(np.array([object(), object()]), "b.bin"), ("dtype=object", "save_pkl")),
+    (lambda f: f.save(np.float64(0.25), "loss.json"), ("numpy float64", "save_json({'loss': float(x)})")),
+    (lambda f: f.save(np.int64(7), "epoch.txt"), ("numpy int64", "save_text(str(x))")),
+    (lambda f: f.save_text("t", "t.txt", encoding=None), ("encoding must be a codec name", "None")),
+    (lambda f: f.save_json(_deep(100_000), "j.json"), ("nested too deeply", "save_pkl")),
 ], ids=["text-bytes", "text-encoding", "blob-str", "blob-int", "json-set", "json-object", "pkl-lambda",
-        "torch-lambda", "npy-object"])
+        "torch-lambda", "npy-object", "blob-object-array", "save-np-float", "save-np-int",
+        "text-encoding-none", "json-deep"])
 def test_serializer_refusals(exp, unchanged, call, fragments):
     with raises(InvalidInputError, *fragments):
         call(exp.files("x"))
@@ -338,3 +355,74 @@ def test_oversized_metadata_is_refused(exp, unchanged):
         exp.files("m").save_blob(b"x", "x.bin", metadata={"history": list(range(300_000))})
     with raises(InvalidInputError, "bytes"):
         exp.files("m", tags=[f"{i:0>200}" for i in range(6000)]).save_blob(b"x", "x.bin")
+
+
+# ---- values that change, come from elsewhere, or name things in other ways ---------------------------
+
+def test_a_handles_metadata_is_a_snapshot_of_what_was_checked(exp, settings):
+    """exp.files(..., metadata=config) checked `config` once and kept a reference: a NaN added to it later went
+    into every later save, which returned "queued" and was then quarantined by the daemon, never uploaded."""
+    config = {"lr": 0.1, "layers": [64, 64]}
+    handle = exp.files("runs", metadata={"config": config})
+    config["lr"] = float("nan")
+    config["layers"].append({"not": {"json"}})
+    result = handle.save_blob(b"x", "a.bin")
+    assert result["metadata"] == {"config": {"lr": 0.1, "layers": [64, 64]}}
+
+
+def test_non_utf8_names_are_refused_naming_them(exp, settings, tmp_path):
+    """A file name in another encoding (os.listdir gives lone surrogates) used to crash in str.encode."""
+    source = tmp_path / os.fsdecode(b"model-\xe9.pt")
+    source.write_bytes(b"weights")
+    before = spool_snapshot(settings)
+    with raises(InvalidInputError, "is not valid Unicode text", "U+DCE9", "to='model.pt'"):
+        exp.files("m").upload(source)
+    with raises(InvalidInputError, "is not valid Unicode text"):
+        exp.files("m").save_blob(b"x", "a\udcff.bin")
+    with raises(InvalidInputError, "tag", "is not valid Unicode text"):
+        exp.files("m").save_blob(b"x", "a.bin", tags=["a\ud800"])
+    with raises(InvalidInputError, "description", "is not valid Unicode text"):
+        exp.files("m").save_blob(b"x", "a.bin", description="\ud800")
+    assert spool_snapshot(settings) == before
+    assert exp.files("m").upload(source, to="model.pt")["filename"] == "model.pt"  # the way out it names
+
+
+def test_cyclic_metadata_is_refused(exp, unchanged):
+    cyclic: dict = {"run": 1}
+    cyclic["self"] = cyclic
+    with raises(InvalidInputError, "contains itself"):
+        exp.files("m").save_blob(b"x", "a.bin", metadata=cyclic)
+    with raises(InvalidInputError, "contains itself"):
+        exp.files("m", metadata=cyclic)
+
+
+def test_path_objects_mean_what_the_same_str_means(exp, settings):
+    """to=Path("state.pkl") skipped the extension rules (a dict became JSON labelled as a pickle), and
+    exp.files(Path("checkpoints")) was taken as a file to upload, so its saves landed at the root."""
+    pkl = exp.files("p").save({"step": 3}, to=Path("state.pkl"))
+    assert pkl["contentType"] == "application/x-python-pickle"
+    assert pickle.loads(spool_blob(settings, pkl)) == {"step": 3}
+    npy = exp.files("p").save(np.zeros(3), to=Path("a.npy"))
+    assert npy["filename"] == "a.npy"
+    saved = exp.files(Path("checkpoints")).save_blob(b"w", "model.bin")
+    assert saved["path"] == "/checkpoints" and saved["filename"] == "model.bin"
+
+
+def test_wait_refuses_a_nan_timeout(exp):
+    """NaN compares false to everything: `timeout < 0` let it through and the wait never ended."""
+    with raises(InvalidInputError, "timeout must be None or a number of seconds ≥ 0", "nan"):
+        exp.flush(timeout=float("nan"))
+    with raises(InvalidInputError, "nan"):
+        exp.files.wait(timeout=float("nan"))
+
+
+def test_reads_name_bad_ids_and_destinations(exp, unchanged):
+    first = exp.files.list()[0]
+    with raises(NotFoundError, "²"):  # "²".isdigit() is True, and int("²") raised a bare ValueError
+        exp.files.get("²")
+    with raises(InvalidInputError, "file ids are positive integers, got 0"):
+        exp.files.get(0)
+    with raises(InvalidInputError, "file ids are positive integers, got -5"):
+        exp.files.get(-5)
+    with raises(InvalidInputError, "dest_path must be a str or os.PathLike, got int"):
+        exp.files.download(first["id"], dest_path=123)

@@ -86,6 +86,18 @@ def test_mldash_key_that_is_not_a_table(xdg: Path) -> None:
     ("max_attempts", "0", "must be ≥ 1"),
     ("max_attempts", "2.5", "is not an integer"),
     ("experiment", '"only/two"', "namespace/project/experiment"),
+    # A TOML value of the wrong type is refused, never turned into text (`spool = true` made a spool "./True").
+    ("spool", "true", "True is a bool; expected a string such as '/scratch/mldash/spool'"),
+    ("spool", "0", "0 is a int; expected a string"),
+    ("spool", '["/a", "/b"]', "is a list; expected a string"),
+    ("mongo_database", "12", "12 is a int; expected a string such as 'mldash'"),
+    ("mongo_database", '"my.db"', "a MongoDB database name is 1–63 bytes"),
+    ("mongo_database", '""', "a MongoDB database name is 1–63 bytes"),
+    ("s3_region", "false", "False is a bool; expected a string such as 'us-east-1'"),
+    ("s3_endpoint_url", "9000", "9000 is a int; expected a string such as 'http://127.0.0.1:9000'"),
+    ("s3_endpoint_url", '"minio:9000"', "expected an http:// or https:// URL"),
+    ("experiment", '"a/../c"', "'a/../c': project '..' has component '..'"),
+    ("experiment", '"team//run"', "expected 'namespace/project/experiment'"),
 ])
 def test_bad_toml_values_name_the_key(xdg: Path, key: str, value: str, fragment: str) -> None:
     env = _toml(xdg, f"{key} = {value}\n")
@@ -139,3 +151,44 @@ def test_bad_sizes(text: object) -> None:
 @pytest.mark.parametrize("value", ["0", "none", "unlimited", ""])
 def test_quota_can_be_unset(xdg: Path, value: str) -> None:
     assert Settings.load(env={"MLDASH_SPOOL_QUOTA": value}).spool_quota is None
+
+
+def test_config_file_that_cannot_be_read_is_named(xdg: Path) -> None:
+    folder = xdg / "dir.toml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"config file '.*dir.toml' is a directory, not a TOML file"):
+        Settings.load(env={"MLDASH_CONFIG": str(folder)})
+    latin1 = xdg / "latin1.toml"
+    latin1.write_bytes('spool = "/tmp/é"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 \(byte 0xe9 at offset 14\); TOML files must be UTF-8"):
+        Settings.load(env={"MLDASH_CONFIG": str(latin1)})
+
+
+@pytest.mark.parametrize(("name", "value", "secret"), [
+    ("MLDASH_CATALOG", "mongo://mldash:S3cret-Passw0rd@db.example.org/?authSource=admin", "S3cret-Passw0rd"),
+    ("MLDASH_CATALOG", "mongo://mldash:p@ss@db.example.org/", "p@ss"),
+    ("MLDASH_STORE", "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI@My_Bucket/x", "wJalrXUtnFEMI"),
+    ("MLDASH_STORE", "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI@bucket/x", "wJalrXUtnFEMI"),
+    ("MLDASH_S3_ENDPOINT_URL", "minio://user:hunter2@host:9000", "hunter2"),
+])
+def test_config_errors_never_show_a_password(xdg: Path, name: str, value: str, secret: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={name: value})
+    message = str(info.value)
+    assert secret not in message and ":***@" in message, message
+
+
+def test_replace_parses_and_checks_like_load(xdg: Path) -> None:
+    """`Settings.replace` used to skip every check: an 8 MiB inline_max went through, and the daemon then
+    quarantined the manifest it produced."""
+    settings = Settings.load(env={})
+    with pytest.raises(ConfigError, match=r"inline_max = 8388608 bytes; at most 1048576"):
+        settings.replace(inline_max="8MiB")
+    with pytest.raises(ConfigError, match=r"checksum \(argument\): 'bogus': accepted checksum modes"):
+        settings.replace(checksum="bogus")
+    with pytest.raises(ConfigError, match="unknown setting 'spoll'"):
+        settings.replace(spoll="/x")
+    assert settings.replace(spool_quota="2MiB", save_timeout=5).spool_quota == 2 * 2**20
+    # None means the default, in replace and in load alike (it used to be stored as None and fail later).
+    assert settings.replace(spool="/elsewhere").replace(spool=None).spool == settings.spool
+    assert Settings.load(env={}, spool=None, max_file_size=None) == settings

@@ -8,9 +8,20 @@ from mldash import names
 from mldash.errors import InvalidInputError
 from mldash.keys import MAX_KEY_BYTES, object_key
 
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 HOSTILE_SEGMENTS = [
     "", ".", "..", "．．", "‥", "﹒﹒", "․․", "．", "a/b", "/etc/passwd", "../x", "a\\b", "\\", "／", "a／b",
     "a\x00b", "\x00", "line\nbreak", "tab\there", "del\x7f", "a" * 256, "é" * 128, "😀" * 64,
+    # C1 controls (\x9b is the ANSI CSI), line separators, bidi overrides ("evil\u202egnp.exe" shows as
+    # "evilexe.png"), and a lone surrogate: a file name in another encoding, as os.listdir returns it.
+    "a\x85b", "log\x9b31m.txt", "a\u2028b", "model\u202egnp.exe", "x\u2066y", "rtl\u200f", "model-\udce9.pt",
 ]
 
 
@@ -73,6 +84,8 @@ def test_keys_over_1024_bytes_are_refused_naming_the_file() -> None:
 @pytest.mark.parametrize(("tags", "fragment"), [
     ("single", "must be a list of str"), ([1], "tag 1 is a int"), (["a\x00"], "tag 'a\\x00'"),
     (["x" * 257], "1–256 printable"), ([""], "tag ''"),
+    (["best\x7f"], "control or bidirectional-formatting character (U+007F)"),
+    (["a\u202eb"], "(U+202E)"), (["a\ud800"], "is not valid Unicode text (U+D800"),
 ])
 def test_bad_tags(tags: object, fragment: str) -> None:
     with pytest.raises(InvalidInputError) as info:
@@ -93,11 +106,36 @@ def test_tags_are_deduplicated_in_order() -> None:
     ({1: "x"}, "non-str key 1"),
     ({"big": 2**64}, "metadata['big'] = 18446744073709551616 does not fit"),
     ([1], "metadata must be a dict"),
+    ({"\ud800": 1}, "is not valid Unicode text (U+D800"),
+    ({"k": ["ok", "bad\udcff"]}, "metadata['k'][1] 'bad\\udcff' is not valid Unicode text"),
+    ({"d": _nested(150)}, "is nested deeper than 100 levels (or contains itself)"),
 ])
 def test_bad_metadata_names_the_path(metadata: object, fragment: str) -> None:
     with pytest.raises(InvalidInputError) as info:
         names.validate_metadata(metadata)
     assert fragment in str(info.value), str(info.value)
+
+
+def test_cyclic_metadata_is_refused() -> None:
+    cyclic: dict = {"name": "run"}
+    cyclic["parent"] = cyclic
+    with pytest.raises(InvalidInputError, match=r"metadata\['parent'\]\['parent'\].*contains itself"):
+        names.validate_metadata(cyclic)
+
+
+def test_metadata_is_copied_when_checked() -> None:
+    """What is saved is the metadata as checked: a config dict the caller changes later (a NaN appears) must
+    not reach a handle's later saves unchecked."""
+    config = {"lr": 0.1, "layers": [1, 2]}
+    checked = names.validate_metadata(config)
+    config["lr"] = float("nan")
+    config["layers"].append({3})
+    assert checked == {"lr": 0.1, "layers": [1, 2]}
+
+
+def test_description_must_be_valid_unicode() -> None:
+    with pytest.raises(InvalidInputError, match=r"description '\\ud800' is not valid Unicode text"):
+        names.validate_description("\ud800")
 
 
 def test_good_metadata_and_description() -> None:

@@ -58,7 +58,8 @@ def make_catalog(settings: Settings) -> Catalog:
             raise ConfigError(f"catalog {url!r}: a SQLite catalog must be 'sqlite:///abs/file'")
         return SqliteCatalog(Path(unquote(parsed.path)), request_timeout=settings.request_timeout,
                              power_safe=settings.power_safe)
-    from mldash.catalog.mongo import MongoCatalog, redact_uri
+    from mldash.catalog.mongo import MongoCatalog
+    from mldash.redact import redact_uri
 
     if parsed.scheme in ("mongodb", "mongodb+srv"):
         return MongoCatalog(url, database=settings.mongo_database, request_timeout=settings.request_timeout)

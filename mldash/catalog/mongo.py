@@ -31,10 +31,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote_plus
 
 import bson.errors
 import pymongo
@@ -57,6 +55,7 @@ from mldash.catalog.base import (
     TransientCatalogError,
 )
 from mldash.catalog.query import Glob, folder
+from mldash.redact import redact_uri, uri_password
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +101,6 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(FileDocument))
 
 def _ordered(doc: dict[str, Any]) -> dict[str, Any]:
     return {name: doc[name] for name in _FIELDS if name in doc}
-
-_URI_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z0-9+.-]+://)(?P<user>[^:@/?#]*):(?P<password>[^@/?#]*)@")
-
-
-def redact_uri(uri: str) -> str:
-    """The URI with its password (if any) replaced by ``***``: safe for logs, errors and `repr`."""
-    return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri, count=1)
-
-
-def _uri_password(uri: str) -> set[str]:
-    match = _URI_USERINFO.match(uri)
-    if not match or not match["password"]:
-        return set()
-    return {match["password"], unquote_plus(match["password"])}
-
 
 def catalog_error(exc: BaseException, what: str, url: str) -> CatalogError:
     """The one mapping from driver/network failures to `TransientCatalogError`/`PermanentCatalogError`.
@@ -174,7 +158,7 @@ class MongoCatalog(Catalog):
                  appname: str = "mldash") -> None:
         self._uri = uri
         self.url = redact_uri(uri)
-        self._secrets = _uri_password(uri)
+        self._secrets = uri_password(uri)
         self.database = database
         self.request_timeout = request_timeout
         self.appname = appname
