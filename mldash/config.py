@@ -15,6 +15,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -37,7 +38,10 @@ def parse_size(value: Any) -> int:
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"{value!r} is not a size; use bytes or e.g. '512MiB', '10GB'")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    size = Decimal(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]  # exact: "1.1MB" is 1100000 bytes
+    if size != size.to_integral_value():
+        raise ValueError(f"{value!r} is not a whole number of bytes ({size} B); e.g. '512MiB', '1.5GiB'")
+    return int(size)
 
 
 def _parse_bool(value: Any) -> bool:
@@ -86,9 +90,10 @@ def _parse_int(minimum: int) -> Callable[[Any], int]:
 
 
 def _parse_optional_size(value: Any) -> int | None:
-    if value in (None, "", "0", 0, "none", "unlimited"):
+    """A limit that may be off: unset, "none", "unlimited" or a size of 0 (in any unit: "0" and "0B" alike)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited")):
         return None
-    return parse_size(value)
+    return parse_size(value) or None
 
 
 def _text(value: Any, example: str) -> str:
@@ -235,7 +240,8 @@ FIELDS: tuple[Field, ...] = (
           "With checksum 'auto': the largest artifact whose SHA256 the save computes itself (e.g. '64MiB', "
           "the default: ~30 ms of hashing)."),
     Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_optional_size, lambda: None,
-          "Maximum bytes of artifacts held in the spool (e.g. '50GiB'); unset = only the disk limits it."),
+          "Maximum bytes of artifacts held in the spool (e.g. '50GiB'); unset, 0 or 'unlimited' = only the disk "
+          "limits it."),
     Field("save_timeout", "MLDASH_SAVE_TIMEOUT", _parse_float(0.0), lambda: 60.0,
           "Seconds a save blocks waiting for spool space (quota or full disk) before SpoolFullError. Over quota "
           "it waits only while a daemon may make room (autostart on, or one held the spool in the last 30 s)."),

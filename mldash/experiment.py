@@ -45,8 +45,14 @@ class Experiment:
         configured default experiment. `settings` defaults to `Settings.load()` (environment, then config file).
         `local_path` (ML-Dash's local mode): keep spool, store and catalog under that directory instead of the
         configured ones."""
+        if settings is not None and not isinstance(settings, Settings):
+            raise InvalidInputError(f"settings must be a mldash.config.Settings (e.g. Settings.load(spool=...)), got "
+                                    f"{type(settings).__name__}")
         self.settings = settings if settings is not None else Settings.load()
         if local_path is not None:
+            if not isinstance(local_path, (str, os.PathLike)):
+                raise InvalidInputError(f"local_path must be a directory path, got {type(local_path).__name__} "
+                                        f"{local_path!r}")
             root = Path(os.path.expanduser(os.fspath(local_path))).absolute()
             self.settings = self.settings.replace(spool=root / "spool", store=(root / "store").as_uri(),
                                                   catalog="sqlite://" + str(root / "catalog.sqlite"))

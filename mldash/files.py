@@ -212,6 +212,8 @@ class FilesHandle:
             if to is not None:
                 raise InvalidInputError("save_fig: give the filename once, either first or as to=")
             fig, to = None, os.fspath(fig)
+        if format is not None and not isinstance(format, str):
+            raise InvalidInputError(f"save_fig: format must be a str such as 'png' or 'pdf', got {format!r}")
         fmt = format.lower().lstrip(".") if isinstance(format, str) else None
         default_ext = "." + (fmt or "png")
         options = {"dpi": dpi, "transparent": transparent, "bbox_inches": bbox_inches}

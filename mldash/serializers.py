@@ -154,6 +154,8 @@ def blob_payload(data: Any) -> Payload:
             raise InvalidInputError(f"save_blob: the buffer is not contiguous ({exc}); pass bytes(data)") from None
         return Payload("blob", lambda f: f.write(view), size=view.nbytes)
     if callable(getattr(data, "read", None)):
+        if getattr(data, "closed", False) is True:
+            raise InvalidInputError("save_blob: the file object is closed; open it again (or pass its bytes)")
         return _stream_payload(data)
     raise InvalidInputError(
         f"save_blob takes bytes, bytearray, memoryview, a contiguous buffer or a readable binary file; "
@@ -222,8 +224,8 @@ def source_file_payload(path: str | os.PathLike[str]) -> Payload:
 
 def pkl_payload(obj: Any, protocol: int | None = None) -> Payload:
     proto = pickle.DEFAULT_PROTOCOL if protocol is None else protocol
-    if not isinstance(proto, int) or not 0 <= proto <= pickle.HIGHEST_PROTOCOL:
-        raise InvalidInputError(f"save_pkl: protocol must be an int in 0..{pickle.HIGHEST_PROTOCOL}")
+    if isinstance(proto, bool) or not isinstance(proto, int) or not 0 <= proto <= pickle.HIGHEST_PROTOCOL:
+        raise InvalidInputError(f"save_pkl: protocol must be an int in 0..{pickle.HIGHEST_PROTOCOL}, got {proto!r}")
     return Payload("pkl", _wrap_errors("save_pkl", lambda f: pickle.dump(obj, f, protocol=proto)))
 
 
@@ -237,7 +239,11 @@ def torch_payload(obj: Any) -> Payload:
     """`torch.save` into the spool; an nn.Module is saved as its state_dict() (the portable form)."""
     torch = require("torch", feature="save_torch")
     if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
+        try:
+            obj = obj.state_dict()
+        except Exception as exc:  # a module's own code (hooks, custom state_dict) failed: say where it failed
+            raise InvalidInputError(f"save_torch could not get the module's state_dict(): {type(exc).__name__}: "
+                                    f"{exc}") from exc
     # torch.save copies every tensor's bytes out during the call, so training may go on as soon as it returns.
     return Payload("torch", _wrap_errors("save_torch", lambda f: torch.save(obj, f)),
                    size_hint=_tensor_bytes(torch, obj))
@@ -283,7 +289,15 @@ def to_uint8(array: Any, what: str) -> Any:
     numpy = require("numpy", feature=what)
     if "torch" in sys.modules and is_torch_object(array):
         array = array.detach().cpu().numpy()
-    array = numpy.asarray(array)
+    if array is None or isinstance(array, (str, bytes, os.PathLike)):
+        hint = "; to store a file use upload(path)" if isinstance(array, (str, os.PathLike)) else ""
+        raise InvalidInputError(f"{what} takes a numpy array (or PIL image / torch tensor) of pixels, got "
+                                f"{type(array).__name__}{hint}")
+    try:
+        array = numpy.asarray(array)
+    except ValueError as exc:  # ragged nested lists
+        raise InvalidInputError(f"{what}: the pixels are not a rectangular array ({exc}); pass an (H, W) or "
+                                "(H, W, C) array") from None
     kind = array.dtype.kind
     if kind == "b":
         return array.astype(numpy.uint8) * 255

@@ -25,6 +25,7 @@ from mldash import (
     SpoolFullError,
 )
 from mldash.config import Settings
+from mldash.errors import ConfigError
 from tests.client_helpers import spool_blob, spool_snapshot
 
 
@@ -62,6 +63,14 @@ def raises(exc: type[BaseException], *fragments: str):
 
 # ---- types ---------------------------------------------------------------------------------------------
 
+def _closed_file():
+    import io
+
+    stream = io.BytesIO(b"data")
+    stream.close()
+    return stream
+
+
 def _deep(depth: int) -> list:
     value: list = []
     for _ in range(depth):
@@ -95,9 +104,16 @@ def test_save_of_an_unsupported_type_lists_the_accepted_ones(exp, unchanged):
     (lambda f: f.save(np.int64(7), "epoch.txt"), ("numpy int64", "save_text(str(x))")),
     (lambda f: f.save_text("t", "t.txt", encoding=None), ("encoding must be a codec name", "None")),
     (lambda f: f.save_json(_deep(100_000), "j.json"), ("nested too deeply", "save_pkl")),
+    (lambda f: f.save_blob(_closed_file(), "b.bin"), ("file object is closed",)),
+    (lambda f: f.save_pkl({"a": 1}, "p.pkl", protocol=True), ("protocol must be an int", "True")),
+    (lambda f: f.save_image(None, "i.png"), ("takes a numpy array", "NoneType")),
+    (lambda f: f.save_image("cat.png", "i.png"), ("got str", "upload(path)")),
+    (lambda f: f.save_image([[0, 1], [0]], "i.png"), ("not a rectangular array",)),
+    (lambda f: f.save_fig(plt.figure(), "f.png", format=123), ("format must be a str", "123")),
 ], ids=["text-bytes", "text-encoding", "blob-str", "blob-int", "json-set", "json-object", "pkl-lambda",
         "torch-lambda", "npy-object", "blob-object-array", "save-np-float", "save-np-int",
-        "text-encoding-none", "json-deep"])
+        "text-encoding-none", "json-deep", "blob-closed-file", "pkl-protocol-bool", "image-none", "image-str",
+        "image-ragged", "fig-format-int"])
 def test_serializer_refusals(exp, unchanged, call, fragments):
     with raises(InvalidInputError, *fragments):
         call(exp.files("x"))
@@ -426,3 +442,45 @@ def test_reads_name_bad_ids_and_destinations(exp, unchanged):
         exp.files.get(-5)
     with raises(InvalidInputError, "dest_path must be a str or os.PathLike, got int"):
         exp.files.download(first["id"], dest_path=123)
+
+
+def test_a_spool_setting_that_is_not_a_spool_directory_is_named(settings, tmp_path):
+    """MLDASH_SPOOL=$HOME used to fill the home directory with tmp/, blobs/ and manifests/; a file failed
+    later with a bare NotADirectoryError."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("# mine\n")
+    (home / "thesis.tex").write_text("% mine\n")
+    exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool=home))
+    with raises(ConfigError, str(home), "holding other files (.bashrc, thesis.tex)", "MLDASH_SPOOL"):
+        exp.files.save_blob(b"x", "a.bin")
+    assert sorted(os.listdir(home)) == [".bashrc", "thesis.tex"]
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool=a_file))
+    with raises(ConfigError, "exists and is not a directory", "MLDASH_SPOOL"):
+        exp.files.save_blob(b"x", "a.bin")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool=empty))
+    assert exp.files.save_blob(b"x", "a.bin")["status"] == "queued"  # a new or empty directory is fine
+
+
+def test_a_module_whose_state_dict_fails_is_named(exp, unchanged):
+    torch = pytest.importorskip("torch")
+
+    class Broken(torch.nn.Module):
+        def state_dict(self, *args, **kwargs):
+            raise RuntimeError("buffer on an unavailable device")
+
+    with raises(InvalidInputError, "save_torch could not get the module's state_dict()", "unavailable device"):
+        exp.files("t").save_torch(Broken(), "m.pt")
+
+
+def test_experiment_arguments_of_the_wrong_type_are_named(settings):
+    with raises(InvalidInputError, "settings must be a mldash.config.Settings", "dict"):
+        Experiment(prefix="alice/project/bad", settings={"spool": "/tmp/x"})
+    with raises(InvalidInputError, "local_path must be a directory path, got int 123"):
+        Experiment(prefix="alice/project/bad", settings=settings, local_path=123)

@@ -137,18 +137,19 @@ def test_unknown_argument_and_missing_or_broken_file(xdg: Path) -> None:
 
 @pytest.mark.parametrize(("text", "size"), [
     ("512MiB", 512 * 2**20), ("1.5 GiB", int(1.5 * 2**30)), ("10GB", 10**10), ("0", 0), (4096, 4096), ("7b", 7),
+    ("1.1MB", 1_100_000), ("0.9KB", 900),
 ])
 def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["-1", "1 PB", "", "MiB", True, -5])
+@pytest.mark.parametrize("text", ["-1", "1 PB", "", "MiB", True, -5, "0.5", "1.5 B", "0.4KiB"])
 def test_bad_sizes(text: object) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
 
 
-@pytest.mark.parametrize("value", ["0", "none", "unlimited", ""])
+@pytest.mark.parametrize("value", ["0", "none", "unlimited", "", "0B", "0 GiB", "None"])
 def test_quota_can_be_unset(xdg: Path, value: str) -> None:
     assert Settings.load(env={"MLDASH_SPOOL_QUOTA": value}).spool_quota is None
 

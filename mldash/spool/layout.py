@@ -20,11 +20,14 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from mldash.errors import SpoolCorruptError
+from mldash.errors import ConfigError, SpoolCorruptError
 from mldash.spool.tmp_owner import hold
 
 LAYOUT_VERSION = 1
 _MARKER = f"mldash-spool {LAYOUT_VERSION}\n"
+# Every name a spool's root holds (see docs/spool-format.md): a new spool may be created among these only.
+_SPOOL_NAMES = frozenset({"SPOOL", "tmp", "blobs", "manifests", "index.sqlite", "index.sqlite-wal",
+                          "index.sqlite-shm", "index.sqlite-journal", "daemon.lock", "quota.lock", "daemon.log"})
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 MANIFEST_SUFFIX = ".msgpack"
@@ -149,6 +152,8 @@ class SpoolLayout:
             if text != _MARKER:
                 raise SpoolCorruptError(
                     f"{self.root} holds a spool of layout {text.strip()!r}; this mldash reads {_MARKER.strip()!r}")
+        else:
+            self._check_new_root()
         for directory in (self.root, self.tmp_dir, self.blobs_dir, self.manifests_dir):
             make_private_dir(directory)
         while not marker.exists():
@@ -165,6 +170,22 @@ class SpoolLayout:
                 with contextlib.suppress(FileNotFoundError):  # only if the lock was not available (no flock)
                     os.replace(tmp, marker)
         return self
+
+    def _check_new_root(self) -> None:
+        """A spool is created in a new or empty directory only: MLDASH_SPOOL=$HOME (or a file) is a mistake
+        to name, not a directory to fill with tmp/, blobs/ and manifests/."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"spool {str(self.root)!r} exists and is not a directory; set the spool setting "
+                              "(MLDASH_SPOOL) to a directory path")
+        try:
+            foreign = sorted(name for name in os.listdir(self.root) if name not in _SPOOL_NAMES)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+            raise ConfigError(f"spool {str(self.root)!r} is a directory holding other files ({shown}) and no SPOOL "
+                              "marker: not an mldash spool; set the spool setting (MLDASH_SPOOL) to a new or empty "
+                              "directory")
 
     def exists(self) -> bool:
         return (self.root / "SPOOL").exists()
