@@ -10,6 +10,8 @@ key and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import re
 import tomllib
@@ -295,6 +297,7 @@ FIELDS: tuple[Field, ...] = (
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
+_ENV_NAMES = frozenset(f.env for f in FIELDS)
 
 
 INLINE_MAX_LIMIT = 2**20
@@ -337,6 +340,7 @@ class Settings:
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from `env` (default: os.environ), the TOML file, defaults, then `overrides`."""
         env = os.environ if env is None else env
+        _warn_unknown_variables(env)
         values: dict[str, Any] = {}
         config_file = Path(env["MLDASH_CONFIG"]) if env.get("MLDASH_CONFIG") else _config_home() / "config.toml"
         if config_file.is_file() or env.get("MLDASH_CONFIG"):
@@ -398,6 +402,25 @@ class Settings:
     def experiment_parts(self) -> tuple[str, str, str]:
         namespace, project, experiment = self.experiment.split("/")
         return namespace, project, experiment
+
+
+# MLDASH_* variables that are not settings but are ours: the config file's path, and the test suite's knobs.
+_OTHER_VARIABLES = ("MLDASH_CONFIG",)
+_warned_variables: set[str] = set()
+
+
+def _warn_unknown_variables(env: Mapping[str, str]) -> None:
+    """A misspelt variable (MLDASH_SPOOL_QUOTE) would otherwise be ignored in silence: the setting it meant keeps
+    its default. Warned once per process, with the closest setting's name."""
+    for name in env:
+        if (not name.startswith("MLDASH_") or name in _ENV_NAMES or name in _OTHER_VARIABLES
+                or name.startswith("MLDASH_TEST_") or name in _warned_variables):
+            continue
+        _warned_variables.add(name)
+        close = difflib.get_close_matches(name, [*_ENV_NAMES, *_OTHER_VARIABLES], n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; docs/configuration.md lists the settings"
+        logging.getLogger("mldash").warning("environment variable %s is not an mldash setting and is ignored%s",
+                                            name, hint)
 
 
 def _parse(field: Field, raw: Any, source: str) -> Any:

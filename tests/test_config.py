@@ -193,3 +193,17 @@ def test_replace_parses_and_checks_like_load(xdg: Path) -> None:
     # None means the default, in replace and in load alike (it used to be stored as None and fail later).
     assert settings.replace(spool="/elsewhere").replace(spool=None).spool == settings.spool
     assert Settings.load(env={}, spool=None, max_file_size=None) == settings
+
+
+def test_a_misspelt_variable_is_warned_about_once(xdg: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mldash import config
+
+    config._warned_variables.discard("MLDASH_SPOOL_QUOTE")
+    env = {"MLDASH_SPOOL_QUOTE": "10GiB", "MLDASH_TEST_ANYTHING": "1", "MLDASH_CONFIG": "", "MLDASH_SPOOL": "/s"}
+    with caplog.at_level("WARNING", logger="mldash"):
+        settings = Settings.load(env=env)
+        Settings.load(env=env)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["environment variable MLDASH_SPOOL_QUOTE is not an mldash setting and is ignored; did you "
+                        "mean MLDASH_SPOOL_QUOTA?"], warnings
+    assert settings.spool_quota is None
