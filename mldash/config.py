@@ -380,6 +380,9 @@ class Settings:
         if self.inline_max > INLINE_MAX_LIMIT:
             raise ConfigError(f"inline_max = {self.inline_max} bytes; at most {INLINE_MAX_LIMIT} (1 MiB): the "
                               "bytes live in the manifest, which the daemon reads several times")
+        if self.retry_base_delay > self.retry_max_delay:
+            raise ConfigError(f"retry_base_delay ({self.retry_base_delay:g}s) must be ≤ retry_max_delay "
+                              f"({self.retry_max_delay:g}s)")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level = {self.log_level!r}; accepted: DEBUG, INFO, WARNING, ERROR")
 

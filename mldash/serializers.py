@@ -322,6 +322,10 @@ def to_uint8(array: Any, what: str) -> Any:
     raise InvalidInputError(f"{what}: pixels of dtype {array.dtype} are not supported; use uint8, bool or float")
 
 
+# A figure rendered larger than this (e.g. dpi=1e6) would exhaust memory inside Agg (std::bad_alloc) before any
+# error: 2**28 pixels is 1 GiB of RGBA.
+MAX_FIGURE_PIXELS = 2**28
+
 _IMAGE_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
@@ -402,11 +406,20 @@ def figure_payload(fig: Any, fmt: str, *, close: bool = True, **savefig_kwargs: 
     if fmt not in supported:
         raise InvalidInputError(f"save_fig: format {fmt!r} is not supported by matplotlib here; accepted: "
                                 f"{', '.join(sorted(supported))}")
+    dpi = savefig_kwargs.get("dpi")
+    if isinstance(dpi, (int, float)) and not isinstance(dpi, bool):
+        width, height = root.get_size_inches() * dpi
+        if not (dpi > 0 and width * height <= MAX_FIGURE_PIXELS):
+            raise InvalidInputError(f"save_fig: dpi={dpi!r} makes a {width:.0f} × {height:.0f} pixel image; dpi "
+                                    f"must be > 0 and the image at most {MAX_FIGURE_PIXELS // 10**6} megapixels")
     buffer = io.BytesIO()
     try:
         root.savefig(buffer, format=fmt, **savefig_kwargs)
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"save_fig: matplotlib refused the options {savefig_kwargs}: {exc}") from None
+        # Options (dpi='x', an unknown keyword) or the figure's own content (a mathtext typo) can be the cause.
+        what = f"the figure with the options {savefig_kwargs}" if savefig_kwargs else "the figure"
+        raise InvalidInputError(f"save_fig: matplotlib could not render {what}: {type(exc).__name__}: "
+                                f"{exc}") from None
 
     def close_figure() -> None:
         pyplot = sys.modules.get("matplotlib.pyplot")

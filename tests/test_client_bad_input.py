@@ -484,3 +484,16 @@ def test_experiment_arguments_of_the_wrong_type_are_named(settings):
         Experiment(prefix="alice/project/bad", settings={"spool": "/tmp/x"})
     with raises(InvalidInputError, "local_path must be a directory path, got int 123"):
         Experiment(prefix="alice/project/bad", settings=settings, local_path=123)
+
+
+def test_figure_render_failures_are_named(exp, unchanged):
+    """dpi=1e6 ran Agg out of memory (std::bad_alloc); a mathtext typo was blamed on "the options {}"."""
+    fig = plt.figure()
+    with raises(InvalidInputError, "dpi=1000000.0 makes a 6400000 × 4800000 pixel image", "megapixels"):
+        exp.files("p").save_fig(fig, to="big.png", dpi=1e6, close=False)
+    with raises(InvalidInputError, "dpi=0", "must be > 0"):
+        exp.files("p").save_fig(fig, to="zero.png", dpi=0, close=False)
+    plt.title(r"$\alpah$")
+    with raises(InvalidInputError, "matplotlib could not render the figure", "alpah"):
+        exp.files("p").save_fig(fig, to="typo.png")
+    plt.close(fig)
