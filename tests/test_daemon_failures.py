@@ -137,6 +137,21 @@ def test_blackholed_store_never_hangs_and_burns_no_attempts(settings: Settings, 
         assert row["error_kind"] == "outage" and row["last_error"]
 
 
+def test_max_wait_bounds_the_run_while_the_store_never_answers(settings: Settings, blackhole: Blackhole,
+                                                               moto_server: str, drain) -> None:
+    """`run --once --max-wait S` against a store that accepts connections and never answers (a firewall that
+    drops, a dead load balancer) with the default 60 s request timeout: the run used to end only when the
+    start-up gc's listing gave up, a minute later, and a SIGTERM could not cut that wait short either."""
+    dead = settings.replace(store="s3://some-bucket/root", s3_endpoint_url=f"http://127.0.0.1:{blackhole.port}",
+                            request_timeout=60.0, retry_base_delay=0.05, retry_max_delay=0.3)
+    entry = enqueue_bytes(dead, b"abc", filename="small")
+    started = time.monotonic()
+    report = drain(dead, max_wait=3)
+    elapsed = time.monotonic() - started
+    assert elapsed < 15, f"max wait 3 s, the run took {elapsed:.0f}s"
+    assert report.remaining == {"queued": 1} and rows(dead)[entry.id]["attempts"] == 0
+
+
 def test_index_write_failing_in_the_main_loop_is_retried_not_fatal(settings: Settings, monkeypatch) -> None:
     """The main loop's own index writes (claims, ingest) meet a full disk like any other: the daemon must
     skip the step and try again — dying would stop eviction, the one thing that frees the disk."""

@@ -135,6 +135,8 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
 
     data = json.loads(status.stdout)
     assert data["states"]["quarantined"]["count"] == 1
+    # Nothing is pending (the quarantined entry is counted apart): no "oldest pending" age to show.
+    assert data["pendingFiles"] == 0 and data["oldestPendingAgeSeconds"] is None, data
     assert data["states"]["evicted"]["count"] + data["states"]["committed"]["count"] == 1
     assert any(str(bad.id) == e["id"] for e in data["recentErrors"])
     # The quarantined entry's bytes stay spooled; the good one was evicted (no quota set).
@@ -378,3 +380,53 @@ def test_every_subcommand_has_help(command: str) -> None:
     result = subprocess.run([sys.executable, "-m", "mldash_syncd", command, "--help"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0 and "usage: mldash-syncd" in result.stdout and len(result.stdout) > 150
+
+
+def test_run_once_refuses_a_directory_that_is_not_a_spool(settings: Settings, tmp_path) -> None:
+    """A typo in --spool (or a copy that failed) used to become an empty spool reported as synced (exit 0), and
+    the offline guide frees the node's spool after exit 0."""
+    missing = settings.replace(spool=tmp_path / "spool-node042")
+    result = cli(missing, "run", "--once", "--quiet")
+    assert result.returncode == 2 and f"no spool at {tmp_path / 'spool-node042'}: nothing to drain" in result.stderr
+    assert not (tmp_path / "spool-node042").exists()
+
+    inbox = tmp_path / "inbox"  # the parent of the copied spool: an easy mistake
+    (inbox / "node042").mkdir(parents=True)
+    result = cli(settings.replace(spool=inbox), "run", "--once", "--quiet")
+    assert result.returncode == 2 and "no spool at" in result.stderr
+    assert os.listdir(inbox) == ["node042"]
+
+
+def test_run_max_wait_is_checked(settings: Settings) -> None:
+    enqueue_bytes(settings, b"x")
+    result = cli(settings, "run", "--max-wait", "2")
+    assert result.returncode == 2 and "--max-wait goes with --once" in result.stderr
+    result = cli(settings, "run", "--once", "--max-wait", "-5")
+    assert result.returncode == 2 and "--max-wait -5: expected a number of seconds ≥ 0" in result.stderr
+
+
+def test_a_read_only_spool_is_a_usage_error_not_a_traceback(settings: Settings, small_fs) -> None:
+    """Commands that write the spool say so and exit 2 (systemd does not restart on 2); status and ls work."""
+    spool = settings.replace(spool=small_fs / "spool")
+    enqueue_bytes(spool, b"x")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    try:
+        for args in (("run", "--once", "--quiet"), ("reindex",), ("gc",), ("retry", "--all")):
+            result = cli(spool, *args)
+            assert result.returncode == 2, (args, result.stderr)
+            assert "Traceback" not in result.stderr and "Read-only file system" in result.stderr, (args, result.stderr)
+            assert "status and ls work read-only" in result.stderr
+        status = cli(spool, "status")
+        assert status.returncode == 0 and "not indexed" in status.stdout, status.stderr
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+
+
+def test_output_piped_into_head_ends_quietly(settings: Settings) -> None:
+    """`mldash-syncd ls | head` printed a BrokenPipeError traceback once head had exited."""
+    for i in range(2000):  # more than a pipe buffer (64 KiB) of `ls` lines
+        enqueue_bytes(settings, b"x", filename=f"f{i:04d}.bin")
+    assert cli(settings, "reindex").returncode == 0
+    result = subprocess.run(f"{sys.executable} -m mldash_syncd ls | head -1", shell=True,
+                            env=settings_env(settings), capture_output=True, text=True, timeout=60)
+    assert result.stdout.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr

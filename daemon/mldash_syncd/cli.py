@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
+import os
 import shutil
 import signal
 import sys
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_LEFT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # the shell's status for a Ctrl-C (128 + SIGINT)
+EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE (128 + 13), what `status | head` gives other tools
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -54,6 +57,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mldash_syncd.service import Daemon
 
     settings = _settings(args)
+    if args.max_wait is not None and not args.once:
+        raise MldashError("--max-wait goes with --once (a service keeps retrying for as long as it runs)")
+    if args.max_wait is not None and not args.max_wait >= 0:
+        raise MldashError(f"--max-wait {args.max_wait:g}: expected a number of seconds ≥ 0, e.g. 600")
+    if args.once and not args.autostarted and not SpoolLayout(settings.spool).exists():
+        # A typo (or a copy that failed) must not become an empty spool reported as fully synced: the offline
+        # guide frees a node's spool after exit 0. The service (`run`) still creates its spool.
+        raise MldashError(f"no spool at {settings.spool}: nothing to drain (check --spool / MLDASH_SPOOL; a spool "
+                          "holds SPOOL, blobs/ and manifests/)")
     setup_logging("WARNING" if args.quiet else settings.log_level)
     bar = None
     if args.once and not args.quiet:
@@ -152,7 +164,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         pending = [data["states"][s.value] for s in OUTSTANDING]
         data["pendingFiles"] = sum(p["count"] for p in pending)
         data["pendingBytes"] = sum(p["bytes"] for p in pending)
-        _add_unindexed(data, unindexed(layout, index.known_ids()), index.oldest_pending_created_at())
+        _add_unindexed(data, unindexed(layout, index.known_ids()), index.oldest_outstanding_created_at())
         data["recentErrors"] = [{"time": e["ts"], "id": str(e["entry_id"]), "message": e["message"]}
                                 for e in index.recent_events(10, level="error")]
         beat = index.get_meta("daemon")
@@ -327,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "failed/quarantined (or pending at --max-wait). If another daemon holds the spool, "
                           "follow it until the spool is drained (take over if it exits first)")
     run.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
-                     help="with --once: give up after this long (e.g. while the store is unreachable)")
+                     help="with --once: give up after this long (e.g. while the store is unreachable); exit 1 "
+                          "if anything is left pending")
     run.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     run.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
@@ -379,6 +392,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUSY
     except (ConfigError, MldashError) as exc:
         print(f"mldash-syncd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # `mldash-syncd status | head`: the reader is gone; end quietly like other command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # A spool this user cannot write (read-only mount, another user's spool): a configuration problem,
+        # exit 2 — which also tells systemd not to restart into the same error.
+        print(f"mldash-syncd {args.command}: cannot write {exc.filename or 'the spool'}: {exc.strerror}; "
+              "status and ls work read-only, the other commands need a writable spool", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         # Ctrl-C outside the daemon's own loop (which turns SIGINT into a graceful stop): while following

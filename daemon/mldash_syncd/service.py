@@ -182,10 +182,7 @@ class Daemon:
                         await self._loop(until_drained, deadline)
                     finally:
                         watchdog.cancel()
-                        if self._stop.is_set():  # a stop request does not wait for it (the next start retries)
-                            self._startup_gc.cancel()
-                        # A drain that needed no multipart upload still ends only after the gc (it has a deadline).
-                        await asyncio.gather(self._startup_gc, return_exceptions=True)
+                        await self._finish_startup_gc(deadline)
             finally:
                 self._write_heartbeat(stopping=True)
                 self.report.remaining = {k: v["count"] for k, v in self.index.counts().items() if v["count"]}
@@ -242,7 +239,10 @@ class Daemon:
                     log.info("idle for %.0fs: exiting (autostarted)", self.settings.idle_exit)
                     break
                 # After an index write failed, do not spin on it: eviction (unlink, then record) frees the space.
-                await self._sleep(max(self._next_timeout(), INDEX_TROUBLE_PAUSE if self._index_trouble else 0.0))
+                pause = max(self._next_timeout(), INDEX_TROUBLE_PAUSE if self._index_trouble else 0.0)
+                if deadline is not None:  # wake at the max wait, not up to a rescan interval after it
+                    pause = min(pause, max(0.01, deadline - now_mono))
+                await self._sleep(pause)
                 self._index_trouble = False
         finally:
             watcher.cancel()
@@ -682,6 +682,26 @@ class Daemon:
         with contextlib.suppress(sqlite3.Error), self.index.transaction():
             self.index.update(row["id"], upload_id=None)
             self.index.clear_parts(row["id"])
+
+    async def _finish_startup_gc(self, deadline: float | None) -> None:
+        """A drain that needed no multipart upload still lets the start-up gc finish — but never past the max
+        wait, and not once a stop is requested (a store that accepts connections and never answers would hold
+        the exit for the gc's whole deadline). Cancelled, it is retried by the next start or `gc`."""
+        gc = self._startup_gc
+        if gc is None or gc.done():
+            return
+        if not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait((gc, stop), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+        if not gc.done():
+            log.info("start-up gc interrupted (%s); the next start or `mldash-syncd gc` retries it",
+                     "stop requested" if self._stop.is_set() else "max wait reached")
+            gc.cancel()
+        await asyncio.gather(gc, return_exceptions=True)
 
     async def _collect_orphans(self) -> None:
         """Start-up gc: abort multipart uploads of ours that no entry will finish (see gc.py)."""

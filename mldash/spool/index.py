@@ -18,7 +18,7 @@ from typing import Any
 
 from mldash.spool.layout import FILE_MODE, SpoolLayout
 from mldash.spool.manifest import Manifest
-from mldash.spool.states import PENDING, TRANSITIONS, State, check_transition
+from mldash.spool.states import OUTSTANDING, TRANSITIONS, State, check_transition
 
 SCHEMA_VERSION = 1
 _MAX_EVENTS = 1000
@@ -220,10 +220,12 @@ class SpoolIndex:
                                 ).fetchone()
         return row is not None
 
-    def oldest_pending_created_at(self) -> float | None:
-        marks = ",".join("?" * len(PENDING))
+    def oldest_outstanding_created_at(self) -> float | None:
+        """When the oldest entry the daemon still has work on was saved (failed/quarantined ones excluded: `status`
+        counts those apart, and an age next to "pending 0 files" would say something is waiting)."""
+        marks = ",".join("?" * len(OUTSTANDING))
         row = self.conn.execute(f"SELECT MIN(created_at) FROM entries WHERE state IN ({marks})",
-                                [s.value for s in PENDING]).fetchone()
+                                [s.value for s in OUTSTANDING]).fetchone()
         return row[0]
 
     def next_due(self, states: Iterable[State] = (State.QUEUED, State.UPLOADED)) -> float | None:
