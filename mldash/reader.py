@@ -15,7 +15,8 @@ nothing to verify it against). Committed entries carry the catalog's checksum an
 The client is synchronous but the catalog and store are asyncio clients: each call runs on a fresh event
 loop in a worker thread, which creates, uses and closes its client there. That works from a plain script and
 from inside a running event loop (Jupyter) alike, and never leaks a client across loops. Every catalog and
-store await has a deadline (`request_timeout`; downloads add time in proportion to their size).
+store await has a deadline (`request_timeout`; downloads add time in proportion to their size). Catalog reads
+get at most CATALOG_READ_TIMEOUT and, after one fails, are skipped for CATALOG_RETRY_AFTER (see `_catalog_call`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ log = logging.getLogger("mldash")
 T = TypeVar("T")
 
 _COPY_CHUNK = 8 * 2**20
+# A client read waits this long for the catalog before answering from the spool alone: the training loop, not a
+# daemon, is waiting. After a failure the catalog is skipped for CATALOG_RETRY_AFTER seconds.
+CATALOG_READ_TIMEOUT = 5.0
+CATALOG_RETRY_AFTER = 30.0
 _MIN_DOWNLOAD_RATE = 5e6  # bytes/s assumed at worst when sizing a download's deadline
 _FAILED = (State.FAILED, State.QUARANTINED)
 
@@ -115,6 +120,9 @@ class Reader:
         self.layout = SpoolLayout(settings.spool)
         self._manifests: dict[int, Manifest] = {}  # manifests never change once in place: cache them
         self._lock = threading.Lock()
+        # (monotonic time until which the catalog is skipped, why, the error to raise meanwhile)
+        self._catalog_down: tuple[float, str, type[Exception]] = (0.0, "", Exception)
+        self._warned_catalog_down = 0.0  # the down_until of the outage last warned about
 
     # ---- the spool side --------------------------------------------------------------------------------
     def _manifest(self, file_id: int) -> Manifest | None:
@@ -190,22 +198,50 @@ class Reader:
         return parsed.scheme != "sqlite" or Path(unquote(parsed.path)).exists()
 
     def _catalog_call(self, call: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        """Run `call(catalog)` with a short deadline; after a failure the catalog is skipped (the same error
+        raised at once) for CATALOG_RETRY_AFTER seconds, so a loop that lists every epoch does not wait each time."""
         from mldash.catalog import make_catalog
+        from mldash.catalog.base import CatalogError, TransientCatalogError
 
-        deadline = self.settings.request_timeout
+        with self._lock:
+            down_until, reason, error_type = self._catalog_down
+        if time.monotonic() < down_until:
+            raise error_type(reason)
+        deadline = min(self.settings.request_timeout, CATALOG_READ_TIMEOUT)
 
         async def run() -> T:
-            catalog = make_catalog(self.settings)
-            async with asyncio.timeout(deadline):
+            catalog = make_catalog(self.settings, for_reads=True, request_timeout=deadline)
+            # The driver's own timeout (the same deadline) normally answers first, with its reason.
+            async with asyncio.timeout(deadline + 1.0):
                 await catalog.open()
             try:
-                async with asyncio.timeout(deadline):
+                async with asyncio.timeout(deadline + 1.0):
                     return await call(catalog)
             finally:
-                async with asyncio.timeout(deadline):
+                async with asyncio.timeout(deadline + 1.0):
                     await catalog.close()
 
-        return run_async(run)
+        try:
+            return run_async(run)
+        except (CatalogError, TimeoutError, OSError) as exc:
+            # A CatalogError names the catalog already; a bare timeout says nothing at all.
+            cause = str(exc) if isinstance(exc, CatalogError) and str(exc) else (
+                f"the catalog {redact_uri(self.settings.catalog)} could not be read: "
+                f"{str(exc) or f'no answer within {deadline:g}s'}")
+            reason = f"{cause} (not asked again for {CATALOG_RETRY_AFTER:g}s)"
+            error_type = type(exc) if isinstance(exc, CatalogError) else TransientCatalogError
+            with self._lock:
+                self._catalog_down = (time.monotonic() + CATALOG_RETRY_AFTER, reason, error_type)
+            raise error_type(reason) from exc
+
+    def _warn_catalog_down(self, exc: BaseException, consequence: str) -> None:
+        """One warning per outage (a loop that lists every epoch would repeat it); the rest at debug level."""
+        with self._lock:
+            down_until = self._catalog_down[0]
+            first = down_until != self._warned_catalog_down
+            self._warned_catalog_down = down_until
+        message = str(exc) or f"{type(exc).__name__} from the catalog {redact_uri(self.settings.catalog)}"
+        log.log(logging.WARNING if first else logging.DEBUG, "mldash: %s; %s", message, consequence)
 
     def catalog_find(self, exp: ExperimentId, **query: Any) -> list[dict[str, Any]]:
         if not self._catalog_exists():
@@ -232,8 +268,7 @@ class Reader:
         except Exception as exc:
             if strict:
                 raise
-            log.warning("mldash: the catalog %s could not be read (%s: %s); showing only the files still in the "
-                        "local spool", redact_uri(self.settings.catalog), type(exc).__name__, exc)
+            self._warn_catalog_down(exc, "showing only the files still in the local spool")
             docs = []
         # Entries evicted from the spool are known only to the catalog; the index still says "evicted".
         rows = self._index_rows(int(d["id"]) for d in docs if int(d["id"]) not in entries)
@@ -303,7 +338,7 @@ class Reader:
             except Exception as exc:
                 if entry is None:
                     raise
-                log.warning("mldash: the catalog could not be read (%s); using the spool's record of %s", exc, file_id)
+                self._warn_catalog_down(exc, f"using the spool's record of {file_id}")
                 doc = None
             if doc is not None:
                 status = entry["status"] if entry else State.COMMITTED.value

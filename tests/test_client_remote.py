@@ -60,3 +60,32 @@ def test_save_list_download_through_s3_and_mongo(remote, drain, tmp_path):
     loaded = torch.load(io.BytesIO(Path(out).read_bytes()), weights_only=True)
     assert torch.equal(loaded["weight"], model.weight)
     assert exp.flush(timeout=10).keys() == {r["id"] for r in saved.values()}
+
+
+def test_reads_with_the_catalog_down_answer_from_the_spool_without_waiting_again(settings, caplog):
+    """MongoDB down: list() and get() used to wait ~63 s each (index creation, then the whole request timeout),
+    call after call, and warned "(TimeoutError: )". A read now waits at most CATALOG_READ_TIMEOUT, says why,
+    and skips the catalog for CATALOG_RETRY_AFTER seconds; creating indexes is the daemon's business."""
+    import time
+
+    from mldash import reader
+    from tests.fixtures.mongo import free_port
+
+    down = settings.replace(catalog=f"mongodb://127.0.0.1:{free_port()}/", request_timeout=60.0)
+    exp = Experiment(prefix="alice/project/down", settings=down)
+    saved = exp.files("c").save_blob(b"spooled", "a.bin")
+    with caplog.at_level("WARNING", logger="mldash"):
+        started = time.monotonic()
+        first = exp.files().list()
+        first_took = time.monotonic() - started
+        started = time.monotonic()
+        again = [exp.files().list(), exp.files("c").get("a.bin")]
+        again_took = time.monotonic() - started
+    assert [f["id"] for f in first] == [saved["id"]] and again[0] == first and again[1]["id"] == saved["id"]
+    assert first_took < reader.CATALOG_READ_TIMEOUT + 10, first_took  # not the 60 s request timeout
+    assert again_took < reader.CATALOG_READ_TIMEOUT - 1, again_took  # remembered: not asked again
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # one per outage, not one per call
+    assert "find failed" in warnings[0] and "Connect call failed" in warnings[0], warnings  # the cause
+    assert "not asked again for 30s" in warnings[0], warnings
+    assert "Topology Description" not in warnings[0], warnings

@@ -49,19 +49,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_catalog(settings: Settings) -> Catalog:
-    """The catalog `settings.catalog` names, configured from `settings` (not opened yet)."""
+def make_catalog(settings: Settings, *, for_reads: bool = False, request_timeout: float | None = None) -> Catalog:
+    """The catalog `settings.catalog` names, configured from `settings` (not opened yet).
+
+    `for_reads`: a client that only reads (creates no MongoDB indexes); `request_timeout` overrides the setting.
+    """
+    timeout = settings.request_timeout if request_timeout is None else request_timeout
     url = settings.catalog
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         if parsed.netloc or not parsed.path.startswith("/"):
             raise ConfigError(f"catalog {url!r}: a SQLite catalog must be 'sqlite:///abs/file'")
-        return SqliteCatalog(Path(unquote(parsed.path)), request_timeout=settings.request_timeout,
-                             power_safe=settings.power_safe)
+        return SqliteCatalog(Path(unquote(parsed.path)), request_timeout=timeout, power_safe=settings.power_safe)
     from mldash.catalog.mongo import MongoCatalog
     from mldash.redact import redact_uri
 
     if parsed.scheme in ("mongodb", "mongodb+srv"):
-        return MongoCatalog(url, database=settings.mongo_database, request_timeout=settings.request_timeout)
+        return MongoCatalog(url, database=settings.mongo_database, request_timeout=timeout,
+                            create_indexes=not for_reads)
     raise ConfigError(f"catalog {redact_uri(url)!r}: accepted catalogs are 'sqlite:///abs/file' and "
                       "'mongodb://…' URIs")

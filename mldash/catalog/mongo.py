@@ -112,7 +112,9 @@ def catalog_error(exc: BaseException, what: str, url: str) -> CatalogError:
     """
     if isinstance(exc, CatalogError):
         return exc
-    message = f"MongoDB catalog {url}: {what} failed: {type(exc).__name__}: {exc}"
+    # PyMongo appends its whole topology description (~600 characters, repeating the cause) to selection errors.
+    text = str(exc).split(", Topology Description: ", 1)[0]
+    message = f"MongoDB catalog {url}: {what} failed: {type(exc).__name__}: {text}"
     if isinstance(exc, TimeoutError):
         return TransientCatalogError(f"MongoDB catalog {url}: {what} did not finish within its deadline")
     if isinstance(exc, OperationFailure):  # includes WriteError, WriteConcernError, ExecutionTimeout
@@ -155,7 +157,7 @@ class MongoCatalog(Catalog):
     """The catalog in MongoDB (or anything speaking its wire protocol, e.g. SecantusDB)."""
 
     def __init__(self, uri: str, *, database: str = "mldash", request_timeout: float = 60.0,
-                 appname: str = "mldash") -> None:
+                 appname: str = "mldash", create_indexes: bool = True) -> None:
         self._uri = uri
         self.url = redact_uri(uri)
         self._secrets = uri_password(uri)
@@ -165,6 +167,7 @@ class MongoCatalog(Catalog):
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._files: AsyncCollection[dict[str, Any]] | None = None
         self._indexes_ready = False
+        self._create_indexes = create_indexes  # False for a reader: reads need none, and must not wait for them
         self._abandoned: set[asyncio.Task[Any]] = set()  # driver calls whose caller stopped waiting
 
     def __repr__(self) -> str:
@@ -198,6 +201,8 @@ class MongoCatalog(Catalog):
                 f"MongoDB catalog {self.url}: invalid client configuration: {type(exc).__name__}: {exc}")) from None
         self._files = self._client.get_database(self.database).get_collection(
             COLLECTION, write_concern=WriteConcern(w="majority", j=True))
+        if not self._create_indexes:
+            return
         try:
             with pymongo.timeout(min(self.request_timeout, OPEN_TIMEOUT)):  # the driver's own deadline, shortened
                 await self._ensure_indexes()
