@@ -65,10 +65,14 @@ class FilesHandle:
     def __init__(self, experiment: Experiment, prefix: str = "", *, source: str | os.PathLike[str] | None = None,
                  file_id: int | str | None = None, dest_path: str | os.PathLike[str] | None = None,
                  description: str | None = None, tags: list[str] | None = None,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, as_folder: str | None = None) -> None:
         self._exp = experiment
         self.prefix = names.validate_prefix(prefix)
         self._source = source
+        # exp.files("checkpoints") with a local file of that name in the working directory: the older form's
+        # file for save()/upload(), but the folder for every other save (save_torch(model, to="m.pt") never
+        # means "upload ./checkpoints"; its artifacts must not land at the root because of a stray file).
+        self._as_folder = as_folder
         self._file_id = file_id
         self._dest_path = dest_path
         self._description = names.validate_description(description)
@@ -85,11 +89,13 @@ class FilesHandle:
         root; otherwise it is relative to this handle."""
         source = None
         folder = ""
+        as_folder: str | None = None
         if prefix is not None:
             source, folder = path_or_prefix, prefix
         elif path_or_prefix is not None:
             if isinstance(path_or_prefix, (str, os.PathLike)) and os.path.isfile(path_or_prefix):
                 source = path_or_prefix
+                as_folder = os.fspath(path_or_prefix)
             elif isinstance(path_or_prefix, os.PathLike):  # not a file: a folder, spelled as a path
                 folder = os.fspath(path_or_prefix)  # type: ignore[assignment]
             else:
@@ -99,11 +105,18 @@ class FilesHandle:
                                     f"{type(folder).__name__}")
         new_prefix = names.validate_prefix(folder) if folder.startswith("/") else _join(
             self.prefix, names.validate_prefix(folder))
+        folder_prefix = None
+        if as_folder is not None:
+            try:
+                folder_prefix = names.validate_prefix(as_folder) if as_folder.startswith("/") else _join(
+                    self.prefix, names.validate_prefix(as_folder))
+            except InvalidInputError:  # not usable as a folder name (e.g. "./model.pth"): only the file reading
+                folder_prefix = None
         return FilesHandle(
             self._exp, new_prefix, source=source, file_id=file_id, dest_path=dest_path,
             description=description if description is not None else self._description,
             tags=[*self._tags, *names.validate_tags(tags)],
-            metadata={**self._metadata, **names.validate_metadata(metadata)})
+            metadata={**self._metadata, **names.validate_metadata(metadata)}, as_folder=folder_prefix)
 
     @property
     def path(self) -> str:
@@ -323,6 +336,11 @@ class FilesHandle:
     def _save(self, method: str, build: Callable[[str], serializers.Payload], to: Any, description: str | None,
               tags: list[str] | None, metadata: dict[str, Any] | None, *, default_name: str | None = None,
               default_ext: str | None = None) -> dict[str, Any]:
+        if self._as_folder is not None and method != "upload":
+            folder = FilesHandle(self._exp, self._as_folder, description=self._description, tags=self._tags,
+                                 metadata=self._metadata)
+            return folder._save(method, build, to, description, tags, metadata, default_name=default_name,
+                                default_ext=default_ext)
         label = "upload" if method == "upload" else f"save_{method}"
         prefix, filename = self._target(to, label, default_name, default_ext)
         description = names.validate_description(description)

@@ -461,3 +461,16 @@ def test_unusual_but_valid_names(exp, settings, synced):
     for result, data in ((colon, b"1"), (spaced, b"2"), (dotted, b"3")):
         assert store_bytes(settings, result) == data
     assert exp.files("odd names/ünïcode").get("with space [1].bin")["id"] == spaced["id"]
+
+
+def test_a_local_file_named_like_the_folder_does_not_move_saves(exp, settings, tmp_path, monkeypatch):
+    """exp.files("checkpoints") is ML-Dash's older file form when ./checkpoints is a file; its save_torch(...)
+    used to land at the experiment's root because of that stray file. Other saves now mean the folder."""
+    monkeypatch.chdir(tmp_path)
+    Path("checkpoints").write_text("notes")
+    saved = exp.files("checkpoints").save_torch(torch.nn.Linear(2, 2), to="m.pt")
+    assert (saved["path"], saved["filename"]) == ("/checkpoints", "m.pt")
+    assert exp.files("checkpoints").save_blob(b"x", "b.bin")["path"] == "/checkpoints"
+    uploaded = exp.files("checkpoints").save()  # the older form itself: upload the local file
+    assert (uploaded["path"], uploaded["filename"]) == ("/", "checkpoints")
+    assert spool_blob(settings, uploaded) == b"notes"
