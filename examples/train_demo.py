@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from mldash import Experiment
+from mldash.redact import redact_uri
 
 
 def main() -> None:
@@ -65,8 +66,8 @@ def main() -> None:
         for entry in exp.files().list():
             print(f"{entry['status']:<10} {entry['sizeBytes']:>9}  {entry['checksum'][:12]}…  "
                   f"{entry['path'].rstrip('/')}/{entry['filename']}")
-        print(f"\nexperiment {exp.path}: run `.venv/bin/mldash-syncd status` to see the spool; the files are under "
-              "$XDG_DATA_HOME/mldash/store (default ~/.local/share/mldash/store).")
+        print(f"\nexperiment {exp.path}: run `.venv/bin/mldash-syncd status` to see the spool; the files are in "
+              f"the store {exp.settings.store}, their records in the catalog {redact_uri(exp.settings.catalog)}.")
 
 
 if __name__ == "__main__":

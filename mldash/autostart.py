@@ -35,6 +35,7 @@ log = logging.getLogger("mldash")
 
 PROBE_INTERVAL = 5.0      # seconds between lock probes while a daemon is known to hold the spool
 STARTING_GRACE = 30.0     # a child of ours that is alive but has not taken the lock yet: don't start another
+EXIT_USAGE = 2            # mldash-syncd's exit status for bad configuration or usage (mldash_syncd.cli)
 MAX_BACKOFF = 300.0
 
 
@@ -133,11 +134,21 @@ def _ensure(settings: Settings, layout: SpoolLayout, now: float) -> bool:
         if code is None and now - state.started_at < STARTING_GRACE:
             state.next_probe = now + 0.2  # still starting up: check again soon
             return False
+        if code == EXIT_USAGE:
+            # Bad configuration (an unreachable path, a bad URI): starting it again cannot help, as for systemd's
+            # RestartPreventExitStatus=2. Say why, once; a later process (fixed settings) tries again.
+            log.warning("mldash: the autostarted mldash-syncd refused its configuration: %s — files stay queued "
+                        "until the setting is fixed and a daemon runs (%s)", last_log_line(layout) or f"exit {code}",
+                        layout.daemon_log_path)
+            state.child = None
+            state.next_probe = float("inf")
+            return False
         if code is not None and now - state.started_at < 10.0 and code != 0:
             state.quick_failures += 1
             backoff = min(2.0 ** state.quick_failures, MAX_BACKOFF)
             log.warning("mldash: the autostarted mldash-syncd exited with code %s right after starting; retrying in "
-                        "%.0fs (see %s)", code, backoff, layout.daemon_log_path)
+                        "%.0fs (%s; see %s)", code, backoff, last_log_line(layout) or "no output",
+                        layout.daemon_log_path)
             state.child = None
             state.next_probe = now + backoff
             return False
@@ -152,6 +163,18 @@ def _ensure(settings: Settings, layout: SpoolLayout, now: float) -> bool:
     state.next_probe = now + 0.2
     log.info("mldash: started mldash-syncd (pid %s) for %s", state.child.pid, layout.root)
     return True
+
+
+def last_log_line(layout: SpoolLayout) -> str | None:
+    """The last non-empty line of the autostarted daemons' log (daemon.log): why the last one stopped."""
+    try:
+        with open(layout.daemon_log_path, "rb") as log_file:
+            log_file.seek(0, os.SEEK_END)
+            log_file.seek(max(0, log_file.tell() - 4096))
+            lines = [line.strip() for line in log_file.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1][:500] if lines else None
 
 
 def _reset_for_tests() -> None:

@@ -60,7 +60,10 @@ def _parse_bool(value: Any) -> bool:
 def _parse_auto_bool(value: Any) -> bool | None:
     if value is None or str(value).strip().lower() == "auto":
         return None
-    return _parse_bool(value)
+    try:
+        return _parse_bool(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a boolean or 'auto'; use auto (default), 1/0, true/false, yes/no") from None
 
 
 def _parse_float(minimum: float) -> Callable[[Any], float]:
@@ -101,7 +104,9 @@ def _parse_optional_size(value: Any) -> int | None:
 def _text(value: Any, example: str) -> str:
     """A setting that is text: environment values always are; a TOML true, 12 or list is a mistake, not a name."""
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is a {type(value).__name__}; expected a string such as {example!r}")
+        kind = type(value).__name__
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ValueError(f"{value!r} is {article} {kind}; expected a string such as {example!r}")
     return value
 
 

@@ -423,7 +423,19 @@ class Reader:
                 async with asyncio.timeout(self.settings.request_timeout):
                     await store.close()
 
-        run_async(run)
+        from mldash.store.base import StoreError, TransientStoreError
+
+        where = f"file {file_id}: download of {key!r} from the store {self.settings.store}"
+        recorded = entry.get("storageUri")
+        if recorded and not str(recorded).startswith(self.settings.store.rstrip("/") + "/"):
+            where += f" (the catalog recorded it at {recorded}: has the store setting changed?)"
+        try:
+            run_async(run)
+        except StoreError as exc:
+            raise type(exc)(f"{where}: {exc}") from exc
+        except TimeoutError:
+            raise TransientStoreError(f"{where}: no answer within {deadline:.0f}s (request_timeout "
+                                      f"{self.settings.request_timeout:g}s plus time for its size)") from None
         digest = hashlib.sha256()
         with open(temp, "rb", buffering=0) as handle:
             while chunk := handle.read(_COPY_CHUNK):
@@ -482,8 +494,15 @@ class Reader:
         shown = ", ".join(map(str, pending[:20])) + (" …" if len(pending) > 20 else "")
         message = f"{len(pending)} of {total} file(s) not committed after {timeout:g}s: {shown}."
         if self.layout.exists() and not is_held(self.layout):
-            message += (f" No mldash-syncd is draining the spool {self.layout.root}: start one with "
-                        "`mldash-syncd run` (or leave MLDASH_AUTOSTART on).")
+            message += f" No mldash-syncd is draining the spool {self.layout.root}"
+            if self.settings.autostart:
+                from mldash.autostart import last_log_line
+
+                last = last_log_line(self.layout)
+                message += (f"; the last one autostarted said: {last} ({self.layout.daemon_log_path})." if last else
+                            f"; autostart is on: see {self.layout.daemon_log_path}.")
+            else:
+                message += ": start one with `mldash-syncd run` (autostart is off: MLDASH_AUTOSTART=0)."
         else:
             message += " They stay queued and will be uploaded; `mldash-syncd status` shows progress."
         return message

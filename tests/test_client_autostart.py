@@ -186,3 +186,24 @@ def test_a_save_waiting_for_spool_quota_starts_the_daemon_that_makes_room(settin
     assert state.child is not None, "the waiting save did not start a daemon"
     assert exp.flush(timeout=60)[result["id"]] in ("committed", "evicted")
     assert store_bytes(live, result) == data
+
+
+def test_a_daemon_that_refuses_its_configuration_is_not_restarted_and_its_reason_is_shown(settings, caplog):
+    """The autostarted daemon exits 2 on a setting only it can check (a catalog it cannot open): the client used
+    to restart it with backoff forever, and flush() blamed autostart ("leave MLDASH_AUTOSTART on") while the
+    reason sat in daemon.log."""
+    from mldash.errors import WaitTimeoutError
+
+    live = settings.replace(autostart=True, catalog="sqlite:///proc/no-such-dir/catalog.sqlite")
+    exp = Experiment(prefix="alice/project/badconf", settings=live)
+    with caplog.at_level("WARNING", logger="mldash"):
+        exp.files.save_blob(b"x", "a.bin")
+        state = autostart._states[Path(live.spool)]
+        assert state.child is not None and state.child.wait(timeout=60) == 2
+        with pytest.raises(WaitTimeoutError) as info:
+            exp.flush(timeout=2)
+    message = str(info.value)
+    assert "the last one autostarted said" in message and "/proc/no-such-dir/catalog.sqlite" in message, message
+    refused = [r.getMessage() for r in caplog.records if "refused its configuration" in r.getMessage()]
+    assert len(refused) == 1 and "/proc/no-such-dir/catalog.sqlite" in refused[0], refused
+    assert state.child is None and state.next_probe == float("inf")  # not started again

@@ -144,6 +144,23 @@ def test_download_from_the_store_after_eviction(exp, settings, synced, tmp_path)
     assert Path(out).read_bytes() == b"stored"
 
 
+def test_a_download_the_store_cannot_serve_names_the_store_and_where_the_file_was_recorded(
+        exp, settings, synced, tmp_path):
+    """It said only "download 'files/…': no such object" — not which store, nor that the catalog recorded the
+    file in another one (the store setting had changed)."""
+    from mldash.store.base import PermanentStoreError
+
+    result = exp.files("models").save_blob(b"stored", "best.pt")
+    synced()
+    moved = Experiment(prefix="alice/project/ryw", settings=settings.replace(store=(tmp_path / "other").as_uri()))
+    with pytest.raises(PermanentStoreError) as info:
+        moved.files().download(result["id"], tmp_path / "x.pt")
+    message = str(info.value)
+    assert f"from the store {(tmp_path / 'other').as_uri()}" in message, message
+    assert "the catalog recorded it at file://" in message and "has the store setting changed?" in message, message
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_download_prefers_the_spool_copy(settings, drain, tmp_path):
     keep = settings.replace(keep_committed=10)
     exp = Experiment(prefix="alice/project/keep", settings=keep)

@@ -149,6 +149,9 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert str(bad.id) in listed and str(good.id) not in listed and "sha256" in listed
 
     assert cli(settings, "retry").returncode == 2  # neither ids nor --all: a clear usage error
+    unknown = cli(settings, "retry", "123", str(good.id))  # a typo'd id is named, not passed over in silence
+    assert unknown.returncode == 2 and "no such entry in this spool's index: 123" in unknown.stderr, unknown.stderr
+    assert f"not failed or quarantined (left alone): {good.id} (" in unknown.stderr, unknown.stderr
     overwrite_spooled(SpoolLayout(settings.spool), bad.id, b"bad-bytes")
     retried = cli(settings, "retry", str(bad.id))
     assert "re-queued 1" in retried.stdout

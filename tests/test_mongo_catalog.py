@@ -90,6 +90,22 @@ async def test_open_does_not_wait_the_request_timeout_for_a_server_that_is_down(
         await catalog.close()
 
 
+async def test_a_server_that_is_down_is_reported_after_the_selection_timeout_not_the_request_timeout() -> None:
+    """With the default 60 s request timeout a commit to a MongoDB that refuses connections used to fail (and
+    the daemon say so, in its log and `status`) only after a minute; it now takes SERVER_SELECTION_TIMEOUT."""
+    from mldash.catalog.mongo import SERVER_SELECTION_TIMEOUT
+
+    catalog = MongoCatalog(f"mongodb://127.0.0.1:{free_port()}/", database="x", request_timeout=60.0)
+    await catalog.open()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransientCatalogError):
+            await catalog.get("1")
+        assert time.monotonic() - started < SERVER_SELECTION_TIMEOUT + GIVE_UP_WITHIN < 60.0
+    finally:
+        await catalog.close()
+
+
 async def test_blackhole_server_is_transient_within_deadline() -> None:
     async with blackhole_server() as port:
         catalog = MongoCatalog(f"mongodb://127.0.0.1:{port}/", database="x", request_timeout=REQUEST_TIMEOUT)

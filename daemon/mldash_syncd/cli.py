@@ -277,12 +277,18 @@ def cmd_retry(args: argparse.Namespace) -> int:
     _layout, index = _open_index(_settings(args), write=True)
     try:
         done = index.retry(ids)
+        left = sorted(set(ids) - set(done)) if ids is not None else []
+        states = {i: row["state"] for i in left if (row := index.get(i)) is not None}
     finally:
         index.close()
-    if ids is not None and (missing := sorted(set(ids) - set(done))):
-        print(f"not failed or quarantined (left alone): {' '.join(map(str, missing))}", file=sys.stderr)
+    if unknown := [i for i in left if i not in states]:
+        print(f"no such entry in this spool's index: {' '.join(map(str, unknown))} (`mldash-syncd ls` lists them; "
+              "a save not indexed yet is picked up by the next daemon run)", file=sys.stderr)
+    if states:
+        shown = " ".join(f"{i} ({state})" for i, state in states.items())
+        print(f"not failed or quarantined (left alone): {shown}", file=sys.stderr)
     print(f"re-queued {len(done)} entries")
-    return EXIT_OK
+    return EXIT_USAGE if unknown else EXIT_OK
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:

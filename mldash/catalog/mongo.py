@@ -67,6 +67,10 @@ ABANDONED_CALLS_GRACE = 2.0  # seconds `close` waits for abandoned calls (server
 # Seconds `open` gives the index creation: a reachable server answers in milliseconds (bad credentials too);
 # one that is down must not hold a starting daemon — and its uploads — for the whole request timeout.
 OPEN_TIMEOUT = 3.0
+# Seconds an operation may take while no server is known to be up (PyMongo retries a refused or dropped one until
+# its deadline). Long enough to connect and for a replica set election (~10 s); short enough that a MongoDB that is
+# down is reported (logs, `status`) after seconds, not after the whole request timeout. Commits are retried anyway.
+SERVER_SELECTION_TIMEOUT = 15.0
 
 # Server error codes that mean "the credentials are wrong or lack a role": never fixed by waiting.
 _AUTH_CODES = frozenset({
@@ -269,9 +273,20 @@ class MongoCatalog(Catalog):
         "RuntimeError: Lock is not acquired" and every later call, `close` included, hangs. A call we stop
         waiting for is therefore abandoned, not cancelled: it ends by its own timeoutMS or at `close`.
         """
-        task = asyncio.ensure_future(call())
+        limit = self.request_timeout
+        client = self._client
+        if client is not None and not client.topology_description.has_writable_server():
+            # No server known to be up (just started, or MongoDB is down): the operation's server selection would
+            # wait the whole request timeout (PyMongo's client-side timeout overrides serverSelectionTimeoutMS).
+            limit = min(limit, SERVER_SELECTION_TIMEOUT)
+
+        async def bounded() -> T:
+            with pymongo.timeout(limit):
+                return await call()
+
+        task = asyncio.ensure_future(bounded())
         try:
-            async with asyncio.timeout(self.request_timeout + DEADLINE_GRACE):
+            async with asyncio.timeout(limit + DEADLINE_GRACE):
                 return await asyncio.shield(task)
         except (PyMongoError, bson.errors.BSONError, OSError, TimeoutError) as exc:
             raise self._scrub(catalog_error(exc, what, self.url)) from exc
