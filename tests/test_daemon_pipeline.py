@@ -219,3 +219,39 @@ def test_a_large_backlog_starts_uploading_before_it_is_all_indexed(settings: Set
     indexed_before = sum(1 for kind, _ in order[:first_upload] if kind == "queued")
     assert indexed_before == 8, f"{indexed_before} entries were indexed before the first upload started"
     assert sorted(int(d["id"]) for d in catalog_docs(settings)) == sorted(e.id for e in entries)
+
+
+def test_committed_bytes_leave_the_spool_soon_even_right_after_another_eviction(settings: Settings,
+                                                                                 monkeypatch) -> None:
+    """A save waiting for quota room waits for eviction. A commit that landed less than EVICT_INTERVAL after the
+    previous eviction pass was evicted only at the next rescan (2 s; here made 30 s to tell the two apart): saves
+    at quota stalled ~2 s each. Its pass now comes EVICT_INTERVAL later."""
+    import asyncio
+    import threading
+    import time
+
+    import mldash_syncd.service as service
+    from mldash_syncd import Daemon
+
+    monkeypatch.setattr(service, "RESCAN_INTERVAL", 30.0)
+    layout = SpoolLayout(settings.spool)
+    committed: dict[int, float] = {}
+    daemon = Daemon(settings, on_event=lambda kind, data: committed.setdefault(data["id"], time.monotonic())
+                    if kind == "committed" else None)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=lambda: loop.run_until_complete(daemon.run()), daemon=True)
+    runner.start()
+    try:
+        latencies = []
+        for i in range(3):  # back to back: each commit lands right after the previous eviction
+            entry = enqueue_bytes(settings, os.urandom(1000), filename=f"f{i}")
+            deadline = time.monotonic() + 60
+            while layout.manifest_path(entry.id).exists() or entry.id not in committed:
+                assert time.monotonic() < deadline, "never committed and evicted"
+                time.sleep(0.005)
+            latencies.append(time.monotonic() - committed[entry.id])
+        assert max(latencies) < 10, latencies  # EVICT_INTERVAL (0.25 s) plus a pass, not the 30 s rescan
+    finally:
+        loop.call_soon_threadsafe(daemon.request_stop)
+        runner.join(timeout=60)
+        loop.close()

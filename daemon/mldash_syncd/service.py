@@ -125,6 +125,7 @@ class Daemon:
         self._scan_requested = True
         self._backlog: list[int] = []  # new manifests not indexed yet, newest first (see _ingest)
         self._evict_requested = False
+        self._last_evict = 0.0  # time.monotonic() of the last eviction pass started
         self._index_trouble = False  # a loop step's index write failed in this pass (see _index_guard)
         self._index_trouble_logged = -1e9
         self.notifier = Notifier()  # systemd readiness/watchdog; a no-op outside systemd
@@ -192,7 +193,7 @@ class Daemon:
     async def _loop(self, until_drained: bool, deadline: float | None) -> None:
         watcher = asyncio.create_task(self._watch(), name="watch")
         known = self.index.known_ids()
-        last_scan = last_beat = last_evict = last_compact = 0.0
+        last_scan = last_beat = last_compact = 0.0
         idle_since = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -210,9 +211,10 @@ class Daemon:
                     self._start_commits()
                 # Eviction soon after commits (bytes leave the spool promptly), but batched: at most
                 # once every EVICT_INTERVAL, since each pass reads every committed row.
-                if now_mono - last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0) and not self._eviction:
+                if (now_mono - self._last_evict >= (EVICT_INTERVAL if self._evict_requested else 5.0)
+                        and not self._eviction):
                     self._evict_requested = False
-                    last_evict = now_mono
+                    self._last_evict = now_mono
                     self._start_eviction()
                 if now_mono - last_compact >= COMPACT_INTERVAL:
                     last_compact = now_mono
@@ -301,6 +303,10 @@ class Daemon:
                 startable.append(State.UPLOADED)
             elif self._uploaded_unbatched:
                 timeout = min(timeout, wait)
+        if self._evict_requested and self._eviction is None:
+            # Committed bytes leave the spool EVICT_INTERVAL after their commit, not at the next rescan (2 s): a
+            # save waiting for quota room is waiting for exactly this.
+            timeout = min(timeout, max(0.0, self._last_evict + EVICT_INTERVAL - time.monotonic()))
         due = self.index.next_due(startable)
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
@@ -762,6 +768,8 @@ class Daemon:
 
     def _eviction_done(self, _task: asyncio.Task) -> None:
         self._eviction = None
+        if self._evict_requested:  # commits landed meanwhile: their pass is due EVICT_INTERVAL after this one
+            self._wake.set()
 
     def _write_heartbeat(self, stopping: bool = False) -> None:
         if self._daemon_lock is not None:  # tells a save waiting for spool space that a daemon is here
