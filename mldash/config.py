@@ -219,7 +219,8 @@ class Field:
 
 FIELDS: tuple[Field, ...] = (
     Field("spool", "MLDASH_SPOOL", _parse_path, lambda: _data_home() / "spool",
-          "Spool directory (local disk of the training node). Artifacts wait here until synced."),
+          "Spool directory (local disk of the training node). Artifacts wait here until synced. A relative path is "
+          "relative to the config file that gives it (to the working directory in MLDASH_SPOOL)."),
     Field("store", "MLDASH_STORE", _parse_store, lambda: (_data_home() / "store").as_uri(),
           "Where bytes go: 'file:///abs/dir' (embedded default) or 's3://bucket[/root-prefix]'."),
     Field("s3_endpoint_url", "MLDASH_S3_ENDPOINT_URL", _parse_endpoint_url, lambda: None,
@@ -461,5 +462,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     for key, raw in section.items():
         if key not in _BY_NAME:
             raise ConfigError(f"unknown key {key!r} in {str(path)!r}; known keys: {', '.join(_BY_NAME)}")
+        if key == "spool" and isinstance(raw, str) and raw and not os.path.isabs(os.path.expanduser(raw)):
+            raw = str(path.parent.absolute() / raw)  # relative to the file that says it, not to the job's cwd
         values[key] = _parse(_BY_NAME[key], raw, f"{path}")
     return values

@@ -324,8 +324,12 @@ class FilesHandle:
             raise InvalidInputError(f"{method}: to={name!r} is an absolute path; to= is a filename relative to the "
                                     f"folder {self.path!r}, e.g. 'best.pt' or 'epoch-10/model.pt'")
         folder, _, filename = name.rpartition("/")
-        filename = names.validate_filename(filename)
-        prefix = names.validate_prefix(_join(self.prefix, folder)) if folder else self.prefix
+        try:
+            filename = names.validate_filename(filename)
+            prefix = names.validate_prefix(_join(self.prefix, folder)) if folder else self.prefix
+        except InvalidInputError as exc:  # quote what the caller wrote, not the joined folder it became
+            hint = " (it ends with '/': give a filename after the folder)" if not filename else ""
+            raise InvalidInputError(f"{method}: to={name!r} is not a usable name{hint}: {exc}") from None
         if default_ext and not extension(filename):
             filename = names.validate_filename(filename + default_ext)
         settings = self._exp.settings

@@ -497,3 +497,11 @@ def test_figure_render_failures_are_named(exp, unchanged):
     with raises(InvalidInputError, "matplotlib could not render the figure", "alpah"):
         exp.files("p").save_fig(fig, to="typo.png")
     plt.close(fig)
+
+
+def test_a_bad_to_is_quoted_as_written(exp, unchanged):
+    """The error named the joined folder ("prefix 'checkpoints/..'"), which the caller never wrote."""
+    with raises(InvalidInputError, "save_text: to='../x.txt' is not a usable name", "'..'"):
+        exp.files("checkpoints").save_text("x", to="../x.txt")
+    with raises(InvalidInputError, "to='sub/' is not a usable name (it ends with '/'"):
+        exp.files("checkpoints").save_text("x", to="sub/")

@@ -209,3 +209,14 @@ def test_a_misspelt_variable_is_warned_about_once(xdg: Path, caplog: pytest.LogC
     assert warnings == ["environment variable MLDASH_SPOOL_QUOTE is not an mldash setting and is ignored; did you "
                         "mean MLDASH_SPOOL_QUOTA?"], warnings
     assert settings.spool_quota is None
+
+
+def test_a_relative_spool_in_the_config_file_is_relative_to_that_file(xdg: Path, monkeypatch) -> None:
+    """It resolved against the job's working directory: every job started elsewhere got a spool of its own."""
+    monkeypatch.chdir(xdg)
+    folder = xdg / "cfg"
+    folder.mkdir()
+    (folder / "mldash.toml").write_text('spool = "relative/spool"\n')
+    settings = Settings.load(env={"MLDASH_CONFIG": str(folder / "mldash.toml")})
+    assert settings.spool == folder / "relative" / "spool"
+    assert Settings.load(env={"MLDASH_SPOOL": "relative/spool"}).spool == xdg / "relative" / "spool"  # env: cwd
