@@ -229,6 +229,19 @@ def test_run_once_progress_bar_counts_each_file_once(settings: Settings) -> None
     assert bars and "2/2 files  10 B/10 B" in bars[-1], bars
 
 
+def test_run_once_progress_bar_on_a_spool_never_indexed(settings: Settings) -> None:
+    """A copied spool before any daemon: the bar's byte total stayed 0 B (the "queued" events carried no size),
+    and a quarantined entry was shown as failed."""
+    enqueue_bytes(settings, b"good!", filename="good.bin")
+    bad = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")
+    overwrite_spooled(SpoolLayout(settings.spool), bad.id, b"BAD-BYTES")
+    result = cli(settings, "run", "--once")
+    assert result.returncode == 1, result.stderr
+    bars = [line for line in result.stderr.replace("\r", "\n").splitlines() if " files  " in line]
+    assert bars and "1/2 files" in bars[-1] and "/14 B" in bars[-1], bars
+    assert "1 quarantined" in bars[-1] and "failed" not in bars[-1], bars
+
+
 def test_run_once_max_wait_bounds_the_run_while_the_catalog_is_down(settings: Settings) -> None:
     """`--max-wait` counts from the start and ends the run then: opening a catalog that is down used to take
     the whole request timeout (60 s) before the wait even began, and the end of the run turned into a stop

@@ -30,7 +30,7 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.total_files, self.total_bytes = total_files, total_bytes
-        self.files = self.failed = 0
+        self.files = self.failed = self.quarantined = 0
         self.bytes = 0
         self.started = time.monotonic()
         self._last_draw = 0.0
@@ -38,15 +38,18 @@ class ProgressBar:
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         with self._lock:
-            if kind == "queued":
+            if kind == "queued":  # a manifest the daemon indexed in this run: its bytes join the total
                 self.total_files += 1
+                self.total_bytes += data.get("size", 0)
             elif kind == "bytes":
                 self.bytes += data["amount"]
                 self.total_bytes = max(self.total_bytes, self.bytes)
             elif kind == "committed":
                 self.files += 1
-            elif kind in ("failed", "quarantined"):
+            elif kind == "failed":
                 self.failed += 1
+            elif kind == "quarantined":
+                self.quarantined += 1
             self.draw()
 
     def show(self, *, files: int, pending_files: int, pending_bytes: int) -> None:
@@ -64,9 +67,10 @@ class ProgressBar:
         rate = self.bytes / elapsed
         left = max(0, self.total_bytes - self.bytes)
         eta = human_duration(left / rate) if rate > 0 and left else "-"
-        done = (self.files + self.failed) / self.total_files if self.total_files else 1.0
-        bar = "#" * int(done * 20)
-        failed = f"  {self.failed} failed" if self.failed else ""
+        done = (self.files + self.failed + self.quarantined) / self.total_files if self.total_files else 1.0
+        bar = "#" * int(min(1.0, done) * 20)
+        failed = (f"  {self.failed} failed" if self.failed else "") + (
+            f"  {self.quarantined} quarantined" if self.quarantined else "")
         return (f"[{bar:<20}] {self.files}/{self.total_files} files  {human_bytes(self.bytes)}/"
                 f"{human_bytes(self.total_bytes)}  {human_bytes(rate)}/s  ETA {eta}{failed}")
 

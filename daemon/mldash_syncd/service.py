@@ -283,7 +283,8 @@ class Daemon:
             self._backlog = self._list_backlog(known)
         chunk = self._backlog[-INGEST_CHUNK:][::-1]
         for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer, candidates=chunk):
-            self._emit("queued", id=file_id)
+            manifest = self._manifests.get(file_id)
+            self._emit("queued", id=file_id, size=manifest.size if manifest is not None else 0)
         if chunk:  # dropped only once indexed: after a failed index write they are tried again
             del self._backlog[-len(chunk):]
         if self._backlog:
