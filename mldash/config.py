@@ -348,22 +348,27 @@ class Settings:
         env = os.environ if env is None else env
         _warn_unknown_variables(env)
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}  # where each value came from, for errors that involve several settings
         config_file = Path(env["MLDASH_CONFIG"]) if env.get("MLDASH_CONFIG") else _config_home() / "config.toml"
         if config_file.is_file() or env.get("MLDASH_CONFIG"):
-            values.update(_read_toml(config_file))
+            from_file = _read_toml(config_file)
+            values.update(from_file)
+            sources.update(dict.fromkeys(from_file, str(config_file)))
         for field in FIELDS:
             if env.get(field.env, "") != "":
                 values[field.name] = _parse(field, env[field.env], f"environment variable {field.env}")
+                sources[field.name] = f"environment variable {field.env}"
         for name, raw in overrides.items():
             if name not in _BY_NAME:
                 raise ConfigError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
             # None = this setting's default (for the optional ones, the default is None: unset).
             values[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else _BY_NAME[name].default()
+            sources[name] = "argument"
         for field in FIELDS:
             if field.name not in values:
                 values[field.name] = field.default()
         settings = cls(**values)
-        settings._check()
+        settings._check(sources)
         return settings
 
     def replace(self, **changes: Any) -> Settings:
@@ -374,23 +379,29 @@ class Settings:
                 raise ConfigError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
             parsed[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else _BY_NAME[name].default()
         settings = dataclasses.replace(self, **parsed)
-        settings._check()
+        settings._check(dict.fromkeys(parsed, "argument"))
         return settings
 
-    def _check(self) -> None:
+    def _check(self, sources: Mapping[str, str] | None = None) -> None:
+        """Checks that involve a value's limits or several settings; errors say where each value came from."""
+        def where(*names: str) -> str:
+            return " (" + "; ".join(f"{n} from {(sources or {}).get(n, 'the default')}" for n in names) + ")"
+
         if self.part_size < 5 * 2**20:
-            raise ConfigError(f"part_size = {self.part_size} bytes; S3 needs at least 5 MiB (5242880)")
+            raise ConfigError(f"part_size = {self.part_size} bytes; S3 needs at least 5 MiB (5242880)"
+                              + where("part_size"))
         if self.multipart_threshold < self.part_size:
-            raise ConfigError(
-                f"multipart_threshold ({self.multipart_threshold}) must be ≥ part_size ({self.part_size})")
+            raise ConfigError(f"multipart_threshold ({self.multipart_threshold}) must be ≥ part_size "
+                              f"({self.part_size})" + where("multipart_threshold", "part_size"))
         if self.inline_max > INLINE_MAX_LIMIT:
             raise ConfigError(f"inline_max = {self.inline_max} bytes; at most {INLINE_MAX_LIMIT} (1 MiB): the "
-                              "bytes live in the manifest, which the daemon reads several times")
+                              "bytes live in the manifest, which the daemon reads several times" + where("inline_max"))
         if self.retry_base_delay > self.retry_max_delay:
             raise ConfigError(f"retry_base_delay ({self.retry_base_delay:g}s) must be ≤ retry_max_delay "
-                              f"({self.retry_max_delay:g}s)")
+                              f"({self.retry_max_delay:g}s)" + where("retry_base_delay", "retry_max_delay"))
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"log_level = {self.log_level!r}; accepted: DEBUG, INFO, WARNING, ERROR")
+            raise ConfigError(f"log_level = {self.log_level!r}; accepted: DEBUG, INFO, WARNING, ERROR"
+                              + where("log_level"))
 
     @property
     def checks_etags(self) -> bool:

@@ -124,8 +124,14 @@ def test_cross_field_checks_name_the_keys(xdg: Path) -> None:
         Settings.load(env={}, part_size="1MiB")
     with pytest.raises(ConfigError, match=r"multipart_threshold \(6291456\) must be ≥ part_size \(8388608\)"):
         Settings.load(env={}, multipart_threshold="6MiB")
-    with pytest.raises(ConfigError, match=r"retry_base_delay \(500s\) must be ≤ retry_max_delay \(1s\)"):
-        Settings.load(env={"MLDASH_RETRY_BASE_DELAY": "500", "MLDASH_RETRY_MAX_DELAY": "1"})
+    with pytest.raises(ConfigError, match=r"retry_base_delay \(500s\) must be ≤ retry_max_delay \(1s\) "
+                       r"\(retry_base_delay from environment variable MLDASH_RETRY_BASE_DELAY; retry_max_delay "
+                       r"from .*mldash.toml\)"):
+        Settings.load(env={"MLDASH_RETRY_BASE_DELAY": "500", **_toml(xdg, "retry_max_delay = 1\n")})
+    with pytest.raises(ConfigError, match=r"log_level = 'VERBOSE'.* \(log_level from argument\)"):
+        Settings.load(env={}, log_level="VERBOSE")
+    with pytest.raises(ConfigError, match=r"\(multipart_threshold from the default; part_size from environment"):
+        Settings.load(env={"MLDASH_PART_SIZE": "32MiB"})
 
 
 def test_unknown_argument_and_missing_or_broken_file(xdg: Path) -> None:
