@@ -467,6 +467,12 @@ def test_a_spool_setting_that_is_not_a_spool_directory_is_named(settings, tmp_pa
     exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool=empty))
     assert exp.files.save_blob(b"x", "a.bin")["status"] == "queued"  # a new or empty directory is fine
 
+    mount = tmp_path / "mount"  # the root of a filesystem made for the spool
+    (mount / "lost+found").mkdir(parents=True)
+    (mount / ".snapshot").mkdir()
+    exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool=mount))
+    assert exp.files.save_blob(b"x", "a.bin")["status"] == "queued"
+
 
 def test_a_module_whose_state_dict_fails_is_named(exp, unchanged):
     torch = pytest.importorskip("torch")

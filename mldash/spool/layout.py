@@ -178,7 +178,9 @@ class SpoolLayout:
             raise ConfigError(f"spool {str(self.root)!r} exists and is not a directory; set the spool setting "
                               "(MLDASH_SPOOL) to a directory path")
         try:
-            foreign = sorted(name for name in os.listdir(self.root) if name not in _SPOOL_NAMES)
+            # A dedicated filesystem's root has lost+found; NFS and snapshots add hidden names (.nfs…, .snapshot).
+            foreign = sorted(name for name in os.listdir(self.root)
+                             if name not in _SPOOL_NAMES and name != "lost+found" and not name.startswith("."))
         except (FileNotFoundError, NotADirectoryError):
             return
         if foreign:
