@@ -452,7 +452,7 @@ def test_a_spool_setting_that_is_not_a_spool_directory_is_named(settings, tmp_pa
     (home / ".bashrc").write_text("# mine\n")
     (home / "thesis.tex").write_text("% mine\n")
     exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool=home))
-    with raises(ConfigError, str(home), "holding other files (.bashrc, thesis.tex)", "MLDASH_SPOOL"):
+    with raises(ConfigError, str(home), "holding other files (thesis.tex)", "MLDASH_SPOOL"):
         exp.files.save_blob(b"x", "a.bin")
     assert sorted(os.listdir(home)) == [".bashrc", "thesis.tex"]
 
