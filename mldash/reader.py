@@ -15,8 +15,8 @@ nothing to verify it against). Committed entries carry the catalog's checksum an
 The client is synchronous but the catalog and store are asyncio clients: each call runs on a fresh event
 loop in a worker thread, which creates, uses and closes its client there. That works from a plain script and
 from inside a running event loop (Jupyter) alike, and never leaks a client across loops. Every catalog and
-store await has a deadline (`request_timeout`; downloads add time in proportion to their size). Catalog reads
-get at most CATALOG_READ_TIMEOUT and, after one fails, are skipped for CATALOG_RETRY_AFTER (see `_catalog_call`).
+store await has a deadline (`request_timeout`; downloads add time in proportion to their size). A catalog that
+cannot be reached within CATALOG_READ_TIMEOUT is skipped for CATALOG_RETRY_AFTER (see `_catalog_call`).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ log = logging.getLogger("mldash")
 T = TypeVar("T")
 
 _COPY_CHUNK = 8 * 2**20
-# A client read waits this long for the catalog before answering from the spool alone: the training loop, not a
-# daemon, is waiting. After a failure the catalog is skipped for CATALOG_RETRY_AFTER seconds.
+# A client read waits this long for the catalog to be reachable before answering from the spool alone: the training
+# loop, not a daemon, is waiting (a reachable catalog then gets request_timeout for the read itself, a large listing
+# included). After a failure the catalog is skipped for CATALOG_RETRY_AFTER seconds.
 CATALOG_READ_TIMEOUT = 5.0
 CATALOG_RETRY_AFTER = 30.0
 _MIN_DOWNLOAD_RATE = 5e6  # bytes/s assumed at worst when sizing a download's deadline
@@ -207,11 +208,12 @@ class Reader:
             down_until, reason, error_type = self._catalog_down
         if time.monotonic() < down_until:
             raise error_type(reason)
-        deadline = min(self.settings.request_timeout, CATALOG_READ_TIMEOUT)
+        reach = min(self.settings.request_timeout, CATALOG_READ_TIMEOUT)
+        deadline = reach + self.settings.request_timeout  # reaching a server, then the read itself
 
         async def run() -> T:
-            catalog = make_catalog(self.settings, for_reads=True, request_timeout=deadline)
-            # The driver's own timeout (the same deadline) normally answers first, with its reason.
+            catalog = make_catalog(self.settings, for_reads=True, selection_timeout=reach)
+            # The catalog's own deadlines (reaching a server: `reach`) normally answer first, with their reason.
             async with asyncio.timeout(deadline + 1.0):
                 await catalog.open()
             try:

@@ -49,12 +49,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_catalog(settings: Settings, *, for_reads: bool = False, request_timeout: float | None = None) -> Catalog:
+def make_catalog(settings: Settings, *, for_reads: bool = False, selection_timeout: float | None = None) -> Catalog:
     """The catalog `settings.catalog` names, configured from `settings` (not opened yet).
 
-    `for_reads`: a client that only reads (creates no MongoDB indexes); `request_timeout` overrides the setting.
+    `for_reads`: a client that only reads (creates no MongoDB indexes). `selection_timeout`: how long a MongoDB
+    operation may wait for a server to be reachable (default: the catalog's own, see mongo.SERVER_SELECTION_TIMEOUT).
     """
-    timeout = settings.request_timeout if request_timeout is None else request_timeout
+    timeout = settings.request_timeout
     url = settings.catalog
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
@@ -65,7 +66,8 @@ def make_catalog(settings: Settings, *, for_reads: bool = False, request_timeout
     from mldash.redact import redact_uri
 
     if parsed.scheme in ("mongodb", "mongodb+srv"):
+        options = {} if selection_timeout is None else {"selection_timeout": selection_timeout}
         return MongoCatalog(url, database=settings.mongo_database, request_timeout=timeout,
-                            create_indexes=not for_reads)
+                            create_indexes=not for_reads, **options)
     raise ConfigError(f"catalog {redact_uri(url)!r}: accepted catalogs are 'sqlite:///abs/file' and "
                       "'mongodb://…' URIs")

@@ -161,7 +161,8 @@ class MongoCatalog(Catalog):
     """The catalog in MongoDB (or anything speaking its wire protocol, e.g. SecantusDB)."""
 
     def __init__(self, uri: str, *, database: str = "mldash", request_timeout: float = 60.0,
-                 appname: str = "mldash", create_indexes: bool = True) -> None:
+                 appname: str = "mldash", create_indexes: bool = True,
+                 selection_timeout: float = SERVER_SELECTION_TIMEOUT) -> None:
         self._uri = uri
         self.url = redact_uri(uri)
         self._secrets = uri_password(uri)
@@ -172,6 +173,7 @@ class MongoCatalog(Catalog):
         self._files: AsyncCollection[dict[str, Any]] | None = None
         self._indexes_ready = False
         self._create_indexes = create_indexes  # False for a reader: reads need none, and must not wait for them
+        self.selection_timeout = selection_timeout  # see _deadline
         self._abandoned: set[asyncio.Task[Any]] = set()  # driver calls whose caller stopped waiting
 
     def __repr__(self) -> str:
@@ -273,20 +275,21 @@ class MongoCatalog(Catalog):
         "RuntimeError: Lock is not acquired" and every later call, `close` included, hangs. A call we stop
         waiting for is therefore abandoned, not cancelled: it ends by its own timeoutMS or at `close`.
         """
-        limit = self.request_timeout
         client = self._client
-        if client is not None and not client.topology_description.has_writable_server():
-            # No server known to be up (just started, or MongoDB is down): the operation's server selection would
-            # wait the whole request timeout (PyMongo's client-side timeout overrides serverSelectionTimeoutMS).
-            limit = min(limit, SERVER_SELECTION_TIMEOUT)
+        selection = min(self.request_timeout, self.selection_timeout)
 
         async def bounded() -> T:
-            with pymongo.timeout(limit):
-                return await call()
+            if client is not None and not client.topology_description.has_writable_server():
+                # No server known to be up (a new client, or MongoDB down): reach one first, within the selection
+                # timeout — the operation's own server selection would wait the whole request timeout (PyMongo's
+                # client-side timeout overrides serverSelectionTimeoutMS). A ping is one round trip, paid once.
+                with pymongo.timeout(selection):
+                    await client.get_database(self.database).command("ping")
+            return await call()
 
         task = asyncio.ensure_future(bounded())
         try:
-            async with asyncio.timeout(limit + DEADLINE_GRACE):
+            async with asyncio.timeout(selection + self.request_timeout + DEADLINE_GRACE):
                 return await asyncio.shield(task)
         except (PyMongoError, bson.errors.BSONError, OSError, TimeoutError) as exc:
             raise self._scrub(catalog_error(exc, what, self.url)) from exc
