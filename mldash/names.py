@@ -25,12 +25,17 @@ MAX_COMPONENT_BYTES = 255
 _FORBIDDEN_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
                                  "\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# What a stored manifest's names are checked against (`stored=True`): the rules older clients applied — path
+# safety only. A save an earlier version accepted must still be uploaded, not quarantined by a newer daemon.
+_UNSAFE_IN_STORED_NAMES = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_UNSAFE_IN_STORED_TAGS = re.compile("[\x00-\x1f\ud800-\udfff]")
 MAX_METADATA_DEPTH = 100  # nesting levels of metadata; a cyclic dict or list is infinitely deep
 
 
-def _bad_character(text: str, what: str, shown: str) -> InvalidInputError | None:
-    """The error for the first character of `text` no name may hold, or None."""
-    match = _FORBIDDEN_IN_NAMES.search(text)
+def _bad_character(text: str, what: str, shown: str, rules: re.Pattern[str] = _FORBIDDEN_IN_NAMES
+                   ) -> InvalidInputError | None:
+    """The error for the first character of `text` no name may hold (under `rules`), or None."""
+    match = rules.search(text)
     if match is None:
         return None
     char = match.group()
@@ -51,10 +56,10 @@ def _check_text(text: str, what: str) -> str:
     return text
 
 
-def _check_component(component: str, what: str, full: str) -> str:
+def _check_component(component: str, what: str, full: str, stored: bool = False) -> str:
     if not component:
         raise InvalidInputError(f"{what} {full!r} has an empty path component; use names like 'checkpoints'")
-    error = _bad_character(component, what, full)
+    error = _bad_character(component, what, full, _UNSAFE_IN_STORED_NAMES if stored else _FORBIDDEN_IN_NAMES)
     if error is not None:
         raise error
     folded = unicodedata.normalize("NFKC", component)
@@ -78,19 +83,20 @@ def _require_str(value: object, what: str) -> str:
     return unicodedata.normalize("NFC", value)
 
 
-def validate_segment(value: object, what: str) -> str:
-    """One path component: a namespace, project, experiment or filename."""
+def validate_segment(value: object, what: str, *, stored: bool = False) -> str:
+    """One path component: a namespace, project, experiment or filename. `stored`: a name read back from a
+    manifest, checked against the rules it was saved under (path safety; see _UNSAFE_IN_STORED_NAMES)."""
     text = _require_str(value, what)
     if "/" in text:
         raise InvalidInputError(f"{what} {text!r} must be a single name without '/'")
-    return _check_component(text, what, text)
+    return _check_component(text, what, text, stored)
 
 
 def validate_filename(value: object) -> str:
     return validate_segment(value, "filename")
 
 
-def validate_prefix(value: object) -> str:
+def validate_prefix(value: object, *, stored: bool = False) -> str:
     """A logical folder such as "checkpoints" or "/models/checkpoints"; returns "models/checkpoints".
 
     A leading or trailing "/" is accepted (ML-Dash writes prefixes as "/models"); "" and "/" mean
@@ -101,10 +107,10 @@ def validate_prefix(value: object) -> str:
     text = _require_str(value, "prefix").strip("/")
     if not text:
         return ""
-    return "/".join(_check_component(part, "prefix", text) for part in text.split("/"))
+    return "/".join(_check_component(part, "prefix", text, stored) for part in text.split("/"))
 
 
-def validate_tags(tags: object) -> list[str]:
+def validate_tags(tags: object, *, stored: bool = False) -> list[str]:
     if tags is None:
         return []
     if isinstance(tags, str) or not isinstance(tags, (list, tuple, set, frozenset)):
@@ -116,7 +122,7 @@ def validate_tags(tags: object) -> list[str]:
             raise InvalidInputError(f"tag {tag!r} is a {type(tag).__name__}; every tag must be a str")
         if not tag or len(tag) > 256:
             raise InvalidInputError(f"tag {tag!r} must be 1–256 printable characters")
-        error = _bad_character(tag, "tag", tag)
+        error = _bad_character(tag, "tag", tag, _UNSAFE_IN_STORED_TAGS if stored else _FORBIDDEN_IN_NAMES)
         if error is not None:
             raise error
         if tag not in seen:

@@ -255,3 +255,14 @@ def test_committed_bytes_leave_the_spool_soon_even_right_after_another_eviction(
         loop.call_soon_threadsafe(daemon.request_stop)
         runner.join(timeout=60)
         loop.close()
+
+
+def test_saves_an_older_client_accepted_are_still_uploaded(settings: Settings, drain) -> None:
+    """Names and tags with C1 controls, bidi or line-separator characters, and tags with DEL, are refused for new
+    saves since session 8 — but a spool written by an earlier client may hold them: the daemon checks a manifest
+    against the rules it was saved under (path safety), so those entries upload instead of being quarantined."""
+    names = ["a\x85b.bin", "rtl\u200fname.bin", "line\u2028sep.bin", "model\u202egnp.exe"]
+    entries = [enqueue_bytes(settings, os.urandom(100), filename=name, tags=["best\x7f"]) for name in names]
+    report = drain(settings)
+    assert report.committed == len(entries) and report.clean, report
+    assert sorted(d["filename"] for d in catalog_docs(settings)) == sorted(names)

@@ -142,13 +142,13 @@ class Manifest:
                 raise SpoolCorruptError(f"{source}: manifest field {what} is invalid")
         from mldash import names  # validated again: a manifest could have been edited by hand
 
-        try:
+        try:  # stored=True: the rules the save was made under (an older client's saves must still upload)
             for part in (self.namespace, self.project, self.experiment, self.filename):
-                names.validate_segment(part, "name")
-            names.validate_prefix(self.prefix)
+                names.validate_segment(part, "name", stored=True)
+            names.validate_prefix(self.prefix, stored=True)
         except ValueError as exc:
             raise SpoolCorruptError(f"{source}: {exc}") from None
-        for what, validate, value in (("tags", names.validate_tags, self.tags),
+        for what, validate, value in (("tags", lambda tags: names.validate_tags(tags, stored=True), self.tags),
                                       ("metadata", names.validate_metadata, self.metadata)):
             try:
                 validate(value)
