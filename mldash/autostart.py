@@ -36,6 +36,7 @@ log = logging.getLogger("mldash")
 PROBE_INTERVAL = 5.0      # seconds between lock probes while a daemon is known to hold the spool
 STARTING_GRACE = 30.0     # a child of ours that is alive but has not taken the lock yet: don't start another
 EXIT_USAGE = 2            # mldash-syncd's exit status for bad configuration or usage (mldash_syncd.cli)
+USAGE_EXITS_TO_GIVE_UP = 3  # a passing cause (a locked catalog file at start) gets the ordinary retries first
 MAX_BACKOFF = 300.0
 
 
@@ -45,6 +46,7 @@ class _SpoolState:
     child: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     quick_failures: int = 0
+    usage_exits: int = 0  # exits with status 2 (configuration) in a row: after USAGE_EXITS_TO_GIVE_UP, stop trying
 
 
 _states: dict[Path, _SpoolState] = {}
@@ -126,7 +128,7 @@ def _ensure(settings: Settings, layout: SpoolLayout, now: float) -> bool:
         return False
     if is_held(layout):
         state.next_probe = now + PROBE_INTERVAL
-        state.quick_failures = 0
+        state.quick_failures = state.usage_exits = 0
         return False
     child = state.child
     if child is not None:
@@ -135,14 +137,16 @@ def _ensure(settings: Settings, layout: SpoolLayout, now: float) -> bool:
             state.next_probe = now + 0.2  # still starting up: check again soon
             return False
         if code == EXIT_USAGE:
-            # Bad configuration (an unreachable path, a bad URI): starting it again cannot help, as for systemd's
-            # RestartPreventExitStatus=2. Say why, once; a later process (fixed settings) tries again.
-            log.warning("mldash: the autostarted mldash-syncd refused its configuration: %s — files stay queued "
-                        "until the setting is fixed and a daemon runs (%s)", last_log_line(layout) or f"exit {code}",
-                        layout.daemon_log_path)
-            state.child = None
-            state.next_probe = float("inf")
-            return False
+            state.usage_exits += 1
+            if state.usage_exits >= USAGE_EXITS_TO_GIVE_UP:
+                # Bad configuration (an unreachable path, a bad URI) each time: starting it again cannot help, as
+                # for systemd's RestartPreventExitStatus=2. Say why, once; a later process (fixed settings) retries.
+                log.warning("mldash: the autostarted mldash-syncd refused its configuration %d times: %s — files "
+                            "stay queued until the setting is fixed and a daemon runs (%s)", state.usage_exits,
+                            last_log_line(layout) or f"exit {code}", layout.daemon_log_path)
+                state.child = None
+                state.next_probe = float("inf")
+                return False
         if code is not None and now - state.started_at < 10.0 and code != 0:
             state.quick_failures += 1
             backoff = min(2.0 ** state.quick_failures, MAX_BACKOFF)
@@ -163,6 +167,20 @@ def _ensure(settings: Settings, layout: SpoolLayout, now: float) -> bool:
     state.next_probe = now + 0.2
     log.info("mldash: started mldash-syncd (pid %s) for %s", state.child.pid, layout.root)
     return True
+
+
+def gave_up(layout: SpoolLayout) -> bool:
+    """Whether autostart stopped starting daemons for this spool in this process (see USAGE_EXITS_TO_GIVE_UP)."""
+    with _lock:
+        state = _states.get(layout.root)
+        return state is not None and state.next_probe == float("inf")
+
+
+def ensure_while_waiting(settings: Settings, layout: SpoolLayout) -> bool:
+    """For a save waiting for spool space: start a daemon if none drains the spool; False once autostart gave up
+    (waiting for room no daemon will make would only stall the training loop)."""
+    ensure_daemon(settings, layout)
+    return not gave_up(layout)
 
 
 def last_log_line(layout: SpoolLayout) -> str | None:

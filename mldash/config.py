@@ -379,13 +379,14 @@ class Settings:
                 raise ConfigError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
             parsed[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else _BY_NAME[name].default()
         settings = dataclasses.replace(self, **parsed)
-        settings._check(dict.fromkeys(parsed, "argument"))
+        settings._check(dict.fromkeys(parsed, "argument"), others="the settings replace() was called on")
         return settings
 
-    def _check(self, sources: Mapping[str, str] | None = None) -> None:
-        """Checks that involve a value's limits or several settings; errors say where each value came from."""
+    def _check(self, sources: Mapping[str, str] | None = None, *, others: str = "the default") -> None:
+        """Checks that involve a value's limits or several settings; errors say where each value came from
+        (`others`: what to say of a setting `sources` does not name)."""
         def where(*names: str) -> str:
-            return " (" + "; ".join(f"{n} from {(sources or {}).get(n, 'the default')}" for n in names) + ")"
+            return " (" + "; ".join(f"{n} from {(sources or {}).get(n, others)}" for n in names) + ")"
 
         if self.part_size < 5 * 2**20:
             raise ConfigError(f"part_size = {self.part_size} bytes; S3 needs at least 5 MiB (5242880)"
@@ -396,9 +397,6 @@ class Settings:
         if self.inline_max > INLINE_MAX_LIMIT:
             raise ConfigError(f"inline_max = {self.inline_max} bytes; at most {INLINE_MAX_LIMIT} (1 MiB): the "
                               "bytes live in the manifest, which the daemon reads several times" + where("inline_max"))
-        if self.retry_base_delay > self.retry_max_delay:
-            raise ConfigError(f"retry_base_delay ({self.retry_base_delay:g}s) must be ≤ retry_max_delay "
-                              f"({self.retry_max_delay:g}s)" + where("retry_base_delay", "retry_max_delay"))
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level = {self.log_level!r}; accepted: DEBUG, INFO, WARNING, ERROR"
                               + where("log_level"))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mldash import names
-from mldash.autostart import ensure_daemon
+from mldash.autostart import ensure_daemon, ensure_while_waiting
 from mldash.config import Settings
 from mldash.errors import InvalidInputError
 from mldash.files import FilesHandle
@@ -125,7 +125,7 @@ class Experiment:
                 layout = SpoolLayout(self.settings.spool)
                 # A save waiting for spool space starts a daemon if none drains it (one that died, say).
                 self._enqueuer = Enqueuer(self.settings, layout,
-                                          on_wait=lambda: ensure_daemon(self.settings, layout))
+                                          on_wait=lambda: ensure_while_waiting(self.settings, layout))
             return self._enqueuer
 
     def _spool_tmp(self) -> Path:

@@ -103,13 +103,14 @@ class FilesHandle:
         if folder is not None and not isinstance(folder, str):
             raise InvalidInputError(f"prefix must be a str such as 'checkpoints' or '/models', got "
                                     f"{type(folder).__name__}")
+        base = self._as_folder if self._as_folder is not None else self.prefix  # exp.files("ckpt")("epoch1")
         new_prefix = names.validate_prefix(folder) if folder.startswith("/") else _join(
-            self.prefix, names.validate_prefix(folder))
+            base, names.validate_prefix(folder))
         folder_prefix = None
         if as_folder is not None:
             try:
                 folder_prefix = names.validate_prefix(as_folder) if as_folder.startswith("/") else _join(
-                    self.prefix, names.validate_prefix(as_folder))
+                    base, names.validate_prefix(as_folder))
             except InvalidInputError:  # not usable as a folder name (e.g. "./model.pth"): only the file reading
                 folder_prefix = None
         return FilesHandle(
@@ -340,7 +341,10 @@ class FilesHandle:
     def _save(self, method: str, build: Callable[[str], serializers.Payload], to: Any, description: str | None,
               tags: list[str] | None, metadata: dict[str, Any] | None, *, default_name: str | None = None,
               default_ext: str | None = None) -> dict[str, Any]:
-        if self._as_folder is not None and method != "upload":
+        # The older form's file (see __init__) names this handle's own upload, and a save's filename when no to= is
+        # given; anything else through the handle — a save with to=, an upload of another file — means the folder.
+        own_file = default_name == self._default_name() if method == "upload" else to is None
+        if self._as_folder is not None and not own_file:
             folder = FilesHandle(self._exp, self._as_folder, description=self._description, tags=self._tags,
                                  metadata=self._metadata)
             return folder._save(method, build, to, description, tags, metadata, default_name=default_name,

@@ -225,23 +225,26 @@ class Reader:
 
         try:
             return run_async(run)
-        except (CatalogError, TimeoutError, OSError) as exc:
+        except (TransientCatalogError, TimeoutError, OSError) as exc:  # unreachable: remembered for a while
             # A CatalogError names the catalog already; a bare timeout says nothing at all.
             cause = str(exc) if isinstance(exc, CatalogError) and str(exc) else (
                 f"the catalog {redact_uri(self.settings.catalog)} could not be read: "
                 f"{str(exc) or f'no answer within {deadline:g}s'}")
             reason = f"{cause} (not asked again for {CATALOG_RETRY_AFTER:g}s)"
-            error_type = type(exc) if isinstance(exc, CatalogError) else TransientCatalogError
+            error_type = type(exc) if isinstance(exc, TransientCatalogError) else TransientCatalogError
             with self._lock:
                 self._catalog_down = (time.monotonic() + CATALOG_RETRY_AFTER, reason, error_type)
             raise error_type(reason) from exc
 
     def _warn_catalog_down(self, exc: BaseException, consequence: str) -> None:
-        """One warning per outage (a loop that lists every epoch would repeat it); the rest at debug level."""
+        """One warning per outage (a loop that lists every epoch would repeat it); the rest at debug level. Errors
+        that are not an outage (a missing driver, bad credentials) are not remembered: warned every time."""
         with self._lock:
-            down_until = self._catalog_down[0]
-            first = down_until != self._warned_catalog_down
-            self._warned_catalog_down = down_until
+            down_until, reason, _ = self._catalog_down
+            remembered = str(exc) == reason
+            first = not remembered or down_until != self._warned_catalog_down
+            if remembered:
+                self._warned_catalog_down = down_until
         message = str(exc) or f"{type(exc).__name__} from the catalog {redact_uri(self.settings.catalog)}"
         log.log(logging.WARNING if first else logging.DEBUG, "mldash: %s; %s", message, consequence)
 

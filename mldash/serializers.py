@@ -325,6 +325,7 @@ def to_uint8(array: Any, what: str) -> Any:
 # A figure rendered larger than this (e.g. dpi=1e6) would exhaust memory inside Agg (std::bad_alloc) before any
 # error: 2**28 pixels is 1 GiB of RGBA.
 MAX_FIGURE_PIXELS = 2**28
+_VECTOR_FORMATS = frozenset({"pdf", "svg", "svgz", "eps", "ps", "pgf"})  # dpi only sizes their embedded rasters
 
 _IMAGE_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -407,7 +408,7 @@ def figure_payload(fig: Any, fmt: str, *, close: bool = True, **savefig_kwargs: 
         raise InvalidInputError(f"save_fig: format {fmt!r} is not supported by matplotlib here; accepted: "
                                 f"{', '.join(sorted(supported))}")
     dpi = savefig_kwargs.get("dpi")
-    if isinstance(dpi, (int, float)) and not isinstance(dpi, bool):
+    if isinstance(dpi, (int, float)) and not isinstance(dpi, bool) and fmt not in _VECTOR_FORMATS:
         width, height = root.get_size_inches() * dpi
         if not (dpi > 0 and width * height <= MAX_FIGURE_PIXELS):
             raise InvalidInputError(f"save_fig: dpi={dpi!r} makes a {width:.0f} × {height:.0f} pixel image; dpi "

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,22 +189,37 @@ def test_a_save_waiting_for_spool_quota_starts_the_daemon_that_makes_room(settin
     assert store_bytes(live, result) == data
 
 
-def test_a_daemon_that_refuses_its_configuration_is_not_restarted_and_its_reason_is_shown(settings, caplog):
+def test_a_daemon_that_refuses_its_configuration_is_not_restarted_for_ever(settings, caplog, monkeypatch):
     """The autostarted daemon exits 2 on a setting only it can check (a catalog it cannot open): the client used
     to restart it with backoff forever, and flush() blamed autostart ("leave MLDASH_AUTOSTART on") while the
-    reason sat in daemon.log."""
-    from mldash.errors import WaitTimeoutError
+    reason sat in daemon.log. After USAGE_EXITS_TO_GIVE_UP such exits it stops; a save over quota then fails at
+    once instead of waiting save_timeout for a daemon that will not come."""
+    from mldash.errors import SpoolFullError, WaitTimeoutError
 
-    live = settings.replace(autostart=True, catalog="sqlite:///proc/no-such-dir/catalog.sqlite")
+    live = settings.replace(autostart=True, catalog="sqlite:///proc/no-such-dir/catalog.sqlite",
+                            spool_quota=1000, save_timeout=600)
     exp = Experiment(prefix="alice/project/badconf", settings=live)
+    layout = SpoolLayout(live.spool)
     with caplog.at_level("WARNING", logger="mldash"):
-        exp.files.save_blob(b"x", "a.bin")
+        exp.files.save_blob(b"x" * 600, "a.bin")
         state = autostart._states[Path(live.spool)]
-        assert state.child is not None and state.child.wait(timeout=60) == 2
+        for attempt in range(autostart.USAGE_EXITS_TO_GIVE_UP):
+            assert state.child is not None and state.child.wait(timeout=60) == 2
+            state.next_probe = 0.0  # skip the backoff
+            autostart.ensure_daemon(live, layout)  # reaps the exit; below the limit, schedules a retry
+            if attempt + 1 < autostart.USAGE_EXITS_TO_GIVE_UP:
+                assert state.child is None and not autostart.gave_up(layout)
+                state.next_probe = 0.0
+                autostart.ensure_daemon(live, layout)  # the retry: a new child
         with pytest.raises(WaitTimeoutError) as info:
-            exp.flush(timeout=2)
+            exp.flush(timeout=1)
+        started = time.monotonic()
+        with pytest.raises(SpoolFullError) as full:
+            exp.files.save_blob(b"y" * 600, "b.bin")  # over quota, and nothing will drain it
+        assert time.monotonic() - started < 60
     message = str(info.value)
     assert "the last one autostarted said" in message and "/proc/no-such-dir/catalog.sqlite" in message, message
+    assert "autostart gave up" in str(full.value), str(full.value)
     refused = [r.getMessage() for r in caplog.records if "refused its configuration" in r.getMessage()]
     assert len(refused) == 1 and "/proc/no-such-dir/catalog.sqlite" in refused[0], refused
-    assert state.child is None and state.next_probe == float("inf")  # not started again
+    assert state.child is None and autostart.gave_up(layout)

@@ -511,3 +511,9 @@ def test_a_bad_to_is_quoted_as_written(exp, unchanged):
         exp.files("checkpoints").save_text("x", to="../x.txt")
     with raises(InvalidInputError, "to='sub/' is not a usable name (it ends with '/'"):
         exp.files("checkpoints").save_text("x", to="sub/")
+
+
+def test_a_large_dpi_is_fine_for_a_vector_format(exp):
+    fig = plt.figure()
+    pdf = exp.files("p").save_fig(fig, to="vector.pdf", dpi=20_000)  # dpi sizes only the rasters inside a PDF
+    assert pdf["sizeBytes"] > 0

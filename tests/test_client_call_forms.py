@@ -474,3 +474,8 @@ def test_a_local_file_named_like_the_folder_does_not_move_saves(exp, settings, t
     uploaded = exp.files("checkpoints").save()  # the older form itself: upload the local file
     assert (uploaded["path"], uploaded["filename"]) == ("/", "checkpoints")
     assert spool_blob(settings, uploaded) == b"notes"
+    assert exp.files("checkpoints")("epoch1").save_blob(b"e", "e.bin")["path"] == "/checkpoints/epoch1"
+    Path("other.txt").write_text("other")
+    assert exp.files("checkpoints").upload("other.txt")["path"] == "/checkpoints"
+    named = exp.files("checkpoints").save_json({"a": 1})  # no to=: the older form names the file
+    assert (named["path"], named["filename"]) == ("/", "checkpoints"), named

@@ -124,10 +124,14 @@ def test_cross_field_checks_name_the_keys(xdg: Path) -> None:
         Settings.load(env={}, part_size="1MiB")
     with pytest.raises(ConfigError, match=r"multipart_threshold \(6291456\) must be ≥ part_size \(8388608\)"):
         Settings.load(env={}, multipart_threshold="6MiB")
-    with pytest.raises(ConfigError, match=r"retry_base_delay \(500s\) must be ≤ retry_max_delay \(1s\) "
-                       r"\(retry_base_delay from environment variable MLDASH_RETRY_BASE_DELAY; retry_max_delay "
+    with pytest.raises(ConfigError, match=r"multipart_threshold \(6291456\) must be ≥ part_size \(8388608\) "
+                       r"\(multipart_threshold from environment variable MLDASH_MULTIPART_THRESHOLD; part_size "
                        r"from .*mldash.toml\)"):
-        Settings.load(env={"MLDASH_RETRY_BASE_DELAY": "500", **_toml(xdg, "retry_max_delay = 1\n")})
+        Settings.load(env={"MLDASH_MULTIPART_THRESHOLD": "6MiB", **_toml(xdg, 'part_size = "8MiB"\n')})
+    # A retry_max_delay below the default base delay is fine: the max caps every delay (it used to be refused).
+    assert Settings.load(env={"MLDASH_RETRY_MAX_DELAY": "0.5"}).retry_max_delay == 0.5
+    with pytest.raises(ConfigError, match=r"part_size from the settings replace\(\) was called on"):
+        Settings.load(env={}).replace(multipart_threshold="6MiB")
     with pytest.raises(ConfigError, match=r"log_level = 'VERBOSE'.* \(log_level from argument\)"):
         Settings.load(env={}, log_level="VERBOSE")
     with pytest.raises(ConfigError, match=r"\(multipart_threshold from the default; part_size from environment"):

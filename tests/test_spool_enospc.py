@@ -171,7 +171,12 @@ def test_quota_full_without_a_daemon_fails_at_once(tmp_path: Path) -> None:
 def test_quota_full_waits_for_a_daemon_that_is_being_restarted(tmp_path: Path) -> None:
     """A daemon let go of the spool moments ago (systemd restarts it): wait for it, up to save_timeout."""
     enqueuer, saved = _over_quota(tmp_path, save_timeout=0.3)
-    DaemonLock(enqueuer.layout).acquire().release()  # as a daemon stopping (or its last heartbeat)
+    lock = DaemonLock(enqueuer.layout).acquire()  # `gc` or `reindex` taking the lock is no sign of a daemon ...
+    lock.release()
+    assert seconds_since_held(enqueuer.layout) > DAEMON_RESTART_GRACE
+    lock = DaemonLock(enqueuer.layout).acquire()
+    lock.touch()  # ... a daemon's heartbeat is (its last one, as it stops)
+    lock.release()
     assert seconds_since_held(enqueuer.layout) < DAEMON_RESTART_GRACE
     with pytest.raises(SpoolFullError, match=r"waited 0.3s \(setting save_timeout\) for the daemon to drain"):
         put(enqueuer, os.urandom(300_000), "fourth.bin")

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import bson.errors
 import pymongo
-from pymongo import ASCENDING, AsyncMongoClient, IndexModel, WriteConcern
+from pymongo import ASCENDING, AsyncMongoClient, IndexModel, ReadPreference, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     BulkWriteError,
@@ -279,12 +279,15 @@ class MongoCatalog(Catalog):
         selection = min(self.request_timeout, self.selection_timeout)
 
         async def bounded() -> T:
-            if client is not None and not client.topology_description.has_writable_server():
-                # No server known to be up (a new client, or MongoDB down): reach one first, within the selection
-                # timeout — the operation's own server selection would wait the whole request timeout (PyMongo's
-                # client-side timeout overrides serverSelectionTimeoutMS). A ping is one round trip, paid once.
+            # Writes need the primary; a reader goes by the URI's read preference (secondaryPreferred readers keep
+            # reading while the primary is down or being elected).
+            preference = ReadPreference.PRIMARY if client is None or self._create_indexes else client.read_preference
+            if client is not None and not client.topology_description.has_readable_server(preference):
+                # No such server known to be up (a new client, or MongoDB down): reach one first, within the
+                # selection timeout — the operation's own server selection would wait the whole request timeout
+                # (PyMongo's client-side timeout overrides serverSelectionTimeoutMS). One round trip, paid once.
                 with pymongo.timeout(selection):
-                    await client.get_database(self.database).command("ping")
+                    await client.get_database(self.database).command("ping", read_preference=preference)
             return await call()
 
         task = asyncio.ensure_future(bounded())

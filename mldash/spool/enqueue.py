@@ -80,13 +80,14 @@ class Enqueuer:
     """Writes entries into one spool for one process. Cheap to create; holds no open files.
 
     A save that finds no room (quota, full disk) waits up to `save_timeout` for the daemon's eviction to make
-    some, calling `on_wait` between tries (the client starts a daemon there when autostart is on). Over quota,
-    with autostart off and no daemon holding the spool now or in the last DAEMON_RESTART_GRACE seconds, it
-    fails at once: nothing else ever removes blobs, so waiting would only stall the training loop.
+    some, calling `on_wait` between tries (the client starts a daemon there when autostart is on; it returns False
+    once autostart has given up). Over quota, with no daemon holding the spool now or in the last
+    DAEMON_RESTART_GRACE seconds and none to be autostarted, it fails at once: nothing else ever removes blobs, so
+    waiting would only stall the training loop.
     """
 
     def __init__(self, settings: Settings, layout: SpoolLayout | None = None, *,
-                 on_wait: Callable[[], object] | None = None) -> None:
+                 on_wait: Callable[[], bool | None] | None = None) -> None:
         self.settings = settings
         self.layout = (layout or SpoolLayout(settings.spool)).ensure()
         self.on_wait = on_wait
@@ -229,10 +230,13 @@ class Enqueuer:
                     ledger.linked(manifest.size)
                     return published
             if not self._daemon_may_drain():
+                autostart = ("autostart is off" if not self.settings.autostart else
+                             f"autostart gave up: the daemon refused its configuration, see "
+                             f"{self.layout.daemon_log_path}")
                 raise SpoolFullError(
                     f"spool quota full: {used} of {quota} bytes in use, {manifest.filename!r} needs "
                     f"{manifest.size}, and no daemon is draining {self.layout.root} (none has held it in the last "
-                    f"{DAEMON_RESTART_GRACE:g}s; autostart is off): start one (`mldash-syncd run`, or its systemd "
+                    f"{DAEMON_RESTART_GRACE:g}s; {autostart}): start one (`mldash-syncd run`, or its systemd "
                     "unit) or raise spool_quota; nothing was written",
                     requested=manifest.size, used=used, quota=quota)
             if time.monotonic() + delay > deadline:
@@ -244,9 +248,11 @@ class Enqueuer:
             delay = min(delay * 2, 0.5)
 
     def _daemon_may_drain(self) -> bool:
-        """Whether waiting can make room: a daemon drains the spool, is being restarted, or autostart starts one."""
-        if self.on_wait is not None:
-            self.on_wait()
+        """Whether waiting can make room: a daemon drains the spool, is being restarted, or autostart starts one
+        (`on_wait` returning False says autostart gave up on this spool)."""
+        hopeful = self.on_wait() if self.on_wait is not None else None
+        if hopeful is False:  # autostart gave up (its daemons refused their settings): only a daemon there now counts
+            return seconds_since_held(self.layout) == 0.0
         if self.settings.autostart:
             return True
         since = seconds_since_held(self.layout)

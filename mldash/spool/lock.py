@@ -2,9 +2,9 @@
 
 The kernel drops an flock when its holder dies, so a kill -9'd daemon never leaves a stale lock.
 The lock file holds the holder's pid for `status` output only; the flock is the truth.
-Its mtime says when a daemon last held it: the daemon touches it with every heartbeat and as it lets go, so a
-save waiting for spool space can tell a daemon being restarted (systemd: RestartSec=10s) from no daemon at all
-(`seconds_since_held`).
+Its mtime says when a daemon last held it: the daemon touches it with every heartbeat and as it stops (taking
+the lock alone, as `gc` and `reindex` do, leaves it as it was), so a save waiting for spool space can tell a daemon
+being restarted (systemd: RestartSec=10s) from no daemon at all (`seconds_since_held`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import time
 from mldash.errors import DaemonBusyError
 from mldash.spool.layout import SpoolLayout, open_private
 
+ACQUIRE_ATTEMPTS = 5  # over ~80 ms: outlasts any `is_held` probe, never a daemon
+
 
 class DaemonLock:
     def __init__(self, layout: SpoolLayout) -> None:
@@ -24,15 +26,28 @@ class DaemonLock:
         self._fd: int | None = None
 
     def acquire(self) -> DaemonLock:
+        new = not self.layout.lock_path.exists()
         fd = open_private(self.layout.lock_path, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = holder_pid(self.layout)
-            raise DaemonBusyError(f"another mldash-syncd (pid {holder}) is draining {self.layout.root}") from None
+        for attempt in range(ACQUIRE_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # `is_held` probes (autostart, status, a save waiting for quota room) hold a shared lock for
+                # microseconds: try again briefly before calling the spool busy. A daemon holds it for good.
+                if attempt + 1 == ACQUIRE_ATTEMPTS:
+                    os.close(fd)
+                    holder = holder_pid(self.layout)
+                    raise DaemonBusyError(f"another mldash-syncd (pid {holder}) is draining {self.layout.root}"
+                                          ) from None
+                time.sleep(0.02)
+        before = os.fstat(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Writing the pid must not look like a daemon's sign of life: `gc` and `reindex` take this lock too.
+        # Only `touch` (the daemon's heartbeat) moves the mtime.
+        with contextlib.suppress(OSError):  # a lock file just created: no daemon has held it yet (mtime 0)
+            os.utime(fd, ns=(0, 0) if new else (before.st_atime_ns, before.st_mtime_ns))
         self._fd = fd
         return self
 
@@ -44,7 +59,6 @@ class DaemonLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            self.touch()
             os.close(self._fd)
             self._fd = None
 
