@@ -704,6 +704,7 @@ class Daemon:
                 await asyncio.wait((gc, stop), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
+                await asyncio.gather(stop, return_exceptions=True)
         if not gc.done():
             log.info("start-up gc interrupted (%s); the next start or `mldash-syncd gc` retries it",
                      "stop requested" if self._stop.is_set() else "max wait reached")
