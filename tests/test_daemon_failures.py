@@ -152,6 +152,26 @@ def test_max_wait_bounds_the_run_while_the_store_never_answers(settings: Setting
     assert report.remaining == {"queued": 1} and rows(dead)[entry.id]["attempts"] == 0
 
 
+def test_a_store_that_never_answers_is_reported_before_the_deadline(settings: Settings, blackhole: Blackhole,
+                                                                    moto_server: str, drain, monkeypatch,
+                                                                    caplog) -> None:
+    """With the default 60 s request timeout, a store that accepts connections and never answers left `run
+    --once` and the journal silent for a minute. A call without an answer for SLOW_CALL_WARNING seconds is
+    reported (once per stretch, not once per upload in flight)."""
+    import mldash.store.s3 as s3
+
+    monkeypatch.setattr(s3, "SLOW_CALL_WARNING", 1.0)
+    dead = settings.replace(store="s3://some-bucket/root", s3_endpoint_url=f"http://127.0.0.1:{blackhole.port}",
+                            request_timeout=60.0)
+    for i in range(5):
+        enqueue_bytes(dead, b"abc", filename=f"f{i}")
+    with caplog.at_level("WARNING", logger="mldash.store"):
+        drain(dead, max_wait=2.5)
+    slow = [r.getMessage() for r in caplog.records if "no answer to" in r.getMessage()]
+    assert len(slow) == 1, slow
+    assert "store s3://some-bucket/root: no answer to" in slow[0] and "waiting up to 60s" in slow[0], slow
+
+
 def test_index_write_failing_in_the_main_loop_is_retried_not_fatal(settings: Settings, monkeypatch) -> None:
     """The main loop's own index writes (claims, ingest) meet a full disk like any other: the daemon must
     skip the step and try again — dying would stop eviction, the one thing that frees the disk."""

@@ -34,8 +34,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -64,6 +66,7 @@ from mldash.store.local import store_error_from_os_error
 from mldash.store.s3_body import SendBuffer
 
 T = TypeVar("T")
+log = logging.getLogger("mldash.store")
 
 # ---------------------------------------------------------------------------------------------------
 # Error classification: the one table that decides what the daemon retries.
@@ -175,6 +178,7 @@ def classify_error(exc: BaseException, *, operation: str, key: str) -> StoreErro
 # ---------------------------------------------------------------------------------------------------
 
 _MiB = 2**20
+SLOW_CALL_WARNING = 10.0  # seconds without an answer before a call is reported as slow (once per 30 s)
 _DOWNLOAD_CHUNK = _MiB
 
 
@@ -228,6 +232,7 @@ class S3Store(Store):
         self.max_connections = max_connections
         self._client: Any = None
         self._exit: contextlib.AsyncExitStack | None = None
+        self._slow_warned_at = -1e9  # time.monotonic() of the last "no answer" warning (see _call)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint_url={self.endpoint_url!r})"
@@ -280,11 +285,25 @@ class S3Store(Store):
 
     async def _call(self, operation: str, key: str, deadline: float,
                     fn: Callable[..., Awaitable[T]], **kwargs: Any) -> T:
+        # A store that accepts connections and never answers is silent for the whole deadline (60 s by default):
+        # say so after SLOW_CALL_WARNING seconds, once per such stretch, so `run --once` and the journal are not
+        # left wondering.
+        slow = asyncio.get_running_loop().call_later(SLOW_CALL_WARNING, self._warn_slow, operation, key, deadline)
         try:
             async with asyncio.timeout(deadline):
                 return await fn(**kwargs)
         except Exception as exc:
             raise classify_error(exc, operation=operation, key=key) from exc
+        finally:
+            slow.cancel()
+
+    def _warn_slow(self, operation: str, key: str, deadline: float) -> None:
+        now = time.monotonic()
+        if now - self._slow_warned_at < SLOW_CALL_WARNING * 3:
+            return
+        self._slow_warned_at = now
+        log.warning("store %s: no answer to %s %r for %gs; waiting up to %gs (request_timeout) before retrying",
+                    self.url, operation, key[-80:], SLOW_CALL_WARNING, deadline)
 
     def _check_key(self, operation: str, key: str) -> None:
         # Real S3 refuses keys over 1024 bytes; moto and others accept them, so refuse them ourselves.
