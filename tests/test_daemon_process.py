@@ -128,7 +128,9 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     bad = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")
     overwrite_spooled(SpoolLayout(settings.spool), bad.id, b"BAD-BYTES")
 
-    assert cli(settings, "run", "--once", "--quiet").returncode == 1  # something left quarantined
+    once = cli(settings, "run", "--once", "--quiet")
+    assert once.returncode == 1  # something left quarantined
+    assert "a retry helps only once they are restored" in once.stderr, once.stderr  # not a bare "retry --all"
 
     status = cli(settings, "status", "--json")
     import json

@@ -121,7 +121,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{done}; in spool: {left}", file=sys.stderr)
         if not report.clean:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
-                  "quarantined`, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
+                  "quarantined` for why, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
+            if report.remaining.get("quarantined"):
+                print("(a quarantined entry's spooled bytes no longer match what was saved, or its manifest is "
+                      "unreadable: a retry helps only once they are restored — otherwise save the artifact again)",
+                      file=sys.stderr)
             return EXIT_LEFT_FAILED
         pending = sum(report.remaining.get(s.value, 0) for s in OUTSTANDING)
         return EXIT_LEFT_FAILED if pending else EXIT_OK
