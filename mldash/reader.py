@@ -199,8 +199,9 @@ class Reader:
         return parsed.scheme != "sqlite" or Path(unquote(parsed.path)).exists()
 
     def _catalog_call(self, call: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-        """Run `call(catalog)` with a short deadline; after a failure the catalog is skipped (the same error
-        raised at once) for CATALOG_RETRY_AFTER seconds, so a loop that lists every epoch does not wait each time."""
+        """Run `call(catalog)`, giving the catalog CATALOG_READ_TIMEOUT to be reachable. After it could not be
+        reached, it is skipped (the same error raised at once) for CATALOG_RETRY_AFTER seconds, so a loop that lists
+        every epoch during an outage does not wait each time."""
         from mldash.catalog import make_catalog
         from mldash.catalog.base import CatalogError, TransientCatalogError
 
