@@ -136,6 +136,8 @@ def _ensure(settings: Settings, layout: SpoolLayout, now: float) -> bool:
         if code is None and now - state.started_at < STARTING_GRACE:
             state.next_probe = now + 0.2  # still starting up: check again soon
             return False
+        if code is not None and code != EXIT_USAGE:
+            state.usage_exits = 0  # "in a row": any other exit (an idle one, a crash) starts the count again
         if code == EXIT_USAGE:
             state.usage_exits += 1
             if state.usage_exits >= USAGE_EXITS_TO_GIVE_UP:

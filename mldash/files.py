@@ -122,7 +122,7 @@ class FilesHandle:
     @property
     def path(self) -> str:
         """This handle's folder as users see it: "/" or "/models/checkpoints"."""
-        return "/" + self.prefix
+        return "/" + self._folder
 
     def __repr__(self) -> str:
         return f"FilesHandle({self._exp.path!r}, path={self.path!r})"
@@ -135,9 +135,11 @@ class FilesHandle:
         `to` defaults to the file's own name. Directories are not supported yet.
         """
         payload = serializers.source_file_payload(path)
+        self_source = self._source is not None and os.path.abspath(os.fspath(path)) == os.path.abspath(
+            os.fspath(self._source))
         try:
             return self._save("upload", lambda _name: payload, to, description, tags, metadata,
-                              default_name=os.path.basename(os.fspath(path)))
+                              default_name=os.path.basename(os.fspath(path)), own_file=self_source)
         finally:
             payload.close()
 
@@ -271,13 +273,14 @@ class FilesHandle:
         """Files of this folder (and its sub-folders unless recursive=False), oldest first, whether still in the
         local spool or already committed; each dict has a `status`. Filters: all of `tags`, a glob `pattern`
         on the filename (or on the full path when it contains "/"), one `status`."""
-        return self._exp._reader().list(self._exp.identity, prefix=self.prefix, recursive=recursive,
+        return self._exp._reader().list(self._exp.identity, prefix=self._folder, recursive=recursive,
                                         tags=names.validate_tags(tags), pattern=pattern, status=status)
 
     def get(self, file_id_or_path: int | str | None = None) -> dict[str, Any]:
         """One file's dict (with `status`), by id or by path ("best.pt" here, "/models/best.pt" from the root);
         a path means its newest version. Raises NotFoundError."""
-        return self._exp._reader().resolve(self._exp.identity, self._target_ref(file_id_or_path), base=self.prefix)
+        return self._exp._reader().resolve(self._exp.identity, self._target_ref(file_id_or_path),
+                                           base=self._read_base(file_id_or_path))
 
     def download(self, file_id_or_path: int | str | None = None, dest_path: str | os.PathLike[str] | None = None,
                  *, overwrite: bool = True) -> str:
@@ -288,16 +291,27 @@ class FilesHandle:
         replaced (as ML-Dash does); pass overwrite=False to get FileExistsError instead.
         """
         reader = self._exp._reader()
-        entry = reader.resolve(self._exp.identity, self._target_ref(file_id_or_path), base=self.prefix)
+        entry = reader.resolve(self._exp.identity, self._target_ref(file_id_or_path),
+                               base=self._read_base(file_id_or_path))
         dest = dest_path if dest_path is not None else self._dest_path
         return reader.download(entry, dest, overwrite=overwrite)
 
     def wait(self, timeout: float | None = None) -> dict[str, str]:
         """Block until every file this experiment object saved under this folder is committed (or evicted after
         commit); returns id → status. Raises WaitTimeoutError (with `.pending`) or UploadFailedError."""
-        return self._exp._wait(timeout, prefix=self.prefix)
+        return self._exp._wait(timeout, prefix=self._folder)
 
     # ---- internals -----------------------------------------------------------------------------------
+    @property
+    def _folder(self) -> str:
+        """The folder this handle stands for in everything but the older form's own file (see `_as_folder`)."""
+        return self._as_folder if self._as_folder is not None else self.prefix
+
+    def _read_base(self, file_id_or_path: int | str | None) -> str:
+        """Where a relative path read through this handle starts: the older form's own file (no argument) is
+        next to the handle's prefix; a path given is in the folder."""
+        return self.prefix if file_id_or_path is None else self._folder
+
     def _target_ref(self, file_id_or_path: int | str | None) -> int | str:
         if file_id_or_path is not None:
             return file_id_or_path
@@ -340,10 +354,10 @@ class FilesHandle:
 
     def _save(self, method: str, build: Callable[[str], serializers.Payload], to: Any, description: str | None,
               tags: list[str] | None, metadata: dict[str, Any] | None, *, default_name: str | None = None,
-              default_ext: str | None = None) -> dict[str, Any]:
+              default_ext: str | None = None, own_file: bool = False) -> dict[str, Any]:
         # The older form's file (see __init__) names this handle's own upload, and a save's filename when no to= is
         # given; anything else through the handle — a save with to=, an upload of another file — means the folder.
-        own_file = default_name == self._default_name() if method == "upload" else to is None
+        own_file = to is None and (method != "upload" or own_file)
         if self._as_folder is not None and not own_file:
             folder = FilesHandle(self._exp, self._as_folder, description=self._description, tags=self._tags,
                                  metadata=self._metadata)

@@ -30,6 +30,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _UNSAFE_IN_STORED_NAMES = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _UNSAFE_IN_STORED_TAGS = re.compile("[\x00-\x1f\ud800-\udfff]")
 MAX_METADATA_DEPTH = 100  # nesting levels of metadata; a cyclic dict or list is infinitely deep
+STORED_METADATA_DEPTH = 400  # for manifests read back: older clients had no limit (the walk recurses per level)
 
 
 def _bad_character(text: str, what: str, shown: str, rules: re.Pattern[str] = _FORBIDDEN_IN_NAMES
@@ -141,7 +142,7 @@ def validate_description(description: object) -> str | None:
     return _check_text(description, "description")
 
 
-def validate_metadata(metadata: object) -> dict:
+def validate_metadata(metadata: object, *, stored: bool = False) -> dict:
     """JSON-serialisable metadata: str keys; None, bool, int, float, str, list and dict values.
 
     Returns a copy: what is saved is the metadata as it was when checked, whatever the caller changes later
@@ -151,10 +152,11 @@ def validate_metadata(metadata: object) -> dict:
         return {}
     if not isinstance(metadata, dict):
         raise InvalidInputError(f"metadata must be a dict, got {type(metadata).__name__}")
-    return _json_copy(metadata, "metadata", 0)
+    # A stored manifest (an older client set no depth limit) gets the most Python's recursion allows with margin.
+    return _json_copy(metadata, "metadata", 0, STORED_METADATA_DEPTH if stored else MAX_METADATA_DEPTH)
 
 
-def _json_copy(value: object, where: str, depth: int) -> Any:
+def _json_copy(value: object, where: str, depth: int, limit: int = MAX_METADATA_DEPTH) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -167,18 +169,18 @@ def _json_copy(value: object, where: str, depth: int) -> Any:
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidInputError(f"{where} = {value} is not valid JSON (NaN/Infinity)")
         return float(value)
-    if isinstance(value, (list, tuple, dict)) and depth >= MAX_METADATA_DEPTH:
-        raise InvalidInputError(f"{where[:200]}… is nested deeper than {MAX_METADATA_DEPTH} levels (or contains "
+    if isinstance(value, (list, tuple, dict)) and depth >= limit:
+        raise InvalidInputError(f"{where[:200]}… is nested deeper than {limit} levels (or contains "
                                 "itself); metadata must be a JSON tree")
     if isinstance(value, (list, tuple)):
-        return [_json_copy(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+        return [_json_copy(item, f"{where}[{i}]", depth + 1, limit) for i, item in enumerate(value)]
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidInputError(f"{where} has a non-str key {key!r}; JSON object keys are str")
             _check_text(key, f"{where} key")
-            out[key] = _json_copy(item, f"{where}[{key!r}]", depth + 1)
+            out[key] = _json_copy(item, f"{where}[{key!r}]", depth + 1, limit)
         return out
     raise InvalidInputError(
         f"{where} is a {type(value).__name__} ({value!r:.80}), which is not JSON-serialisable; "

@@ -242,7 +242,7 @@ class Reader:
         that are not an outage (a missing driver, bad credentials) are not remembered: warned every time."""
         with self._lock:
             down_until, reason, _ = self._catalog_down
-            remembered = str(exc) == reason
+            remembered = bool(reason) and str(exc) == reason
             first = not remembered or down_until != self._warned_catalog_down
             if remembered:
                 self._warned_catalog_down = down_until
@@ -322,9 +322,10 @@ class Reader:
             raise InvalidInputError(f"a file is named by its id or its path, got {type(ref).__name__}")
         text = ref.strip()
         folder, _, filename = text.rpartition("/")
-        filename = names.validate_filename(filename)
-        prefix = names.validate_prefix(folder) if text.startswith("/") else names.validate_prefix(
-            f"{base}/{folder}" if base and folder else base or folder)
+        # Reading names a file that exists, maybe saved by an older client under laxer rules: path safety only.
+        filename = names.validate_segment(filename, "filename", stored=True)
+        prefix = names.validate_prefix(folder, stored=True) if text.startswith("/") else names.validate_prefix(
+            f"{base}/{folder}" if base and folder else base or folder, stored=True)
         path = "/" + prefix
         candidates = [e for e in self.entries(exp, path=path).values()
                       if e["path"] == path and e["filename"] == filename]

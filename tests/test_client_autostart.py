@@ -223,3 +223,32 @@ def test_a_daemon_that_refuses_its_configuration_is_not_restarted_for_ever(setti
     refused = [r.getMessage() for r in caplog.records if "refused its configuration" in r.getMessage()]
     assert len(refused) == 1 and "/proc/no-such-dir/catalog.sqlite" in refused[0], refused
     assert state.child is None and autostart.gave_up(layout)
+
+
+def test_configuration_exits_count_only_in_a_row(settings, monkeypatch):
+    """Exits with status 2 spread over a long run (each followed by a daemon that ran and exited otherwise) must
+    not add up to giving up."""
+    codes = iter([2, 0, 2, 0, 2, 0])
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def fake(*_args: object) -> subprocess.Popen[bytes]:
+        spawned.append(subprocess.Popen([sys.executable, "-c", f"raise SystemExit({next(codes)})"]))
+        return spawned[-1]
+
+    monkeypatch.setattr(autostart, "spawn_daemon", fake)
+    live = settings.replace(autostart=True)
+    layout = SpoolLayout(live.spool).ensure()
+    def look_again() -> autostart._SpoolState:
+        state = autostart._states.get(Path(live.spool))
+        if state is not None:
+            state.next_probe = 0.0  # skip any backoff
+        autostart.ensure_daemon(live, layout)
+        return autostart._states[Path(live.spool)]
+
+    for _ in range(6):
+        state = look_again()  # reaps the previous child (counting its exit), or starts the next one
+        if state.child is None:
+            state = look_again()
+        state.child.wait(timeout=30)
+    state = look_again()  # reaps the last (exit 0)
+    assert not autostart.gave_up(layout) and state.usage_exits == 0 and len(spawned) == 6

@@ -479,3 +479,10 @@ def test_a_local_file_named_like_the_folder_does_not_move_saves(exp, settings, t
     assert exp.files("checkpoints").upload("other.txt")["path"] == "/checkpoints"
     named = exp.files("checkpoints").save_json({"a": 1})  # no to=: the older form names the file
     assert (named["path"], named["filename"]) == ("/", "checkpoints"), named
+    handle = exp.files("checkpoints")
+    metrics = handle.save_json({"m": 1}, to="metrics.json")
+    assert handle.get("metrics.json")["id"] == metrics["id"] and handle.path == "/checkpoints"  # reads: the folder
+    assert metrics["id"] in {f["id"] for f in handle.list()} and named["id"] not in {f["id"] for f in handle.list()}
+    Path("sub").mkdir()
+    Path("sub/checkpoints").write_text("another file of the same name")
+    assert handle.upload("sub/checkpoints")["path"] == "/checkpoints"  # not the handle's own file

@@ -263,6 +263,14 @@ def test_saves_an_older_client_accepted_are_still_uploaded(settings: Settings, d
     against the rules it was saved under (path safety), so those entries upload instead of being quarantined."""
     names = ["a\x85b.bin", "rtl\u200fname.bin", "line\u2028sep.bin", "model\u202egnp.exe"]
     entries = [enqueue_bytes(settings, os.urandom(100), filename=name, tags=["best\x7f"]) for name in names]
+    deep: list = []
+    for _ in range(150):  # deeper than new saves may nest (100), as an older client let it
+        deep = [deep]
+    entries.append(enqueue_bytes(settings, b"deep", filename="deep.bin", metadata={"d": deep}))
     report = drain(settings)
     assert report.committed == len(entries) and report.clean, report
-    assert sorted(d["filename"] for d in catalog_docs(settings)) == sorted(names)
+    assert sorted(d["filename"] for d in catalog_docs(settings)) == sorted([*names, "deep.bin"])
+    from mldash import Experiment
+
+    exp = Experiment(prefix="ns/proj/exp", settings=settings)
+    assert exp.files("ckpt").get("rtl\u200fname.bin")["filename"] == "rtl\u200fname.bin"  # readable by path

@@ -315,6 +315,25 @@ def test_a_killed_daemon_leaves_a_recent_sign_of_life_for_waiting_saves(settings
     assert since is not None and since < DAEMON_RESTART_GRACE / 2, since
 
 
+def test_a_starting_daemon_is_a_sign_of_life_before_its_first_heartbeat(settings: Settings, daemon_process) -> None:
+    """Taking the lock keeps the lock file's old mark (gc and reindex take it too); the daemon marks it itself as
+    soon as it holds it — not only at its first heartbeat, which comes after opening the store and catalog (here
+    3 s: a MongoDB that is down). A daemon killed before that heartbeat must still look like one restarting."""
+    from mldash.spool.lock import seconds_since_held
+    from tests.fixtures.mongo import free_port
+
+    layout = SpoolLayout(settings.spool).ensure()
+    layout.lock_path.write_text("")
+    old = time.time() - 3600
+    os.utime(layout.lock_path, (old, old))  # the previous daemon's mark, an hour old
+    down = settings.replace(catalog=f"mongodb://127.0.0.1:{free_port()}/")
+    holder = daemon_process(down, "run")
+    wait_for(lambda: seconds_since_held(layout) == 0.0)
+    holder.kill()  # within the 3 s the catalog's open waits: before any heartbeat
+    since = seconds_since_held(layout)
+    assert since is not None and since < 60, since
+
+
 def _uploaded_with_the_catalog_down(settings: Settings, mongo_server_process, daemon_process):
     """A service daemon whose catalog is down: it uploads two entries, then waits to commit them."""
     server = mongo_server_process()

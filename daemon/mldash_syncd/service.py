@@ -163,6 +163,7 @@ class Daemon:
         deadline = None if max_wait is None else time.monotonic() + max_wait
         self.layout.ensure()
         with DaemonLock(self.layout) as self._daemon_lock:
+            self._daemon_lock.touch()  # a daemon is here from now on, not only from its first heartbeat
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
             try:
                 recovered = recover(self.index, self.layout, self.owner, ingest=False)

@@ -101,4 +101,6 @@ def seconds_since_held(layout: SpoolLayout) -> float | None:
         touched = layout.lock_path.stat().st_mtime
     except FileNotFoundError:
         return None
+    if touched == 0:  # created by `gc` or `reindex` (see acquire): no daemon has held it yet
+        return None
     return max(0.0, time.time() - touched)

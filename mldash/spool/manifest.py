@@ -149,7 +149,8 @@ class Manifest:
         except ValueError as exc:
             raise SpoolCorruptError(f"{source}: {exc}") from None
         for what, validate, value in (("tags", lambda tags: names.validate_tags(tags, stored=True), self.tags),
-                                      ("metadata", names.validate_metadata, self.metadata)):
+                                      ("metadata", lambda meta: names.validate_metadata(meta, stored=True),
+                                       self.metadata)):
             try:
                 validate(value)
             except ValueError as exc:  # e.g. msgpack bin values: not JSON, the catalog could not store them

@@ -288,7 +288,9 @@ class S3Store(Store):
         # A store that accepts connections and never answers is silent for the whole deadline (60 s by default):
         # say so after SLOW_CALL_WARNING seconds, once per such stretch, so `run --once` and the journal are not
         # left wondering.
-        slow = asyncio.get_running_loop().call_later(SLOW_CALL_WARNING, self._warn_slow, operation, key, deadline)
+        # A body's transfer time is allowed for as in the deadline (deadline - request_timeout: its size share).
+        after = SLOW_CALL_WARNING + max(0.0, deadline - self.request_timeout)
+        slow = asyncio.get_running_loop().call_later(after, self._warn_slow, operation, key, after, deadline)
         try:
             async with asyncio.timeout(deadline):
                 return await fn(**kwargs)
@@ -297,13 +299,13 @@ class S3Store(Store):
         finally:
             slow.cancel()
 
-    def _warn_slow(self, operation: str, key: str, deadline: float) -> None:
+    def _warn_slow(self, operation: str, key: str, after: float, deadline: float) -> None:
         now = time.monotonic()
         if now - self._slow_warned_at < SLOW_CALL_WARNING * 3:
             return
         self._slow_warned_at = now
-        log.warning("store %s: no answer to %s %r for %gs; waiting up to %gs (request_timeout) before retrying",
-                    self.url, operation, key[-80:], SLOW_CALL_WARNING, deadline)
+        log.warning("store %s: no answer to %s %r for %gs; waiting up to %gs (its deadline) before retrying",
+                    self.url, operation, key[-80:], after, deadline)
 
     def _check_key(self, operation: str, key: str) -> None:
         # Real S3 refuses keys over 1024 bytes; moto and others accept them, so refuse them ourselves.
