@@ -70,8 +70,8 @@ class FilesHandle:
         self.prefix = names.validate_prefix(prefix)
         self._source = source
         # exp.files("checkpoints") with a local file of that name in the working directory: the older form's
-        # file for save()/upload(), but the folder for every other save (save_torch(model, to="m.pt") never
-        # means "upload ./checkpoints"; its artifacts must not land at the root because of a stray file).
+        # file for its own upload and a save without to=, but the folder for everything else (see `_folder`):
+        # save_torch(model, to="m.pt") never means "upload ./checkpoints", so a stray file must not move it.
         self._as_folder = as_folder
         self._file_id = file_id
         self._dest_path = dest_path
@@ -103,14 +103,11 @@ class FilesHandle:
         if folder is not None and not isinstance(folder, str):
             raise InvalidInputError(f"prefix must be a str such as 'checkpoints' or '/models', got "
                                     f"{type(folder).__name__}")
-        base = self._as_folder if self._as_folder is not None else self.prefix  # exp.files("ckpt")("epoch1")
-        new_prefix = names.validate_prefix(folder) if folder.startswith("/") else _join(
-            base, names.validate_prefix(folder))
+        new_prefix = self._subfolder(folder)
         folder_prefix = None
         if as_folder is not None:
             try:
-                folder_prefix = names.validate_prefix(as_folder) if as_folder.startswith("/") else _join(
-                    base, names.validate_prefix(as_folder))
+                folder_prefix = self._subfolder(as_folder)
             except InvalidInputError:  # not usable as a folder name (e.g. "./model.pth"): only the file reading
                 folder_prefix = None
         return FilesHandle(
@@ -118,6 +115,11 @@ class FilesHandle:
             description=description if description is not None else self._description,
             tags=[*self._tags, *names.validate_tags(tags)],
             metadata={**self._metadata, **names.validate_metadata(metadata)}, as_folder=folder_prefix)
+
+    def _subfolder(self, folder: str) -> str:
+        """`folder` from the experiment's root if it starts with "/", else under this handle's folder."""
+        return names.validate_prefix(folder) if folder.startswith("/") else _join(
+            self._folder, names.validate_prefix(folder))
 
     @property
     def path(self) -> str:

@@ -43,10 +43,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(**overrides)
 
 
-def _open_index(settings: Settings, *, write: bool = False) -> tuple[SpoolLayout, SpoolIndex | None]:
+def _existing_spool(settings: Settings, why: str = "") -> SpoolLayout:
+    """The spool the settings name; a directory that holds none (a typo, a copy that failed) is an error, never a
+    spool to create: every command but the service (`run`) works on what is already there."""
     layout = SpoolLayout(settings.spool)
     if not layout.exists():
-        raise MldashError(f"no spool at {settings.spool} (set MLDASH_SPOOL or pass --spool)")
+        raise MldashError(f"no spool at {settings.spool}{why} (check --spool / MLDASH_SPOOL; a spool holds SPOOL, "
+                          "blobs/ and manifests/)")
+    return layout
+
+
+def _open_index(settings: Settings, *, write: bool = False) -> tuple[SpoolLayout, SpoolIndex | None]:
+    layout = _existing_spool(settings)
     if write:
         return layout, SpoolIndex(layout.ensure(), power_safe=settings.power_safe)
     return layout, SpoolIndex.open_readonly(layout)
@@ -61,11 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MldashError("--max-wait goes with --once (a service keeps retrying for as long as it runs)")
     if args.max_wait is not None and not args.max_wait >= 0:
         raise MldashError(f"--max-wait {args.max_wait:g}: expected a number of seconds ≥ 0, e.g. 600")
-    if args.once and not args.autostarted and not SpoolLayout(settings.spool).exists():
+    if args.once and not args.autostarted:
         # A typo (or a copy that failed) must not become an empty spool reported as fully synced: the offline
         # guide frees a node's spool after exit 0. The service (`run`) still creates its spool.
-        raise MldashError(f"no spool at {settings.spool}: nothing to drain (check --spool / MLDASH_SPOOL; a spool "
-                          "holds SPOOL, blobs/ and manifests/)")
+        _existing_spool(settings, ": nothing to drain")
     setup_logging("WARNING" if args.quiet else settings.log_level)
     bar = None
     if args.once and not args.quiet:
@@ -297,9 +304,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    layout = SpoolLayout(settings.spool)
-    if not layout.exists():
-        raise MldashError(f"no spool at {settings.spool}")
+    layout = _existing_spool(settings)
     with DaemonLock(layout):  # never rebuild under a running daemon
         report = rebuild(layout, power_safe=settings.power_safe)
     print(f"reindexed {settings.spool}: {report.ingested} entries, {len(report.removed_tmp)} temp files and "
@@ -313,9 +318,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging("WARNING")
-    layout = SpoolLayout(settings.spool)
-    if not layout.exists():
-        raise MldashError(f"no spool at {settings.spool}")
+    layout = _existing_spool(settings)
     with DaemonLock(layout):
         index = SpoolIndex(layout, power_safe=settings.power_safe)
         try:

@@ -55,19 +55,19 @@ def make_catalog(settings: Settings, *, for_reads: bool = False, selection_timeo
     `for_reads`: a client that only reads (creates no MongoDB indexes). `selection_timeout`: how long a MongoDB
     operation may wait for a server to be reachable (default: the catalog's own, see mongo.SERVER_SELECTION_TIMEOUT).
     """
-    timeout = settings.request_timeout
     url = settings.catalog
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         if parsed.netloc or not parsed.path.startswith("/"):
             raise ConfigError(f"catalog {url!r}: a SQLite catalog must be 'sqlite:///abs/file'")
-        return SqliteCatalog(Path(unquote(parsed.path)), request_timeout=timeout, power_safe=settings.power_safe)
+        return SqliteCatalog(Path(unquote(parsed.path)), request_timeout=settings.request_timeout,
+                             power_safe=settings.power_safe)
     from mldash.catalog.mongo import MongoCatalog
     from mldash.redact import redact_uri
 
     if parsed.scheme in ("mongodb", "mongodb+srv"):
         options = {} if selection_timeout is None else {"selection_timeout": selection_timeout}
-        return MongoCatalog(url, database=settings.mongo_database, request_timeout=timeout,
+        return MongoCatalog(url, database=settings.mongo_database, request_timeout=settings.request_timeout,
                             create_indexes=not for_reads, **options)
     raise ConfigError(f"catalog {redact_uri(url)!r}: accepted catalogs are 'sqlite:///abs/file' and "
                       "'mongodb://…' URIs")

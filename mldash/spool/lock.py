@@ -92,8 +92,8 @@ def holder_pid(layout: SpoolLayout) -> int | None:
 def seconds_since_held(layout: SpoolLayout) -> float | None:
     """Seconds since a daemon last held this spool's lock: 0.0 while one holds it, None if none ever did.
 
-    Between holders it is the age of the last touch (heartbeat or release); a daemon killed with -9 touched it
-    at most one heartbeat before its death.
+    Between holders it is the age of the daemon's last touch (on taking the lock, each heartbeat, on stopping): a
+    daemon killed with -9 touched it at most one heartbeat before its death.
     """
     if is_held(layout):
         return 0.0
