@@ -9,6 +9,8 @@ Every call goes through the real aioboto3 client; nothing of ours is patched.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import time
 import urllib.request
@@ -32,6 +34,7 @@ from mldash.store import (
     make_store,
 )
 from mldash.store.s3 import classify_error, unread_endpoint_params
+from mldash.store.s3_direct import DIRECT_PUT_LIMIT, client_error
 
 MiB = 2**20
 KEY = "root/files/ns/proj/exp/ckpt/1/model.pt"
@@ -191,23 +194,26 @@ async def test_missing_bucket_is_permanent(moto_server: str) -> None:
         await store.close()
 
 
+def set_moto_auth(endpoint_url: str, count: str) -> None:
+    """Switch moto's authentication on ("0": every later request is checked) or off ("inf")."""
+    request = urllib.request.Request(f"{endpoint_url}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
 async def test_wrong_credentials_are_permanent(s3_bucket: tuple[str, str]) -> None:
     """moto checks credentials once its auth is switched on (moto-api/reset-auth): ours are unknown to it."""
     endpoint_url, bucket = s3_bucket
     store = await open_store(endpoint_url, bucket, timeout=30.0)
-
-    def set_auth(count: str) -> None:
-        request = urllib.request.Request(f"{endpoint_url}/moto-api/reset-auth", data=count.encode(), method="POST",
-                                         headers={"Content-Type": "text/plain"})
-        urllib.request.urlopen(request, timeout=10).close()
-
-    await asyncio.to_thread(set_auth, "0")
+    medium = os.urandom(DIRECT_PUT_LIMIT + 1)
+    await asyncio.to_thread(set_moto_auth, endpoint_url, "0")
     try:
-        with pytest.raises(PermanentStoreError) as caught:
-            await store.put(KEY, b"x", b64_sha256(b"x"))
-        assert caught.value.code == "InvalidAccessKeyId"
+        for body in (b"x", medium):  # a direct PUT and one through botocore
+            with pytest.raises(PermanentStoreError) as caught:
+                await store.put(KEY, body, b64_sha256(body))
+            assert caught.value.code == "InvalidAccessKeyId"
     finally:
-        await asyncio.to_thread(set_auth, "inf")
+        await asyncio.to_thread(set_moto_auth, endpoint_url, "inf")
         await store.close()
 
 
@@ -274,14 +280,18 @@ async def test_connection_refused_is_transient(aws_env: str) -> None:
 
 async def test_requests_carry_our_checksum_and_no_expect_header(aws_env: str) -> None:
     """No "Expect: 100-continue" (a server that never sends "100 Continue" would hold us), our SHA256 is
-    sent as is, and the create is conditional. Bodies are not hashed a second time for SigV4 (UNSIGNED-PAYLOAD,
-    even on plain HTTP): the checksum header, which the signature covers, is what protects them."""
+    sent as is, and the create is conditional. Large bodies are not hashed a second time for SigV4
+    (UNSIGNED-PAYLOAD, even on plain HTTP): the checksum header, which the signature covers, is what protects
+    them; a small direct PUT signs the SHA256 it already holds as the payload hash."""
     async with FakeS3(lambda r: s3_error(503, "SlowDown")) as server:
         store = await open_store(server.url, timeout=5.0)
         part = bytearray(os.urandom(5 * MiB))
+        medium = os.urandom(DIRECT_PUT_LIMIT + 1)
         try:
             with pytest.raises(TransientStoreError):
                 await store.put(KEY, b"small", b64_sha256(b"small"))
+            with pytest.raises(TransientStoreError):
+                await store.put(KEY, medium, b64_sha256(medium))
             with pytest.raises(TransientStoreError):
                 await store.upload_part(KEY, "u1", 1, memoryview(part)[1:], b64_sha256(part[1:]))
         finally:
@@ -289,16 +299,121 @@ async def test_requests_carry_our_checksum_and_no_expect_header(aws_env: str) ->
     puts = [r for r in server.requests if r.method == "PUT"]
     assert puts and all("expect" not in r.headers for r in puts)
     first = puts[0]
+    assert "(direct put)" in first.headers["user-agent"]
     assert first.headers["x-amz-checksum-sha256"] == b64_sha256(b"small")
     assert first.headers["if-none-match"] == "*"
+    assert first.headers["x-amz-content-sha256"] == hashlib.sha256(b"small").hexdigest()
+    assert first.body == b"small"
+    by_botocore = [r for r in puts if r.body == medium]
+    assert by_botocore and "(direct put)" not in by_botocore[0].headers["user-agent"]
+    assert by_botocore[0].headers["if-none-match"] == "*"
+    assert by_botocore[0].target == first.target  # the same URL for the same key, whoever sends it
     parts = [r for r in puts if "partNumber=1" in r.target]
     assert parts and parts[0].headers["x-amz-checksum-sha256"] == b64_sha256(part[1:])
     assert parts[0].body == bytes(part[1:])  # sent from the caller's buffer, by reference (s3_body.py)
-    assert first.body == b"small"
-    for request in (first, parts[0]):
-        assert request.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    for request in (first, by_botocore[0], parts[0]):
+        if request is not first:
+            assert request.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
         signed = request.headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
-        assert "x-amz-checksum-sha256" in signed
+        assert {"x-amz-checksum-sha256", "x-amz-content-sha256", "host"} <= set(signed)
+
+
+# -- small PUTs without botocore's pipeline (mldash/store/s3_direct.py) -----------------------------------
+
+ODD_KEY = "root/files/ns/proj/exp/a b/~+%&=é€/model v2 (final).pt"
+
+
+async def test_direct_put_is_signed_as_s3_expects(s3_bucket: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With moto's authentication on, moto recomputes every request's SigV4 signature from what it received:
+    a direct PUT (and botocore's, for comparison) of a key with spaces, "~", "+", "%" and non-ASCII characters
+    is accepted with the right secret, and refused as SignatureDoesNotMatch — permanent — with a wrong one."""
+    import boto3
+
+    endpoint_url, bucket = s3_bucket
+    iam = boto3.client("iam", endpoint_url=endpoint_url, region_name="us-east-1")
+    user = f"mldash-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    small, medium = os.urandom(1000), os.urandom(DIRECT_PUT_LIMIT + 1)
+    await asyncio.to_thread(set_moto_auth, endpoint_url, "0")
+    try:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        store = await open_store(endpoint_url, bucket, timeout=30.0)
+        try:
+            assert store._direct is not None
+            stored = await store.put(ODD_KEY, small, b64_sha256(small))
+            assert stored.checksum_sha256 == b64_sha256(small)
+            await store.put(ODD_KEY + ".botocore", medium, b64_sha256(medium))
+            head = await store.head(ODD_KEY)
+            assert head is not None and (head.size, head.checksum_sha256) == (1000, b64_sha256(small))
+        finally:
+            await store.close()
+
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        store = await open_store(endpoint_url, bucket, timeout=30.0)
+        try:
+            with pytest.raises(PermanentStoreError) as caught:
+                await store.put(ODD_KEY + ".2", small, b64_sha256(small))
+        finally:
+            await store.close()
+        assert caught.value.code == "SignatureDoesNotMatch"
+    finally:
+        await asyncio.to_thread(set_moto_auth, endpoint_url, "inf")
+
+
+async def test_direct_put_hands_a_redirect_to_botocore_and_stops(aws_env: str) -> None:
+    """A redirect (a bucket in another region) is botocore's to handle: the PUT is sent again through botocore,
+    and later small PUTs of that store go through botocore from the start."""
+    def script(request: Request) -> Answer:
+        if "(direct put)" in request.headers.get("user-agent", ""):
+            return s3_error(307, "TemporaryRedirect")
+        return Answer(200, headers={"ETag": '"e"', "x-amz-checksum-sha256": b64_sha256(b"x")})
+
+    async with FakeS3(script) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            assert (await store.put(KEY, b"x", b64_sha256(b"x"))).etag == '"e"'
+            assert store._direct is None
+            await store.put(KEY + "2", b"x", b64_sha256(b"x"))
+        finally:
+            await store.close()
+    direct = ["(direct put)" in r.headers["user-agent"] for r in server.requests]
+    assert direct == [True, False, False]
+
+
+async def test_direct_put_follows_botocore_on_the_endpoint(aws_env: str) -> None:
+    """The URL prefix, region and signing name come from botocore's own resolution (no request is sent): virtual
+    hosts on AWS, path style for a bucket name with dots (TLS) and for custom endpoints."""
+    expected = {
+        ("my-bucket", "eu-west-1", None): "https://my-bucket.s3.eu-west-1.amazonaws.com/",
+        ("my.bucket", "eu-west-1", None): "https://s3.eu-west-1.amazonaws.com/my.bucket/",
+        ("my-bucket", "us-east-1", "http://127.0.0.1:9"): "http://127.0.0.1:9/my-bucket/",
+    }
+    for (bucket, region, endpoint), prefix in expected.items():
+        store = S3Store(bucket, endpoint_url=endpoint, region=region)
+        await store.open()
+        try:
+            assert store._direct is not None
+            assert (store._direct.url_prefix, store._direct.region, store._direct.service) == (prefix, region, "s3")
+            assert store._direct.url_for("a b/é~") == prefix + "a%20b/%C3%A9~"
+        finally:
+            await store.close()
+
+
+def test_error_answers_become_the_client_error_botocore_raises() -> None:
+    xml = s3_error(403, "AccessDenied", "no").body
+    error = client_error(403, {"x-amz-request-id": "r1"}, xml)
+    assert error.response["Error"] == {"Code": "AccessDenied", "Message": "no"}
+    assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert classify_error(error, operation="put", key="k").code == "AccessDenied"
+    for body in (b"", b"<html>proxy error</html", b"<html><body>Bad gateway</body></html>"):
+        error = client_error(502, {}, body)
+        assert error.response["Error"]["Code"] == "502"
+        assert isinstance(classify_error(error, operation="put", key="k"), TransientStoreError)
 
 
 # -- classification of scripted answers -----------------------------------------------------------------
@@ -418,16 +533,20 @@ def test_classification_of_client_side_failures() -> None:
     assert classify_error(error, operation="put", key="k") is error
 
 
-async def test_botocore_retries_at_most_once(aws_env: str) -> None:
-    """Retry policy belongs to the daemon: botocore may add one quick retry (see mldash/store/s3.py), no more."""
-    async with FakeS3(lambda r: s3_error(503, "SlowDown")) as server:
-        store = await open_store(server.url, timeout=10.0)
-        try:
-            with pytest.raises(TransientStoreError):
-                await store.put(KEY, b"x", b64_sha256(b"x"))
-        finally:
-            await store.close()
-    assert len(server.requests) == 2
+@pytest.mark.parametrize("size", [1, DIRECT_PUT_LIMIT + 1], ids=["direct", "botocore"])
+async def test_botocore_retries_at_most_once(aws_env: str, size: int) -> None:
+    """Retry policy belongs to the daemon: botocore — or a direct PUT, likewise — may add one quick retry
+    (see mldash/store/s3.py), no more; a permanent error is not retried at all."""
+    body = os.urandom(size)
+    for answer, requests in ((s3_error(503, "SlowDown"), 2), (s3_error(403, "AccessDenied"), 1)):
+        async with FakeS3(lambda r, answer=answer: answer) as server:
+            store = await open_store(server.url, timeout=10.0)
+            try:
+                with pytest.raises(StoreError):
+                    await store.put(KEY, body, b64_sha256(body))
+            finally:
+                await store.close()
+        assert len(server.requests) == requests
 
 
 async def test_store_leaves_botocore_logging_alone(s3_bucket: tuple[str, str]) -> None:
@@ -463,8 +582,8 @@ async def test_endpoint_is_resolved_once_not_per_key(s3_store: S3Store) -> None:
 
     ruleset.evaluate = counting
     try:
-        for i in range(5):
-            data = os.urandom(100 + i)
+        for i in range(5):  # bodies over DIRECT_PUT_LIMIT: these go through botocore
+            data = os.urandom(DIRECT_PUT_LIMIT + 1 + i)
             await s3_store.put(s3_store.key(f"files/ns/p/e/x/{uuid.uuid4().hex}/f{i}"), data, b64_sha256(data))
     finally:
         del ruleset.evaluate
