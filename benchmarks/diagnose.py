@@ -3,6 +3,7 @@
     python -m benchmarks.diagnose stall        [--size-mib 1024] [--rounds 5]
     python -m benchmarks.diagnose drain-large  [--size-mib 1024] [--rounds 3]
     python -m benchmarks.diagnose drain-small  [--files 1000] [--rounds 2]
+    python -m benchmarks.diagnose put-paths    [--files 1000] [--rounds 3]
     python -m benchmarks.diagnose rss          [--size-mib 1024]
     python -m benchmarks.diagnose json-sched   [--calls 250]
     python -m benchmarks.diagnose inode-alloc  [--files 4000]
@@ -217,6 +218,66 @@ def drain_small(ctx: Context, args: argparse.Namespace) -> None:
     _print(interleave(args.rounds, variants, between=lambda: (moto.empty_bucket(bucket), ctx.settle())))
 
 
+# ---- put-paths: what one small PUT costs the client, and moto, by the way it is sent ----------------------
+def put_paths(ctx: Context, args: argparse.Namespace) -> None:
+    """N × 4 KiB PUTs, 16 in flight, to moto: aioboto3's put_object (the drain_small baseline), the store's
+    PUT as the daemon sends it (direct, mldash/store/s3_direct.py) and the same through botocore, and unsigned
+    bare aiohttp PUTs (no client work beyond HTTP: moto's own ceiling on this machine). CPU per PUT of this
+    process and of moto's, and the share of the wall time moto was on a CPU."""
+    import aiohttp
+
+    from benchmarks.drain_small import CONCURRENCY, FILE_SIZE, put_all
+    from mldash.store import S3Store, b64_sha256
+
+    count = args.files
+    moto = ctx.moto()
+    bucket = "putpaths"
+    moto.create_bucket(bucket)
+    me, moto_process = psutil.Process(), psutil.Process(moto.process.pid)
+    bodies = [os.urandom(FILE_SIZE) for _ in range(count)]
+    checksums = [b64_sha256(body) for body in bodies]
+
+    async def store_puts(direct: bool) -> None:
+        store = S3Store(bucket, "store", endpoint_url=moto.url, max_connections=CONCURRENCY)
+        await store.open()
+        if not direct:
+            store._direct = None
+        gate, run = asyncio.Semaphore(CONCURRENCY), uuid.uuid4().hex
+        try:
+            async def put(i: int) -> None:
+                async with gate:
+                    await store.put(f"store/{run}/f{i:05d}", bodies[i], checksums[i])
+            await asyncio.gather(*(put(i) for i in range(count)))
+        finally:
+            await store.close()
+
+    async def bare_puts() -> None:
+        gate, run = asyncio.Semaphore(CONCURRENCY), uuid.uuid4().hex
+        scope = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as http:
+            async def put(i: int) -> None:
+                async with gate, http.put(f"{moto.url}/{bucket}/bare/{run}/f{i:05d}", data=bodies[i],
+                                          headers={"Authorization": f"{scope}, Signature=0"}) as response:
+                    response.raise_for_status()
+            await asyncio.gather(*(put(i) for i in range(count)))
+
+    def timed(make: Callable[[], Any]) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            before, wall0 = (_cpu(me), _cpu(moto_process)), time.perf_counter()
+            asyncio.run(make())
+            wall = time.perf_counter() - wall0
+            moto_cpu = _cpu(moto_process) - before[1]
+            return {"puts/s": count / wall, "client_cpu_ms": (_cpu(me) - before[0]) * 1000 / count,
+                    "moto_cpu_ms": moto_cpu * 1000 / count, "moto_busy": moto_cpu / wall}
+        return run
+
+    variants = {"aioboto3 put_object (baseline)": timed(lambda: put_all(moto.url, bucket, bodies)),
+                "S3Store.put, direct (as shipped)": timed(lambda: store_puts(True)),
+                "S3Store.put through botocore": timed(lambda: store_puts(False)),
+                "bare aiohttp, unsigned": timed(bare_puts)}
+    _print(interleave(args.rounds, variants, between=lambda: (moto.empty_bucket(bucket), ctx.settle())))
+
+
 # ---- rss: the daemon's peak memory with glibc malloc tuned ------------------------------------------------
 def rss(ctx: Context, args: argparse.Namespace) -> None:
     import benchmarks.daemon_rss as daemon_rss
@@ -417,8 +478,8 @@ def quota(ctx: Context, args: argparse.Namespace) -> None:
     ctx.remove(root)
 
 
-EXPERIMENTS = {"stall": stall, "drain-large": drain_large, "drain-small": drain_small, "rss": rss,
-               "json-sched": json_sched, "inode-alloc": inode_alloc, "quota": quota}
+EXPERIMENTS = {"stall": stall, "drain-large": drain_large, "drain-small": drain_small, "put-paths": put_paths,
+               "rss": rss, "json-sched": json_sched, "inode-alloc": inode_alloc, "quota": quota}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=list(EXPERIMENTS))
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--files", type=int, default=None, help="drain-small: 1000; inode-alloc: 4000; quota: 50000")
+    parser.add_argument("--files", type=int, default=None,
+                        help="drain-small, put-paths: 1000; inode-alloc: 4000; quota: 50000")
     parser.add_argument("--calls", type=int, default=250)
     args = parser.parse_args(argv)
     if args.files is None:

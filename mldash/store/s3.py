@@ -342,7 +342,7 @@ class S3Store(Store):
         return StoredObject(key=key, size=int(response["ContentLength"]),
                             checksum_sha256=_qualified_checksum(response.get("ChecksumSHA256"), etag), etag=etag)
 
-    async def put(self, key: str, data: Buffer, sha256_b64: str) -> StoredObject:
+    async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
         self._check_key("put", key)
         direct = self._direct
         size = data.nbytes if isinstance(data, memoryview) else len(data)
