@@ -192,16 +192,24 @@ def drain_small(ctx: Context, args: argparse.Namespace) -> None:
         return {"client_cpu_ms_per_file": (_cpu(me) - before[0]) * 1000 / count,
                 "moto_cpu_ms_per_file": (_cpu(moto_process) - before[1]) * 1000 / count}
 
-    def daemon(catalog: str = "sqlite", **overrides: Any) -> Callable[[], dict]:
+    def daemon(catalog: str = "sqlite", *, direct_puts: bool = True, **overrides: Any) -> Callable[[], dict]:
         def run() -> dict[str, float]:
+            from mldash.store.s3_direct import DirectPut
+
             settings = ctx.settings("small", store="s3", catalog=catalog, bucket=bucket, endpoint_url=moto.url,
                                     **overrides)
             spool_small_files(settings, count)
             ctx.settle()
             before = (_cpu(me), _cpu(moto_process))
+            learn = DirectPut.learn
+            if not direct_puts:  # every PUT through botocore, as before the direct path
+                async def no_direct_path(*_: Any, **__: Any) -> None:
+                    return None
+                DirectPut.learn = no_direct_path  # type: ignore[method-assign]
             try:
                 timed = drain_timed(settings, expect=count)
             finally:
+                DirectPut.learn = learn  # type: ignore[method-assign]
                 ctx.remove(settings.spool.parent)
             return {"files/s": count / timed["seconds"], "startup_ms": timed["startup_s"] * 1000,
                     **cpu_per_file(before)}
@@ -213,7 +221,7 @@ def drain_small(ctx: Context, args: argparse.Namespace) -> None:
         return {"files/s": count / (time.perf_counter() - wall0), **cpu_per_file(before)}
 
     variants = {"daemon + SQLite (as shipped)": daemon(), "daemon + MongoDB (as shipped)": daemon("mongo"),
-                "daemon + SQLite, 32 files in flight": daemon(max_concurrent_files=32),
+                "daemon + SQLite, PUTs through botocore": daemon(direct_puts=False),
                 "aioboto3 16-way put_object": baseline}
     _print(interleave(args.rounds, variants, between=lambda: (moto.empty_bucket(bucket), ctx.settle())))
 
