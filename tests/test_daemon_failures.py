@@ -85,6 +85,50 @@ def test_catalog_down_uploads_continue_and_commit_later_exactly_once(settings: S
     assert sorted(d["id"] for d in docs) == sorted(str(e.id) for e in entries)
 
 
+def test_uploads_start_while_the_catalog_is_still_opening(settings: Settings, drain,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the MongoDB catalog (index creation) waits up to OPEN_TIMEOUT for a server that is down; uploads
+    need no catalog and do not wait for it. Here opening would take ~15 s (the server selection timeout): the
+    run's 4 s of max wait see every entry uploaded, none committed, no attempt spent."""
+    from mldash.catalog import mongo
+    from tests.fixtures.mongo import free_port
+
+    monkeypatch.setattr(mongo, "OPEN_TIMEOUT", 120.0)
+    down = fast(settings, catalog=f"mongodb://127.0.0.1:{free_port()}/mldash").replace(request_timeout=120.0)
+    entries = [enqueue_bytes(down, os.urandom(500), filename=f"f{i}") for i in range(3)]
+
+    started = time.monotonic()
+    report = drain(down, max_wait=4)
+    assert time.monotonic() - started < 12, "the end of the run must not wait for the catalog to open"
+    assert report.committed == 0
+    for entry in entries:
+        row = rows(down)[entry.id]
+        assert (row["state"], row["attempts"]) == (State.UPLOADED, 0)
+        assert read_object(down, entry.key()) is not None
+
+    assert drain(settings.replace(store=down.store)).committed == 3  # the SQLite catalog: committed once there
+
+
+def test_a_catalog_that_cannot_be_opened_stops_the_daemon_without_losing_uploads(settings: Settings,
+                                                                                  drain) -> None:
+    """A configuration the catalog refuses at open (here a URI PyMongo rejects) ends the run with that error (the
+    CLI exits 2, so systemd does not restart into it) — after the uploads already in flight; nothing is failed
+    or lost, and the next run with a usable catalog commits everything once."""
+    from mldash.catalog.base import PermanentCatalogError
+
+    bad = fast(settings, catalog="mongodb://user:hunter2@127.0.0.1:1/mldash?authSource=")
+    entries = [enqueue_bytes(bad, os.urandom(500), filename=f"f{i}") for i in range(3)]
+
+    with pytest.raises(PermanentCatalogError) as caught:
+        drain(bad, max_wait=30)
+    assert "authSource" in str(caught.value) and "hunter2" not in str(caught.value)
+    for entry in entries:
+        row = rows(bad)[entry.id]
+        assert row["state"] in (State.QUEUED, State.UPLOADED) and row["attempts"] == 0, row
+    assert drain(settings.replace(store=bad.store)).committed == 3
+    assert sorted(d["id"] for d in catalog_docs(settings)) == sorted(str(e.id) for e in entries)
+
+
 class Blackhole:
     """Accepts TCP connections and never answers."""
 

@@ -118,6 +118,7 @@ class Daemon:
         self._uploaded_unbatched = 0  # uploads this process recorded since the last commit batch was claimed
         self._last_batch_at = 0.0     # time.monotonic() when it was
         self._startup_gc: asyncio.Task | None = None
+        self._catalog_open: asyncio.Task | None = None  # catalog.open(), running alongside the first uploads
         self._started = time.time()
         self._rate_window: list[tuple[float, int]] = []
         self.index: SpoolIndex | None = None
@@ -132,16 +133,20 @@ class Daemon:
         self._collector = CollectorPause()  # from start until the first uploads are in flight
 
     # ---- control ------------------------------------------------------------------------------
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str | None = None) -> None:
         """Graceful stop: no new work; in-flight uploads get `stop_grace` seconds to finish, then they are
-        interrupted (their completed parts stay recorded for the resume). A second request stops at once."""
+        interrupted (their completed parts stay recorded for the resume). A second request stops at once.
+        `reason`: the daemon stops itself (logged as an error) rather than on a signal."""
         if self._stop.is_set():
             if not self._stop_now.is_set():
                 log.warning("second stop request: interrupting in-flight work now (the next start resumes it)")
             self._stop_now.set()
             return
-        log.info("stop requested: no new work; in-flight uploads get up to %gs (a second signal stops at once)",
-                 self.settings.stop_grace)
+        if reason:
+            log.error("stopping: %s; in-flight uploads get up to %gs", reason, self.settings.stop_grace)
+        else:
+            log.info("stop requested: no new work; in-flight uploads get up to %gs (a second signal stops at once)",
+                     self.settings.stop_grace)
         self._stop.set()
         self._wake.set()
         self.notifier.stopping()
@@ -171,20 +176,31 @@ class Daemon:
                 log.info("started on %s (pid %d): %d new, %d leases released, %d debris removed, %d quarantined",
                          self.layout.root, os.getpid(), len(self._backlog), recovered.released_leases,
                          len(recovered.removed_tmp) + len(recovered.removed_orphan_blobs), len(recovered.quarantined))
-                async with self.store, self.catalog:
-                    self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
-                                             ByteBudget(self.settings.max_concurrent_parts * self.settings.part_size),
-                                             on_bytes=self._count_bytes)
-                    # The start-up gc runs alongside the first uploads (its listing is a round trip): only
-                    # multipart uploads wait for it (see _upload_one), so it never judges one of this run's.
-                    self._startup_gc = asyncio.create_task(self._collect_orphans(), name="startup-gc")
-                    self.notifier.ready(f"draining {self.layout.root}")
-                    watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
+                async with self.store:
+                    # The catalog opens alongside the first uploads, which do not need it: MongoDB's index
+                    # creation is a round trip, and up to its OPEN_TIMEOUT when MongoDB is down. Commits wait
+                    # for it (_catalog_ready); an error that opening cannot get past stops the daemon.
+                    self._catalog_open = asyncio.create_task(self.catalog.open(), name="catalog-open")
+                    self._catalog_open.add_done_callback(lambda _: self._wake.set())
                     try:
-                        await self._loop(until_drained, deadline)
+                        self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
+                                                 ByteBudget(self.settings.max_concurrent_parts
+                                                            * self.settings.part_size),
+                                                 on_bytes=self._count_bytes)
+                        # The start-up gc runs alongside the first uploads (its listing is a round trip): only
+                        # multipart uploads wait for it (see _upload_one), so it never judges one of this run's.
+                        self._startup_gc = asyncio.create_task(self._collect_orphans(), name="startup-gc")
+                        self.notifier.ready(f"draining {self.layout.root}")
+                        watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
+                        try:
+                            await self._loop(until_drained, deadline)
+                        finally:
+                            watchdog.cancel()
+                            await self._finish_startup_gc(deadline)
                     finally:
-                        watchdog.cancel()
-                        await self._finish_startup_gc(deadline)
+                        await self._close_catalog(deadline)
+                    if not self._catalog_open.cancelled() and (error := self._catalog_open.exception()) is not None:
+                        raise error
             finally:
                 self._write_heartbeat(stopping=True)
                 self.report.remaining = {k: v["count"] for k, v in self.index.counts().items() if v["count"]}
@@ -400,8 +416,33 @@ class Daemon:
             return 0.0
         return max(0.0, self._last_batch_at + COMMIT_LINGER - now_mono)
 
+    def _catalog_ready(self) -> bool:
+        """Whether the catalog is open (see _run). If opening it failed, the daemon stops: `run` raises that error
+        once in-flight uploads are done — the entries they uploaded wait in `uploaded` for the next start."""
+        task = self._catalog_open
+        if task is None or not task.done():
+            return False
+        if task.cancelled() or task.exception() is not None:
+            if not self._stop.is_set():
+                why = "cancelled" if task.cancelled() else task.exception()
+                self.request_stop(f"the catalog cannot be opened: {why}")
+            return False
+        return True
+
+    async def _close_catalog(self, deadline: float | None) -> None:
+        task = self._catalog_open
+        if task is not None and not task.done() and not self._stop.is_set():
+            # A run that ended before the catalog was open (nothing to commit): let the opening finish, within the
+            # max wait, so a catalog that cannot be used is reported now, as before a run with work.
+            await asyncio.wait([task], timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if task is not None and not task.done():  # still opening: stopped, or at the max wait (MongoDB down)
+            task.cancel()
+            await asyncio.wait([task])
+        await self.catalog.close()
+
     def _start_commits(self) -> None:
-        if len(self._commit_batches) >= MAX_COMMIT_BATCHES or self.catalog_gate.is_open:
+        if (len(self._commit_batches) >= MAX_COMMIT_BATCHES or self.catalog_gate.is_open
+                or not self._catalog_ready()):
             return
         now_mono = time.monotonic()
         if self._commit_wait(now_mono) > 0:
