@@ -412,8 +412,64 @@ def test_error_answers_become_the_client_error_botocore_raises() -> None:
     assert classify_error(error, operation="put", key="k").code == "AccessDenied"
     for body in (b"", b"<html>proxy error</html", b"<html><body>Bad gateway</body></html>"):
         error = client_error(502, {}, body)
-        assert error.response["Error"]["Code"] == "502"
+        assert error.response["Error"] == {"Code": "502", "Message": "Bad Gateway"}
         assert isinstance(classify_error(error, operation="put", key="k"), TransientStoreError)
+    wrapped = (b"<ErrorResponse><Error><Code>ConditionalRequestConflict</Code><Message>m</Message></Error>"
+               b"</ErrorResponse>")
+    assert isinstance(classify_error(client_error(409, {}, wrapped), operation="put", key="k"), ObjectExistsError)
+
+
+@pytest.mark.parametrize(("answer", "code"), [
+    (Answer(200, s3_error(200, "InternalError").body, {"ETag": '"e"'}), "InternalError"),
+    (Answer(200, b"<Err", {"ETag": '"e"'}), "500"),
+    (Answer(200, b""), "IncompleteResponse"),
+])
+async def test_direct_put_takes_no_error_for_a_success(aws_env: str, answer: Answer, code: str) -> None:
+    """A 200 whose body is an error document (S3 reports some errors after sending 200) or is cut off, and a 200
+    without an ETag, are no success: transient, as through botocore."""
+    async with FakeS3(lambda r: answer) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            with pytest.raises(TransientStoreError) as caught:
+                await store.put(KEY, b"x", b64_sha256(b"x"))
+        finally:
+            await store.close()
+    assert caught.value.code == code
+    assert all("(direct put)" in r.headers["user-agent"] for r in server.requests)
+
+
+async def test_direct_put_signs_the_payload_hash_it_is_given(aws_env: str) -> None:
+    """The SHA256 the daemon computed while reading the spooled bytes is the signed payload hash, not a second
+    hash of the body (S3 compares it with the bytes it receives)."""
+    async with FakeS3(lambda r: Answer(200, headers={"ETag": '"e"'})) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            assert store._direct is not None
+            claimed = b64_sha256(b"other bytes")
+            await store._direct.put(KEY, b"x", claimed)
+        finally:
+            await store.close()
+    assert server.requests[0].headers["x-amz-content-sha256"] == hashlib.sha256(b"other bytes").hexdigest()
+
+
+async def test_direct_put_is_not_used_when_botocore_sends_more(aws_env: str) -> None:
+    """If botocore's PutObject carries a header the direct path does not send (a newer botocore, a hook of the
+    deployment), the probe at open sees it and every PUT keeps botocore's path."""
+    from aiobotocore.session import get_session
+
+    from mldash.store.s3_direct import DirectPut
+
+    store = await open_store("http://127.0.0.1:9", timeout=5.0)
+    try:
+        assert store._direct is not None
+
+        def extra(request: object, **_: object) -> None:
+            request.headers["x-amz-request-payer"] = "requester"  # type: ignore[attr-defined]
+
+        store._client.meta.events.register("before-sign.s3.PutObject", extra)
+        assert await DirectPut.learn(store._client, get_session(), store.bucket) is None
+    finally:
+        await store.close()
 
 
 # -- classification of scripted answers -----------------------------------------------------------------
@@ -538,7 +594,8 @@ async def test_botocore_retries_at_most_once(aws_env: str, size: int) -> None:
     """Retry policy belongs to the daemon: botocore — or a direct PUT, likewise — may add one quick retry
     (see mldash/store/s3.py), no more; a permanent error is not retried at all."""
     body = os.urandom(size)
-    for answer, requests in ((s3_error(503, "SlowDown"), 2), (s3_error(403, "AccessDenied"), 1)):
+    for answer, requests in ((s3_error(503, "SlowDown"), 2), (s3_error(403, "AccessDenied"), 1),
+                             (s3_error(400, "BadDigest"), 1)):  # what botocore retries, not what we call transient
         async with FakeS3(lambda r, answer=answer: answer) as server:
             store = await open_store(server.url, timeout=10.0)
             try:

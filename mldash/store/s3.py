@@ -7,12 +7,12 @@ Decisions, each for a reason:
   (`request_timeout + MiB × seconds_per_mib`); a download bounds the wait for every chunk.
 - No "Expect: 100-continue": botocore's `add_expect_header` handler is unregistered on our client.
 - Small PUTs (≤ 64 KiB) skip botocore's per-request pipeline: signed by botocore's SigV4 signer and sent on
-  the client's HTTP session, they cost ~0.5 ms of CPU instead of ~1.3 ms (`mldash/store/s3_direct.py`).
+  the client's HTTP session, they cost ~0.65 ms of CPU instead of ~1.3 ms (`mldash/store/s3_direct.py`).
   Everything else, and any small PUT that meets a redirect or a region error, goes through botocore.
 - Retries: botocore makes at most ONE retry (`total_max_attempts=2`, standard mode), inside our deadline.
   It absorbs the common one-off blips (a pooled keep-alive connection the server closed, a single 5xx)
-  without spending one of the daemon's attempts and its backoff (a direct PUT does the same: one more attempt
-  after a transient failure, after a jittered pause of up to 1 s); every other retry decision is the
+  without spending one of the daemon's attempts and its backoff (a direct PUT does the same, by botocore's
+  own tables of what to retry); every other retry decision is the
   daemon's, driven by the classification below. (A retried conditional write whose first attempt did
   land comes back as ObjectExistsError: the daemon heads the key and compares checksums, as it must
   after any of its own retries.)
@@ -69,7 +69,7 @@ from mldash.store.base import (
 )
 from mldash.store.local import store_error_from_os_error
 from mldash.store.s3_body import SendBuffer
-from mldash.store.s3_direct import DIRECT_PUT_LIMIT, DirectPut, HandBack
+from mldash.store.s3_direct import DIRECT_PUT_LIMIT, DirectPut, HandBack, is_retried
 
 T = TypeVar("T")
 log = logging.getLogger("mldash.store")
@@ -345,7 +345,7 @@ class S3Store(Store):
     async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
         self._check_key("put", key)
         direct = self._direct
-        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        size = len(data)
         if direct is not None and size <= DIRECT_PUT_LIMIT:
             headers = await self._call("put", key, self._deadline(size), self._put_direct,
                                        direct=direct, object_key=key, body=bytes(data), sha256_b64=sha256_b64)
@@ -360,23 +360,24 @@ class S3Store(Store):
         return StoredObject(key=key, size=size, checksum_sha256=response.get("ChecksumSHA256"),
                             etag=response.get("ETag"))
 
-    async def _put_direct(self, direct: DirectPut, object_key: str, body: bytes,
-                          sha256_b64: str) -> dict[str, str] | None:
+    async def _put_direct(self, direct: DirectPut, object_key: str, body: bytes, sha256_b64: str) -> Any:
         """The response headers of a direct PUT, or None when botocore must send it (see s3_direct.py)."""
-        for attempt in (1, 2):
-            try:
-                return await direct.put(object_key, body, sha256_b64)
-            except HandBack as exc:
-                log.info("store %s: %s answering a PUT; sending every PUT through botocore from now on", self.url, exc)
-                self._direct = None
-                return None
-            except Exception as exc:
-                if attempt == 2 or not classify_error(exc, operation="put", key=object_key).transient:
-                    raise
-                # botocore's standard mode with total_max_attempts=2, as for every other call: one more attempt
-                # after an exponential backoff's first step (full jitter, up to 1 s).
-                await asyncio.sleep(random.random())
-        return None  # not reached: the second attempt returns or raises
+        try:
+            return await direct.put(object_key, body, sha256_b64)
+        except HandBack as exc:
+            log.info("store %s: %s answering a PUT; sending every PUT through botocore from now on", self.url, exc)
+            self._direct = None
+            return None
+        except Exception as exc:
+            if not is_retried(exc):
+                raise
+        # botocore's standard mode with total_max_attempts=2, as for every other call: one more attempt after its
+        # first backoff step (full jitter, up to 1 s). What this one raises, HandBack included, is the outcome.
+        await asyncio.sleep(random.random())
+        try:
+            return await direct.put(object_key, body, sha256_b64)
+        except HandBack as exc:
+            raise exc.__cause__ or exc from exc
 
     async def download(self, key: str, dest: Path) -> StoredObject:
         dest = Path(dest)
