@@ -297,6 +297,56 @@ def test_second_daemon_on_same_spool_refuses(settings: Settings, daemon_process)
     assert gc.returncode == 3 and "another mldash-syncd" in gc.stderr and "stop it first" in gc.stderr
 
 
+def test_gc_dry_run_looks_while_a_daemon_runs(settings: Settings, daemon_process) -> None:
+    """`gc --dry-run` changes nothing, so it may look at a spool a daemon holds: it names the multipart uploads
+    it would abort (here one left under the key of an entry already committed); `gc` itself still needs the
+    spool, and aborts the same upload once the daemon is gone."""
+    import asyncio
+
+    from mldash.store import make_store
+
+    entry = enqueue_bytes(settings, b"committed", filename="done.bin")
+    holder = daemon_process(settings, "run")
+    wait_for(lambda: [d["id"] for d in catalog_docs(settings)] == [str(entry.id)])
+
+    async def leave_an_upload() -> str:
+        async with make_store(settings) as store:
+            return await store.create_multipart(store.key(entry.key()))
+    upload_id = asyncio.run(leave_an_upload())
+
+    dry = cli(settings, "gc", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would abort 1 orphaned multipart uploads" in dry.stdout and upload_id in dry.stdout, dry.stdout
+    assert "would remove 0 temp files" in dry.stdout and "a daemon holds this spool" in dry.stdout
+    assert [u["UploadId"] for u in pending_uploads(settings)] == [upload_id]
+    assert cli(settings, "gc").returncode == 3
+
+    assert holder.terminate() == 0
+    collected = cli(settings, "gc")
+    assert collected.returncode == 0 and "aborted 1 orphaned multipart uploads" in collected.stdout, collected.stdout
+    assert pending_uploads(settings) == []
+
+
+def test_gc_counts_an_upload_in_progress_as_live_while_a_daemon_runs(settings: Settings) -> None:
+    """A daemon uploading an entry may have started its multipart upload and not yet recorded the id: with a
+    daemon on the spool (only a dry run looks then), that upload is live, not an orphan."""
+    from mldash.spool.recovery import recover
+    from mldash.store.base import PendingUpload
+    from mldash_syncd.gc import is_orphan
+
+    entry = enqueue_bytes(settings, b"in flight", filename="big.bin")
+    layout = SpoolLayout(settings.spool)
+    index = SpoolIndex(layout)
+    try:
+        recover(index, layout, "test:1")
+        assert [row["id"] for row in index.claim("test:1", 60.0, 1)] == [entry.id]  # now uploading, no id yet
+        upload = PendingUpload(key=entry.key(), upload_id="started-a-moment-ago")
+        assert is_orphan(upload, index, daemon_running=True) is False
+        assert is_orphan(upload, index) is True  # with the spool to itself, gc knows nobody is uploading it
+    finally:
+        index.close()
+
+
 def test_a_killed_daemon_leaves_a_recent_sign_of_life_for_waiting_saves(settings: Settings, daemon_process) -> None:
     """A save over quota waits for a daemon only if one held the spool in the last DAEMON_RESTART_GRACE seconds
     (a service being restarted). The daemon marks the lock file with each heartbeat, so even after kill -9 the

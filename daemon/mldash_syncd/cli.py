@@ -319,19 +319,36 @@ def cmd_gc(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging("WARNING")
     layout = _existing_spool(settings)
-    with DaemonLock(layout):
+    lock = DaemonLock(layout)
+    daemon_running = False
+    try:
+        lock.acquire()
+    except DaemonBusyError:
+        if not args.dry_run:
+            raise
+        daemon_running = True  # a dry run only looks: it may, with the daemon's uploads in progress counted as live
+    try:
         index = SpoolIndex(layout, power_safe=settings.power_safe)
         try:
             async def run() -> Any:
                 async with make_store(settings) as store:
-                    return await collect(store, index, layout, dry_run=args.dry_run)
+                    return await collect(store, index, layout, dry_run=args.dry_run, daemon_running=daemon_running)
             report = asyncio.run(run())
         finally:
             index.close()
-    verb = "would abort" if args.dry_run else "aborted"
-    print(f"gc: {verb} {len(report.aborted)} orphaned multipart uploads ({report.kept} live kept); removed "
+    finally:
+        if not daemon_running:
+            lock.release()
+    abort, remove, compact = (("would abort", "would remove", "would compact") if args.dry_run
+                              else ("aborted", "removed", "compacted"))
+    print(f"gc: {abort} {len(report.aborted)} orphaned multipart uploads ({report.kept} live kept); {remove} "
           f"{len(report.debris.removed_tmp)} temp files, {len(report.debris.removed_orphan_blobs)} orphan blobs; "
-          f"compacted {report.compacted} evicted rows")
+          f"{compact} {report.compacted} evicted rows")
+    if args.dry_run:
+        for upload in report.aborted:
+            print(f"  {upload.key}  (upload {upload.upload_id})")
+        if daemon_running:
+            print("  (a daemon holds this spool: run `mldash-syncd gc` after stopping it; it collects at start too)")
     return EXIT_OK
 
 

@@ -45,9 +45,11 @@ def record_evicted(index: SpoolIndex, ids: list[int], *, now: float) -> None:
     index.transition_many(ids, State.EVICTED, evicted_at=now)
 
 
-def compact(index: SpoolIndex, *, now: float | None = None, retention: float = EVICTED_ROW_RETENTION) -> int:
-    """Drop index rows of entries evicted longer ago than `retention`."""
+def compact(index: SpoolIndex, *, now: float | None = None, retention: float = EVICTED_ROW_RETENTION,
+            dry_run: bool = False) -> int:
+    """Drop index rows of entries evicted longer ago than `retention` (`dry_run`: only count them)."""
     now = time.time() if now is None else now
     old = [row["id"] for row in index.rows(states=[State.EVICTED]) if (row["evicted_at"] or 0) + retention < now]
-    index.delete(old)
+    if not dry_run:
+        index.delete(old)
     return len(old)

@@ -31,35 +31,44 @@ class GcReport:
     compacted: int = 0
 
 
-def is_orphan(upload: PendingUpload, index: SpoolIndex) -> bool:
+def is_orphan(upload: PendingUpload, index: SpoolIndex, *, daemon_running: bool = False) -> bool:
+    """`daemon_running`: a daemon holds the spool (only `gc --dry-run` looks then). An entry it is uploading may
+    have started a multipart upload whose id it has not recorded yet: such uploads count as live."""
     file_id = file_id_from_key(upload.key)
     if file_id is None:
         return False
     row = index.get(file_id)
     if row is None:
         return False  # not an entry of this spool
+    if daemon_running and row["state"] == State.UPLOADING.value:
+        return False
     return not (row["state"] in _RESUMABLE and row["upload_id"] == upload.upload_id)
 
 
-async def abort_orphan_uploads(store: Store, index: SpoolIndex, *, dry_run: bool = False) -> tuple[list, int]:
+async def abort_orphan_uploads(store: Store, index: SpoolIndex, *, dry_run: bool = False,
+                               daemon_running: bool = False) -> tuple[list, int]:
     aborted, kept = [], 0
     for upload in await store.list_multipart_uploads(store.key("files/")):
-        if not is_orphan(upload, index):
+        if not is_orphan(upload, index, daemon_running=daemon_running):
             kept += 1
             continue
         if not dry_run:
             await store.abort_multipart(upload.key, upload.upload_id)
-        log.info("gc: aborted orphaned multipart upload %s of %s", upload.upload_id, upload.key)
+            log.info("gc: aborted orphaned multipart upload %s of %s", upload.upload_id, upload.key)
         aborted.append(upload)
     return aborted, kept
 
 
-async def collect(store: Store, index: SpoolIndex, layout: SpoolLayout, *, dry_run: bool = False) -> GcReport:
+async def collect(store: Store, index: SpoolIndex, layout: SpoolLayout, *, dry_run: bool = False,
+                  daemon_running: bool = False) -> GcReport:
+    """`dry_run`: change nothing, report what would be removed, compacted and aborted. `daemon_running`: see
+    `is_orphan` (a real collection needs the daemon lock, so only a dry run sees a running daemon)."""
     from mldash_syncd.evict import compact
 
     report = GcReport()
-    if not dry_run:
-        clean_debris(layout, report.debris, keep=pending_ids(index))  # a quarantined entry keeps its bytes
-        report.compacted = compact(index)
-    report.aborted, report.kept = await abort_orphan_uploads(store, index, dry_run=dry_run)
+    # A quarantined entry keeps its bytes (pending_ids); a running daemon's writers are judged by their locks.
+    clean_debris(layout, report.debris, keep=pending_ids(index), dry_run=dry_run)
+    report.compacted = compact(index, dry_run=dry_run)
+    report.aborted, report.kept = await abort_orphan_uploads(store, index, dry_run=dry_run,
+                                                             daemon_running=daemon_running)
     return report

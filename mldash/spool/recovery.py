@@ -163,7 +163,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_if_debris(entry: os.DirEntry, now: float, report: RecoveryReport) -> None:
+def _remove_if_debris(entry: os.DirEntry, now: float, report: RecoveryReport, dry_run: bool = False) -> None:
     """A temp file is debris when its writer is gone: asked of the writer's lock (tmp_owner), and only where
     the lock cannot answer, of the pid in its name (meaningful in this PID namespace only) or its age."""
     writer, held = writer_of(entry.path) if entry.is_file(follow_symlinks=False) else (Writer.UNKNOWN, None)
@@ -173,7 +173,8 @@ def _remove_if_debris(entry: os.DirEntry, now: float, report: RecoveryReport) ->
         pid = SpoolLayout.tmp_owner_pid(entry.name)
         # GONE: no writer of ours holds it; the pid still protects a writer of a version without the lock.
         if pid is None or not _pid_alive(pid) or now - entry.stat(follow_symlinks=False).st_ctime > STALE_TMP_AGE:
-            os.unlink(entry.path)  # under our lock: a writer that raced its creation sees it unlinked
+            if not dry_run:
+                os.unlink(entry.path)  # under our lock: a writer that raced its creation sees it unlinked
             report.removed_tmp.append(entry.name)
     finally:
         if held is not None:
@@ -181,17 +182,19 @@ def _remove_if_debris(entry: os.DirEntry, now: float, report: RecoveryReport) ->
 
 
 def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None = None,
-                 orphan_grace: float = ORPHAN_BLOB_GRACE, keep: set[int] | frozenset[int] = frozenset()) -> None:
+                 orphan_grace: float = ORPHAN_BLOB_GRACE, keep: set[int] | frozenset[int] = frozenset(),
+                 dry_run: bool = False) -> None:
     """Remove temp files of dead writers and blobs whose manifest never landed.
 
     `keep`: ids the index still holds as pending. Their blob is kept even when the manifest is gone,
     so the quarantined entry still has its bytes for the person who looks at it.
+    `dry_run`: only report what would be removed.
     """
     now = time.time() if now is None else now
     with os.scandir(layout.tmp_dir) as entries:
         for entry in entries:
             with contextlib.suppress(FileNotFoundError):
-                _remove_if_debris(entry, now, report)
+                _remove_if_debris(entry, now, report, dry_run)
     manifests = manifest_ids(layout)
     with os.scandir(layout.blobs_dir) as entries:
         for entry in entries:
@@ -200,7 +203,8 @@ def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None 
                 continue  # not a name we wrote (left alone), or an entry that still needs its bytes
             with contextlib.suppress(FileNotFoundError):
                 if now - entry.stat(follow_symlinks=False).st_ctime > orphan_grace:
-                    os.unlink(entry.path)
+                    if not dry_run:
+                        os.unlink(entry.path)
                     report.removed_orphan_blobs.append(file_id)
 
 
