@@ -177,16 +177,21 @@ def drain_large(ctx: Context, args: argparse.Namespace) -> None:
 
 
 # ---- drain-small: the daemon's per-file overhead ------------------------------------------------------------
+def _moto_bucket_and_bodies(ctx: Context, bucket: str, count: int,
+                            size: int) -> tuple[Any, psutil.Process, psutil.Process, list[bytes]]:
+    """moto with `bucket` created, this process and moto's (for their CPU times), and `count` random bodies."""
+    moto = ctx.moto()
+    moto.create_bucket(bucket)
+    return moto, psutil.Process(), psutil.Process(moto.process.pid), [os.urandom(size) for _ in range(count)]
+
+
 def drain_small(ctx: Context, args: argparse.Namespace) -> None:
     from benchmarks.daemon_timing import drain_timed
     from benchmarks.drain_small import FILE_SIZE, put_all, spool_small_files
 
     count = args.files
-    moto = ctx.moto()
     bucket = "diag"
-    moto.create_bucket(bucket)
-    me, moto_process = psutil.Process(), psutil.Process(moto.process.pid)
-    bodies = [os.urandom(FILE_SIZE) for _ in range(count)]
+    moto, me, moto_process, bodies = _moto_bucket_and_bodies(ctx, bucket, count, FILE_SIZE)
 
     def cpu_per_file(before: tuple[float, float]) -> dict[str, float]:
         return {"client_cpu_ms_per_file": (_cpu(me) - before[0]) * 1000 / count,
@@ -238,11 +243,8 @@ def put_paths(ctx: Context, args: argparse.Namespace) -> None:
     from mldash.store import S3Store, b64_sha256
 
     count = args.files
-    moto = ctx.moto()
     bucket = "putpaths"
-    moto.create_bucket(bucket)
-    me, moto_process = psutil.Process(), psutil.Process(moto.process.pid)
-    bodies = [os.urandom(FILE_SIZE) for _ in range(count)]
+    moto, me, moto_process, bodies = _moto_bucket_and_bodies(ctx, bucket, count, FILE_SIZE)
     checksums = [b64_sha256(body) for body in bodies]
 
     async def store_puts(direct: bool) -> None:

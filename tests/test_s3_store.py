@@ -419,25 +419,6 @@ def test_error_answers_become_the_client_error_botocore_raises() -> None:
     assert isinstance(classify_error(client_error(409, {}, wrapped), operation="put", key="k"), ObjectExistsError)
 
 
-@pytest.mark.parametrize(("answer", "code"), [
-    (Answer(200, s3_error(200, "InternalError").body, {"ETag": '"e"'}), "InternalError"),
-    (Answer(200, b"<Err", {"ETag": '"e"'}), "500"),
-    (Answer(200, b""), "IncompleteResponse"),
-])
-async def test_direct_put_takes_no_error_for_a_success(aws_env: str, answer: Answer, code: str) -> None:
-    """A 200 whose body is an error document (S3 reports some errors after sending 200) or is cut off, and a 200
-    without an ETag, are no success: transient, as through botocore."""
-    async with FakeS3(lambda r: answer) as server:
-        store = await open_store(server.url, timeout=5.0)
-        try:
-            with pytest.raises(TransientStoreError) as caught:
-                await store.put(KEY, b"x", b64_sha256(b"x"))
-        finally:
-            await store.close()
-    assert caught.value.code == code
-    assert all("(direct put)" in r.headers["user-agent"] for r in server.requests)
-
-
 async def test_direct_put_signs_the_payload_hash_it_is_given(aws_env: str) -> None:
     """The SHA256 the daemon computed while reading the spooled bytes is the signed payload hash, not a second
     hash of the body (S3 compares it with the bytes it receives)."""
@@ -487,6 +468,11 @@ async def test_direct_put_is_not_used_when_botocore_sends_more(aws_env: str) -> 
     (s3_error(403, "SignatureDoesNotMatch"), PermanentStoreError, "SignatureDoesNotMatch"),
     (s3_error(400, "InvalidDigest"), PermanentStoreError, "InvalidDigest"),
     (s3_error(400, "SomethingNew"), PermanentStoreError, "SomethingNew"),
+    # No success either, as through botocore: a 200 whose body is an error document (S3 reports some errors after
+    # sending 200) or is cut off, and a 200 without an ETag.
+    (Answer(200, s3_error(200, "InternalError").body, {"ETag": '"e"'}), TransientStoreError, "InternalError"),
+    (Answer(200, b"<Err", {"ETag": '"e"'}), TransientStoreError, "500"),
+    (Answer(200, b""), TransientStoreError, "IncompleteResponse"),
 ])
 async def test_put_error_classification(aws_env: str, answer: Answer, expected: type[StoreError],
                                         code: str) -> None:
