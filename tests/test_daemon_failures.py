@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
+from mldash.catalog.sqlite import SqliteCatalog
 from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
 from tests.backend_helpers import catalog_docs, read_object
@@ -127,6 +128,94 @@ def test_a_catalog_that_cannot_be_opened_stops_the_daemon_without_losing_uploads
         assert row["state"] in (State.QUEUED, State.UPLOADED) and row["attempts"] == 0, row
     assert drain(settings.replace(store=bad.store)).committed == 3
     assert sorted(d["id"] for d in catalog_docs(settings)) == sorted(str(e.id) for e in entries)
+
+
+class SlowOpeningCatalog(SqliteCatalog):
+    """The real SQLite catalog, whose opening first takes `delay` seconds (as MongoDB's does while the server is
+    down, up to OPEN_TIMEOUT). Only the wait is added: writes and reads are the catalog's own."""
+
+    def __init__(self, settings: Settings, delay: float) -> None:
+        super().__init__(settings.catalog.removeprefix("sqlite://"), request_timeout=settings.request_timeout)
+        self.delay = delay
+
+    async def open(self) -> None:
+        await asyncio.sleep(self.delay)
+        await super().open()
+
+
+def test_entries_waiting_for_the_catalog_to_open_do_not_spin_the_loop(settings: Settings,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries left `uploaded` by a run that ended during a catalog outage, and a restart whose catalog takes 2 s
+    to open: the loop waits for the opening (its end wakes the loop) instead of asking the index every 10 ms."""
+    from mldash_syncd.service import Daemon
+
+    live = fast(settings)
+    entries = [enqueue_bytes(live, os.urandom(500), filename=f"f{i}") for i in range(3)]
+    asyncio.run(Daemon(live, catalog=SlowOpeningCatalog(live, 60.0)).run(until_drained=True, max_wait=1.5))
+    assert {row["state"] for row in rows(live).values()} == {State.UPLOADED}
+
+    passes = 0
+    next_due = SpoolIndex.next_due
+
+    def counted(self: SpoolIndex, *args: object, **kwargs: object) -> object:
+        nonlocal passes
+        passes += 1
+        return next_due(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpoolIndex, "next_due", counted)
+    report = asyncio.run(Daemon(live, catalog=SlowOpeningCatalog(live, 2.0)).run(until_drained=True, max_wait=30))
+    assert report.committed == 3
+    assert passes < 20, f"{passes} loop passes while the catalog opened for 2 s: the loop polled"
+    assert sorted(d["id"] for d in catalog_docs(live)) == sorted(str(e.id) for e in entries)
+
+
+def test_cancelling_run_does_not_wait_for_the_catalog_to_open(settings: Settings) -> None:
+    """An embedding program cancels `Daemon.run()` while the catalog is still opening: run ends promptly (the
+    opening is cancelled), the entry stays in the spool unharmed, and the lock is released for the next run."""
+    from mldash_syncd.service import Daemon
+
+    live = fast(settings)
+    entry = enqueue_bytes(live, os.urandom(500), filename="f0")
+
+    async def cancel_after(seconds: float) -> float:
+        task = asyncio.create_task(Daemon(live, catalog=SlowOpeningCatalog(live, 30.0)).run())
+        await asyncio.sleep(seconds)
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - cancelled_at
+
+    took = asyncio.run(cancel_after(1.0))
+    assert took < 5, f"run() took {took:.1f} s to end after it was cancelled"
+    assert rows(live)[entry.id]["attempts"] == 0
+    report = asyncio.run(Daemon(live).run(until_drained=True, max_wait=30))
+    assert report.committed == 1
+
+
+def test_a_sqlite_catalog_whose_opening_is_cancelled_closes_its_connection(settings: Settings, tmp_path) -> None:
+    """The catalog file is locked by another writer, so opening waits; the run's max wait cancels it. When the
+    other writer lets go, the abandoned opening completes in its thread — and its connection must be closed,
+    not left to a catalog object the daemon has already closed."""
+    import sqlite3
+
+    from mldash_syncd.service import Daemon
+
+    live = fast(settings).replace(request_timeout=3.0)
+    enqueue_bytes(live, os.urandom(500), filename="f0")
+    path = tmp_path / "locked-catalog.sqlite"
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    catalog = SqliteCatalog(path, request_timeout=3.0)
+    try:
+        report = asyncio.run(Daemon(live, catalog=catalog).run(until_drained=True, max_wait=0.5))
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert report.remaining == {"uploaded": 1}
+    for worker in [t for t in threading.enumerate() if t.name.startswith("mldash-catalog-sqlite")]:
+        worker.join(timeout=10)  # the abandoned opening, then the close queued behind it
+    assert catalog._conn is None, "the abandoned opening left its connection open"
 
 
 class Blackhole:

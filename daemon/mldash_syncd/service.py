@@ -182,6 +182,7 @@ class Daemon:
                     # for it (_catalog_ready); an error that opening cannot get past stops the daemon.
                     self._catalog_open = asyncio.create_task(self.catalog.open(), name="catalog-open")
                     self._catalog_open.add_done_callback(lambda _: self._wake.set())
+                    ended = False  # the loop returned (not an error, not a cancellation of run())
                     try:
                         self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
                                                  ByteBudget(self.settings.max_concurrent_parts
@@ -194,11 +195,12 @@ class Daemon:
                         watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
                         try:
                             await self._loop(until_drained, deadline)
+                            ended = True
                         finally:
                             watchdog.cancel()
                             await self._finish_startup_gc(deadline)
                     finally:
-                        await self._close_catalog(deadline)
+                        await self._close_catalog(deadline, ended=ended)
                     if not self._catalog_open.cancelled() and (error := self._catalog_open.exception()) is not None:
                         raise error
             finally:
@@ -315,7 +317,9 @@ class Daemon:
         startable = []
         if len(self._uploads) < self.settings.max_concurrent_files:
             startable.append(State.QUEUED)
-        if len(self._commit_batches) < MAX_COMMIT_BATCHES:
+        # Uploaded entries wait for the catalog's opening (its end wakes the loop), not for a poll.
+        catalog_open = self._catalog_open is not None and self._catalog_open.done()
+        if len(self._commit_batches) < MAX_COMMIT_BATCHES and catalog_open:
             wait = self._commit_wait(time.monotonic())
             if wait <= 0:
                 startable.append(State.UPLOADED)
@@ -429,13 +433,16 @@ class Daemon:
             return False
         return True
 
-    async def _close_catalog(self, deadline: float | None) -> None:
+    async def _close_catalog(self, deadline: float | None, *, ended: bool) -> None:
+        """Close the catalog, first settling an opening still pending (see _run). `ended`: the loop returned; only
+        then, and unless stopped, the opening may finish within the max wait — a run with nothing to commit still
+        reports a catalog it cannot use. An error in the loop, or the caller cancelling run(), cancels it."""
         task = self._catalog_open
-        if task is not None and not task.done() and not self._stop.is_set():
-            # A run that ended before the catalog was open (nothing to commit): let the opening finish, within the
-            # max wait, so a catalog that cannot be used is reported now, as before a run with work.
+        if task is not None and not task.done() and ended and not self._stop.is_set():
             await asyncio.wait([task], timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if task is not None and not task.done():  # still opening: stopped, or at the max wait (MongoDB down)
+            if not task.done():
+                log.warning("the catalog %s did not open within the max wait", self.catalog.url)
+        if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])
         await self.catalog.close()

@@ -163,6 +163,9 @@ class SqliteCatalog(Catalog):
         try:
             await self._run("open", self._open_sync)
         except BaseException:
+            # Cancelled (a daemon stopping while the catalog opens) or failed: the worker may still finish opening
+            # the connection; the close queued behind it closes what it opened.
+            self._executor.submit(self._close_sync)
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
