@@ -317,7 +317,7 @@ def test_gc_dry_run_looks_while_a_daemon_runs(settings: Settings, daemon_process
     dry = cli(settings, "gc", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "would abort 1 orphaned multipart uploads" in dry.stdout and upload_id in dry.stdout, dry.stdout
-    assert "would remove 0 temp files" in dry.stdout and "a daemon holds this spool" in dry.stdout
+    assert "would remove 0 temp files" in dry.stdout and "another process holds this spool" in dry.stdout
     assert [u["UploadId"] for u in pending_uploads(settings)] == [upload_id]
     assert cli(settings, "gc").returncode == 3
 
@@ -325,6 +325,54 @@ def test_gc_dry_run_looks_while_a_daemon_runs(settings: Settings, daemon_process
     collected = cli(settings, "gc")
     assert collected.returncode == 0 and "aborted 1 orphaned multipart uploads" in collected.stdout, collected.stdout
     assert pending_uploads(settings) == []
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["free", "held"])
+def test_gc_dry_run_writes_nothing_into_the_spool(settings: Settings, held: bool) -> None:
+    """A dry run on a spool no daemon has indexed yet — free, or held by a process that is starting (lock taken,
+    index not created yet): it reports the debris it would remove and creates, changes or removes no file of the
+    spool (before, it opened the index for writing: index.sqlite and its schema appeared under the holder)."""
+    enqueue_bytes(settings, b"x" * 100, filename="a.bin")
+    layout = SpoolLayout(settings.spool)
+    debris = layout.tmp_dir / "a-dead-writer.999999.tmp"
+    debris.write_bytes(b"debris")
+    os.utime(debris, (0, 0))
+
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(layout.root)): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in layout.root.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    assert not layout.index_path.exists()
+    holder = None
+    if held:
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from mldash.spool.layout import SpoolLayout\n"
+            "from mldash.spool.lock import DaemonLock\n"
+            "with DaemonLock(SpoolLayout(Path(sys.argv[1]))):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n"), str(layout.root)], stdout=subprocess.PIPE, text=True,
+            env=settings_env(settings))
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = snapshot()  # the holder's lock file
+    try:
+        dry = cli(settings, "gc", "--dry-run")
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+    assert dry.returncode == 0, dry.stderr
+    assert snapshot() == before, "the dry run wrote into the spool"
+    assert "would remove 1 temp files" in dry.stdout and "no index yet" in dry.stdout, dry.stdout
+    assert ("another process holds this spool" in dry.stdout) is held
+
+    if not held:
+        collected = cli(settings, "gc")
+        assert collected.returncode == 0 and "removed 1 temp files" in collected.stdout, collected.stdout
+        assert not debris.exists()
 
 
 def test_gc_counts_an_upload_in_progress_as_live_while_a_daemon_runs(settings: Settings) -> None:

@@ -313,43 +313,54 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from mldash.store import make_store
-    from mldash_syncd.gc import collect
-
     settings = _settings(args)
     setup_logging("WARNING")
     layout = _existing_spool(settings)
-    lock = DaemonLock(layout)
-    daemon_running = False
-    try:
-        lock.acquire()
-    except DaemonBusyError:
-        if not args.dry_run:
-            raise
-        daemon_running = True  # a dry run only looks: it may, with the daemon's uploads in progress counted as live
-    try:
+    if args.dry_run:
+        return _gc_dry_run(settings, layout)
+    with DaemonLock(layout):  # never collect under a running daemon: it alone knows its uploads in progress
         index = SpoolIndex(layout, power_safe=settings.power_safe)
         try:
-            async def run() -> Any:
-                async with make_store(settings) as store:
-                    return await collect(store, index, layout, dry_run=args.dry_run, daemon_running=daemon_running)
-            report = asyncio.run(run())
+            report = _collect(settings, index, layout, dry_run=False, daemon_running=False)
         finally:
             index.close()
-    finally:
-        if not daemon_running:
-            lock.release()
-    abort, remove, compact = (("would abort", "would remove", "would compact") if args.dry_run
-                              else ("aborted", "removed", "compacted"))
-    print(f"gc: {abort} {len(report.aborted)} orphaned multipart uploads ({report.kept} live kept); {remove} "
+    print(f"gc: aborted {len(report.aborted)} orphaned multipart uploads ({report.kept} live kept); removed "
           f"{len(report.debris.removed_tmp)} temp files, {len(report.debris.removed_orphan_blobs)} orphan blobs; "
-          f"{compact} {report.compacted} evicted rows")
-    if args.dry_run:
-        for upload in report.aborted:
-            print(f"  {upload.key}  (upload {upload.upload_id})")
-        if daemon_running:
-            print("  (a daemon holds this spool: run `mldash-syncd gc` after stopping it; it collects at start too)")
+          f"compacted {report.compacted} evicted rows")
     return EXIT_OK
+
+
+def _gc_dry_run(settings: Settings, layout: SpoolLayout) -> int:
+    """Only looks: takes no lock and opens the index read-only, so it may run beside a daemon (whose uploads in
+    progress then count as live) or beside a `reindex`, and never creates or changes a file in the spool."""
+    daemon_running = is_held(layout)
+    index = SpoolIndex.open_readonly(layout)
+    try:
+        report = _collect(settings, index, layout, dry_run=True, daemon_running=daemon_running)
+    finally:
+        if index is not None:
+            index.close()
+    print(f"gc: would abort {len(report.aborted)} orphaned multipart uploads ({report.kept} live kept); would "
+          f"remove {len(report.debris.removed_tmp)} temp files, {len(report.debris.removed_orphan_blobs)} orphan "
+          f"blobs; would compact {report.compacted} evicted rows")
+    for upload in report.aborted:
+        print(f"  {upload.key}  (upload {upload.upload_id})")
+    if index is None:
+        print("  (no index yet: no daemon has run on this spool, so no upload in the store is known to be ours)")
+    if daemon_running:
+        print("  (another process holds this spool — a daemon, or a reindex: its work in progress counts as live; "
+              "the daemon runs gc at start-up, or stop it and run `mldash-syncd gc`)")
+    return EXIT_OK
+
+
+def _collect(settings: Settings, index: SpoolIndex | None, layout: SpoolLayout, **how: bool) -> Any:
+    from mldash.store import make_store
+    from mldash_syncd.gc import collect
+
+    async def run() -> Any:
+        async with make_store(settings) as store:
+            return await collect(store, index, layout, **how)
+    return asyncio.run(run())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,8 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Abort multipart uploads that belong to entries of this spool but that no "
                                     "entry will finish; remove temp files of dead writers and orphan blobs; "
                                     "compact old evicted rows. Refuses to run while a daemon holds the spool "
-                                    "(the daemon runs gc itself at start-up).")
-    gc.add_argument("--dry-run", action="store_true", help="only report what would be aborted")
+                                    "(the daemon runs gc itself at start-up); --dry-run may.")
+    gc.add_argument("--dry-run", action="store_true",
+                    help="only report what would be aborted, removed and compacted; changes nothing and takes no "
+                         "lock, so it also runs beside a daemon")
     gc.set_defaults(func=cmd_gc)
     return parser
 

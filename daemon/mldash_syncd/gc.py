@@ -59,15 +59,19 @@ async def abort_orphan_uploads(store: Store, index: SpoolIndex, *, dry_run: bool
     return aborted, kept
 
 
-async def collect(store: Store, index: SpoolIndex, layout: SpoolLayout, *, dry_run: bool = False,
+async def collect(store: Store, index: SpoolIndex | None, layout: SpoolLayout, *, dry_run: bool = False,
                   daemon_running: bool = False) -> GcReport:
     """`dry_run`: change nothing, report what would be removed, compacted and aborted. `daemon_running`: see
-    `is_orphan` (a real collection needs the daemon lock, so only a dry run sees a running daemon)."""
+    `is_orphan` (a real collection needs the daemon lock, so only a dry run sees a running daemon). `index` None
+    (a dry run on a spool no daemon has indexed yet): no entry is known, so no upload is ours to abort."""
     from mldash_syncd.evict import compact
 
     report = GcReport()
     # A quarantined entry keeps its bytes (pending_ids); a running daemon's writers are judged by their locks.
-    clean_debris(layout, report.debris, keep=pending_ids(index), dry_run=dry_run)
+    clean_debris(layout, report.debris, keep=pending_ids(index) if index is not None else frozenset(),
+                 dry_run=dry_run)
+    if index is None:
+        return report
     report.compacted = compact(index, dry_run=dry_run)
     report.aborted, report.kept = await abort_orphan_uploads(store, index, dry_run=dry_run,
                                                              daemon_running=daemon_running)
