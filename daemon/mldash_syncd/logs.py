@@ -23,7 +23,9 @@ _SECRETS = [
     (re.compile(r"(X-Amz-Security-Token[\"']?\s*:\s*b?[\"']?)[^\"'\s,}]+", re.I), r"\1<redacted>"),
     (re.compile(r"(aws_secret_access_key|aws_session_token|secret[_-]?key|password)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+",
                 re.I), r"\1\2<redacted>"),
-    (re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)[^@\s]+@"), r"\1<redacted>@"),
+    # user:password@ in any URL (a MongoDB URI, a proxy, an endpoint): the password runs to the last "@" before the
+    # host, as in mldash.redact, whose "***" it also uses, so one URI reads the same in errors and in the log.
+    (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?!\*\*\*@)[^/?#\s]*@"), r"\1***@"),
 ]
 
 

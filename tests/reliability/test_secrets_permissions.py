@@ -137,3 +137,25 @@ def test_no_secrets_in_logs_or_spool_and_private_modes(s3_via_proxy: tuple[Setti
     assert_no_secrets({**outputs, **spool_texts(Path(settings.spool))})
     checked = assert_private_modes(Path(settings.spool))
     assert {"daemon.log", "index.sqlite", "daemon.lock"} <= {Path(p).name for p in checked}, checked
+
+
+def test_the_log_filter_hides_every_url_password_the_way_errors_do() -> None:
+    """The daemon's log filter is the last line of defence for a URI that reaches a log line unredacted. It hides
+    the whole password (also one holding an unescaped "@"), in any scheme, as `***` — the form mldash.redact gives the
+    same URI in errors and `status` — and leaves URLs without a password, and the host, as they are."""
+    from mldash.redact import redact_uri
+    from mldash_syncd.logs import redact
+
+    encoded = urllib.parse.quote_plus(MONGO_PASSWORD)
+    uris = {
+        f"mongodb://mldash:{encoded}@db.example:27017/mldash?authSource=admin": encoded,
+        "mongodb://mldash:un@escaped@db.example/mldash": "un@escaped",
+        "http://me:hunter2@proxy.example:3128": "hunter2",
+    }
+    for uri, password in uris.items():
+        logged = redact(f"commit failed: cannot reach {uri} (timeout)")
+        assert password not in logged and password.split("@")[-1] not in logged and "%40" not in logged, logged
+        assert logged == f"commit failed: cannot reach {redact_uri(uri)} (timeout)", logged
+    for harmless in ("https://s3.example/bucket/key?x=a@b", "mongodb://reader@db.example/mldash",
+                     "http://[::1]:9000/bucket", "mongodb://u:***@db.example/mldash"):
+        assert redact(harmless) == harmless
