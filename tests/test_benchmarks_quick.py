@@ -107,3 +107,41 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
     assert set(data["plots"]) == {"stall_vs_size.png", "drain_throughput.png", "latency_distributions.png",
                                   "daemon_rss.png"}
     assert not list((tmp_path / "work").glob("*/spool*")), "scratch data left behind"
+
+
+class _ProgramInsteadOfDaemon:
+    """Stands in for the benchmark's Context in `daemon_rss.drain_and_sample`: runs this program as the daemon."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def daemon_command(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", self.code]
+
+
+_SHARED_BUFFERS = """
+import mmap, time
+m = mmap.mmap(-1, 64 << 20)  # Python's default for anonymous memory: MAP_SHARED, counted as RssShmem
+for i in range(0, 64 << 20, 4096):
+    m[i] = 1
+time.sleep(0.5)
+"""
+
+_TRANSIENT_PEAK = """
+import time
+time.sleep(0.3)
+b = b"\\1" * (16 << 20)  # 16 MiB, gone again within a few ms: only the kernel's high-water mark keeps it
+del b
+time.sleep(0.3)
+"""
+
+
+@pytest.mark.parametrize(("program", "held_mib"), [(_SHARED_BUFFERS, 64), (_TRANSIENT_PEAK, 16)],
+                         ids=["shared-anonymous-buffers", "peak-between-samples"])
+def test_daemon_rss_judges_all_the_memory_a_daemon_holds(settings, program: str, held_mib: int) -> None:
+    """The judged figure must see buffers mapped without MAP_PRIVATE (RssShmem, not RssAnon) and a peak that
+    falls between two 20 ms samples: judging RssAnon alone, as one version did, saw 4.7 MiB of the 64."""
+    from benchmarks.daemon_rss import drain_and_sample, judged_peak
+
+    sample = drain_and_sample(_ProgramInsteadOfDaemon(program), settings)
+    assert judged_peak(sample) >= held_mib, f"judged {judged_peak(sample):.1f} MiB of {held_mib} MiB held"

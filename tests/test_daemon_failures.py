@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -19,6 +20,7 @@ from mldash.spool import SpoolIndex, SpoolLayout, State
 from tests.backend_helpers import catalog_docs, read_object
 from tests.faults.wrapped import Wrapped
 from tests.fixtures.daemon import enqueue_bytes
+from tests.test_daemon_process import cli
 
 MIB = 2**20
 
@@ -215,7 +217,90 @@ def test_a_sqlite_catalog_whose_opening_is_cancelled_closes_its_connection(setti
     assert report.remaining == {"uploaded": 1}
     for worker in [t for t in threading.enumerate() if t.name.startswith("mldash-catalog-sqlite")]:
         worker.join(timeout=10)  # the abandoned opening, then the close queued behind it
-    assert catalog._conn is None, "the abandoned opening left its connection open"
+    held = [fd for fd in os.listdir("/proc/self/fd")
+            if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(path))]
+    assert catalog._conn is None and not held, "the abandoned opening left its connection open"
+
+
+def test_stop_request_ends_the_wait_for_a_catalog_still_opening(settings: Settings) -> None:
+    """`run --once` on a spool with nothing to commit ends its loop at once, then waits for the catalog's opening
+    (so that a catalog it cannot use is reported). A SIGTERM (request_stop) during that wait must end it: it is
+    ignored until the opening ends (MongoDB: OPEN_TIMEOUT; a locked SQLite file: 0.8 × request_timeout)."""
+    from mldash_syncd.service import Daemon
+
+    live = fast(settings)
+    SpoolLayout(live.spool).ensure()
+
+    async def stop_after(seconds: float) -> float:
+        daemon = Daemon(live, catalog=SlowOpeningCatalog(live, 30.0))
+        task = asyncio.create_task(daemon.run(until_drained=True))
+        await asyncio.sleep(seconds)
+        stopped_at = time.monotonic()
+        daemon.request_stop()  # what the CLI's SIGTERM handler calls
+        await asyncio.wait_for(task, timeout=60)
+        return time.monotonic() - stopped_at
+
+    took = asyncio.run(stop_after(0.5))
+    assert took < 5, f"run() took {took:.1f} s to end after a stop request"
+
+
+def test_run_once_max_wait_exits_promptly_when_the_sqlite_catalog_is_locked(settings: Settings,
+                                                                            tmp_path: Path) -> None:
+    """`run --once --max-wait 1` while another process holds the SQLite catalog file locked: run() ends at the
+    max wait (the opening is cancelled), but the abandoned opening's thread sits in SQLite's busy wait
+    (0.8 × request_timeout, uninterruptible) and the interpreter joins it at exit: the process outlives its
+    max wait by ~16 s here (request_timeout 20; 48 s with the default 60)."""
+    import sqlite3
+
+    live = settings.replace(request_timeout=20.0)
+    enqueue_bytes(live, os.urandom(500), filename="f0")
+    catalog_path = Path(live.catalog.removeprefix("sqlite://"))
+    blocker = sqlite3.connect(catalog_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        result = cli(live, "run", "--once", "--max-wait", "1", "--quiet")
+        took = time.monotonic() - started
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert result.returncode == 1, result.stderr  # work left: the entry waits in `uploaded`
+    assert took < 8, f"run --once --max-wait 1 took {took:.1f} s to exit"
+
+
+def test_a_sqlite_catalog_reopened_after_a_cancelled_opening_keeps_its_connection(tmp_path: Path) -> None:
+    """open() resets the catalog after a failed or cancelled opening, so opening it again is allowed. The
+    abandoned opening finishes later on its old thread: it stores its connection in `_conn` and the close queued
+    behind it closes `_conn` — by then the *new* opening's connection, which leaks, and the catalog is unusable."""
+    release = threading.Event()
+    first = threading.Event()
+
+    class Held(SqliteCatalog):
+        def _open_sync(self, *args: object) -> object:
+            if not first.is_set():
+                first.set()
+                release.wait(10)  # the first opening is slow (e.g. the file is locked)
+            return super()._open_sync(*args)
+
+    catalog = Held(tmp_path / "catalog.sqlite", request_timeout=5.0)
+
+    async def main() -> None:
+        opening = asyncio.create_task(catalog.open())
+        await asyncio.sleep(0.2)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        await catalog.open()  # a retry on the same object
+        release.set()
+        for worker in [t for t in threading.enumerate() if t.name.startswith("mldash-catalog-sqlite")]:
+            if worker is not threading.current_thread():
+                await asyncio.to_thread(worker.join, 0.5)
+        try:
+            assert await catalog.get("nothing") is None, "the reopened catalog works"
+        finally:
+            await catalog.close()
+
+    asyncio.run(main())
 
 
 class Blackhole:

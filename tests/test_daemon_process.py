@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,12 @@ def row(settings: Settings, file_id: int) -> dict:
 def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mldash_syncd", *args], env=settings_env(settings),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def spool_files(layout: SpoolLayout) -> dict[str, tuple[int, int]]:
+    """Every file of the spool with its size and mtime: what a command that only looks must leave as it was."""
+    return {str(p.relative_to(layout.root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in layout.root.rglob("*") if p.is_file()}
 
 
 def test_kill9_mid_multipart_resumes_without_resending_stored_parts(s3_settings: Settings, daemon_process) -> None:
@@ -338,11 +345,7 @@ def test_gc_dry_run_writes_nothing_into_the_spool(settings: Settings, held: bool
     debris.write_bytes(b"debris")
     os.utime(debris, (0, 0))
 
-    def snapshot() -> dict[str, tuple[int, int]]:
-        return {str(p.relative_to(layout.root)): (p.stat().st_size, p.stat().st_mtime_ns)
-                for p in layout.root.rglob("*") if p.is_file()}
-
-    before = snapshot()
+    before = spool_files(layout)
     assert not layout.index_path.exists()
     holder = None
     if held:
@@ -356,7 +359,7 @@ def test_gc_dry_run_writes_nothing_into_the_spool(settings: Settings, held: bool
             "    time.sleep(60)\n"), str(layout.root)], stdout=subprocess.PIPE, text=True,
             env=settings_env(settings))
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        before = snapshot()  # the holder's lock file
+        before = spool_files(layout)  # the holder's lock file
     try:
         dry = cli(settings, "gc", "--dry-run")
     finally:
@@ -365,7 +368,7 @@ def test_gc_dry_run_writes_nothing_into_the_spool(settings: Settings, held: bool
             holder.wait()
             holder.stdout.close()
     assert dry.returncode == 0, dry.stderr
-    assert snapshot() == before, "the dry run wrote into the spool"
+    assert spool_files(layout) == before, "the dry run wrote into the spool"
     assert "would remove 1 temp files" in dry.stdout and "no index yet" in dry.stdout, dry.stdout
     assert ("another process holds this spool" in dry.stdout) is held
 
@@ -373,6 +376,43 @@ def test_gc_dry_run_writes_nothing_into_the_spool(settings: Settings, held: bool
         collected = cli(settings, "gc")
         assert collected.returncode == 0 and "removed 1 temp files" in collected.stdout, collected.stdout
         assert not debris.exists()
+
+
+def test_gc_dry_run_creates_no_sqlite_side_files_in_the_spool(settings: Settings, drain) -> None:
+    """The usual case for a gc: a daemon ran and stopped cleanly (SQLite removed index.sqlite-wal/-shm). The dry
+    run opens the index read-only — and SQLite creates index.sqlite-wal and index.sqlite-shm to read a WAL
+    database, and leaves them: the dry run does write into the spool (the test beside it covers only a spool
+    without an index)."""
+    enqueue_bytes(settings, b"x" * 100, filename="a.bin")
+    assert drain(settings, max_wait=30).committed == 1
+    layout = SpoolLayout(settings.spool)
+    assert layout.index_path.exists()
+    assert not Path(str(layout.index_path) + "-wal").exists()
+    before = spool_files(layout)
+
+    dry = cli(settings, "gc", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would abort 0 orphaned multipart uploads" in dry.stdout, dry.stdout
+    assert "no index yet" not in dry.stdout
+    assert spool_files(layout) == before, "the dry run wrote into the spool"
+
+
+def test_gc_dry_run_removes_nothing_from_the_local_store(settings: Settings, drain) -> None:
+    """`gc --dry-run changes nothing` (operations.md): but it opens the local store as the daemon does, and
+    LocalStore.open sweeps its debris (retired `.dead-*` uploads, temp files older than an hour)."""
+    enqueue_bytes(settings, b"x" * 100, filename="a.bin")
+    assert drain(settings, max_wait=30).committed == 1
+    store_root = Path(settings.store.removeprefix("file://"))
+    retired = store_root / ".uploads" / ".dead-0123456789abcdef"
+    retired.mkdir(parents=True)
+    (retired / "part-1").write_bytes(b"p")
+    old_tmp = store_root / ".tmp" / "old.tmp"
+    old_tmp.write_bytes(b"t")
+    os.utime(old_tmp, (0, 0))
+
+    dry = cli(settings, "gc", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert retired.exists() and old_tmp.exists(), "the dry run removed files from the store"
 
 
 def test_gc_counts_an_upload_in_progress_as_live_while_a_daemon_runs(settings: Settings) -> None:

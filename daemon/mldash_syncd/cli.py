@@ -334,7 +334,7 @@ def _gc_dry_run(settings: Settings, layout: SpoolLayout) -> int:
     """Only looks: takes no lock and opens the index read-only, so it may run beside a daemon (whose uploads in
     progress then count as live) or beside a `reindex`, and never creates or changes a file in the spool."""
     daemon_running = is_held(layout)
-    index = SpoolIndex.open_readonly(layout)
+    index = SpoolIndex.open_snapshot(layout)
     try:
         report = _collect(settings, index, layout, dry_run=True, daemon_running=daemon_running)
     finally:
@@ -355,10 +355,15 @@ def _gc_dry_run(settings: Settings, layout: SpoolLayout) -> int:
 
 def _collect(settings: Settings, index: SpoolIndex | None, layout: SpoolLayout, **how: bool) -> Any:
     from mldash.store import make_store
+    from mldash.store.local import LocalStore
     from mldash_syncd.gc import collect
 
     async def run() -> Any:
-        async with make_store(settings) as store:
+        store = make_store(settings)
+        if how.get("dry_run") and isinstance(store, LocalStore):
+            # Opening a local store sweeps its debris and creates its folders: a dry run only lists uploads.
+            store = LocalStore(store.root, read_only=True)
+        async with store:
             return await collect(store, index, layout, **how)
     return asyncio.run(run())
 

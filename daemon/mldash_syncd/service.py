@@ -439,8 +439,15 @@ class Daemon:
         reports a catalog it cannot use. An error in the loop, or the caller cancelling run(), cancels it."""
         task = self._catalog_open
         if task is not None and not task.done() and ended and not self._stop.is_set():
-            await asyncio.wait([task], timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if not task.done():
+            # A stop request (SIGTERM) during this wait ends it too: the loop no longer watches for one.
+            stopped = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            finally:
+                stopped.cancel()
+                await asyncio.gather(stopped, return_exceptions=True)
+            if not task.done() and not self._stop.is_set():
                 log.warning("the catalog %s did not open within the max wait", self.catalog.url)
         if task is not None and not task.done():
             task.cancel()

@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +44,7 @@ from mldash.spool.layout import make_private_dir, open_private
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+_OPEN_BUSY_STEP = 0.05  # seconds SQLite's busy handler waits at a time while the catalog opens
 _IDS_PER_SELECT = 500  # below SQLite's limit on bound parameters in one statement (999 in old builds)
 
 _COLUMNS = ("id", "namespace", "project", "experiment", "path", "filename", "sizeBytes", "checksum",
@@ -159,16 +162,23 @@ class SqliteCatalog(Catalog):
     async def open(self) -> None:
         if self._executor is not None:
             return
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mldash-catalog-sqlite")
+        executor = self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="mldash-catalog-sqlite")
+        abandoned = threading.Event()
+        opened: list[sqlite3.Connection] = []
         try:
-            await self._run("open", self._open_sync)
+            await self._run("open", lambda: opened.append(self._open_sync(abandoned)))
         except BaseException:
-            # Cancelled (a daemon stopping while the catalog opens) or failed: the worker may still finish opening
-            # the connection; the close queued behind it closes what it opened.
-            self._executor.submit(self._close_sync)
-            self._executor.shutdown(wait=False)
-            self._executor = None
+            # Cancelled (a daemon stopping while the catalog opens) or failed: the worker stops waiting for the
+            # file's lock within one busy step (else the interpreter's exit waits for that thread), and the job
+            # queued behind it closes what *this* opening opened — never `_conn`, which a later open() may own.
+            abandoned.set()
+            executor.submit(lambda: [conn.close() for conn in opened])
+            executor.shutdown(wait=False)
+            if self._executor is executor:
+                self._executor = None
             raise
+        self._conn = opened[0]
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
@@ -188,7 +198,9 @@ class SqliteCatalog(Catalog):
         finally:
             executor.shutdown(wait=False)
 
-    def _open_sync(self) -> None:
+    def _open_sync(self, abandoned: threading.Event | None = None) -> sqlite3.Connection:
+        """Open and prepare the connection. A lock held by another process is waited for in short steps, not in
+        SQLite's busy handler (which sqlite3_interrupt does not end), so that an abandoned opening stops."""
         make_private_dir(self.path.parent)
         if not self.path.exists():
             try:
@@ -198,29 +210,43 @@ class SqliteCatalog(Catalog):
             else:
                 os.close(fd)
         # WAL and SHM files inherit the database file's permission bits (SQLite's unix VFS).
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_seconds())
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=_OPEN_BUSY_STEP)
         try:
             conn.row_factory = sqlite3.Row
+            give_up = time.monotonic() + self._busy_seconds()
+            while True:
+                try:
+                    self._prepare(conn)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    busy = "locked" in str(exc).lower()  # SQLITE_BUSY / SQLITE_LOCKED: another process holds it
+                    if not busy or time.monotonic() >= give_up or (abandoned is not None and abandoned.is_set()):
+                        raise
             conn.execute(f"PRAGMA busy_timeout={int(self._busy_seconds() * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL survives any process crash in WAL mode; FULL also survives power loss.
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.power_safe else 'NORMAL'}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise PermanentCatalogError(
-                    f"SQLite catalog {str(self.path)!r} has schema version {version}; this mldash knows "
-                    f"up to {SCHEMA_VERSION}: upgrade mldash")
-            if version < SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                conn.execute("COMMIT")
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """WAL, durability, and the schema (created or checked) on a new connection."""
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL survives any process crash in WAL mode; FULL also survives power loss.
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.power_safe else 'NORMAL'}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise PermanentCatalogError(
+                f"SQLite catalog {str(self.path)!r} has schema version {version}; this mldash knows "
+                f"up to {SCHEMA_VERSION}: upgrade mldash")
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
 
     def _close_sync(self) -> None:
         if self._conn is not None:

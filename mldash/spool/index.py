@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -60,10 +62,12 @@ def _connect(path: Path, *, readonly: bool, power_safe: bool) -> sqlite3.Connect
 class SpoolIndex:
     """Read/write access to one spool's index. Not thread-safe: one per thread/event loop."""
 
-    def __init__(self, layout: SpoolLayout, *, power_safe: bool = False, readonly: bool = False) -> None:
+    def __init__(self, layout: SpoolLayout, *, power_safe: bool = False, readonly: bool = False,
+                 path: Path | None = None) -> None:
         self.layout = layout
         self.readonly = readonly
-        self.conn = _connect(layout.index_path, readonly=readonly, power_safe=power_safe)
+        self._snapshot_dir: str | None = None  # see open_snapshot
+        self.conn = _connect(path or layout.index_path, readonly=readonly, power_safe=power_safe)
         self._nesting = 0  # depth of `transaction()` blocks: inner ones join the outermost
         if not readonly:
             self._create_schema()
@@ -72,12 +76,52 @@ class SpoolIndex:
                     os.chmod(str(layout.index_path) + suffix, FILE_MODE)
 
     @classmethod
+    def open_snapshot(cls, layout: SpoolLayout) -> SpoolIndex | None:
+        """Like `open_readonly`, but leaving no file in the spool. A read-only SQLite connection to a WAL database
+        creates its -wal and -shm files when no other connection has (the usual state once a daemon stopped
+        cleanly) and leaves them. Without a -wal file the database file alone is the whole index, and nothing
+        writes it until a writer's first checkpoint: a copy of it outside the spool, unchanged while copied,
+        is a consistent snapshot. With a -wal file another process has the index open (or one was killed):
+        its -wal and -shm are there already, and the index is read in place."""
+        wal = str(layout.index_path) + "-wal"
+        for _attempt in range(3):
+            if os.path.exists(wal):
+                break
+            try:
+                before = os.stat(layout.index_path)
+            except FileNotFoundError:
+                return None
+            snapshot_dir = tempfile.mkdtemp(prefix="mldash-index-")
+            copy = Path(snapshot_dir) / "index.sqlite"
+            try:
+                shutil.copyfile(layout.index_path, copy)
+                after = os.stat(layout.index_path)
+            except FileNotFoundError:  # a reindex removed it meanwhile
+                shutil.rmtree(snapshot_dir, ignore_errors=True)
+                continue
+            if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size,
+                                                                       after.st_mtime_ns):
+                shutil.rmtree(snapshot_dir, ignore_errors=True)
+                continue  # written while copied (a daemon's checkpoint, a reindex): again
+            index = cls._complete_or_none(layout, copy)
+            if index is None:
+                shutil.rmtree(snapshot_dir, ignore_errors=True)
+            else:
+                index._snapshot_dir = snapshot_dir
+            return index
+        return cls.open_readonly(layout)
+
+    @classmethod
     def open_readonly(cls, layout: SpoolLayout) -> SpoolIndex | None:
         """A read-only view, or None when no daemon has created the index yet."""
         if not layout.index_path.exists():
             return None
+        return cls._complete_or_none(layout, layout.index_path)
+
+    @classmethod
+    def _complete_or_none(cls, layout: SpoolLayout, path: Path) -> SpoolIndex | None:
         try:
-            index = cls(layout, readonly=True)
+            index = cls(layout, readonly=True, path=path)
         except sqlite3.Error:
             return None
         try:
@@ -92,6 +136,9 @@ class SpoolIndex:
 
     def close(self) -> None:
         self.conn.close()
+        if self._snapshot_dir is not None:
+            shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+            self._snapshot_dir = None
 
     def _create_schema(self) -> None:
         # Imported here: sqlite_utils pulls in numpy (~80 ms), and every training process imports this module

@@ -79,10 +79,13 @@ _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGA
 
 
 class LocalStore(Store):
-    def __init__(self, root: Path | str, *, fsync: bool = False) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = False, read_only: bool = False) -> None:
+        """`read_only`: `open` neither creates the store's folders nor sweeps its debris (`gc --dry-run` only
+        lists the uploads in progress; a missing folder lists none)."""
         self.root = Path(root).absolute()
         self.url = self.root.as_uri()
         self.fsync = fsync
+        self.read_only = read_only
         self._tmp = self.root / ".tmp"
         self._uploads = self.root / ".uploads"
         self._meta = self.root / ".meta"
@@ -164,6 +167,8 @@ class LocalStore(Store):
                     os.unlink(entry.path)
 
     def _open_layout(self) -> None:
+        if self.read_only:
+            return
         self._ensure_layout()
         self._sweep()
 
