@@ -303,6 +303,38 @@ def test_a_sqlite_catalog_reopened_after_a_cancelled_opening_keeps_its_connectio
     asyncio.run(main())
 
 
+def test_a_loop_error_while_the_catalog_cannot_be_opened_loses_neither_error(settings: Settings,
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The loop fails while the catalog's opening has failed too: run raises the loop's error, the opening's is
+    logged — not left to asyncio's "Task exception was never retrieved" at garbage collection."""
+    import gc
+
+    from mldash.catalog.base import PermanentCatalogError
+    from mldash_syncd.service import Daemon
+
+    class Refusing(SlowOpeningCatalog):
+        async def open(self) -> None:
+            await asyncio.sleep(self.delay)
+            raise PermanentCatalogError("authentication failed")
+
+    async def broken_loop(self: Daemon, until_drained: bool, deadline: float | None) -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("the loop broke")
+
+    live = fast(settings)
+    enqueue_bytes(live, os.urandom(500), filename="f0")
+    monkeypatch.setattr(Daemon, "_loop", broken_loop)
+    daemon = Daemon(live, catalog=Refusing(live, 0.05))
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="the loop broke"):
+        asyncio.run(daemon.run(until_drained=True, max_wait=30))
+    del daemon
+    gc.collect()
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "never retrieved" in m], messages
+    assert [m for m in messages if "could not be opened either" in m and "authentication failed" in m], messages
+
+
 class Blackhole:
     """Accepts TCP connections and never answers."""
 

@@ -371,6 +371,7 @@ def test_gc_dry_run_writes_nothing_into_the_spool(settings: Settings, held: bool
     assert spool_files(layout) == before, "the dry run wrote into the spool"
     assert "would remove 1 temp files" in dry.stdout and "no index yet" in dry.stdout, dry.stdout
     assert ("another process holds this spool" in dry.stdout) is held
+    assert ("has not created it" if held else "no daemon has run on it") in dry.stdout, dry.stdout
 
     if not held:
         collected = cli(settings, "gc")

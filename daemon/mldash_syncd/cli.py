@@ -346,7 +346,8 @@ def _gc_dry_run(settings: Settings, layout: SpoolLayout) -> int:
     for upload in report.aborted:
         print(f"  {upload.key}  (upload {upload.upload_id})")
     if index is None:
-        print("  (no index yet: no daemon has run on this spool, so no upload in the store is known to be ours)")
+        why = "the process holding this spool has not created it" if daemon_running else "no daemon has run on it"
+        print(f"  (no index yet: {why}, so no upload in the store is known to be ours)")
     if daemon_running:
         print("  (another process holds this spool — a daemon, or a reindex: its work in progress counts as live; "
               "the daemon runs gc at start-up, or stop it and run `mldash-syncd gc`)")

@@ -452,6 +452,10 @@ class Daemon:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])
+        if task is not None and not task.cancelled() and (error := task.exception()) is not None and not ended:
+            # run raises the loop's own error; this one would otherwise reach no one (asyncio's "never retrieved")
+            log.warning("the catalog %s could not be opened either: %s: %s", self.catalog.url,
+                        type(error).__name__, error)
         await self.catalog.close()
 
     def _start_commits(self) -> None:
