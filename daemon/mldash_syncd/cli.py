@@ -354,18 +354,14 @@ def _gc_dry_run(settings: Settings, layout: SpoolLayout) -> int:
     return EXIT_OK
 
 
-def _collect(settings: Settings, index: SpoolIndex | None, layout: SpoolLayout, **how: bool) -> Any:
+def _collect(settings: Settings, index: SpoolIndex | None, layout: SpoolLayout, *, dry_run: bool,
+             daemon_running: bool) -> Any:
     from mldash.store import make_store
-    from mldash.store.local import LocalStore
     from mldash_syncd.gc import collect
 
     async def run() -> Any:
-        store = make_store(settings)
-        if how.get("dry_run") and isinstance(store, LocalStore):
-            # Opening a local store sweeps its debris and creates its folders: a dry run only lists uploads.
-            store = LocalStore(store.root, read_only=True)
-        async with store:
-            return await collect(store, index, layout, **how)
+        async with make_store(settings, read_only=dry_run) as store:
+            return await collect(store, index, layout, dry_run=dry_run, daemon_running=daemon_running)
     return asyncio.run(run())
 
 

@@ -51,11 +51,13 @@ __all__ = [
 ]
 
 
-def make_store(settings: Settings) -> Store:
-    """The store named by `settings.store` (not opened yet: `await store.open()` on the daemon's loop)."""
+def make_store(settings: Settings, *, read_only: bool = False) -> Store:
+    """The store named by `settings.store` (not opened yet: `await store.open()` on the daemon's loop).
+    `read_only`: opening it changes nothing (a local store neither creates its folders nor sweeps its debris;
+    opening an S3 store never writes)."""
     parsed = urlparse(settings.store)
     if parsed.scheme == "file":
-        return LocalStore(unquote(parsed.path), fsync=settings.power_safe)
+        return LocalStore(unquote(parsed.path), fsync=settings.power_safe, read_only=read_only)
     if parsed.scheme == "s3":
         from mldash.store.s3 import S3Store
 
