@@ -101,6 +101,24 @@ def _parse_optional_size(value: Any) -> int | None:
     return parse_size(value) or None
 
 
+MIN_UPLOAD_RATE = 64 << 10  # one 64 KiB slice a second: a smaller cap is almost surely a missing unit ("10")
+
+
+def _parse_upload_rate(value: Any) -> int | None:
+    """Bytes per second, or None (no cap): a size with an optional "/s" ("50MB/s", "100MiB"); unset, 0,
+    "none" or "unlimited" mean no cap."""
+    size = value.strip().removesuffix("/s").removesuffix("/S") if isinstance(value, str) else value
+    try:
+        rate = _parse_optional_size(size)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a rate; use bytes per second, e.g. '50MB/s', '1GiB/s' or 10485760 "
+                         f"(0 = no cap; 1 Gbit/s is '125MB/s')") from None
+    if rate is not None and rate < MIN_UPLOAD_RATE:
+        raise ValueError(f"{value!r} is {rate} bytes per second, below the smallest cap of 64KiB/s; give a unit, "
+                         f"e.g. '10MB/s' (0 = no cap)")
+    return rate
+
+
 def _text(value: Any, example: str) -> str:
     """A setting that is text: environment values always are; a TOML true, 12 or list is a mistake, not a name."""
     if not isinstance(value, str):
@@ -270,6 +288,11 @@ FIELDS: tuple[Field, ...] = (
           "Daemon: files at least this large use multipart upload."),
     Field("part_size", "MLDASH_PART_SIZE", parse_size, lambda: 8 * 2**20,
           "Daemon: minimum multipart part size (raised to size/10,000 for huge files; ≥ 5 MiB)."),
+    Field("max_upload_rate", "MLDASH_MAX_UPLOAD_RATE", _parse_upload_rate, lambda: None,
+          "Daemon: cap on the bytes per second sent to the store, over all uploads together (e.g. '50MB/s'; "
+          "1 Gbit/s is '125MB/s'). Unset or 0 = no cap. S3 bodies are paced 64 KiB at a "
+          "time; a local store's puts and parts each wait for their share before they are written. Time "
+          "spent waiting for the cap does not count against request_timeout."),
     Field("request_timeout", "MLDASH_REQUEST_TIMEOUT", _parse_float(0.1), lambda: 60.0,
           "Daemon: deadline in seconds of every single S3/MongoDB call (parts scale it by size)."),
     Field("lease_seconds", "MLDASH_LEASE_SECONDS", _parse_float(1.0), lambda: 300.0,
@@ -330,6 +353,7 @@ class Settings:
     max_concurrent_parts: int
     multipart_threshold: int
     part_size: int
+    max_upload_rate: int | None
     request_timeout: float
     lease_seconds: float
     stop_grace: float

@@ -183,7 +183,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
             info = json.loads(beat)
             data["daemon"].update(heartbeat=info.get("heartbeat"), startedAt=info.get("startedAt"),
                                   autostarted=info.get("autostarted"), storeProblem=info.get("storeGate"),
-                                  catalogProblem=info.get("catalogGate"))
+                                  catalogProblem=info.get("catalogGate"), uploadRateCap=info.get("uploadRateCap"))
             if data["daemon"]["running"]:
                 data["throughputBytesPerSecond"] = info.get("throughput", 0.0)
     finally:
@@ -231,7 +231,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if data["pendingFiles"] and not daemon["running"]:
         print("         no daemon is running: `mldash-syncd run --once` syncs them and exits")
     if daemon["running"]:
-        print(f"rate     {human_bytes(data['throughputBytesPerSecond'])}/s (last 30 s)")
+        cap = daemon.get("uploadRateCap")
+        print(f"rate     {human_bytes(data['throughputBytesPerSecond'])}/s (last 30 s)"
+              + (f"; capped at {human_bytes(cap)}/s (max_upload_rate)" if cap else ""))
     if disk := data.get("disk"):
         quota = ("no quota" if disk["quotaBytes"] is None else
                  f"quota {human_bytes(disk['quotaUsedBytes'])} of {human_bytes(disk['quotaBytes'])}")

@@ -845,7 +845,8 @@ class Daemon:
         beat = {"owner": self.owner, "pid": os.getpid(), "startedAt": self._started, "heartbeat": time.time(),
                 "stopping": stopping, "bytesSent": self.report.bytes_sent, "committed": self.report.committed,
                 "throughput": self.throughput(), "storeGate": self.store_gate.last_error,
-                "catalogGate": self.catalog_gate.last_error, "autostarted": self.autostarted}
+                "catalogGate": self.catalog_gate.last_error, "autostarted": self.autostarted,
+                "uploadRateCap": self.settings.max_upload_rate}
         with contextlib.suppress(Exception):
             self.index.set_meta("daemon", json.dumps(beat))
 

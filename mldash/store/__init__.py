@@ -57,7 +57,8 @@ def make_store(settings: Settings, *, read_only: bool = False) -> Store:
     opening an S3 store never writes)."""
     parsed = urlparse(settings.store)
     if parsed.scheme == "file":
-        return LocalStore(unquote(parsed.path), fsync=settings.power_safe, read_only=read_only)
+        return LocalStore(unquote(parsed.path), fsync=settings.power_safe, read_only=read_only,
+                          max_upload_rate=settings.max_upload_rate)
     if parsed.scheme == "s3":
         from mldash.store.s3 import S3Store
 
@@ -70,6 +71,7 @@ def make_store(settings: Settings, *, read_only: bool = False) -> Store:
             # Enough pooled connections for everything the daemon runs at once (plus heads/lists), so no
             # request spends its deadline waiting for a connection.
             max_connections=settings.max_concurrent_parts + settings.max_concurrent_files + 4,
+            max_upload_rate=settings.max_upload_rate,
         )
     raise ConfigError(f"store {settings.store!r}: accepted stores are 'file:///abs/dir' and 's3://bucket[/prefix]'")
 

@@ -59,6 +59,7 @@ from mldash.store.base import (
     b64_sha256,
     composite_sha256,
 )
+from mldash.store.pacing import RateLimit, pace
 
 T = TypeVar("T")
 
@@ -79,9 +80,11 @@ _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGA
 
 
 class LocalStore(Store):
-    def __init__(self, root: Path | str, *, fsync: bool = False, read_only: bool = False) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = False, read_only: bool = False,
+                 max_upload_rate: int | None = None) -> None:
         """`read_only`: `open` neither creates the store's folders nor sweeps its debris (`gc --dry-run` only
-        lists the uploads in progress; a missing folder lists none)."""
+        lists the uploads in progress; a missing folder lists none). `max_upload_rate` (bytes per second):
+        each put or part waits for its share of the cap before it is written (pacing.py)."""
         self.root = Path(root).absolute()
         self.url = self.root.as_uri()
         self.fsync = fsync
@@ -90,6 +93,7 @@ class LocalStore(Store):
         self._uploads = self.root / ".uploads"
         self._meta = self.root / ".meta"
         self._ready = False
+        self.rate_limit = RateLimit(max_upload_rate) if max_upload_rate else None
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -106,6 +110,7 @@ class LocalStore(Store):
         return await self._run("head", key, self._head, key)
 
     async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
+        await pace(self.rate_limit, len(data))
         return await self._run("put", key, self._put, key, data, sha256_b64)
 
     async def create_multipart(self, key: str) -> str:
@@ -113,6 +118,7 @@ class LocalStore(Store):
 
     async def upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                           sha256_b64: str) -> PartReceipt:
+        await pace(self.rate_limit, memoryview(data).nbytes)
         return await self._run("upload_part", key, self._upload_part, key, upload_id, part_number, data, sha256_b64)
 
     async def list_parts(self, key: str, upload_id: str) -> dict[int, PartReceipt]:

@@ -68,6 +68,7 @@ from mldash.store.base import (
     TransientStoreError,
 )
 from mldash.store.local import store_error_from_os_error
+from mldash.store.pacing import CallDeadline, RateLimit, current_deadline, pace
 from mldash.store.s3_body import SendBuffer
 from mldash.store.s3_direct import DIRECT_PUT_LIMIT, DirectPut, HandBack, is_retried
 
@@ -226,8 +227,10 @@ class S3Store(Store):
     etag_is_md5 = True
 
     def __init__(self, bucket: str, root: str = "", *, endpoint_url: str | None = None, region: str | None = None,
-                 request_timeout: float = 60.0, seconds_per_mib: float = 0.5, max_connections: int = 16) -> None:
-        """`request_timeout` bounds every call; a body of N MiB gets `N × seconds_per_mib` more."""
+                 request_timeout: float = 60.0, seconds_per_mib: float = 0.5, max_connections: int = 16,
+                 max_upload_rate: int | None = None) -> None:
+        """`request_timeout` bounds every call; a body of N MiB gets `N × seconds_per_mib` more (time spent
+        waiting for the `max_upload_rate` cap, bytes per second, is added on top: pacing.py)."""
         self.bucket = bucket
         self.root = root.strip("/")
         self.url = f"s3://{bucket}/{self.root}" if self.root else f"s3://{bucket}"
@@ -236,6 +239,7 @@ class S3Store(Store):
         self.request_timeout = request_timeout
         self.seconds_per_mib = seconds_per_mib
         self.max_connections = max_connections
+        self.rate_limit = RateLimit(max_upload_rate) if max_upload_rate else None
         self._client: Any = None
         self._direct: DirectPut | None = None  # small PUTs without botocore's pipeline (s3_direct.py), if usable
         self._exit: contextlib.AsyncExitStack | None = None
@@ -304,15 +308,26 @@ class S3Store(Store):
         # say so after SLOW_CALL_WARNING seconds, once per such stretch, so `run --once` and the journal are not
         # left wondering.
         # A body's transfer time is allowed for as in the deadline (deadline - request_timeout: its size share).
+        loop = asyncio.get_running_loop()
         after = SLOW_CALL_WARNING + max(0.0, deadline - self.request_timeout)
-        slow = asyncio.get_running_loop().call_later(after, self._warn_slow, operation, key, after, deadline)
+        slow = [loop.call_later(after, self._warn_slow, operation, key, after, deadline)]
+
+        def paced(seconds: float) -> None:  # time waiting for the upload rate cap is not the store's (pacing.py)
+            when = slow[0].when() + seconds
+            slow[0].cancel()
+            slow[0] = loop.call_at(when, self._warn_slow, operation, key, after, deadline)
+
+        token = None
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(deadline) as timeout:
+                token = current_deadline.set(CallDeadline(timeout, paced))
                 return await fn(**kwargs)
         except Exception as exc:
             raise classify_error(exc, operation=operation, key=key) from exc
         finally:
-            slow.cancel()
+            slow[0].cancel()
+            if token is not None:
+                current_deadline.reset(token)
 
     def _warn_slow(self, operation: str, key: str, after: float, deadline: float) -> None:
         now = time.monotonic()
@@ -352,7 +367,7 @@ class S3Store(Store):
             if headers is not None:
                 return StoredObject(key=key, size=size, checksum_sha256=headers.get("x-amz-checksum-sha256"),
                                     etag=headers.get("etag"))
-        with SendBuffer(data) as body:
+        with SendBuffer(data, rate_limit=self.rate_limit) as body:
             size = len(body)
             response = await self._call("put", key, self._deadline(size), self._client_op("put_object"),
                                         Bucket=self.bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
@@ -363,6 +378,7 @@ class S3Store(Store):
     async def _put_direct(self, direct: DirectPut, object_key: str, body: bytes, sha256_b64: str) -> Any:
         """The response headers of a direct PUT, or None when botocore must send it (see s3_direct.py)."""
         try:
+            await pace(self.rate_limit, len(body))
             return await direct.put(object_key, body, sha256_b64)
         except HandBack as exc:
             log.info("store %s: %s answering a PUT; sending every PUT through botocore from now on", self.url, exc)
@@ -375,6 +391,7 @@ class S3Store(Store):
         # first backoff step (full jitter, up to 1 s). What this one raises, HandBack included, is the outcome.
         await asyncio.sleep(random.random())
         try:
+            await pace(self.rate_limit, len(body))
             return await direct.put(object_key, body, sha256_b64)
         except HandBack as exc:
             raise exc.__cause__ or exc from exc
@@ -427,7 +444,7 @@ class S3Store(Store):
 
     async def upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                           sha256_b64: str) -> PartReceipt:
-        with SendBuffer(data) as body:
+        with SendBuffer(data, rate_limit=self.rate_limit) as body:
             size = len(body)
             response = await self._call("upload_part", key, self._deadline(size), self._client_op("upload_part"),
                                         Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number,

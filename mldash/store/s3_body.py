@@ -37,14 +37,16 @@ from aiohttp.abc import AbstractStreamWriter
 
 from mldash.store.base import Buffer
 
-_SLICE = 64 << 10  # per write: any copy of a slice stays a small, reused heap block (module doc)
+# SLICE (64 KiB) per write: any copy of a slice stays a small, reused heap block (module doc)
+from mldash.store.pacing import SLICE, RateLimit, pace
 
 
 class SendBuffer:
     """Bytes to send as a request body, by reference (see module doc)."""
 
-    def __init__(self, data: Buffer) -> None:
+    def __init__(self, data: Buffer, *, rate_limit: RateLimit | None = None) -> None:
         self.view = memoryview(data).cast("B")
+        self.rate_limit = rate_limit  # the daemon's upload cap: each slice is paced before it is written
 
     def __len__(self) -> int:
         return self.view.nbytes
@@ -98,8 +100,12 @@ class _SendBufferPayload(payload.Payload):
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
         view: memoryview = self._value.view
         end = view.nbytes if content_length is None else min(view.nbytes, content_length)
-        for start in range(0, end, _SLICE):
-            await writer.write(view[start:min(start + _SLICE, end)])
+        limit = self._value.rate_limit
+        for start in range(0, end, SLICE):
+            stop = min(start + SLICE, end)
+            if limit is not None:
+                await pace(limit, stop - start)
+            await writer.write(view[start:stop])
 
     async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
         return self._value.view.tobytes()
