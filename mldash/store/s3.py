@@ -320,7 +320,8 @@ class S3Store(Store):
         token = None
         try:
             async with asyncio.timeout(deadline) as timeout:
-                token = current_deadline.set(CallDeadline(timeout, paced))
+                if self.rate_limit is not None:
+                    token = current_deadline.set(CallDeadline(timeout, paced))
                 return await fn(**kwargs)
         except Exception as exc:
             raise classify_error(exc, operation=operation, key=key) from exc
