@@ -169,7 +169,9 @@ async def test_local_store_paces_puts_and_parts(tmp_path: Path) -> None:
 
 # -- the daemon -------------------------------------------------------------------------------------------
 
-def test_daemon_drain_stays_under_the_cap(settings: Settings, drain) -> None:
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_daemon_drain_stays_under_the_cap(store: str, request: pytest.FixtureRequest, drain) -> None:
+    settings: Settings = request.getfixturevalue("settings" if store == "local" else "s3_settings")
     rate = 2 * MiB
     capped = settings.replace(max_upload_rate=rate, multipart_threshold="5MiB", part_size="5MiB")
     sizes = [6 * MiB, 512 << 10, 512 << 10, 40 << 10]  # a multipart file, single PUTs, an inline save
