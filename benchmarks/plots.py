@@ -161,9 +161,34 @@ def rss_plot(path: Path, results: list[ScenarioResult]) -> None:
     _save(fig, path)
 
 
+def cap_plot(path: Path, results: list[ScenarioResult]) -> None:
+    import matplotlib.pyplot as plt
+
+    result = results[0]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for key, trace in result.samples.items():
+        if not (key.endswith("/trace") and len(trace) > 2):
+            continue
+        cap = float(key.split()[1])
+        # Wire rate over each WINDOW-long stretch of samples, and the cap it should keep to.
+        times, counts = zip(*trace, strict=True)
+        step = max(1, round(result.params.get("window_s", 0.25) / result.params.get("sample_interval_s", 0.02)))
+        points = [((times[i] + times[i + step]) / 2, (counts[i + step] - counts[i]) / (times[i + step] - times[i])
+                   / 2**20) for i in range(0, len(times) - step)]
+        line, = ax.plot(*zip(*points, strict=True), label=f"{key.removesuffix('/trace')} (last sample)")
+        ax.axhline(cap, color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xlabel("time since the daemon started (s)")
+    ax.set_ylabel("bytes up through the proxy (MiB/s, 250 ms windows)")
+    ax.set_title(result.title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 PLOTS: list[tuple[str, tuple[str, ...], Callable[[Path, list[ScenarioResult]], None]]] = [
     ("stall_vs_size.png", ("stall_torch", "stall_upload"), stall_plot),
     ("drain_throughput.png", ("drain_large", "drain_small"), drain_plot),
     ("latency_distributions.png", ("save_json_latency", "commit_latency"), latency_plot),
     ("daemon_rss.png", ("daemon_rss",), rss_plot),
+    ("upload_cap.png", ("upload_cap",), cap_plot),
 ]

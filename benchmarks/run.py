@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Run order: the cheap client-side scenarios first, moto-heavy ones last.
 SCENARIOS = ("stall_torch", "stall_upload", "save_json_latency", "drain_large", "drain_small", "daemon_rss",
-             "commit_latency", "resume_bytes")
+             "commit_latency", "resume_bytes", "upload_cap")
 
 
 def _module(name: str) -> Any:

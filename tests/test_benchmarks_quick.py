@@ -105,7 +105,7 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
     for plot in data["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(data["plots"]) == {"stall_vs_size.png", "drain_throughput.png", "latency_distributions.png",
-                                  "daemon_rss.png"}
+                                  "daemon_rss.png", "upload_cap.png"}
     assert not list((tmp_path / "work").glob("*/spool*")), "scratch data left behind"
 
 
