@@ -15,7 +15,7 @@ import os
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -451,6 +451,124 @@ async def test_direct_put_is_not_used_when_botocore_sends_more(aws_env: str) -> 
         assert await DirectPut.learn(store._client, get_session(), store.bucket) is None
     finally:
         await store.close()
+
+
+# -- redirects ------------------------------------------------------------------------------------------
+# botocore follows a redirect the way S3 sends one: by the region it names (x-amz-bucket-region, or <Region> in
+# the error), once per request, asking HeadBucket where an answer names none; it never follows a Location.
+# These answers name no region, so no client can follow them: each request must end in a clear, permanent error
+# after a bounded number of requests (botocore's own HeadBucket lookup once used to recurse ~110 times deep,
+# sending a HEAD at every level, and end in a RecursionError that was classified transient: retried forever).
+
+
+def to_itself(status: int) -> Script:
+    """A redirect answered with a Location naming the very URL asked for (a proxy's loop)."""
+    return lambda r: Answer(status, headers={"Location": f"http://{r.headers['host']}{r.target}"})
+
+
+UNFOLLOWABLE_REDIRECTS: dict[str, Script] = {
+    "307-s3-error": lambda r: s3_error(307, "TemporaryRedirect"),  # S3-shaped, naming no endpoint or region
+    "301-permanent-redirect": lambda r: s3_error(301, "PermanentRedirect"),
+    "302-bare": lambda r: Answer(302),  # a proxy's redirect without a body
+    "308-bare": lambda r: Answer(308),
+    "307-location-to-itself": to_itself(307),
+    "301-location-to-itself": to_itself(301),
+}
+BODY = os.urandom(DIRECT_PUT_LIMIT + 1)  # above the direct path's limit: sent by botocore
+REDIRECTED_CALLS: dict[str, Callable[[S3Store, Path], Awaitable[object]]] = {
+    "put-direct": lambda store, tmp: store.put(KEY, b"x", b64_sha256(b"x")),
+    "put": lambda store, tmp: store.put(KEY, BODY, b64_sha256(BODY)),
+    "create_multipart": lambda store, tmp: store.create_multipart(KEY),
+    "upload_part": lambda store, tmp: store.upload_part(KEY, "u1", 1, BODY, b64_sha256(BODY)),
+    "complete_multipart": lambda store, tmp: store.complete_multipart(KEY, "u1", [PartReceipt(1, 5, '"e"', None)]),
+    "head": lambda store, tmp: store.head(KEY),
+    "download": lambda store, tmp: store.download(KEY, tmp / "out"),
+}
+
+
+@pytest.mark.parametrize("call", list(REDIRECTED_CALLS))
+@pytest.mark.parametrize("redirect", list(UNFOLLOWABLE_REDIRECTS))
+async def test_redirect_the_client_cannot_follow_fails_permanently_and_bounded(
+        aws_env: str, tmp_path: Path, redirect: str, call: str) -> None:
+    """At most: the direct PUT, botocore's request, and botocore's one HeadBucket asking for the region; then a
+    permanent error that names the endpoint, the status and what to check."""
+    script = UNFOLLOWABLE_REDIRECTS[redirect]
+    status = int(redirect[:3])
+    async with FakeS3(script) as server:
+        url = server.url
+        store = await open_store(url, timeout=5.0)
+        try:
+            with pytest.raises(StoreError) as caught:
+                await REDIRECTED_CALLS[call](store, tmp_path)
+            if call == "put-direct":
+                assert store._direct is None, "a redirect answering a direct PUT hands every later PUT to botocore"
+        finally:
+            await store.close()
+    sent = [(r.method, r.target.split("?")[0]) for r in server.requests]
+    assert len(sent) <= (3 if call == "put-direct" else 2), sent
+    assert sent.count(("HEAD", "/bucket")) <= 1, sent
+    assert type(caught.value) is PermanentStoreError, caught.value
+    message = str(caught.value)
+    assert url in message and f" {status}" in message and "MLDASH_S3_ENDPOINT_URL" in message, message
+    if "location" in redirect:
+        assert f"redirecting to {url}" in message, message
+    else:
+        assert "without a Location or a region" in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_redirect_elsewhere_is_not_followed(aws_env: str) -> None:
+    """A Location is not followed, as botocore does not follow one (aiohttp would: the PUT, body included and
+    without its Authorization header, would go to whatever host the answer names)."""
+    async with FakeS3(lambda r: Answer(200, headers={"ETag": '"e"'})) as elsewhere:
+        elsewhere_url = elsewhere.url
+        async with FakeS3(lambda r: Answer(307, headers={"Location": f"{elsewhere.url}{r.target}"})) as server:
+            store = await open_store(server.url, timeout=5.0)
+            try:
+                for body in (b"x", BODY):
+                    with pytest.raises(PermanentStoreError) as caught:
+                        await store.put(KEY, body, b64_sha256(body))
+                    assert f"redirecting to {elsewhere_url}" in str(caught.value)
+            finally:
+                await store.close()
+    assert elsewhere.requests == []
+
+
+def signed_for(request: Request) -> str:
+    """The region of a SigV4 request's credential scope."""
+    return request.headers["authorization"].split("Credential=", 1)[1].split("/")[2]
+
+
+@pytest.mark.parametrize("size", [1, DIRECT_PUT_LIMIT + 1], ids=["direct", "botocore"])
+async def test_redirect_naming_a_region_is_followed_once(aws_env: str, size: int) -> None:
+    """What real S3 sends (a bucket in another region, or a new bucket's name still propagating) is botocore's
+    to follow, once per request; an endpoint that answers the followed request with the same redirect again
+    gets a transient error (S3's 307 TemporaryRedirect passes), not a loop."""
+    body = os.urandom(size)
+    moved = s3_error(307, "TemporaryRedirect")
+    moved.headers["x-amz-bucket-region"] = "eu-west-1"
+
+    def moves_once(request: Request) -> Answer:
+        return moved if signed_for(request) == "us-east-1" else Answer(200, headers={"ETag": '"e"'})
+
+    async with FakeS3(moves_once) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            assert (await store.put(KEY, body, b64_sha256(body))).etag == '"e"'
+        finally:
+            await store.close()
+    assert [signed_for(r) for r in server.requests][-2:] == ["us-east-1", "eu-west-1"]
+    assert len(server.requests) == (3 if size == 1 else 2)
+
+    async with FakeS3(lambda r: moved) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            with pytest.raises(TransientStoreError) as caught:
+                await store.put(KEY, body, b64_sha256(body))
+        finally:
+            await store.close()
+    assert len(server.requests) == (3 if size == 1 else 2)
+    assert "307" in str(caught.value) and "eu-west-1" in str(caught.value)
 
 
 # -- classification of scripted answers -----------------------------------------------------------------

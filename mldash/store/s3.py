@@ -9,6 +9,9 @@ Decisions, each for a reason:
 - Small PUTs (≤ 64 KiB) skip botocore's per-request pipeline: signed by botocore's SigV4 signer and sent on
   the client's HTTP session, they cost ~0.65 ms of CPU instead of ~1.3 ms (`mldash/store/s3_direct.py`).
   Everything else, and any small PUT that meets a redirect or a region error, goes through botocore.
+- Redirects: botocore follows S3's region redirects, once per request; no redirect is followed by `Location`,
+  and one the client cannot follow fails at once, permanently unless S3 says it is temporary
+  (`mldash/store/s3_redirects.py`).
 - Retries: botocore makes at most ONE retry (`total_max_attempts=2`, standard mode), inside our deadline.
   It absorbs the common one-off blips (a pooled keep-alive connection the server closed, a single 5xx)
   without spending one of the daemon's attempts and its backoff (a direct PUT does the same, by botocore's
@@ -71,6 +74,12 @@ from mldash.store.local import store_error_from_os_error
 from mldash.store.pacing import CallDeadline, RateLimit, current_deadline, pace
 from mldash.store.s3_body import SendBuffer
 from mldash.store.s3_direct import DIRECT_PUT_LIMIT, DirectPut, HandBack, is_retried
+from mldash.store.s3_redirects import (
+    REDIRECT_STATUSES,
+    NoRedirectSession,
+    redirect_error,
+    stop_region_lookup_recursion,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("mldash.store")
@@ -150,14 +159,17 @@ _TRANSIENT_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def classify_error(exc: BaseException, *, operation: str, key: str) -> StoreError:
-    """The StoreError for anything an S3 call raised: by S3 error code, then by HTTP status."""
+def classify_error(exc: BaseException, *, operation: str, key: str, endpoint: str | None = None) -> StoreError:
+    """The StoreError for anything an S3 call raised: by S3 error code, then by HTTP status.
+    `endpoint` names where the request went, for the messages that need it (a redirect)."""
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, bce.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or "")
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status in REDIRECT_STATUSES:  # whatever its code: what it names decides (see s3_redirects.py)
+            return redirect_error(exc.response, operation=operation, key=key, endpoint=endpoint)
         message = f"{operation} {key!r}: {code or status} {error.get('Message') or ''}".rstrip()
         kind = _ERROR_CODES.get(code)
         if kind is None:  # HEAD responses have no body: the code is just the status ("403")
@@ -243,6 +255,7 @@ class S3Store(Store):
         self._client: Any = None
         self._direct: DirectPut | None = None  # small PUTs without botocore's pipeline (s3_direct.py), if usable
         self._exit: contextlib.AsyncExitStack | None = None
+        self._endpoint = endpoint_url  # where requests go, for error messages: the resolved one once open
         self._slow_warned_at = -1e9  # time.monotonic() of the last "no answer" warning (see _call)
 
     def __repr__(self) -> str:
@@ -263,6 +276,7 @@ class S3Store(Store):
             read_timeout=self.request_timeout,
             retries={"mode": "standard", "total_max_attempts": 2},
             max_pool_connections=self.max_connections,
+            http_session_cls=NoRedirectSession,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             # Custom endpoints (MinIO, Ceph, moto) widely support only path-style addressing.
@@ -278,6 +292,8 @@ class S3Store(Store):
             await exit_stack.aclose()
             raise classify_error(exc, operation="open", key="") from exc
         client.meta.events.unregister("before-call.s3", add_expect_header)
+        client.meta.events.register_first("needs-retry.s3.HeadBucket", stop_region_lookup_recursion)
+        self._endpoint = f"{client.meta.endpoint_url} (region {client.meta.region_name})"
         resolve_endpoints_once_per_bucket(client)
         self._client, self._exit = client, exit_stack
         try:
@@ -324,7 +340,7 @@ class S3Store(Store):
                     token = current_deadline.set(CallDeadline(timeout, paced))
                 return await fn(**kwargs)
         except Exception as exc:
-            raise classify_error(exc, operation=operation, key=key) from exc
+            raise classify_error(exc, operation=operation, key=key, endpoint=self._endpoint) from exc
         finally:
             slow[0].cancel()
             if token is not None:

@@ -68,10 +68,19 @@ BAD_DIGEST = S3Error(400, "BadDigest",
                      "The Content-MD5 or checksum value you specified did not match what we received.")
 REQUEST_TIMEOUT = S3Error(400, "RequestTimeout", "Your socket connection to the server was not read from or written "
                                                  "to within the timeout period.")
+# Redirects as S3 words them, but naming no <Endpoint>, Location or x-amz-bucket-region: what a misconfigured
+# endpoint or a proxy in front of it may send, and what no client can follow.
+TEMPORARY_REDIRECT_NOWHERE = S3Error(307, "TemporaryRedirect", "Please re-send this request to the specified "
+                                     "temporary endpoint. Continue to use the original request endpoint for future "
+                                     "requests.")
+PERMANENT_REDIRECT_NOWHERE = S3Error(301, "PermanentRedirect", "The bucket you are attempting to access must be "
+                                     "addressed using the specified endpoint. Please send all future requests to "
+                                     "this endpoint.")
 # CompleteMultipartUpload can fail *after* S3 sent "200 OK": the error is in the body.
 COMPLETE_200_INTERNAL_ERROR = S3Error(200, "InternalError", "We encountered an internal error. Please try again.")
 
-_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
+_REASONS = {200: "OK", 301: "Moved Permanently", 307: "Temporary Redirect",
+            400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
             412: "Precondition Failed", 429: "Too Many Requests", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable"}
 

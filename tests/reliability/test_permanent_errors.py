@@ -164,6 +164,38 @@ def test_bad_credentials_fail_once_then_retry(s3_via_proxy: tuple[Settings, Sett
     check_invariants(settings, entries, view=direct)
 
 
+@pytest.mark.parametrize("error", [H.TEMPORARY_REDIRECT_NOWHERE, H.PERMANENT_REDIRECT_NOWHERE], ids=lambda e: e.code)
+def test_redirect_to_nowhere_fails_once_then_retry(s3_via_proxy: tuple[Settings, Settings, FaultProxy],
+                                                   error: H.S3Error) -> None:
+    """An endpoint (or a proxy in front of it) answering with a redirect that names neither a Location nor a
+    region is misconfigured: each entry fails after one attempt and a few requests, saying what to check. (botocore's
+    region lookup used to recurse ~110 HeadBuckets deep for each such answer, ending in a RecursionError the daemon
+    took for an outage and retried forever.)"""
+    settings, direct, proxy = s3_via_proxy
+    rule = S3ErrorRule(proxy, error)
+    daemon = ServiceThread(settings).start()
+    try:
+        entries = [enqueue_bytes(settings, os.urandom(1000 + i), filename=f"f{i}.bin") for i in range(4)]
+        entries.append(enqueue_bytes(settings, os.urandom(6 * MIB), filename="big.bin"))
+        wait_for(lambda: all_in(settings, [e.id for e in entries], ("failed",)), what="failure")
+        sent = rule.injected
+        time.sleep(HOLD)
+        assert rule.injected == sent, "requests kept coming for failed entries"
+        # Per entry, at most: a direct PUT, botocore's request and its one HeadBucket; plus the start-up gc's
+        # listing and its HeadBucket.
+        assert sent <= 3 * len(entries) + 2, f"{sent} requests for {len(entries)} entries that can never pass"
+        assert_failed_once(settings, entries, "without a Location or a region")
+        assert all("MLDASH_S3_ENDPOINT_URL" in row["last_error"] for row in entry_rows(settings).values())
+
+        rule.remove()  # the endpoint was fixed
+        retry_cli(settings, "--all")
+        wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), what="delivery after retry")
+    finally:
+        report = daemon.stop()
+    assert report.clean, report
+    check_invariants(settings, entries, view=direct)
+
+
 def test_catalog_refuses_our_user_then_retry_does_not_resend(mongo_settings: Settings, s3_settings: Settings,
                                                              mongo_admin: pymongo.MongoClient) -> None:
     from tests.reliability.conftest import fast
