@@ -385,6 +385,24 @@ async def test_direct_put_hands_a_redirect_to_botocore_and_stops(aws_env: str) -
     assert direct == [True, False, False]
 
 
+async def test_direct_put_hands_a_redirect_on_its_retry_to_botocore_too(aws_env: str) -> None:
+    """A redirect met by the direct path's second attempt (after a 503) is handed to botocore as at the first."""
+    def script(request: Request) -> Answer:
+        if "(direct put)" not in request.headers.get("user-agent", ""):
+            return Answer(200, headers={"ETag": '"e"', "x-amz-checksum-sha256": b64_sha256(b"x")})
+        direct_so_far = sum("(direct put)" in r.headers.get("user-agent", "") for r in server.requests)
+        return s3_error(503, "SlowDown") if direct_so_far == 1 else s3_error(307, "TemporaryRedirect")
+
+    async with FakeS3(script) as server:
+        store = await open_store(server.url, timeout=5.0)
+        try:
+            assert (await store.put(KEY, b"x", b64_sha256(b"x"))).etag == '"e"'
+            assert store._direct is None
+        finally:
+            await store.close()
+    assert ["(direct put)" in r.headers["user-agent"] for r in server.requests] == [True, True, False]
+
+
 async def test_direct_put_follows_botocore_on_the_endpoint(aws_env: str) -> None:
     """The URL prefix, region and signing name come from botocore's own resolution (no request is sent): virtual
     hosts on AWS, path style for a bucket name with dots (TLS) and for custom endpoints."""

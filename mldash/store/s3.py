@@ -393,25 +393,25 @@ class S3Store(Store):
                             etag=response.get("ETag"))
 
     async def _put_direct(self, direct: DirectPut, object_key: str, body: bytes, sha256_b64: str) -> Any:
-        """The response headers of a direct PUT, or None when botocore must send it (see s3_direct.py)."""
-        try:
-            await pace(self.rate_limit, len(body))
-            return await direct.put(object_key, body, sha256_b64)
-        except HandBack as exc:
-            log.info("store %s: %s answering a PUT; sending every PUT through botocore from now on", self.url, exc)
-            self._direct = None
-            return None
-        except Exception as exc:
-            if not is_retried(exc):
-                raise
-        # botocore's standard mode with total_max_attempts=2, as for every other call: one more attempt after its
-        # first backoff step (full jitter, up to 1 s). What this one raises, HandBack included, is the outcome.
-        await asyncio.sleep(random.random())
-        try:
-            await pace(self.rate_limit, len(body))
-            return await direct.put(object_key, body, sha256_b64)
-        except HandBack as exc:
-            raise exc.__cause__ or exc from exc
+        """The response headers of a direct PUT, or None when botocore must send it (see s3_direct.py).
+        botocore's standard mode with total_max_attempts=2, as for every other call: one more attempt after its
+        first backoff step (full jitter, up to 1 s) for what it would retry. A redirect or region error at either
+        attempt is botocore's to handle, this PUT's and every later one's."""
+        for attempt in (1, 2):
+            if attempt == 2:
+                await asyncio.sleep(random.random())
+            try:
+                await pace(self.rate_limit, len(body))
+                return await direct.put(object_key, body, sha256_b64)
+            except HandBack as exc:
+                log.info("store %s: %s answering a PUT; sending every PUT through botocore from now on",
+                         self.url, exc)
+                self._direct = None
+                return None
+            except Exception as exc:
+                if attempt == 2 or not is_retried(exc):
+                    raise
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def download(self, key: str, dest: Path) -> StoredObject:
         dest = Path(dest)
