@@ -18,6 +18,12 @@ What the store reports, and so what is compared:
 Resumable: the upload id, part size and every completed part are recorded in the index as they
 happen. After a crash the upload is reconciled with ListParts and only parts the store does not
 hold (with the right ETag) are sent again: at most the parts that were in flight.
+
+Memory: the parts in flight, not the part count (up to 10,000). Parts are read and hashed one after
+another in part order — only their sends overlap — so each part's digests go straight into the running
+composite checksums (`_Composite`) and none is kept. A part's receipt (ETag, size, checksum) is already
+recorded in the index as it completes; completion reads the part list back from there. All an upload
+keeps per part until then is one byte: whether the store reported that part's checksum.
 """
 
 from __future__ import annotations
@@ -46,11 +52,10 @@ from mldash.store.base import (
     PartReceipt,
     Store,
     StoredObject,
-    composite_sha256,
     hex_to_b64,
 )
 from mldash_syncd.budget import ByteBudget
-from mldash_syncd.retry import VerificationError
+from mldash_syncd.retry import EntryRetryableError, VerificationError
 
 log = logging.getLogger("mldash_syncd.upload")
 
@@ -77,6 +82,33 @@ class Verified:
 class _PartHashes:
     sha256_b64: str
     md5_hex: str
+
+
+class _Composite:
+    """A multipart object's checksums as the store computes them from its parts: the composite SHA256
+    ``base64(sha256(d1 ‖ … ‖ dN))-N`` and the ETag ``md5(m1 ‖ … ‖ mN)-N`` (di, mi: raw part digests). Both are
+    running hashes over the parts' digests, so parts must be added in part order — and then no part's
+    digests need to be kept."""
+
+    def __init__(self, *, md5: bool) -> None:
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5() if md5 else None
+        self.count = 0
+
+    def add(self, hashes: _PartHashes) -> None:
+        self._sha256.update(base64.b64decode(hashes.sha256_b64))
+        if self._md5 is not None:
+            self._md5.update(bytes.fromhex(hashes.md5_hex))
+        self.count += 1
+
+    @property
+    def sha256(self) -> str:
+        return f"{base64.b64encode(self._sha256.digest()).decode()}-{self.count}"
+
+    @property
+    def etag(self) -> str | None:
+        """The expected ETag, or None when the parts' MD5s were not computed."""
+        return None if self._md5 is None else f"{self._md5.hexdigest()}-{self.count}"
 
 
 def _hash_part(data: bytes) -> _PartHashes:
@@ -182,11 +214,10 @@ class Uploader:
         part_size = part_size_for(manifest.size, self.settings.part_size)
         count = max(1, math.ceil(manifest.size / part_size))
         row = self.index.get(manifest.id) or {}
-        upload_id, held, recorded = row.get("upload_id"), {}, {}
+        upload_id, held = row.get("upload_id"), {}
         if upload_id and row.get("part_size") == part_size:
             try:
                 held = await self.store.list_parts(key, upload_id)
-                recorded = self.index.parts(manifest.id)
             except NoSuchUploadError:
                 upload_id = None
         else:
@@ -200,8 +231,9 @@ class Uploader:
         log.info("upload %s: multipart %s, %d parts of %d MiB, %d already in store", manifest.id, upload_id,
                  count, part_size // MIB, len(held))
 
-        receipts: dict[int, PartReceipt] = {}
-        digests: dict[int, _PartHashes] = {}
+        # All that is kept per part until completion (see the module doc): whether the store reported its checksum.
+        reported = bytearray(count)
+        composite = _Composite(md5=self.md5_parts)
         whole = hashlib.sha256()
         fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -217,18 +249,17 @@ class Uploader:
                         # counts as in use, even if this task is cancelled before the thread starts.
                         await asyncio.to_thread(_read_into, fd, memoryview(buffer), offset, manifest.id)
                         hashes = await self._hash(buffer, whole, md5=self.md5_parts)
-                        digests[number] = hashes
-                        have = held.get(number)
-                        held_already = have is not None and await self._store_holds(
-                            have, recorded.get(number), buffer, hashes)
+                        composite.add(hashes)  # in part order: this loop awaits each part's hashes in turn
+                        have = held.pop(number, None)  # a listed part is let go once judged
+                        held_already = have is not None and await self._reconcile(manifest, have, buffer, hashes)
                     except BaseException:
                         await self.budget.give_back(buffer)
                         raise
                     if held_already:
-                        receipts[number] = have
+                        reported[number - 1] = bool(have.checksum_sha256)
                         await self.budget.give_back(buffer)
                         continue
-                    group.create_task(self._send_part(manifest, key, upload_id, number, buffer, hashes, receipts))
+                    group.create_task(self._send_part(manifest, key, upload_id, number, buffer, hashes, reported))
         finally:
             os.close(fd)
 
@@ -238,24 +269,40 @@ class Uploader:
             self.index.update(manifest.id, upload_id=None)
             raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ "
                                     f"manifest {manifest.sha256}")
-        ordered = [receipts[n] for n in range(1, count + 1)]
         try:
-            stored = await self.store.complete_multipart(key, upload_id, ordered)
+            # The part list lives only as long as this request: S3 wants every part in its one body.
+            stored = await self.store.complete_multipart(
+                key, upload_id, self._recorded_parts(manifest, count, part_size, reported))
         except (ObjectExistsError, NoSuchUploadError):
             # Completed by an earlier attempt whose response was lost: judge the object by its checksum.
             stored = await self._existing(key, manifest)
         self.index.update(manifest.id, upload_id=None)
-        expected = composite_sha256([digests[n].sha256_b64 for n in range(1, count + 1)])
-        md5_parts = [digests[n].md5_hex for n in range(1, count + 1)] if self.md5_parts else None
         try:
-            await self._verify_multipart(manifest, stored, expected, md5_parts, blob, part_size)
+            await self._verify_multipart(manifest, stored, composite, blob, part_size)
         except VerificationError:
             await self._discard(key, manifest)
             raise
         return Verified(key, stored.checksum_sha256, whole_hex)
 
+    def _recorded_parts(self, manifest: Manifest, count: int, part_size: int, reported: bytearray
+                        ) -> list[PartReceipt]:
+        """The part list for CompleteMultipartUpload, read back from the index: every part the store holds
+        for this upload was recorded there, by `_send_part` or `_reconcile`. The checksum goes with a part
+        where the store reported one (and it equalled ours), as when the receipts were kept."""
+        parts: list[PartReceipt] = []
+        for number, size, etag, sha256_b64 in self.index.iter_parts(manifest.id):
+            if number != len(parts) + 1 or size != min(part_size, manifest.size - (number - 1) * part_size):
+                break
+            parts.append(PartReceipt(number, size, etag, sha256_b64 if reported[number - 1] else None))
+            if len(parts) == count:
+                return parts
+        # Not expected (nothing else writes this entry's parts while it is leased to us): the next attempt
+        # reconciles the upload with ListParts again and records what the store holds.
+        raise EntryRetryableError(f"{manifest.id}: part {len(parts) + 1} of {count} is not recorded in the index "
+                                  "as the store received it; the upload is not completed")
+
     async def _send_part(self, manifest: Manifest, key: str, upload_id: str, number: int, buffer: mmap.mmap,
-                         hashes: _PartHashes, receipts: dict[int, PartReceipt]) -> None:
+                         hashes: _PartHashes, reported: bytearray) -> None:
         try:
             receipt = await self.store.upload_part(key, upload_id, number, buffer, hashes.sha256_b64)
             size = len(buffer)
@@ -268,7 +315,7 @@ class Uploader:
                 raise VerificationError(f"part {number} of {manifest.id}: store received other bytes than sent "
                                         f"(ETag {receipt.etag} ≠ MD5 {hashes.md5_hex})")
             self.index.record_part(manifest.id, number, size, receipt.etag, hashes.sha256_b64)
-            receipts[number] = receipt
+            reported[number - 1] = bool(receipt.checksum_sha256)
         finally:
             await self.budget.give_back(buffer)
 
@@ -280,6 +327,17 @@ class Uploader:
             asyncio.to_thread(_md5_hex, data) if md5 else _nothing(),
             *([asyncio.to_thread(whole.update, data)] if whole is not None else []))
         return _PartHashes(sha, md5_hex)
+
+    async def _reconcile(self, manifest: Manifest, have: PartReceipt, data: Buffer, hashes: _PartHashes) -> bool:
+        """Whether a part the store already holds (after a crash) can stand; if so, it is recorded in the index
+        as completing the upload reads it — a crash may have come between the store's answer and our record."""
+        recorded = self.index.part(manifest.id, have.part_number)
+        if not await self._store_holds(have, recorded, data, hashes):
+            return False
+        if recorded is None or (recorded["size"], recorded["etag"], recorded["sha256"]) != (
+                have.size, have.etag, hashes.sha256_b64):
+            self.index.record_part(manifest.id, have.part_number, have.size, have.etag, hashes.sha256_b64)
+        return True
 
     async def _store_holds(self, have: PartReceipt, recorded: dict[str, Any] | None, data: Buffer,
                            hashes: _PartHashes) -> bool:
@@ -324,49 +382,52 @@ class Uploader:
             raise VerificationError(f"{manifest.id}: store received other bytes than sent (ETag {stored.etag} ≠ "
                                     f"MD5 {md5_hex})")
 
-    async def _verify_multipart(self, manifest: Manifest, stored: StoredObject, expected: str,
-                                md5_parts: list[str] | None, blob: Path, part_size: int) -> None:
-        if md5_parts is None and self.check_etag and stored.checksum_sha256 is None and stored.etag:
+    async def _verify_multipart(self, manifest: Manifest, stored: StoredObject, composite: _Composite,
+                                blob: Path, part_size: int) -> None:
+        etag = composite.etag
+        if etag is None and self.check_etag and stored.checksum_sha256 is None and stored.etag:
             # No composite checksum to compare: the ETag is the store's only account of the bytes it holds.
             log.warning("upload %s: the store reports no SHA256 checksum; reading the blob again for the MD5s "
                         "of its ETag", manifest.id)
-            md5_parts = await asyncio.to_thread(_part_md5s, blob, part_size)
-        self._verify_composite(manifest, stored, expected, md5_parts)
+            etag = await asyncio.to_thread(_md5_etag, blob, part_size)
+        self._verify_composite(manifest, stored, composite.sha256, etag)
 
     def _verify_composite(self, manifest: Manifest, stored: StoredObject, expected: str,
-                          md5_parts: list[str] | None) -> None:
+                          expected_etag: str | None) -> None:
         if stored.size is not None and stored.size != manifest.size:
             raise VerificationError(f"{manifest.id}: store holds {stored.size} bytes, spool has {manifest.size}")
         if stored.checksum_sha256 is not None and stored.checksum_sha256 != expected:
             raise VerificationError(f"{manifest.id}: store received other bytes than sent (composite checksum "
                                     f"{stored.checksum_sha256} ≠ ours {expected})")
-        if md5_parts is not None and stored.etag:
-            joined = hashlib.md5(b"".join(bytes.fromhex(m) for m in md5_parts)).hexdigest()
-            if _etag(stored.etag) != f"{joined}-{len(md5_parts)}":
-                raise VerificationError(f"{manifest.id}: store received other bytes than sent (ETag {stored.etag} "
-                                        f"≠ ours {joined}-{len(md5_parts)})")
+        if expected_etag is not None and stored.etag and _etag(stored.etag) != expected_etag:
+            raise VerificationError(f"{manifest.id}: store received other bytes than sent (ETag {stored.etag} "
+                                    f"≠ ours {expected_etag})")
 
     def _verify_existing(self, manifest: Manifest, stored: StoredObject, blob: Path) -> Verified:
         """An object already at our key (a lost response, or a crash before the commit was recorded):
         recompute its checksum from the spooled bytes — one pass — and compare. Runs in a thread."""
         # Multipart objects say so in their composite checksum, or (a store without checksums) in their ETag.
         parts = _part_count(stored.checksum_sha256) or _part_count(_etag(stored.etag))
-        part_size = part_size_for(manifest.size, self.settings.part_size) if parts else manifest.size or 1
-        # Part MD5s only where the ETag is compared: a single object, verify_etag=true, or no composite to use.
-        md5 = self.check_etag and (not parts or self.md5_parts or stored.checksum_sha256 is None)
-        whole_hex, digests, md5s = _digests(blob, part_size, md5=md5)
-        if manifest.sha256 is not None and whole_hex != manifest.sha256:
-            raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ manifest "
-                                    f"{manifest.sha256}")
-        if parts:
-            if len(digests) != parts:
-                raise VerificationError(f"{manifest.id}: existing object has {parts} parts; ours would have "
-                                        f"{len(digests)}")
-            self._verify_composite(manifest, stored, composite_sha256(digests), md5s if md5 else None)
-        else:
-            whole_md5 = md5s[0] if len(md5s) == 1 and self.check_etag else None
+        if not parts:
+            whole_hex, whole_md5 = _whole_digests(blob, md5=self.check_etag)
+            _check_spooled(manifest, whole_hex)
             self._verify(manifest, stored, hex_to_b64(whole_hex), whole_md5)
+            return Verified(stored.key, stored.checksum_sha256, whole_hex)
+        # Part MD5s only where the ETag is compared: verify_etag=true, or no composite to use.
+        md5 = self.check_etag and (self.md5_parts or stored.checksum_sha256 is None)
+        whole_hex, composite = _digests(blob, part_size_for(manifest.size, self.settings.part_size), md5=md5)
+        _check_spooled(manifest, whole_hex)
+        if composite.count != parts:
+            raise VerificationError(f"{manifest.id}: existing object has {parts} parts; ours would have "
+                                    f"{composite.count}")
+        self._verify_composite(manifest, stored, composite.sha256, composite.etag)
         return Verified(stored.key, stored.checksum_sha256, whole_hex)
+
+
+def _check_spooled(manifest: Manifest, whole_hex: str) -> None:
+    if manifest.sha256 is not None and whole_hex != manifest.sha256:
+        raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ manifest "
+                                f"{manifest.sha256}")
 
 
 def _part_count(value: str | None) -> int:
@@ -375,12 +436,14 @@ def _part_count(value: str | None) -> int:
     return int(tail) if head and tail.isdigit() else 0
 
 
-def _part_md5s(path: Path, part_size: int) -> list[str]:
-    md5s = []
+def _md5_etag(path: Path, part_size: int) -> str:
+    """The ETag S3 gives a multipart object of the blob's bytes in parts of `part_size` (one read)."""
+    joined, count = hashlib.md5(), 0
     with open(path, "rb") as handle:
         while chunk := handle.read(part_size):
-            md5s.append(_md5_hex(chunk))
-    return md5s
+            joined.update(hashlib.md5(chunk).digest())
+            count += 1
+    return f"{joined.hexdigest()}-{count}"
 
 
 def _read_all(path: Path, manifest: Manifest) -> bytes:
@@ -442,13 +505,23 @@ def _drop_cached(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def _digests(path: Path, part_size: int, *, md5: bool) -> tuple[str, list[str], list[str]]:
-    """Whole-file SHA256 hex plus per-part SHA256 (base64) and, if asked for, MD5 (hex), in one read."""
-    whole, shas, md5s = hashlib.sha256(), [], []
+def _digests(path: Path, part_size: int, *, md5: bool) -> tuple[str, _Composite]:
+    """Whole-file SHA256 hex and the composite checksums (the ETag too, if asked for) of the blob's bytes in
+    parts of `part_size`, in one read."""
+    whole, composite = hashlib.sha256(), _Composite(md5=md5)
     with open(path, "rb") as handle:
         while chunk := handle.read(part_size):
             whole.update(chunk)
-            shas.append(_sha256_b64(chunk))
-            if md5:
-                md5s.append(_md5_hex(chunk))
-    return whole.hexdigest(), shas, md5s
+            composite.add(_PartHashes(_sha256_b64(chunk), _md5_hex(chunk) if md5 else ""))
+    return whole.hexdigest(), composite
+
+
+def _whole_digests(path: Path, *, md5: bool) -> tuple[str, str | None]:
+    """Whole-file SHA256 hex and, if asked for, MD5 hex (a single object's ETag), in one read."""
+    whole, whole_md5 = hashlib.sha256(), hashlib.md5() if md5 else None
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * MIB):
+            whole.update(chunk)
+            if whole_md5 is not None:
+                whole_md5.update(chunk)
+    return whole.hexdigest(), None if whole_md5 is None else whole_md5.hexdigest()

@@ -68,6 +68,10 @@ class SpoolIndex:
         self.readonly = readonly
         self._snapshot_dir: str | None = None  # see open_snapshot
         self.conn = _connect(path or layout.index_path, readonly=readonly, power_safe=power_safe)
+        # For the statements run once per multipart part (record_part, add_bytes_sent): `conn.execute` makes a
+        # cursor per call, and the sqlite3 module keeps a weak reference to each one made — dead ones are only
+        # dropped every 200 — so one reused cursor keeps those writes from growing memory with the part count.
+        self._part_writes = self.conn.cursor()
         self._nesting = 0  # depth of `transaction()` blocks: inner ones join the outermost
         if not readonly:
             self._create_schema()
@@ -393,7 +397,7 @@ class SpoolIndex:
         self.conn.execute(f"UPDATE entries SET {assignments} WHERE id=?", [*fields.values(), file_id])
 
     def add_bytes_sent(self, file_id: int, count: int) -> None:
-        self.conn.execute("UPDATE entries SET bytes_sent=bytes_sent+? WHERE id=?", (count, file_id))
+        self._part_writes.execute("UPDATE entries SET bytes_sent=bytes_sent+? WHERE id=?", (count, file_id))
 
     def retry(self, ids: Iterable[int] | None = None) -> list[int]:
         """Re-queue failed/quarantined entries (all of them when `ids` is None), attempts reset."""
@@ -413,12 +417,24 @@ class SpoolIndex:
 
     # ---- multipart progress -------------------------------------------------------------------
     def record_part(self, file_id: int, part_number: int, size: int, etag: str, sha256_b64: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO parts VALUES (?,?,?,?,?)",
-                          (file_id, part_number, size, etag, sha256_b64))
+        self._part_writes.execute("INSERT OR REPLACE INTO parts VALUES (?,?,?,?,?)",
+                                  (file_id, part_number, size, etag, sha256_b64))
 
     def parts(self, file_id: int) -> dict[int, dict[str, Any]]:
         return {r["part_number"]: dict(r) for r in self.conn.execute(
             "SELECT * FROM parts WHERE entry_id=? ORDER BY part_number", (file_id,))}
+
+    def part(self, file_id: int, part_number: int) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM parts WHERE entry_id=? AND part_number=?",
+                                (file_id, part_number)).fetchone()
+        return dict(row) if row else None
+
+    def iter_parts(self, file_id: int) -> Iterator[tuple[int, int, str, str]]:
+        """(part_number, size, etag, sha256) of each recorded part, in part order, read row by row: a caller
+        completing an upload of 10,000 parts holds only what it builds from them."""
+        for row in self.conn.execute("SELECT part_number, size, etag, sha256 FROM parts WHERE entry_id=?"
+                                     " ORDER BY part_number", (file_id,)):
+            yield row[0], row[1], row[2], row[3]
 
     def clear_parts(self, file_id: int) -> None:
         self.conn.execute("DELETE FROM parts WHERE entry_id=?", (file_id,))
