@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pymongo
 import pytest
@@ -140,9 +141,11 @@ def test_missing_bucket_fails_everything_once_then_retry_all(s3_via_proxy: tuple
         client.delete_bucket(Bucket=bucket)
 
 
-@pytest.mark.parametrize("error", [H.EXPIRED_TOKEN, H.INVALID_ACCESS_KEY_ID, H.SIGNATURE_DOES_NOT_MATCH],
-                         ids=lambda e: e.code)
-def test_bad_credentials_fail_once_then_retry(s3_via_proxy: tuple[Settings, Settings, FaultProxy], error) -> None:
+def _fails_once_then_delivers(s3_via_proxy: tuple[Settings, Settings, FaultProxy], error: H.S3Error,
+                              check_failed: Callable[[Settings, list, int], None]) -> None:
+    """Four small entries and a multipart one meet `error` at the store: each ends failed after one attempt, no
+    request follows during the hold (`check_failed(settings, entries, requests sent)` says what else must hold),
+    and once the rule is gone `retry --all` delivers them all."""
     settings, direct, proxy = s3_via_proxy
     rule = S3ErrorRule(proxy, error)
     daemon = ServiceThread(settings).start()
@@ -153,15 +156,22 @@ def test_bad_credentials_fail_once_then_retry(s3_via_proxy: tuple[Settings, Sett
         sent = rule.injected
         time.sleep(HOLD)
         assert rule.injected == sent, "requests kept coming for failed entries"
-        assert_failed_once(settings, entries, error.code, f"{error.status} ")
+        check_failed(settings, entries, sent)
 
-        rule.remove()  # the credentials were renewed
+        rule.remove()  # the cause was fixed (credentials renewed, endpoint corrected)
         retry_cli(settings, "--all")
         wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), what="delivery after retry")
     finally:
         report = daemon.stop()
     assert report.clean, report
     check_invariants(settings, entries, view=direct)
+
+
+@pytest.mark.parametrize("error", [H.EXPIRED_TOKEN, H.INVALID_ACCESS_KEY_ID, H.SIGNATURE_DOES_NOT_MATCH],
+                         ids=lambda e: e.code)
+def test_bad_credentials_fail_once_then_retry(s3_via_proxy: tuple[Settings, Settings, FaultProxy], error) -> None:
+    _fails_once_then_delivers(s3_via_proxy, error, lambda settings, entries, _sent: assert_failed_once(
+        settings, entries, error.code, f"{error.status} "))
 
 
 @pytest.mark.parametrize("error", [H.TEMPORARY_REDIRECT_NOWHERE, H.PERMANENT_REDIRECT_NOWHERE], ids=lambda e: e.code)
@@ -171,29 +181,14 @@ def test_redirect_to_nowhere_fails_once_then_retry(s3_via_proxy: tuple[Settings,
     region is misconfigured: each entry fails after one attempt and a few requests, saying what to check. (botocore's
     region lookup used to recurse ~110 HeadBuckets deep for each such answer, ending in a RecursionError the daemon
     took for an outage and retried forever.)"""
-    settings, direct, proxy = s3_via_proxy
-    rule = S3ErrorRule(proxy, error)
-    daemon = ServiceThread(settings).start()
-    try:
-        entries = [enqueue_bytes(settings, os.urandom(1000 + i), filename=f"f{i}.bin") for i in range(4)]
-        entries.append(enqueue_bytes(settings, os.urandom(6 * MIB), filename="big.bin"))
-        wait_for(lambda: all_in(settings, [e.id for e in entries], ("failed",)), what="failure")
-        sent = rule.injected
-        time.sleep(HOLD)
-        assert rule.injected == sent, "requests kept coming for failed entries"
+    def check_failed(settings: Settings, entries: list, sent: int) -> None:
         # Per entry, at most: a direct PUT, botocore's request and its one HeadBucket; plus the start-up gc's
         # listing and its HeadBucket.
         assert sent <= 3 * len(entries) + 2, f"{sent} requests for {len(entries)} entries that can never pass"
         assert_failed_once(settings, entries, "without a Location or a region")
         assert all("MLDASH_S3_ENDPOINT_URL" in row["last_error"] for row in entry_rows(settings).values())
 
-        rule.remove()  # the endpoint was fixed
-        retry_cli(settings, "--all")
-        wait_for(lambda: all_in(settings, [e.id for e in entries], DONE), what="delivery after retry")
-    finally:
-        report = daemon.stop()
-    assert report.clean, report
-    check_invariants(settings, entries, view=direct)
+    _fails_once_then_delivers(s3_via_proxy, error, check_failed)
 
 
 def test_catalog_refuses_our_user_then_retry_does_not_resend(mongo_settings: Settings, s3_settings: Settings,
