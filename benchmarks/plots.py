@@ -153,12 +153,7 @@ def rss_plot(path: Path, results: list[ScenarioResult]) -> None:
     idle = result.params.get("idle_peak_mib")
     if budget and idle:
         ax.axhline(idle + budget, color="red", linestyle="--", linewidth=1, label="idle peak + in-flight budget")
-    ax.set_xlabel("time since daemon start (s)")
-    ax.set_ylabel("RSS (MiB)")
-    ax.set_title(result.title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish_time_plot(fig, ax, path, "RSS (MiB)", result.title, title_size=10)
 
 
 def cap_plot(path: Path, results: list[ScenarioResult]) -> None:
@@ -177,9 +172,15 @@ def cap_plot(path: Path, results: list[ScenarioResult]) -> None:
                    / 2**20) for i in range(0, len(times) - step)]
         line, = ax.plot(*zip(*points, strict=True), label=f"{key.removesuffix('/trace')} (last sample)")
         ax.axhline(cap, color=line.get_color(), linestyle="--", linewidth=1)
+    _finish_time_plot(fig, ax, path, "bytes up through the proxy (MiB/s, 250 ms windows)", result.title,
+                      title_size=9)
+
+
+def _finish_time_plot(fig: Any, ax: Any, path: Path, ylabel: str, title: str, *, title_size: int) -> None:
+    """Labels, grid and legend of a plot over the time since the daemon started, then save it."""
     ax.set_xlabel("time since the daemon started (s)")
-    ax.set_ylabel("bytes up through the proxy (MiB/s, 250 ms windows)")
-    ax.set_title(result.title, fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
