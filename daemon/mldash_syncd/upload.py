@@ -47,6 +47,7 @@ from mldash.spool.index import SpoolIndex
 from mldash.spool.manifest import Manifest
 from mldash.store.base import (
     Buffer,
+    CompositeSha256,
     NoSuchUploadError,
     ObjectExistsError,
     PartReceipt,
@@ -86,24 +87,26 @@ class _PartHashes:
 
 class _Composite:
     """A multipart object's checksums as the store computes them from its parts: the composite SHA256
-    ``base64(sha256(d1 ‖ … ‖ dN))-N`` and the ETag ``md5(m1 ‖ … ‖ mN)-N`` (di, mi: raw part digests). Both are
+    (`CompositeSha256`) and, with part MD5s, the ETag ``md5(m1 ‖ … ‖ mN)-N`` (mi: raw part MD5s). Both are
     running hashes over the parts' digests, so parts must be added in part order — and then no part's
     digests need to be kept."""
 
     def __init__(self, *, md5: bool) -> None:
-        self._sha256 = hashlib.sha256()
+        self._sha256 = CompositeSha256()
         self._md5 = hashlib.md5() if md5 else None
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        return self._sha256.count
 
     def add(self, hashes: _PartHashes) -> None:
-        self._sha256.update(base64.b64decode(hashes.sha256_b64))
+        self._sha256.add(hashes.sha256_b64)
         if self._md5 is not None:
             self._md5.update(bytes.fromhex(hashes.md5_hex))
-        self.count += 1
 
     @property
     def sha256(self) -> str:
-        return f"{base64.b64encode(self._sha256.digest()).decode()}-{self.count}"
+        return self._sha256.value
 
     @property
     def etag(self) -> str | None:

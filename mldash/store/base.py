@@ -88,10 +88,29 @@ def b64_sha256(data: bytes | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
+class CompositeSha256:
+    """S3's composite checksum of a multipart object, ``base64(sha256(d1 ‖ … ‖ dN))-N`` (di: the parts' raw
+    SHA256 digests), built part by part: add the parts in part order and none of their digests is kept."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def add(self, part_digest_b64: str) -> None:
+        self._hash.update(base64.b64decode(part_digest_b64))
+        self.count += 1
+
+    @property
+    def value(self) -> str:
+        return f"{base64.b64encode(self._hash.digest()).decode()}-{self.count}"
+
+
 def composite_sha256(part_digests_b64: list[str]) -> str:
     """S3's composite checksum of a multipart object from its parts' base64 SHA256 digests."""
-    joined = b"".join(base64.b64decode(d) for d in part_digests_b64)
-    return f"{base64.b64encode(hashlib.sha256(joined).digest()).decode()}-{len(part_digests_b64)}"
+    composite = CompositeSha256()
+    for digest in part_digests_b64:
+        composite.add(digest)
+    return composite.value
 
 
 def hex_to_b64(hex_digest: str) -> str:
