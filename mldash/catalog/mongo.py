@@ -55,7 +55,7 @@ from mldash.catalog.base import (
     TransientCatalogError,
 )
 from mldash.catalog.query import Glob, folder
-from mldash.redact import redact_uri, uri_password
+from mldash.redact import redact_uri, scrub_secrets, uri_password
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +309,8 @@ class MongoCatalog(Catalog):
     def _scrub(self, error: CatalogError) -> CatalogError:
         """Belt and braces: drivers do not echo the password, but a message must never carry it."""
         text = str(error)
-        if not any(secret in text for secret in self._secrets):
-            return error
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return type(error)(text)
+        scrubbed = scrub_secrets(text, self._secrets)
+        return error if scrubbed == text else type(error)(scrubbed)
 
     async def _ready(self) -> AsyncCollection[dict[str, Any]]:
         """The collection, with its indexes created first (writes only: reads are correct without)."""

@@ -159,3 +159,22 @@ def test_the_log_filter_hides_every_url_password_the_way_errors_do() -> None:
     for harmless in ("https://s3.example/bucket/key?x=a@b", "mongodb://reader@db.example/mldash",
                      "http://[::1]:9000/bucket", "mongodb://u:***@db.example/mldash"):
         assert redact(harmless) == harmless
+
+
+def test_a_catalog_error_hides_the_password_and_stays_readable_when_the_password_is_short() -> None:
+    """The catalog scrubs its URI's password from every error it raises, as written and percent-decoded. A long
+    password goes wherever it appears; a short one ("a", "1234") only where it stands alone — replacing every
+    "a" of a driver's message would leave the user nothing to read."""
+    from mldash.redact import scrub_secrets, uri_password
+
+    long_secret = uri_password("mongodb://mldash:s3cr%40t-passw0rd@db.example/mldash")
+    assert long_secret == {"s3cr%40t-passw0rd", "s3cr@t-passw0rd"}
+    message = "auth failed for s3cr@t-passw0rd (sent as s3cr%40t-passw0rd, xs3cr@t-passw0rdx)"
+    assert scrub_secrets(message, long_secret) == "auth failed for *** (sent as ***, x***x)"
+
+    short = uri_password("mongodb://mldash:a@db.example/mldash")
+    message = "Authentication failed: password a rejected by db.example (bad auth: a)"
+    assert scrub_secrets(message, short) == "Authentication failed: password *** rejected by db.example (bad auth: ***)"
+    digits = uri_password("mongodb://u:1234@db.example:27017/mldash")
+    assert scrub_secrets("port 27017, password 1234; id 912345", digits) == "port 27017, password ***; id 912345"
+    assert scrub_secrets("no password here", set()) == "no password here"
