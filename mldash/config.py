@@ -292,7 +292,8 @@ FIELDS: tuple[Field, ...] = (
           "Daemon: cap on the bytes per second sent to the store, over all uploads together (e.g. '50MB/s'; "
           "1 Gbit/s is '125MB/s'). Unset or 0 = no cap. S3 bodies are paced 64 KiB at a "
           "time; a local store's puts and parts each wait for their share before they are written. Time "
-          "spent waiting for the cap does not count against request_timeout."),
+          "spent waiting for the cap does not count against request_timeout. Set in the file, it changes "
+          "with a reload of the running daemon (SIGHUP, `systemctl reload`)."),
     Field("request_timeout", "MLDASH_REQUEST_TIMEOUT", _parse_float(0.1), lambda: 60.0,
           "Daemon: deadline in seconds of every single S3/MongoDB call (parts scale it by size)."),
     Field("lease_seconds", "MLDASH_LEASE_SECONDS", _parse_float(1.0), lambda: 300.0,
@@ -322,7 +323,8 @@ FIELDS: tuple[Field, ...] = (
     Field("idle_exit", "MLDASH_IDLE_EXIT", _parse_float(0.0), lambda: 300.0,
           "Autostarted daemon: exit after this many idle seconds (0 = never). Ignored by 'run' as a service."),
     Field("log_level", "MLDASH_LOG_LEVEL", lambda v: str(v).upper(), lambda: "INFO",
-          "Daemon log level (DEBUG, INFO, WARNING, ERROR). botocore's wire log is never shown."),
+          "Daemon log level (DEBUG, INFO, WARNING, ERROR). botocore's wire log is never shown. Set in the "
+          "file, it changes with a reload of the running daemon (SIGHUP, `systemctl reload`)."),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}

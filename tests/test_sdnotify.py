@@ -101,3 +101,28 @@ async def test_run_watchdog_pings_until_cancelled(listener: tuple[str, socket.so
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_a_reload_is_announced_to_systemd_only_after_readiness(listener: tuple[str, socket.socket],
+                                                                 settings) -> None:
+    """RELOADING=1 (with MONOTONIC_USEC, as systemd asks) and READY=1 frame a reload of a daemon that is
+    ready; during start-up a reload says nothing, since its READY=1 would end systemd's start-up wait early."""
+    import time
+
+    from mldash_syncd import Daemon
+
+    path, sock = listener
+    daemon = Daemon(settings)
+    daemon.notifier = Notifier({"NOTIFY_SOCKET": path})
+    sock.settimeout(0.2)
+    daemon.reload(lambda: settings)  # still starting: nothing sent
+    with pytest.raises(TimeoutError):
+        sock.recv(4096)
+    sock.settimeout(5.0)
+    daemon._ready_announced = True  # as run() sets it with its READY=1
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    daemon.reload(lambda: settings)
+    reloading = received(sock)
+    assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+    assert before <= int(reloading[1].split("=")[1]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert received(sock) == ["READY=1"]

@@ -172,6 +172,7 @@ def test_common_service_policy(unit: Path) -> None:
     assert value(unit, "Service", "WatchdogSec") == "2min"
     assert value(unit, "Service", "Restart") == "on-failure"
     assert value(unit, "Service", "KillSignal") == "SIGTERM"
+    assert value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"  # SIGHUP: mldash_syncd/reload.py
     # After SIGTERM the daemon gives in-flight work stop_grace seconds (default), then cancels it (recording
     # finished parts) and closes the index: SIGKILL must come well after that.
     assert value(unit, "Service", "TimeoutStopSec") == "60"

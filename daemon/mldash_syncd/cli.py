@@ -97,6 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, daemon.request_stop)
+            if not args.once:  # the service: SIGHUP (`systemctl reload`) re-reads the configuration (reload.py)
+                loop.add_signal_handler(signal.SIGHUP, daemon.reload, lambda: _settings(args))
             max_wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             return await daemon.run(until_drained=args.once, max_wait=max_wait)
 

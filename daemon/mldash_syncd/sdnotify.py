@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger("mldash_syncd.sdnotify")
@@ -74,6 +75,10 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> bool:
         """Ask for more start/stop time (e.g. while reindexing a large spool before READY=1)."""
         return self.notify(f"EXTEND_TIMEOUT_USEC={max(1, round(seconds * 1_000_000))}")
+
+    def reloading(self) -> bool:
+        """SIGHUP received: systemd shows "reloading" until the next READY=1 (MONOTONIC_USEC as systemd asks)."""
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
     def stopping(self) -> bool:
         """SIGTERM received: systemd shows "deactivating" while in-flight parts are checkpointed."""

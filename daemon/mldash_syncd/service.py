@@ -35,7 +35,9 @@ from mldash_syncd.budget import ByteBudget
 from mldash_syncd.collector import CollectorPause
 from mldash_syncd.commit import clash, document_for
 from mldash_syncd.evict import compact, evict, evictable, record_evicted, remove_files
+from mldash_syncd.logs import redact
 from mldash_syncd.manifests import ManifestCache
+from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
 from mldash_syncd.retry import Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
 from mldash_syncd.upload import Uploader
@@ -130,6 +132,7 @@ class Daemon:
         self._index_trouble = False  # a loop step's index write failed in this pass (see _index_guard)
         self._index_trouble_logged = -1e9
         self.notifier = Notifier()  # systemd readiness/watchdog; a no-op outside systemd
+        self._ready_announced = False  # READY=1 sent (a reload then announces itself: RELOADING=1, READY=1)
         self._collector = CollectorPause()  # from start until the first uploads are in flight
 
     # ---- control ------------------------------------------------------------------------------
@@ -150,6 +153,29 @@ class Daemon:
         self._stop.set()
         self._wake.set()
         self.notifier.stopping()
+
+    def reload(self, load: Callable[[], Settings]) -> ReloadOutcome | None:
+        """Read the configuration again (`load`: as at start) and take up what can change while running
+        (reload.py); the outcome, or None when the configuration no longer loads — the daemon then runs on
+        unchanged. The CLI calls this on SIGHUP."""
+        # Before READY=1 a reload's own READY=1 would end systemd's start-up wait early: no notification then.
+        announce = self._ready_announced
+        if announce:
+            self.notifier.reloading()
+        try:
+            try:
+                reloaded = load()
+            except Exception as exc:  # a reload must never stop the daemon, whatever went wrong in it
+                log.error("configuration not reloaded: %s; running on as before", redact(str(exc)))
+                return None
+            outcome = reload_settings(self.settings, reloaded, self.store)
+            self.settings = outcome.settings
+            log_outcome(outcome)
+            self._write_heartbeat()  # `status` shows the cap in effect
+            return outcome
+        finally:
+            if announce:
+                self.notifier.ready()
 
     def _emit(self, kind: str, **data: Any) -> None:
         with contextlib.suppress(Exception):  # a broken progress hook must never stop the daemon
@@ -192,6 +218,7 @@ class Daemon:
                         # multipart uploads wait for it (see _upload_one), so it never judges one of this run's.
                         self._startup_gc = asyncio.create_task(self._collect_orphans(), name="startup-gc")
                         self.notifier.ready(f"draining {self.layout.root}")
+                        self._ready_announced = True
                         watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
                         try:
                             await self._loop(until_drained, deadline)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mldash.errors import MldashError
+from mldash.store.pacing import RateLimit
 
 # Bytes a store sends or writes. The daemon passes its part buffers (anonymous mmaps) as they are: a store
 # must not keep a reference to them, nor a view, after the call returns — they are refilled with the next part.
@@ -125,6 +126,9 @@ class Store(abc.ABC):
     # compares them with its own MD5s, which catches corruption in flight on stores (moto, some
     # S3-compatibles) that accept a wrong ChecksumSHA256 without validating it.
     etag_is_md5: bool = False
+    # The upload bandwidth cap this store paces its uploads by (`max_upload_rate`; `set_rate` changes it while
+    # uploads run). None: a store that does not pace.
+    rate_limit: RateLimit | None = None
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Acquire clients/sessions. Must be called on the event loop that will use the store."""

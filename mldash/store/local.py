@@ -93,7 +93,7 @@ class LocalStore(Store):
         self._uploads = self.root / ".uploads"
         self._meta = self.root / ".meta"
         self._ready = False
-        self.rate_limit = RateLimit(max_upload_rate) if max_upload_rate else None
+        self.rate_limit = RateLimit(max_upload_rate or None)  # always there: a reload may set a cap
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"

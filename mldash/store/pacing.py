@@ -29,36 +29,78 @@ SLICE = 64 << 10  # the smallest unit paced: one socket write of an S3 body (s3_
 
 
 class RateLimit:
-    """At most `rate` bytes per second across every caller of `take` (one event loop)."""
+    """At most `rate` bytes per second across every caller of `take` (one event loop); `rate` None: no cap.
 
-    def __init__(self, rate: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if rate <= 0:
-            raise ValueError(f"rate {rate!r}: must be a positive number of bytes per second")
-        self.rate = rate
-        self.burst = max(SLICE, rate // 10)
+    The rate can change while uploads run (`set_rate`, on a configuration reload): senders waiting on the old
+    rate wake and wait out what is left of their turn at the new one, so lifting a cap frees them at once."""
+
+    def __init__(self, rate: int | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._tokens = float(self.burst)
-        self._updated = clock()
+        self._waiting: set[asyncio.Future[bool]] = set()  # senders waiting for their turn (woken by set_rate)
+        self.rate: int | None = None
+        self.set_rate(rate)
 
     def __repr__(self) -> str:
-        return f"RateLimit({self.rate} B/s)"
+        return f"RateLimit({self.rate} B/s)" if self.rate else "RateLimit(unlimited)"
+
+    @property
+    def limited(self) -> bool:
+        return self.rate is not None
+
+    def set_rate(self, rate: int | None) -> None:
+        """Change the cap (None: none). Credit earned so far is kept up to the new burst; debt carries over."""
+        if rate is not None and rate <= 0:
+            raise ValueError(f"rate {rate!r}: must be a positive number of bytes per second, or None for no cap")
+        now = self._clock()
+        if self.rate is None:
+            self._tokens = float(max(SLICE, (rate or 0) // 10))  # a fresh cap starts with a full burst
+        else:
+            self._tokens += (now - self._updated) * self.rate
+        self._updated = now
+        self.rate = rate
+        if rate is not None:
+            self.burst = max(SLICE, rate // 10)
+            self._tokens = min(float(self.burst), self._tokens)
+        for waiter in self._waiting:  # wake every waiter: its turn is re-measured at the new rate
+            if not waiter.done():
+                waiter.set_result(True)
 
     async def take(self, nbytes: int) -> float:
         """Wait until `nbytes` may be sent; the seconds waited. Cancelled while waiting, the bytes are given
         back (they were not sent)."""
+        if self.rate is None:
+            return 0.0
         now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self.rate)
         self._updated = now
         self._tokens -= nbytes
         if self._tokens >= 0:
             return 0.0
-        delay = -self._tokens / self.rate
+        owed = -self._tokens  # bytes to be paid at the rate before this sender's turn comes
+        loop, waited = asyncio.get_running_loop(), 0.0
         try:
-            await asyncio.sleep(delay)
+            while owed > 0 and self.rate is not None:
+                rate, since = self.rate, self._clock()
+                turn = loop.create_future()
+                timer = loop.call_later(owed / rate, _settle, turn, False)
+                self._waiting.add(turn)
+                try:
+                    rate_changed = await turn
+                finally:
+                    timer.cancel()
+                    self._waiting.discard(turn)
+                took = self._clock() - since if rate_changed else owed / rate
+                owed, waited = owed - took * rate, waited + took
         except asyncio.CancelledError:
-            self._tokens += nbytes
+            if self.rate is not None:
+                self._tokens += nbytes
             raise
-        return delay
+        return waited
+
+
+def _settle(turn: asyncio.Future[bool], rate_changed: bool) -> None:
+    if not turn.done():
+        turn.set_result(rate_changed)
 
 
 class CallDeadline:
@@ -83,7 +125,7 @@ current_deadline: contextvars.ContextVar[CallDeadline | None] = contextvars.Cont
 
 async def pace(limit: RateLimit | None, nbytes: int) -> None:
     """Take `nbytes` from `limit` (None: no cap), pushing the current request's deadline back by the wait."""
-    if limit is None or nbytes <= 0:
+    if limit is None or limit.rate is None or nbytes <= 0:
         return
     waited = await limit.take(nbytes)
     deadline = current_deadline.get()

@@ -251,7 +251,7 @@ class S3Store(Store):
         self.request_timeout = request_timeout
         self.seconds_per_mib = seconds_per_mib
         self.max_connections = max_connections
-        self.rate_limit = RateLimit(max_upload_rate) if max_upload_rate else None
+        self.rate_limit = RateLimit(max_upload_rate or None)  # always there: a reload may set a cap
         self._client: Any = None
         self._direct: DirectPut | None = None  # small PUTs without botocore's pipeline (s3_direct.py), if usable
         self._exit: contextlib.AsyncExitStack | None = None
@@ -336,8 +336,8 @@ class S3Store(Store):
         token = None
         try:
             async with asyncio.timeout(deadline) as timeout:
-                if self.rate_limit is not None:
-                    token = current_deadline.set(CallDeadline(timeout, paced))
+                # Set whether or not a cap is on now: a reload can set one while this request runs.
+                token = current_deadline.set(CallDeadline(timeout, paced))
                 return await fn(**kwargs)
         except Exception as exc:
             raise classify_error(exc, operation=operation, key=key, endpoint=self._endpoint) from exc

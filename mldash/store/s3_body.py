@@ -103,7 +103,7 @@ class _SendBufferPayload(payload.Payload):
         limit = self._value.rate_limit
         for start in range(0, end, SLICE):
             stop = min(start + SLICE, end)
-            if limit is not None:
+            if limit is not None and limit.rate is not None:  # looked at per slice: a reload can change it
                 await pace(limit, stop - start)
             await writer.write(view[start:stop])
 
