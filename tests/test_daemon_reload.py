@@ -99,6 +99,14 @@ def test_live_settings_apply_and_the_others_are_named_as_needing_a_restart(setti
     assert "s3cret-pass" not in " ".join(outcome.need_restart)
     assert reload_settings(running, running, store).applied == []
 
+    class Unpaced:  # a store that does not pace (none of ours): the cap cannot change live, and says why
+        url, rate_limit = "test://unpaced", None
+
+    outcome = reload_settings(running, reloaded.replace(log_level="INFO"), Unpaced())  # type: ignore[arg-type]
+    assert outcome.applied == [] and outcome.settings.max_upload_rate == MiB
+    assert outcome.need_restart[2] == "max_upload_rate 1.0 MiB/s → unlimited (the store test://unpaced does not pace " \
+                                      "its uploads)"
+
 
 def test_a_configuration_that_no_longer_loads_is_refused_whole(settings: Settings, caplog) -> None:
     daemon = Daemon(settings.replace(max_upload_rate="2MiB/s"))

@@ -74,12 +74,16 @@ def reload_settings(running: Settings, reloaded: Settings, store: Store) -> Relo
         if old == new:
             continue
         change = f"{field.name} {shown(field.name, old)} → {shown(field.name, new)}"
-        if field.name in LIVE:
+        if field.name not in LIVE:
+            need_restart.append(change)
+            continue
+        try:
             LIVE[field.name](store, new)
+        except Exception as exc:  # cannot apply here: it stays as it runs, like a restart-only setting
+            need_restart.append(f"{change} ({exc})")
+        else:
             in_effect[field.name] = new
             applied.append(change)
-        else:
-            need_restart.append(change)
     # dataclasses.replace, not Settings.replace: the values are parsed and checked already.
     return ReloadOutcome(dataclasses.replace(running, **in_effect), applied, need_restart)
 
