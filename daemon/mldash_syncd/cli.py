@@ -25,6 +25,7 @@ from mldash.spool.lock import DaemonLock, holder_pid, is_held
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed
 from mldash.spool.states import OUTSTANDING, State
 from mldash_syncd.follow import Progress, follow, progress
+from mldash_syncd.health import parse_duration, problems
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
 
@@ -183,7 +184,8 @@ def status_data(settings: Settings) -> dict[str, Any]:
         beat = index.get_meta("daemon")
         if beat:
             info = json.loads(beat)
-            data["daemon"].update(heartbeat=info.get("heartbeat"), startedAt=info.get("startedAt"),
+            data["daemon"].update(heartbeat=info.get("heartbeat"), heartbeatPid=info.get("pid"),
+                                  startedAt=info.get("startedAt"),
                                   autostarted=info.get("autostarted"), storeProblem=info.get("storeGate"),
                                   catalogProblem=info.get("catalogGate"), uploadRateCap=info.get("uploadRateCap"))
             if data["daemon"]["running"]:
@@ -213,10 +215,20 @@ def disk_usage(settings: Settings, layout: SpoolLayout) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    max_age = parse_duration(args.max_pending_age) if args.max_pending_age is not None else None
     data = status_data(_settings(args))
+    data["problems"] = problems(data, max_pending_age=max_age)
+    failing = EXIT_LEFT_FAILED if args.check and data["problems"] else EXIT_OK
     if args.json:
         print(json.dumps(data, indent=2))
-        return EXIT_OK
+        return failing
+    if args.check:  # one line, for a cron job, a job script or a monitoring agent
+        if data["problems"]:
+            print("mldash PROBLEM: " + "; ".join(data["problems"]))
+        else:
+            print(f"mldash OK: {data['pendingFiles']} files pending ({human_bytes(data['pendingBytes'])}), daemon "
+                  + ("running" if data["daemon"]["running"] else "not running"))
+        return failing
     daemon = data["daemon"]
     running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
     print(f"spool    {data['spool']}\nstore    {data['store']}\ncatalog  {data['catalog']}\ndaemon   {running}")
@@ -246,6 +258,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         for err in data["recentErrors"]:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))
             print(f"  {stamp}  {err['id']}  {err['message']}")
+    if data["problems"]:
+        print("\nproblems:")
+        for problem in data["problems"]:
+            print(f"  {problem}")
     return EXIT_OK
 
 
@@ -394,8 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="counts per state, pending bytes, oldest entry, errors, rate",
                             description="Summarise the spool: entries per state, bytes pending, age of the oldest "
-                                        "pending entry, recent errors, and the running daemon's throughput.")
+                                        "pending entry, recent errors, the running daemon's throughput, and "
+                                        "the problems that need attention (--check: those only, exit 1 if any).")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--check", action="store_true",
+                        help="health check: one line, exit 1 if anything needs attention (failed or quarantined "
+                             "entries, pending entries and no daemon, a stuck daemon, store or catalog "
+                             "unreachable, spool quota or filesystem nearly full)")
+    status.add_argument("--max-pending-age", metavar="DURATION", default=None,
+                        help="also a problem: an entry pending longer than this (e.g. 30m, 2h, 1d)")
     status.set_defaults(func=cmd_status)
 
     ls = sub.add_parser("ls", help="list spool entries", description="List spool entries, oldest first.")

@@ -1,0 +1,125 @@
+"""`mldash-syncd status --check`: the problems that need someone's attention, one line, exit 1 — for a cron job,
+a job script's epilogue or a monitoring agent. Each kind of problem is shown on `status_data` output; the CLI
+is run for real on spools in each condition."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+
+from mldash.config import Settings
+from mldash.errors import MldashError
+from mldash.spool import SpoolLayout
+from mldash.spool.states import State
+from mldash_syncd.health import parse_duration, problems
+from tests.fixtures.daemon import enqueue_bytes
+from tests.spool_helpers import overwrite_spooled
+from tests.test_daemon_process import cli, wait_for
+
+NOW = 1_800_000_000.0
+HEALTHY: dict = {
+    "states": {s.value: {"count": 0, "bytes": 0} for s in State},
+    "daemon": {"running": True, "pid": 41, "heartbeat": NOW - 1, "heartbeatPid": 41, "storeProblem": None,
+               "catalogProblem": None},
+    "pendingFiles": 2, "pendingBytes": 3 * 2**20, "oldestPendingAgeSeconds": 7200.0,
+    "disk": {"spoolBytes": 3 * 2**20, "quotaBytes": None, "quotaUsedBytes": None, "filesystemFreeBytes": 50 * 2**30},
+}
+
+
+def with_(**changes) -> dict:
+    data = copy.deepcopy(HEALTHY)
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        target = data
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+    return data
+
+
+def test_a_healthy_spool_has_no_problems() -> None:
+    assert problems(HEALTHY, now=NOW) == []
+    # A backlog is normal (an offline node, a slow link): its age is a problem only past a limit asked for.
+    assert problems(HEALTHY, now=NOW, max_pending_age=3 * 3600) == []
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"states__failed__count": 2, "states__quarantined__count": 1},
+     "2 failed and 1 quarantined entries: see `mldash-syncd ls --state failed --state quarantined`"),
+    ({"daemon__running": False}, "2 files (3.0 MiB) pending and no daemon running: `mldash-syncd run --once`"),
+    ({"daemon__heartbeat": NOW - 300}, "the daemon (pid 41) wrote no heartbeat for 5:00: its loop is stuck"),
+    ({"daemon__storeProblem": "http://s3.lab:9000: connection refused"},
+     "store unreachable: http://s3.lab:9000: connection refused"),
+    ({"daemon__catalogProblem": "mongodb://db:27017: no server"}, "catalog unreachable: mongodb://db:27017"),
+    ({"disk__quotaBytes": 10 * 2**30, "disk__quotaUsedBytes": 9 * 2**30 + 1},
+     "spool quota 9.0 GiB of 10.0 GiB in use"),
+    ({"disk__filesystemFreeBytes": 500 * 2**20}, "only 500.0 MiB free on the spool's filesystem"),
+], ids=["failed", "no-daemon", "stuck", "store", "catalog", "quota", "disk"])
+def test_each_problem_is_named_with_what_to_do(changes: dict, says: str) -> None:
+    found = problems(with_(**changes), now=NOW)
+    assert len(found) == 1 and says in found[0], found
+
+
+def test_pending_too_long_only_past_the_limit_asked_for() -> None:
+    found = problems(HEALTHY, now=NOW, max_pending_age=3600)
+    assert found == ["2 files (3.0 MiB) pending, the oldest for 2:00:00 (more than 1:00:00)"]
+
+
+def test_an_earlier_daemons_heartbeat_does_not_make_a_starting_one_stuck() -> None:
+    # The lock's holder (pid 41) has not written its first heartbeat: the one there is its predecessor's.
+    assert problems(with_(daemon__heartbeat=NOW - 3600, daemon__heartbeatPid=7), now=NOW) == []
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200),
+                                               ("1.5d", 129600), (" 5M ", 300)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5m", "2 weeks", "1h30m"])
+def test_a_bad_duration_names_the_value_and_the_forms_accepted(text: str) -> None:
+    with pytest.raises(MldashError, match=f"{text!r} is not a duration; use seconds or a number with s, m, h or d"):
+        parse_duration(text)
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------------
+
+def test_status_check_exit_codes_and_lines(settings: Settings, daemon_process) -> None:
+    # Saved, no daemon: a problem — nothing will send it.
+    entry = enqueue_bytes(settings, b"c" * (2 * 2**20), filename="ckpt.bin")
+    waiting = cli(settings, "status", "--check")
+    assert waiting.returncode == 1, waiting
+    assert waiting.stdout == ("mldash PROBLEM: 1 files (2.0 MiB) pending and no daemon running: `mldash-syncd run "
+                              "--once` syncs them\n")
+
+    # A daemon sending it (slowly: 2 MiB at 64 KiB/s take 32 s): the backlog is fine — unless it waits longer
+    # than the limit given.
+    daemon = daemon_process(settings.replace(max_upload_rate="64KiB/s", stop_grace=0), "run")
+    wait_for(lambda: cli(settings, "status", "--check").returncode == 0)
+    time.sleep(1.1)
+    too_old = cli(settings, "status", "--check", "--max-pending-age", "1s")
+    assert too_old.returncode == 1, too_old
+    assert too_old.stdout.startswith("mldash PROBLEM: 1 files (2.0 MiB) pending, the oldest for 0:0"), too_old
+    assert "(more than 0:01)" in too_old.stdout
+    assert daemon.terminate() == 0
+
+    # Drained: OK. Then a corrupted entry quarantined: a problem, also in --json and in plain `status`.
+    assert cli(settings, "run", "--once", "--quiet").returncode == 0
+    healthy = cli(settings, "status", "--check")
+    assert healthy.returncode == 0 and healthy.stdout == "mldash OK: 0 files pending (0 B), daemon not running\n"
+    bad = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")
+    overwrite_spooled(SpoolLayout(settings.spool), bad.id, b"BAD-BYTES")
+    assert cli(settings, "run", "--once", "--quiet").returncode == 1
+    checked = cli(settings, "status", "--check")
+    assert checked.returncode == 1 and checked.stdout.startswith("mldash PROBLEM: 0 failed and 1 quarantined"), checked
+    as_json = cli(settings, "status", "--check", "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["problems"][0].startswith("0 failed and 1 quar")
+    plain = cli(settings, "status")  # without --check: the same problems listed, exit 0 (it is a report)
+    assert plain.returncode == 0 and "\nproblems:\n  0 failed and 1 quarantined entries" in plain.stdout
+    assert entry.id != bad.id
+
+    refused = cli(settings, "status", "--check", "--max-pending-age", "soon")
+    assert refused.returncode == 2 and "'soon' is not a duration" in refused.stderr, refused
