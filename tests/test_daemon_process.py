@@ -533,6 +533,25 @@ def test_run_once_following_gives_up_at_max_wait(settings: Settings, mongo_serve
     assert holder.proc.poll() is None
 
 
+def test_run_once_at_max_wait_counts_saves_the_followed_daemon_has_not_indexed(
+        settings: Settings, daemon_process) -> None:
+    """The daemon holding the spool has not indexed the job's last saves when --max-wait ends the follow (it
+    is frozen here; slow or wedged is the same): they are not synced, so exit 1 — exit 0 is the signal that the
+    spool may be deleted."""
+    holder = daemon_process(settings, "run")
+    wait_for(lambda: "started on" in holder.log())
+    holder.proc.send_signal(signal.SIGSTOP)
+    try:
+        saved = [enqueue_bytes(settings, os.urandom(100), filename=f"late{i}.bin") for i in range(3)]
+        once = _run_once(settings, "--quiet", "--max-wait", "1.5")
+        _, stderr = once.communicate(timeout=60)
+    finally:
+        holder.proc.send_signal(signal.SIGCONT)
+    assert once.returncode == 1, stderr
+    assert "in spool: 3 not indexed" in stderr, stderr
+    assert len(saved) == 3
+
+
 def test_ctrl_c_while_following_exits_130_without_a_traceback(
         settings: Settings, mongo_server_process, daemon_process) -> None:
     live, _server, _entries, holder = _uploaded_with_the_catalog_down(settings, mongo_server_process,

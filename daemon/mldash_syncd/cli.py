@@ -137,8 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "unreadable: a retry helps only once they are restored — otherwise save the artifact again)",
                       file=sys.stderr)
             return EXIT_LEFT_FAILED
-        pending = sum(report.remaining.get(s.value, 0) for s in OUTSTANDING)
-        return EXIT_LEFT_FAILED if pending else EXIT_OK
+        return EXIT_LEFT_FAILED if report.pending else EXIT_OK
     return EXIT_OK
 
 

@@ -42,6 +42,19 @@ class Followed:
         return max(0, self.last.done_files - self.first.done_files) if self.first and self.last else 0
 
 
+NOT_INDEXED = "not indexed"  # the key of saves no daemon has indexed yet in a `remaining` count
+
+
+def remaining_counts(index: SpoolIndex, layout: SpoolLayout) -> dict[str, int]:
+    """Non-zero counts per state, and NOT_INDEXED: what a run that ends now leaves in the spool. Saves not yet
+    indexed count too — a `run --once` stopped at its --max-wait before its daemon (or the one it follows) had
+    indexed them has not synced them, whatever the index says."""
+    counts = {state: c["count"] for state, c in index.counts().items() if c["count"]}
+    if saved := unindexed(layout, index.known_ids()).count:
+        counts[NOT_INDEXED] = saved
+    return counts
+
+
 def progress(index: SpoolIndex, layout: SpoolLayout, *, count_unindexed: bool = True) -> Progress:
     """`count_unindexed=False`: leave out saves not indexed yet (a drain of our own counts them as it indexes
     them, from its "queued" events)."""
@@ -53,11 +66,14 @@ def progress(index: SpoolIndex, layout: SpoolLayout, *, count_unindexed: bool = 
         # (Only looked for when nothing indexed is pending: this runs at every poll.)
         saved = unindexed(layout, index.known_ids())
         pending_files, pending_bytes = saved.count, saved.bytes
+    left = {state: c["count"] for state, c in counts.items() if c["count"]}
+    if count_unindexed and pending_files and not any(left.get(s.value) for s in OUTSTANDING):
+        left[NOT_INDEXED] = pending_files  # what the follower reports if this is the last poll
     return Progress(
         pending_files=pending_files,
         pending_bytes=pending_bytes,
         done_files=sum(counts[s.value]["count"] for s in TERMINAL),
-        remaining={state: c["count"] for state, c in counts.items() if c["count"]},
+        remaining=left,
     )
 
 

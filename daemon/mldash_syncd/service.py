@@ -35,6 +35,7 @@ from mldash_syncd.budget import ByteBudget
 from mldash_syncd.collector import CollectorPause
 from mldash_syncd.commit import clash, document_for
 from mldash_syncd.evict import compact, evict, evictable, record_evicted, remove_files
+from mldash_syncd.follow import NOT_INDEXED, remaining_counts
 from mldash_syncd.logs import redact
 from mldash_syncd.manifests import ManifestCache
 from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
@@ -70,12 +71,18 @@ class RunReport:
     failed: int = 0
     quarantined: int = 0
     bytes_sent: int = 0
+    # Non-zero counts per state at the end, and NOT_INDEXED: saves no daemon had indexed yet (pending as well).
     remaining: dict[str, int] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
         """True when nothing is left failed or quarantined (the `run --once` exit status)."""
         return not (self.remaining.get("failed") or self.remaining.get("quarantined"))
+
+    @property
+    def pending(self) -> int:
+        """Entries still to be synced: in an outstanding state, or saved and not indexed yet."""
+        return sum(self.remaining.get(s.value, 0) for s in OUTSTANDING) + self.remaining.get(NOT_INDEXED, 0)
 
 
 def _first_error(exc: BaseException) -> BaseException:
@@ -232,7 +239,7 @@ class Daemon:
                         raise error
             finally:
                 self._write_heartbeat(stopping=True)
-                self.report.remaining = {k: v["count"] for k, v in self.index.counts().items() if v["count"]}
+                self.report.remaining = remaining_counts(self.index, self.layout)
                 self.index.close()
         return self.report
 
