@@ -592,6 +592,24 @@ def test_run_once_refuses_a_directory_that_is_not_a_spool(settings: Settings, tm
     assert os.listdir(inbox) == ["node042"]
 
 
+@pytest.mark.parametrize("command", [("status",), ("status", "--check"), ("ls",), ("retry", "--all"), ("reindex",),
+                                     ("gc",), ("gc", "--dry-run"), ("run", "--once")], ids=" ".join)
+def test_every_command_refuses_a_spool_of_another_layout(settings: Settings, drain, command: tuple[str, ...]) -> None:
+    """A spool written by a newer mldash (another layout marker): every command refuses it and leaves it as it
+    is — reindex would drop its index and clean up "debris" it does not understand, status would misreport it."""
+    enqueue_bytes(settings, b"synced", filename="a.bin")
+    drain(settings)
+    enqueue_bytes(settings, b"pending", filename="b.bin")
+    layout = SpoolLayout(settings.spool)
+    (layout.root / "SPOOL").write_text("mldash-spool 2\n")
+    before = spool_files(layout)
+
+    refused = cli(settings, *command)
+    assert refused.returncode == 2, refused
+    assert "holds a spool of layout 'mldash-spool 2'; this mldash reads 'mldash-spool 1'" in refused.stderr, refused
+    assert spool_files(layout) == before
+
+
 def test_run_max_wait_is_checked(settings: Settings) -> None:
     enqueue_bytes(settings, b"x")
     result = cli(settings, "run", "--max-wait", "2")

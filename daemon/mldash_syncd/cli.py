@@ -51,6 +51,7 @@ def _existing_spool(settings: Settings, why: str = "") -> SpoolLayout:
     if not layout.exists():
         raise MldashError(f"no spool at {settings.spool}{why} (check --spool / MLDASH_SPOOL; a spool holds SPOOL, "
                           "blobs/ and manifests/)")
+    layout.check_marker()
     return layout
 
 

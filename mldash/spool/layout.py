@@ -148,10 +148,7 @@ class SpoolLayout:
         """Create the spool directories (0700) and the layout marker; check an existing marker."""
         marker = self.root / "SPOOL"
         if marker.exists():
-            text = marker.read_text(encoding="utf-8", errors="replace")
-            if text != _MARKER:
-                raise SpoolCorruptError(
-                    f"{self.root} holds a spool of layout {text.strip()!r}; this mldash reads {_MARKER.strip()!r}")
+            self.check_marker()
         else:
             self._check_new_root()
         for directory in (self.root, self.tmp_dir, self.blobs_dir, self.manifests_dir):
@@ -170,6 +167,14 @@ class SpoolLayout:
                 with contextlib.suppress(FileNotFoundError):  # only if the lock was not available (no flock)
                     os.replace(tmp, marker)
         return self
+
+    def check_marker(self) -> None:
+        """Refuse a spool of another layout (a newer mldash's): reading it — let alone cleaning up what looks like
+        debris in it — could misreport or destroy what this version does not understand."""
+        text = (self.root / "SPOOL").read_text(encoding="utf-8", errors="replace")
+        if text != _MARKER:
+            raise SpoolCorruptError(
+                f"{self.root} holds a spool of layout {text.strip()!r}; this mldash reads {_MARKER.strip()!r}")
 
     def _check_new_root(self) -> None:
         """A spool is created in a new or empty directory only: MLDASH_SPOOL=$HOME (or a file) is a mistake
