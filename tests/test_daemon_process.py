@@ -635,6 +635,18 @@ def test_a_read_only_spool_is_a_usage_error_not_a_traceback(settings: Settings, 
         subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
 
 
+def test_a_spool_path_that_cannot_be_a_directory_is_a_usage_error(settings: Settings, tmp_path) -> None:
+    """`run` (the service) creates its spool: a path through a file, or under /proc, is a configuration error —
+    exit 2, which stops systemd's restarts — naming the path and what is wrong with it, not a traceback."""
+    (tmp_path / "afile").write_text("x")
+    for spool, says in ((tmp_path / "afile" / "spool", f"'{tmp_path / 'afile'}' is a file, not a directory"),
+                        (Path("/proc/mldash-nope/spool"), "mkdir '/proc/mldash-nope': No such file or directory")):
+        result = cli(settings.replace(spool=str(spool)), "run")
+        assert result.returncode == 2, result
+        assert f"spool '{spool}' cannot be created: {says}; set the spool setting (MLDASH_SPOOL)" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_output_piped_into_head_ends_quietly(settings: Settings) -> None:
     """`mldash-syncd ls | head` printed a BrokenPipeError traceback once head had exited."""
     for i in range(2000):  # more than a pipe buffer (64 KiB) of `ls` lines

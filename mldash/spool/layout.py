@@ -151,8 +151,15 @@ class SpoolLayout:
             self.check_marker()
         else:
             self._check_new_root()
-        for directory in (self.root, self.tmp_dir, self.blobs_dir, self.manifests_dir):
-            make_private_dir(directory)
+        try:
+            for directory in (self.root, self.tmp_dir, self.blobs_dir, self.manifests_dir):
+                make_private_dir(directory)
+        except (NotADirectoryError, FileNotFoundError) as exc:  # a file on the path, a /proc or /sys path
+            culprit = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+            why = (f"{str(culprit)!r} is a file, not a directory" if culprit else
+                   f"mkdir {exc.filename!r}: {exc.strerror}")
+            raise ConfigError(f"spool {str(self.root)!r} cannot be created: {why}; set the spool setting "
+                              "(MLDASH_SPOOL) to a directory path") from None
         while not marker.exists():
             # unique per thread too: a client and an in-process daemon may create the spool at once
             tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}-SPOOL.part"
