@@ -113,6 +113,28 @@ def test_sigterm_mid_upload_stops_cleanly_and_resumes(s3_settings: Settings, dae
     assert len(catalog_docs(settings)) == 1
 
 
+def test_sigterm_commits_what_finished_uploading_in_the_grace_period(settings: Settings, daemon_process) -> None:
+    """An upload that ends within stop_grace is committed before the daemon exits (one round trip), not left in
+    `uploaded` for the next start; one that does not is interrupted, and the log says so."""
+    capped = settings.replace(max_upload_rate="4MiB/s")  # 12 MiB: ~3 s, well inside the default 20 s grace
+    entry = enqueue_bytes(capped, os.urandom(12 * MIB), filename="finishes.bin")
+    daemon = daemon_process(capped, "run")
+    wait_for(lambda: row(capped, entry.id) and row(capped, entry.id)["state"] == State.UPLOADING)
+    assert daemon.terminate(timeout=60) == 0, daemon.log()
+    assert [d["id"] for d in catalog_docs(capped)] == [str(entry.id)], daemon.log()
+    assert "interrupted" not in daemon.log()
+    assert daemon.log().rstrip().endswith("stopped: 1 committed since start; 0 pending in the spool")
+
+    slow = settings.replace(max_upload_rate="64KiB/s", stop_grace=1.0)  # 2 MiB: 32 s, cut short at 1 s
+    cut = enqueue_bytes(slow, os.urandom(2 * MIB), filename="cut.bin")
+    daemon = daemon_process(slow, "run")
+    wait_for(lambda: row(slow, cut.id) and row(slow, cut.id)["state"] == State.UPLOADING)
+    assert daemon.terminate(timeout=60) == 0, daemon.log()
+    assert "stopping: 1 uploads or commits interrupted; the next start resumes them" in daemon.log()
+    assert row(slow, cut.id)["state"] == State.QUEUED
+    assert daemon.log().rstrip().endswith("stopped: 0 committed since start; 1 pending in the spool")
+
+
 def test_copied_spool_syncs_on_another_host_after_reindex(settings: Settings, tmp_path) -> None:
     """Offline node → copy the spool → `reindex && run --once` elsewhere."""
     entries = {enqueue_bytes(settings, os.urandom(n), filename=f"f{n}").id: n for n in (10, 5000, 70000)}

@@ -241,6 +241,9 @@ class Daemon:
                 self._write_heartbeat(stopping=True)
                 self.report.remaining = remaining_counts(self.index, self.layout)
                 self.index.close()
+        if self._stop.is_set():  # the last line of a stopped service says it is gone, and what it leaves
+            log.info("stopped: %d committed since start; %d pending in the spool", self.report.committed,
+                     self.report.pending)
         return self.report
 
     async def _loop(self, until_drained: bool, deadline: float | None) -> None:
@@ -404,14 +407,29 @@ class Daemon:
         # own handlers, the refund of the attempt its claim counted among them.
         await asyncio.sleep(0)
         if self._stop.is_set() and not self._stop_now.is_set() and self.settings.stop_grace > 0:
+            ends = time.monotonic() + self.settings.stop_grace
             await self._grace(tasks, self.settings.stop_grace)
-        pending = [task for task in tasks if not task.done()]
+            await self._commit_in_grace(ends)
+        pending = [task for task in {*tasks, *self._commits.values()} if not task.done()]
+        if pending and self._stop.is_set():
+            log.warning("stopping: %d uploads or commits interrupted; the next start resumes them", len(pending))
         for task in pending:
             self._stopped_tasks.add(task)
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         # Interrupted entries go back to the queue now (their recorded parts stay for the resume).
         self.index.release_all_leases(self.owner)
+
+    async def _commit_in_grace(self, ends: float) -> None:
+        """Commit what finished uploading during the stop's grace period, in what is left of it: a commit is one
+        round trip, while an entry left in `uploaded` waits for the next start — on an offline node, days."""
+        while not self._stop_now.is_set() and (left := ends - time.monotonic()) > 0:
+            with self._index_guard("claim commits"):
+                self._start_commits()
+            batches = list(self._commit_batches)
+            if not batches:
+                return
+            await self._grace(batches, left)
 
     async def _grace(self, tasks: list[asyncio.Task], seconds: float) -> None:
         """Wait until `tasks` are done, `seconds` have passed, or a second stop request came."""
