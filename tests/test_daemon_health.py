@@ -123,3 +123,11 @@ def test_status_check_exit_codes_and_lines(settings: Settings, daemon_process) -
 
     refused = cli(settings, "status", "--check", "--max-pending-age", "soon")
     assert refused.returncode == 2 and "'soon' is not a duration" in refused.stderr, refused
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(5, "0:05"), (245, "4:05"), (7200, "2:00:00"),
+                                                (3 * 86400 + 5, "3d 0:00:05"), (90061, "1d 1:01:01")])
+def test_durations_are_shown_with_days_past_a_day(seconds: float, shown: str) -> None:
+    from mldash_syncd.progress import human_duration
+
+    assert human_duration(seconds) == shown

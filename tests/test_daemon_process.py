@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -162,8 +163,6 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert "a retry helps only once they are restored" in once.stderr, once.stderr  # not a bare "retry --all"
 
     status = cli(settings, "status", "--json")
-    import json
-
     data = json.loads(status.stdout)
     assert data["states"]["quarantined"]["count"] == 1
     # Nothing is pending (the quarantined entry is counted apart): no "oldest pending" age to show.
@@ -188,6 +187,8 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert "re-queued 1" in retried.stdout
     assert cli(settings, "run", "--once", "--quiet").returncode == 0
     assert hashlib.sha256(b"bad-bytes").hexdigest() in {d["checksum"] for d in catalog_docs(settings)}
+    # Synced now: its quarantine is history, no longer a "recent error" to look at.
+    assert json.loads(cli(settings, "status", "--json").stdout)["recentErrors"] == []
 
 
 def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> None:
@@ -597,6 +598,18 @@ def test_every_subcommand_has_help(command: str) -> None:
     result = subprocess.run([sys.executable, "-m", "mldash_syncd", command, "--help"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0 and "usage: mldash-syncd" in result.stdout and len(result.stdout) > 150
+
+
+def test_spool_option_before_or_after_the_command_and_version(settings: Settings, tmp_path) -> None:
+    """README: every command takes --spool DIR — after the command too; one after it wins over one before."""
+    enqueue_bytes(settings, b"x", filename="x.bin")
+    other = settings.replace(spool=str(tmp_path / "elsewhere"))
+    for args in (("status", "--spool", settings.spool), ("--spool", settings.spool, "status"),
+                 ("--spool", str(tmp_path / "nowhere"), "status", "--spool", settings.spool)):
+        shown = cli(other, *args)
+        assert shown.returncode == 0 and f"spool    {settings.spool}" in shown.stdout, (args, shown)
+    version = cli(settings, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"mldash-syncd {__import__('mldash').__version__}"
 
 
 def test_run_once_refuses_a_directory_that_is_not_a_spool(settings: Settings, tmp_path) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import mldash
 from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
 from mldash.spool.index import SpoolIndex
@@ -179,8 +180,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         data["pendingFiles"] = sum(p["count"] for p in pending)
         data["pendingBytes"] = sum(p["bytes"] for p in pending)
         _add_unindexed(data, unindexed(layout, index.known_ids()), index.oldest_outstanding_created_at())
-        data["recentErrors"] = [{"time": e["ts"], "id": str(e["entry_id"]), "message": e["message"]}
-                                for e in index.recent_events(10, level="error")]
+        data["recentErrors"] = unresolved_errors(index)
         beat = index.get_meta("daemon")
         if beat:
             info = json.loads(beat)
@@ -193,6 +193,22 @@ def status_data(settings: Settings) -> dict[str, Any]:
     finally:
         index.close()
     return data
+
+
+def unresolved_errors(index: SpoolIndex, limit: int = 10) -> list[dict[str, Any]]:
+    """The latest errors of entries not synced yet: an error its entry got past (a retry that committed it, a
+    transient failure the next attempt cured) is history, not something to look at."""
+    found = []
+    for event in index.recent_events(10 * limit, level="error"):
+        row = index.get(event["entry_id"]) if event["entry_id"] is not None else None
+        if row is not None and row["state"] in (State.COMMITTED, State.EVICTED):
+            continue
+        if row is None and event["entry_id"] is not None:
+            continue  # compacted away: evicted long ago
+        found.append({"time": event["ts"], "id": str(event["entry_id"]), "message": event["message"]})
+        if len(found) == limit:
+            break
+    return found
 
 
 def _add_unindexed(data: dict[str, Any], saved: Unindexed, oldest_indexed: float | None) -> None:
@@ -391,12 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drain an mldash spool to the store (S3 or a directory) and the catalog (MongoDB or SQLite). "
                     "Configuration: MLDASH_* environment variables, then $MLDASH_CONFIG or "
                     "~/.config/mldash/config.toml.")
-    parser.add_argument("--spool", help="spool directory (default: MLDASH_SPOOL or the configured one)")
+    spool_help = "spool directory (default: MLDASH_SPOOL or the configured one)"
+    parser.add_argument("--spool", help=spool_help)
+    parser.add_argument("--version", action="version", version=f"mldash-syncd {mldash.__version__}")
+    # `--spool` after the command as well (`mldash-syncd status --spool DIR`): SUPPRESS keeps one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--spool", default=argparse.SUPPRESS, help=spool_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the daemon (as a service, or --once to drain and exit)",
-                         description="Watch the spool and sync every entry: upload, verify SHA256, commit. Stops "
-                                     "gracefully on SIGTERM/SIGINT, checkpointing in-flight multipart uploads.")
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    run = command("run", help="run the daemon (as a service, or --once to drain and exit)",
+                  description="Watch the spool and sync every entry: upload, verify SHA256, commit. Stops "
+                              "gracefully on SIGTERM/SIGINT, checkpointing in-flight multipart uploads.")
     run.add_argument("--once", action="store_true",
                      help="drain what is spooled, then exit: 0 if everything committed, 1 if anything is left "
                           "failed/quarantined (or pending at --max-wait). If another daemon holds the spool, "
@@ -408,10 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="counts per state, pending bytes, oldest entry, errors, rate",
-                            description="Summarise the spool: entries per state, bytes pending, age of the oldest "
-                                        "pending entry, recent errors, the running daemon's throughput, and "
-                                        "the problems that need attention (--check: those only, exit 1 if any).")
+    status = command("status", help="counts per state, pending bytes, oldest entry, errors, rate",
+                     description="Summarise the spool: entries per state, bytes pending, age of the oldest "
+                                 "pending entry, recent errors, the running daemon's throughput, and "
+                                 "the problems that need attention (--check: those only, exit 1 if any).")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--check", action="store_true",
                         help="health check: one line, exit 1 if anything needs attention (failed or quarantined "
@@ -421,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also a problem: an entry pending longer than this (e.g. 30m, 2h, 1d)")
     status.set_defaults(func=cmd_status)
 
-    ls = sub.add_parser("ls", help="list spool entries", description="List spool entries, oldest first.")
+    ls = command("ls", help="list spool entries", description="List spool entries, oldest first.")
     ls.add_argument("--state", action="append", choices=[s.value for s in State],
                     help="only entries in this state (repeatable)")
     ls.add_argument("--experiment", metavar="NS/PROJECT/EXP", help="only this experiment")
@@ -429,24 +453,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 
-    retry = sub.add_parser("retry", help="re-queue failed or quarantined entries",
-                           description="Re-queue failed/quarantined entries (attempts reset). A running daemon "
-                                       "picks them up within seconds.")
+    retry = command("retry", help="re-queue failed or quarantined entries",
+                    description="Re-queue failed/quarantined entries (attempts reset). A running daemon "
+                                "picks them up within seconds.")
     retry.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed`)")
     retry.add_argument("--all", action="store_true", help="every failed and quarantined entry")
     retry.set_defaults(func=cmd_retry)
 
-    reindex = sub.add_parser("reindex", help="rebuild the index from the manifests (e.g. after copying a spool)",
-                             description="Throw the index away and rebuild it from the manifests: every entry not "
-                                         "yet evicted is queued again (already-uploaded ones are verified, not "
-                                         "re-sent). Refuses to run while a daemon holds the spool.")
+    reindex = command("reindex", help="rebuild the index from the manifests (e.g. after copying a spool)",
+                      description="Throw the index away and rebuild it from the manifests: every entry not "
+                                  "yet evicted is queued again (already-uploaded ones are verified, not "
+                                  "re-sent). Refuses to run while a daemon holds the spool.")
     reindex.set_defaults(func=cmd_reindex)
 
-    gc = sub.add_parser("gc", help="abort our orphaned multipart uploads, remove debris",
-                        description="Abort multipart uploads that belong to entries of this spool but that no "
-                                    "entry will finish; remove temp files of dead writers and orphan blobs; "
-                                    "compact old evicted rows. Refuses to run while a daemon holds the spool "
-                                    "(the daemon runs gc itself at start-up); --dry-run may.")
+    gc = command("gc", help="abort our orphaned multipart uploads, remove debris",
+                 description="Abort multipart uploads that belong to entries of this spool but that no "
+                             "entry will finish; remove temp files of dead writers and orphan blobs; "
+                             "compact old evicted rows. Refuses to run while a daemon holds the spool "
+                             "(the daemon runs gc itself at start-up); --dry-run may.")
     gc.add_argument("--dry-run", action="store_true",
                     help="only report what would be aborted, removed and compacted; changes nothing and takes no "
                          "lock, so it also runs beside a daemon")

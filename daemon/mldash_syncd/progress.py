@@ -17,10 +17,13 @@ def human_bytes(count: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
+    """'4:05', '2:00:00', '3d 0:00:05' (a backlog on an offline node can be days old)."""
     seconds = int(max(0, seconds))
+    days, seconds = divmod(seconds, 86400)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    clock = f"{hours}:{minutes:02d}:{secs:02d}" if hours or days else f"{minutes}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
 
 
 class ProgressBar:
