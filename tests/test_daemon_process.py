@@ -191,6 +191,37 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert json.loads(cli(settings, "status", "--json").stdout)["recentErrors"] == []
 
 
+def test_discard_gives_up_on_a_quarantined_entry_so_run_once_can_succeed_again(settings: Settings,
+                                                                              daemon_process) -> None:
+    """A spooled artifact corrupted beyond repair: saved again, the broken copy is discarded — its files and
+    index row go, the event stays — and `run --once` exits 0 again. Only failed/quarantined entries go."""
+    layout = SpoolLayout(settings.spool)
+    bad = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")
+    overwrite_spooled(layout, bad.id, b"BAD-BYTES")
+    assert cli(settings, "run", "--once", "--quiet").returncode == 1
+    once = cli(settings, "run", "--once", "--quiet")
+    assert once.returncode == 1 and "`mldash-syncd discard ID`" in once.stderr, once.stderr
+    again = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")  # saved again
+    holder = daemon_process(settings, "run")  # works beside a running daemon
+    wait_for(lambda: again.id in {int(d["id"]) for d in catalog_docs(settings)})
+
+    assert cli(settings, "discard").returncode == 2  # neither ids nor --all
+    refused = cli(settings, "discard", str(again.id), "123")
+    assert refused.returncode == 2 and "no such entry in this spool's index: 123" in refused.stderr, refused
+    assert f"only those can be discarded): {again.id} (" in refused.stderr and "discarded 0 entries" in refused.stdout
+
+    discarded = cli(settings, "discard", str(bad.id))
+    assert discarded.returncode == 0, discarded
+    assert f"discarded {bad.id} (ns/proj/exp/ckpt/bad.bin; quarantined: " in discarded.stdout
+    assert not layout.manifest_path(bad.id).exists() and not layout.blob_path(bad.id).exists()
+    assert row(settings, bad.id) is None
+    assert holder.terminate() == 0
+    assert cli(settings, "run", "--once", "--quiet").returncode == 0  # nothing left failed or quarantined
+    assert [d["id"] for d in catalog_docs(settings)] == [str(again.id)]
+    status = json.loads(cli(settings, "status", "--json").stdout)
+    assert status["states"]["quarantined"]["count"] == 0 and status["problems"] == []
+
+
 def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> None:
     """An offline node whose daemon never ran (autostart off): `status` must not say nothing is pending while
     every checkpoint waits in the spool."""

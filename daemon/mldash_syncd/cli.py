@@ -25,6 +25,7 @@ from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed
 from mldash.spool.states import OUTSTANDING, State
+from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import Progress, follow, progress
 from mldash_syncd.health import parse_duration, problems
 from mldash_syncd.logs import redact, setup_logging
@@ -136,8 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "quarantined` for why, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
             if report.remaining.get("quarantined"):
                 print("(a quarantined entry's spooled bytes no longer match what was saved, or its manifest is "
-                      "unreadable: a retry helps only once they are restored — otherwise save the artifact again)",
-                      file=sys.stderr)
+                      "unreadable: a retry helps only once they are restored — otherwise save the artifact again "
+                      "and give up on the broken copy with `mldash-syncd discard ID`)", file=sys.stderr)
             return EXIT_LEFT_FAILED
         return EXIT_LEFT_FAILED if report.pending else EXIT_OK
     return EXIT_OK
@@ -338,6 +339,37 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_USAGE if unknown else EXIT_OK
 
 
+def cmd_discard(args: argparse.Namespace) -> int:
+    """Give up on failed or quarantined entries for good: their spooled files and index rows go. What is left is
+    what `run --once` still has to deliver — an artifact whose spooled bytes were corrupted would otherwise make
+    every later `run --once` exit 1."""
+    if not args.all and not args.ids:
+        raise MldashError("name the ids to discard, or pass --all (every failed and quarantined entry)")
+    try:
+        ids = None if args.all else [int(i) for i in args.ids]
+    except ValueError:
+        raise MldashError(f"ids must be decimal numbers, got {args.ids}") from None
+    layout, index = _open_index(_settings(args), write=True)
+    try:
+        rows = index.given_up(ids)
+        left = sorted(set(ids) - {row["id"] for row in rows}) if ids is not None else []
+        states = {i: row["state"] for i in left if (row := index.get(i)) is not None}
+        remove_files(layout, [row["id"] for row in rows])  # manifest first, then the blob (see SpoolIndex.forget)
+        index.forget(rows, "discarded with `mldash-syncd discard`")
+    finally:
+        index.close()
+    for row in rows:
+        where = "/".join(str(row[k]) for k in ("namespace", "project", "experiment", "prefix", "filename") if row[k])
+        print(f"discarded {row['id']} ({where}; {row['state']}: {row['last_error']})")
+    if unknown := [i for i in left if i not in states]:
+        print(f"no such entry in this spool's index: {' '.join(map(str, unknown))}", file=sys.stderr)
+    if states:
+        shown = " ".join(f"{i} ({state})" for i, state in states.items())
+        print(f"not failed or quarantined (left alone — only those can be discarded): {shown}", file=sys.stderr)
+    print(f"discarded {len(rows)} entries")
+    return EXIT_USAGE if unknown or states else EXIT_OK
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     settings = _settings(args)
     layout = _existing_spool(settings)
@@ -459,6 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed`)")
     retry.add_argument("--all", action="store_true", help="every failed and quarantined entry")
     retry.set_defaults(func=cmd_retry)
+
+    discard = command("discard", help="give up on failed or quarantined entries: remove them from the spool",
+                      description="Remove failed/quarantined entries from the spool for good (their spooled "
+                                  "files and index rows), e.g. an artifact whose spooled bytes were corrupted "
+                                  "and that was saved again. Works while a daemon runs.")
+    discard.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed --state quarantined`)")
+    discard.add_argument("--all", action="store_true", help="every failed and quarantined entry")
+    discard.set_defaults(func=cmd_discard)
 
     reindex = command("reindex", help="rebuild the index from the manifests (e.g. after copying a spool)",
                       description="Throw the index away and rebuild it from the manifests: every entry not "

@@ -415,6 +415,24 @@ class SpoolIndex:
                              " lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?", (time.time(), file_id))
         return targets
 
+    def given_up(self, ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """The failed/quarantined rows among `ids` (all of them when None): what `retry` re-queues and `discard`
+        removes."""
+        if ids is None:
+            return [dict(r) for r in self.conn.execute(
+                "SELECT * FROM entries WHERE state IN ('failed','quarantined') ORDER BY id")]
+        rows = [self.get(file_id) for file_id in dict.fromkeys(ids)]
+        return [row for row in rows if row is not None and row["state"] in ("failed", "quarantined")]
+
+    def forget(self, rows: Iterable[dict[str, Any]], why: str) -> None:
+        """Drop these entries from the index, each with an event saying `why` (their files must be gone first:
+        a manifest left behind would be indexed again as a new save)."""
+        with self.transaction() as conn:
+            for row in rows:
+                conn.execute("DELETE FROM parts WHERE entry_id=?", (row["id"],))
+                conn.execute("DELETE FROM entries WHERE id=? AND state=?", (row["id"], row["state"]))
+                self.add_event(row["id"], "info", f"{why} (was {row['state']}: {row['last_error']})")
+
     # ---- multipart progress -------------------------------------------------------------------
     def record_part(self, file_id: int, part_number: int, size: int, etag: str, sha256_b64: str) -> None:
         self._part_writes.execute("INSERT OR REPLACE INTO parts VALUES (?,?,?,?,?)",
