@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -56,6 +57,10 @@ from mldash.spool.recovery import manifest_ids, open_spooled, read_manifest
 from mldash.spool.states import TERMINAL, State
 
 log = logging.getLogger("mldash")
+
+# Seconds a wait goes on before it says (once, as a warning) why it does not end, if something is known to hold
+# it up: no daemon draining the spool, or one that cannot reach the store or the catalog.
+STUCK_WAIT_WARNING = 10.0
 T = TypeVar("T")
 
 _COPY_CHUNK = 8 * 2**20
@@ -457,8 +462,10 @@ class Reader:
         """Poll the index until every id is committed or evicted (see `FilesHandle.wait`).
 
         `on_poll` runs before every poll (the experiment uses it to restart an autostarted daemon that died)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         delay = 0.02
+        warned = False
         while True:
             if on_poll is not None:
                 on_poll()
@@ -478,6 +485,11 @@ class Reader:
                 return {str(i): state for i, state in done.items()}
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeoutError(self._timeout_message(pending, len(ids), timeout or 0.0), pending=pending)
+            if not warned and time.monotonic() - started >= STUCK_WAIT_WARNING:
+                # Say once why the wait does not end — a wait without a timeout would otherwise be silent forever.
+                if why := self._why_stuck():
+                    log.warning("waiting for %d file(s) to be committed: %s", len(pending), why)
+                warned = True
             pause = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
             time.sleep(pause)
             delay = min(delay * 2, poll_max)
@@ -500,19 +512,43 @@ class Reader:
     def _timeout_message(self, pending: list[int], total: int, timeout: float) -> str:
         shown = ", ".join(map(str, pending[:20])) + (" …" if len(pending) > 20 else "")
         message = f"{len(pending)} of {total} file(s) not committed after {timeout:g}s: {shown}."
-        if self.layout.exists() and not is_held(self.layout):
-            message += f" No mldash-syncd is draining the spool {self.layout.root}"
-            if self.settings.autostart:
-                from mldash.autostart import last_log_line
+        why = self._why_stuck()
+        if why is not None and why.startswith("no mldash-syncd"):
+            return f"{message} {why[0].upper()}{why[1:]}"
+        message += " They stay queued and will be uploaded"
+        return message + (f", but {why}" if why else "; `mldash-syncd status` shows progress.")
 
-                last = last_log_line(self.layout)
-                message += (f"; the last one autostarted said: {last} ({self.layout.daemon_log_path})." if last else
-                            f"; autostart is on: see {self.layout.daemon_log_path}.")
-            else:
-                message += ": start one with `mldash-syncd run` (autostart is off: MLDASH_AUTOSTART=0)."
-        else:
-            message += " They stay queued and will be uploaded; `mldash-syncd status` shows progress."
-        return message
+    def _why_stuck(self) -> str | None:
+        """Why pending entries may not move: no daemon, or one that cannot reach the store or the catalog (from
+        its heartbeat). None when nothing is known to hold them up."""
+        if not self.layout.exists():
+            return None
+        if not is_held(self.layout):
+            why = f"no mldash-syncd is draining the spool {self.layout.root}"
+            if not self.settings.autostart:
+                return why + ": start one with `mldash-syncd run` (autostart is off: MLDASH_AUTOSTART=0)."
+            from mldash.autostart import last_log_line
+
+            last = last_log_line(self.layout)
+            return why + (f"; the last one autostarted said: {last} ({self.layout.daemon_log_path})." if last else
+                          f"; autostart is on: see {self.layout.daemon_log_path}.")
+        beat = self._daemon_heartbeat()
+        for part, key in (("store", "storeGate"), ("catalog", "catalogGate")):
+            if beat.get(key):
+                return f"mldash-syncd cannot reach the {part}: {beat[key]} (it retries; `mldash-syncd status`)."
+        return None
+
+    def _daemon_heartbeat(self) -> dict[str, Any]:
+        index = SpoolIndex.open_readonly(self.layout)
+        if index is None:
+            return {}
+        try:
+            return json.loads(index.get_meta("daemon") or "{}")
+        except Exception as exc:  # unreadable: no reason to give, not a failure of the wait
+            log.debug("daemon heartbeat unreadable: %s", exc)
+            return {}
+        finally:
+            index.close()
 
 
 def _destination(dest: str | os.PathLike[str] | None, filename: str) -> Path:

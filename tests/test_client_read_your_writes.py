@@ -255,6 +255,40 @@ def test_flush_without_a_daemon_times_out_naming_the_pending_ids(exp):
     assert isinstance(info.value, TimeoutError)
 
 
+def test_a_wait_that_cannot_end_says_why_once(exp, monkeypatch, caplog):
+    """flush() without a timeout, autostart off and no daemon would wait forever: after STUCK_WAIT_WARNING it
+    says so, once, with what to do."""
+    import mldash.reader
+
+    monkeypatch.setattr(mldash.reader, "STUCK_WAIT_WARNING", 0.2)
+    exp.files("x").save_blob(b"a", "a.bin")
+    with caplog.at_level(logging.WARNING, logger="mldash"), pytest.raises(WaitTimeoutError):
+        exp.flush(timeout=1.5)
+    said = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert said == [f"waiting for 1 file(s) to be committed: no mldash-syncd is draining the spool "
+                    f"{exp.settings.spool}: start one with `mldash-syncd run` (autostart is off: MLDASH_AUTOSTART=0)."]
+
+
+def test_a_wait_names_the_store_the_daemon_cannot_reach(settings, daemon_process, monkeypatch):
+    """A daemon runs but the store is down: the timeout (and the warning) says so, with the daemon's reason."""
+    from tests.test_daemon_process import cli, wait_for
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # any: the endpoint is down
+        monkeypatch.setenv(name, "testing")
+
+    down = settings.replace(store="s3://bucket", s3_endpoint_url="http://127.0.0.1:9", retry_base_delay=0.05,
+                            retry_max_delay=0.2, request_timeout=1.0)
+    exp = Experiment(prefix="alice/project/ryw", settings=down)
+    exp.files("x").save_blob(b"a", "a.bin")
+    daemon_process(down, "run")
+    wait_for(lambda: '"storeProblem": "' in cli(down, "status", "--json").stdout, timeout=60)
+    with pytest.raises(WaitTimeoutError) as info:
+        exp.flush(timeout=0.2)
+    message = str(info.value)
+    assert "They stay queued and will be uploaded, but mldash-syncd cannot reach the store: " in message, message
+    assert "127.0.0.1:9" in message
+
+
 def test_flush_returns_once_committed(exp, synced):
     a = exp.files("x").save_blob(b"a", "a.bin")
     synced()
