@@ -59,6 +59,44 @@ def test_missing_bucket_fails_after_one_attempt_then_retry_works(s3_settings: Se
     assert all(read_object(settings, e.key()) is not None for e in entries)
 
 
+def test_entries_waiting_for_an_outage_go_as_soon_as_the_store_answers(settings: Settings, caplog) -> None:
+    """An entry that met a store outage waits out a backoff drawn while the store was down (here 10 minutes,
+    as if set just before). The next upload that succeeds ends the outage: the waiting entry goes at once."""
+    from mldash_syncd import Daemon
+
+    layout = SpoolLayout(settings.spool)
+    waiting = enqueue_bytes(settings, b"met the outage", filename="waiting.bin")
+    index = SpoolIndex(layout.ensure())
+    try:
+        from mldash.spool.recovery import recover
+
+        recover(index, layout, "test", ingest=True)
+        index.transition(waiting.id, State.QUEUED, next_attempt_at=time.time() + 600, error_kind="outage",
+                         last_error="upload: TransientStoreError: connection refused")
+    finally:
+        index.close()
+    fresh = enqueue_bytes(settings, b"saved after it", filename="fresh.bin")
+    daemon = Daemon(settings)
+    daemon.store_gate.failure("connection refused")  # the outage this daemon saw
+    daemon.store_gate.open_until = 0.0  # and its probe is due: the fresh entry is that probe
+    with caplog.at_level(logging.INFO, logger="mldash_syncd"):
+        report = asyncio.run(daemon.run(until_drained=True, max_wait=30))
+    assert report.committed == 2, report
+    assert {d["id"] for d in catalog_docs(settings)} == {str(waiting.id), str(fresh.id)}
+    assert "store reachable again: 1 entries waiting for it go now" in caplog.text
+
+
+def test_an_outage_is_probed_at_least_every_15_seconds(settings: Settings) -> None:
+    from mldash_syncd import Daemon
+    from mldash_syncd.retry import OUTAGE_PROBE_MAX
+
+    daemon = Daemon(settings.replace(retry_max_delay=300))
+    assert OUTAGE_PROBE_MAX == 15.0
+    assert max(daemon.store_gate.failure("down") for _ in range(40)) <= OUTAGE_PROBE_MAX
+    assert max(daemon.catalog_gate.failure("down") for _ in range(40)) <= OUTAGE_PROBE_MAX
+    assert daemon.store_gate.success() is True and daemon.store_gate.success() is False
+
+
 def test_catalog_down_uploads_continue_and_commit_later_exactly_once(settings: Settings, mongo_server_process,
                                                                      drain, caplog: pytest.LogCaptureFixture) -> None:
     server = mongo_server_process()

@@ -70,6 +70,13 @@ def _local_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)  # SQLITE_FULL
 
 
+# The longest a daemon waits between probes of a store or catalog that is down (the gate's backoff cap, below
+# retry_max_delay if that is lower). Once the dependency answers again, every entry that waited for it goes at
+# once, so uploads resume within this after an outage ends — half of it on average. One probe per 15 s costs a
+# store nothing; the 60 s cap before meant 26-29 s to resume after outages of 40-90 s.
+OUTAGE_PROBE_MAX = 15.0
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter: a random delay in [0, min(cap, base·2^n)]."""
@@ -105,9 +112,12 @@ class Gate:
         self.open_until = max(self.open_until, self.clock() + delay)
         return delay
 
-    def success(self) -> None:
+    def success(self) -> bool:
+        """The dependency answered; True when that ends an outage (it had failed since its last success)."""
+        recovered = self.failures > 0
         self.failures = 0
         self.last_error = None
+        return recovered
 
     async def wait(self) -> None:
         while (remaining := self.open_until - self.clock()) > 0:

@@ -39,7 +39,7 @@ from mldash_syncd.follow import NOT_INDEXED, remaining_counts
 from mldash_syncd.logs import redact
 from mldash_syncd.manifests import ManifestCache
 from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
-from mldash_syncd.retry import Backoff, Failure, Gate, classify
+from mldash_syncd.retry import OUTAGE_PROBE_MAX, Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
 from mldash_syncd.upload import Uploader
 
@@ -106,10 +106,9 @@ class Daemon:
         self.rng = rng or random.Random()
         backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay, self.rng)
         self.backoff = backoff
-        self.store_gate = Gate("store", Backoff(settings.retry_base_delay, min(60.0, settings.retry_max_delay),
-                                                self.rng))
-        self.catalog_gate = Gate("catalog", Backoff(settings.retry_base_delay,
-                                                    min(60.0, settings.retry_max_delay), self.rng))
+        probe_cap = min(OUTAGE_PROBE_MAX, settings.retry_max_delay)
+        self.store_gate = Gate("store", Backoff(settings.retry_base_delay, probe_cap, self.rng))
+        self.catalog_gate = Gate("catalog", Backoff(settings.retry_base_delay, probe_cap, self.rng))
         self.on_event = on_event or (lambda kind, data: None)
         self.report = RunReport()
         self._wake = asyncio.Event()
@@ -586,7 +585,8 @@ class Daemon:
             finally:
                 self._failed(row, error, stage="upload")
             return None
-        self.store_gate.success()
+        if self.store_gate.success():
+            self._outage_over("store", State.QUEUED)
         # A deferred-checksum manifest has no sha256: the one computed from this read is recorded in the index,
         # where the commit stage (maybe in a later daemon process) finds it.
         computed = {"sha256": verified.sha256_hex} if manifest.sha256 is None else {}
@@ -644,7 +644,8 @@ class Daemon:
                 raise asyncio.CancelledError from exc
             await self._commit_batch_failed(rows, _first_error(exc))
             return
-        self.catalog_gate.success()
+        if self.catalog_gate.success():
+            self._outage_over("catalog", State.UPLOADED)
         for row in rows:
             if row["id"] in clashes:
                 self._failed(row, SpoolCorruptError(clashes[row["id"]]), stage="commit")
@@ -779,6 +780,14 @@ class Daemon:
             self.report.failed += 1
         log.error("%s %s → %s: %s", stage, file_id, target.value, reason)
         self._emit(target.value, id=file_id, reason=reason)
+
+    def _outage_over(self, name: str, waiting: State) -> None:
+        """The store or catalog answered after an outage: the entries that wait for it go now, not when their
+        backoff, drawn while it was down, runs out."""
+        with self._index_guard(f"end the {name} outage's waits"):
+            released = self.index.end_outage_waits(waiting.value)
+            log.info("%s reachable again%s", name, f": {released} entries waiting for it go now" if released else "")
+        self._wake.set()
 
     def _gives_up(self, row: dict[str, Any], exc: BaseException) -> bool:
         """Whether `_route_failure` will end this entry in failed or quarantined (no retry follows)."""

@@ -295,6 +295,13 @@ class SpoolIndex:
         return self.conn.execute("UPDATE entries SET next_attempt_at=? WHERE state IN ('queued','uploaded')"
                                  " AND next_attempt_at > ?", (latest, latest)).rowcount
 
+    def end_outage_waits(self, state: str, now: float | None = None) -> int:
+        """Entries in `state` that wait only because of an outage (error_kind 'outage') may go now: the store or
+        catalog answered again. Returns how many waits ended."""
+        now = time.time() if now is None else now
+        return self.conn.execute("UPDATE entries SET next_attempt_at=? WHERE state=? AND error_kind='outage'"
+                                 " AND next_attempt_at > ?", (now, state, now)).rowcount
+
     # ---- leases and transitions ---------------------------------------------------------------
     def claim(self, owner: str, lease_seconds: float, limit: int, now: float | None = None,
               states: tuple[State, ...] = (State.QUEUED,)) -> list[dict[str, Any]]:
