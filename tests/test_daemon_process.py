@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 
 from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
+from mldash_syncd.progress import ProgressBar
 from tests.backend_helpers import catalog_docs, pending_uploads, read_object
 from tests.fixtures.daemon import enqueue_bytes, settings_env
 from tests.spool_helpers import overwrite_spooled
@@ -290,6 +292,49 @@ def test_run_once_progress_bar_counts_each_file_once(settings: Settings) -> None
     assert result.returncode == 0, result.stderr
     bars = [line for line in result.stderr.replace("\r", "\n").splitlines() if " files  " in line]
     assert bars and "2/2 files  10 B/10 B" in bars[-1], bars
+
+
+def test_queued_events_carry_every_size_with_a_large_backlog(settings: Settings) -> None:
+    """More saves than the daemon's manifest cache holds (2,048; 64 here, to need fewer files): the "queued"
+    events of the rest carried size 0, and `run --once`'s bar showed a byte total far short of what was pending
+    ("0 B/99.8 KiB" with 3.0 MiB)."""
+    from mldash_syncd import Daemon
+    from mldash_syncd.manifests import ManifestCache
+
+    count = 300
+    for i in range(count):
+        enqueue_bytes(settings, b"0123456789", filename=f"m{i}.json")
+    sizes: dict[int, int] = {}
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "queued":
+            sizes[data["id"]] = data["size"]
+
+    # One upload at a time: the daemon indexes the backlog far ahead of its uploads, past the cache's room.
+    daemon = Daemon(settings.replace(max_concurrent_files=1), on_event=on_event)
+    daemon._manifests = ManifestCache(limit=64)
+    report = asyncio.run(daemon.run(until_drained=True, max_wait=120))
+    assert report.committed == count
+    assert len(sizes) == count and set(sizes.values()) == {10}, sorted(set(sizes.values()))
+
+
+def test_progress_bar_counts_resumed_files_whole_and_estimates_per_file_when_files_are_small() -> None:
+    import io
+
+    bar = ProgressBar(0, 0, stream=io.StringIO())
+    bar.event("queued", {"id": 1, "size": 100 * MIB})
+    bar.event("bytes", {"amount": 40 * MIB})  # a resumed upload: 60 MiB of parts were already in the store
+    bar.event("committed", {"id": 1, "size": 100 * MIB})
+    assert "1/1 files  100.0 MiB/100.0 MiB" in bar.line()
+
+    small = ProgressBar(0, 0, stream=io.StringIO())
+    for i in range(100):
+        small.event("queued", {"id": i, "size": 1000})
+    for i in range(10):
+        small.event("bytes", {"amount": 1000})
+        small.event("committed", {"id": i, "size": 1000})
+    small.started -= 10.0  # 10 files in 10 s: 90 left take ~90 s, whatever the byte rate says
+    assert small.line().endswith("ETA 1:30"), small.line()
 
 
 def test_run_once_progress_bar_on_a_spool_never_indexed(settings: Settings) -> None:

@@ -34,7 +34,10 @@ class ProgressBar:
         self.tty = self.stream.isatty()
         self.total_files, self.total_bytes = total_files, total_bytes
         self.files = self.failed = self.quarantined = 0
-        self.bytes = 0
+        self.bytes = 0  # sent by this run
+        # Sizes of the files committed: more than the bytes sent when a resumed upload found parts in the store
+        # (or an entry uploaded by an earlier run only needed its commit).
+        self.committed_bytes = 0
         self.started = time.monotonic()
         self._last_draw = 0.0
         self._lock = threading.Lock()
@@ -49,6 +52,7 @@ class ProgressBar:
                 self.total_bytes = max(self.total_bytes, self.bytes)
             elif kind == "committed":
                 self.files += 1
+                self.committed_bytes += data.get("size", 0)
             elif kind == "failed":
                 self.failed += 1
             elif kind == "quarantined":
@@ -68,13 +72,19 @@ class ProgressBar:
     def line(self) -> str:
         elapsed = max(1e-3, time.monotonic() - self.started)
         rate = self.bytes / elapsed
-        left = max(0, self.total_bytes - self.bytes)
-        eta = human_duration(left / rate) if rate > 0 and left else "-"
+        done_bytes = min(self.total_bytes, max(self.bytes, self.committed_bytes))
+        left = max(0, self.total_bytes - done_bytes)
+        # Many small files take their time per file, not per byte: the later of the two estimates.
+        files_left = self.total_files - self.files - self.failed - self.quarantined
+        estimates = [left / rate] if rate > 0 and left else []
+        if self.files and files_left > 0:
+            estimates.append(files_left * elapsed / self.files)
+        eta = human_duration(max(estimates)) if estimates else "-"
         done = (self.files + self.failed + self.quarantined) / self.total_files if self.total_files else 1.0
         bar = "#" * int(min(1.0, done) * 20)
         failed = (f"  {self.failed} failed" if self.failed else "") + (
             f"  {self.quarantined} quarantined" if self.quarantined else "")
-        return (f"[{bar:<20}] {self.files}/{self.total_files} files  {human_bytes(self.bytes)}/"
+        return (f"[{bar:<20}] {self.files}/{self.total_files} files  {human_bytes(done_bytes)}/"
                 f"{human_bytes(self.total_bytes)}  {human_bytes(rate)}/s  ETA {eta}{failed}")
 
     def draw(self, force: bool = False) -> None:

@@ -339,7 +339,12 @@ class Daemon:
         chunk = self._backlog[-INGEST_CHUNK:][::-1]
         for file_id in ingest_new(self.index, self.layout, known, self._manifests.offer, candidates=chunk):
             manifest = self._manifests.get(file_id)
-            self._emit("queued", id=file_id, size=manifest.size if manifest is not None else 0)
+            if manifest is None:  # not kept by the cache (a large backlog): the index row has the size too
+                row = self.index.get(file_id)
+                size = (row["size"] or 0) if row else 0
+            else:
+                size = manifest.size
+            self._emit("queued", id=file_id, size=size)
         if chunk:  # dropped only once indexed: after a failed index write they are tried again
             del self._backlog[-len(chunk):]
         if self._backlog:
