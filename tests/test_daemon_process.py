@@ -224,6 +224,20 @@ def test_discard_gives_up_on_a_quarantined_entry_so_run_once_can_succeed_again(s
     assert status["states"]["quarantined"]["count"] == 0 and status["problems"] == []
 
 
+def test_status_shows_the_heartbeat_and_what_a_killed_daemon_cut_short(settings: Settings, daemon_process) -> None:
+    slow = settings.replace(max_upload_rate="64KiB/s")  # 2 MiB: half a minute in `uploading`
+    entry = enqueue_bytes(slow, os.urandom(2 * MIB), filename="cut.bin")
+    daemon = daemon_process(slow, "run")
+    wait_for(lambda: row(slow, entry.id) and row(slow, entry.id)["state"] == State.UPLOADING)
+    wait_for(lambda: "; last heartbeat 0:0" in cli(slow, "status").stdout)
+    shown = cli(slow, "status").stdout
+    assert f"daemon   running (pid {daemon.proc.pid}; last heartbeat 0:0" in shown, shown
+    daemon.kill()
+    shown = cli(slow, "status").stdout
+    assert "daemon   not running" in shown
+    assert "(1 were cut short in upload or commit when the last daemon ended: the next start resumes them" in shown
+
+
 def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> None:
     """An offline node whose daemon never ran (autostart off): `status` must not say nothing is pending while
     every checkpoint waits in the spool."""

@@ -248,6 +248,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return failing
     daemon = data["daemon"]
     running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
+    if daemon["running"] and daemon.get("heartbeat") and daemon.get("heartbeatPid") == daemon["pid"]:
+        beat_age = human_duration(time.time() - daemon["heartbeat"])
+        running = f"running (pid {daemon['pid']}; last heartbeat {beat_age} ago)"
     print(f"spool    {data['spool']}\nstore    {data['store']}\ncatalog  {data['catalog']}\ndaemon   {running}")
     for problem in ("storeProblem", "catalogProblem"):
         if daemon["running"] and daemon.get(problem):
@@ -261,6 +264,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           + (f"; oldest {human_duration(age)} old" if age is not None else ""))
     if data["pendingFiles"] and not daemon["running"]:
         print("         no daemon is running: `mldash-syncd run --once` syncs them and exits")
+        if cut := data["states"]["uploading"]["count"] + data["states"]["uploaded"]["count"]:
+            print(f"         ({cut} were cut short in upload or commit when the last daemon ended: the next start "
+                  "resumes them, re-sending only unfinished parts)")
     if daemon["running"]:
         cap = daemon.get("uploadRateCap")
         print(f"rate     {human_bytes(data['throughputBytesPerSecond'])}/s (last 30 s)"

@@ -38,6 +38,7 @@ from mldash_syncd.evict import compact, evict, evictable, record_evicted, remove
 from mldash_syncd.follow import NOT_INDEXED, remaining_counts
 from mldash_syncd.logs import redact
 from mldash_syncd.manifests import ManifestCache
+from mldash_syncd.progress import human_bytes
 from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
 from mldash_syncd.retry import OUTAGE_PROBE_MAX, Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
@@ -608,7 +609,8 @@ class Daemon:
             log.error("upload %s: done, but the index cannot record it (%s)", file_id, exc)
             return None
         self._manifests.put(manifest)
-        log.info("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
+        # DEBUG: the commit's line says it all a moment later (one INFO line per file, not two).
+        log.debug("uploaded %s (%s, %d bytes) → %s", file_id, manifest.filename, manifest.size, verified.key)
         self._emit("uploaded", id=file_id, size=manifest.size)
         self._uploaded_unbatched += 1
         # The loop starts a batch when one is due (or, for the first entry waiting, sets its timer for it); a
@@ -666,7 +668,8 @@ class Daemon:
             self._evict_requested = True  # (never reset here: a later batch that committed nothing must not cancel it)
         for row in done:
             self._manifests.discard(row["id"])
-            log.info("committed %s (%s/%s)", row["id"], row["experiment"], row["filename"])
+            where = "/".join(row[k] for k in ("namespace", "project", "experiment", "prefix", "filename") if row[k])
+            log.info("committed %s %s (%s)", row["id"], where, human_bytes(row["size"] or 0))
             self._emit("committed", id=row["id"], size=row["size"] or 0)
 
     def _document(self, row: dict[str, Any], committed_at: float) -> FileDocument | None:
