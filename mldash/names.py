@@ -65,10 +65,16 @@ def _check_component(component: str, what: str, full: str, stored: bool = False)
         raise error
     folded = unicodedata.normalize("NFKC", component)
     if folded in (".", "..") or "/" in folded or "\\" in folded:
+        acts = f"that acts as {folded!r}" if folded != component else "that holds a path separator or is '.'/'..'"
         raise InvalidInputError(
-            f"{what} {full!r} has component {component!r} that acts as {folded!r} (a path escape); "
+            f"{what} {full!r} has component {component!r} {acts} (a path escape); "
             "'.', '..', '/' and '\\' are not accepted, even as look-alike characters"
         )
+    if not stored and (component[0].isspace() or component[-1].isspace()):
+        # ' model.pt' and 'model.pt' look the same in every listing, and become different keys: refused on save
+        # (names saved by earlier versions, `stored`, are still uploaded).
+        raise InvalidInputError(f"{what} {full!r} has component {component!r} with leading or trailing whitespace; "
+                                "names may hold spaces, but not at their ends")
     size = len(component.encode("utf-8"))
     if size > MAX_COMPONENT_BYTES:
         raise InvalidInputError(

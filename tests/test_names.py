@@ -44,6 +44,19 @@ def test_hostile_prefixes_are_refused_naming_the_value(value: str) -> None:
 def test_why_a_lookalike_is_refused_is_explained() -> None:
     with pytest.raises(InvalidInputError, match=r"'‥' that acts as '\.\.' \(a path escape\)"):
         names.validate_filename("‥")
+    with pytest.raises(InvalidInputError, match=r"'file\\\\x' that holds a path separator or is '\.'/'\.\.' \("):
+        names.validate_filename("file\\x")
+
+
+@pytest.mark.parametrize("value", [" c", "c ", " ", "\u3000model.pt", "model.pt\u00a0"], ids=repr)
+def test_names_may_not_start_or_end_with_whitespace(value: str) -> None:
+    for validate in (names.validate_filename, lambda v: names.validate_segment(v, "experiment"),
+                     names.validate_prefix):
+        with pytest.raises(InvalidInputError, match="with leading or trailing whitespace; names may hold spaces"):
+            validate(value)
+    assert names.validate_filename("my model.pt") == "my model.pt"  # inside a name, spaces are fine
+    # A manifest saved by an earlier version with such a name is still read (and uploaded).
+    assert names.validate_segment(value, "filename", stored=True) == value
 
 
 @pytest.mark.parametrize(("value", "expected"), [
