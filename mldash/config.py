@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 import tomllib
@@ -74,7 +75,9 @@ def _parse_float(minimum: float) -> Callable[[Any], float]:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number; expected one ≥ {minimum:g}, e.g. 30 or 2.5") from None
-        if not number >= minimum:
+        if not math.isfinite(number):  # float() takes "inf" and "nan": no deadline or delay means either
+            raise ValueError(f"{value!r} is not a finite number; expected one ≥ {minimum:g}, e.g. 30 or 2.5")
+        if number < minimum:
             raise ValueError(f"{value!r} must be ≥ {minimum}")
         return number
     return parse

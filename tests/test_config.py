@@ -119,6 +119,26 @@ def test_bad_env_values_name_the_variable(xdg: Path, name: str, value: str) -> N
     assert message.startswith(f"{field.name} (environment variable {name})") and repr(value) in message, message
 
 
+FLOAT_FIELDS = [f for f in FIELDS if isinstance(f.default(), float)]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "1e999"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS, ids=lambda f: f.env)
+def test_non_finite_numbers_are_refused(xdg: Path, field, value: str) -> None:
+    """float() takes "inf" and "nan": MLDASH_STOP_GRACE=inf was a grace period that never ends."""
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={field.env: value})
+    assert str(info.value).startswith(f"{field.name} (environment variable {field.env}): {value!r} is not a "
+                                      "finite number"), str(info.value)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_toml_floats_are_refused(xdg: Path, value: str) -> None:
+    assert len(FLOAT_FIELDS) >= 8  # every duration and delay
+    with pytest.raises(ConfigError, match=rf"stop_grace \(.*mldash.toml\): {value} is not a finite number"):
+        Settings.load(env=_toml(xdg, f"stop_grace = {value}\n"))
+
+
 def test_cross_field_checks_name_the_keys(xdg: Path) -> None:
     with pytest.raises(ConfigError, match=r"part_size = 1048576 bytes; S3 needs at least 5 MiB"):
         Settings.load(env={}, part_size="1MiB")
