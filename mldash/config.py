@@ -499,7 +499,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, raw in section.items():
         if key not in _BY_NAME:
-            raise ConfigError(f"unknown key {key!r} in {str(path)!r}; known keys: {', '.join(_BY_NAME)}")
+            close = difflib.get_close_matches(key, _BY_NAME, n=1)  # as for misspelt variables
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {str(path)!r}{hint} (known keys: {', '.join(_BY_NAME)})")
         if key == "spool" and isinstance(raw, str) and raw and not os.path.isabs(os.path.expanduser(raw)):
             raw = str(path.parent.absolute() / raw)  # relative to the file that says it, not to the job's cwd
         values[key] = _parse(_BY_NAME[key], raw, f"{path}")

@@ -55,10 +55,13 @@ def test_empty_env_value_means_unset(xdg: Path) -> None:
     assert Settings.load(env=env).save_timeout == 9.0
 
 
-def test_unknown_toml_key_is_named(xdg: Path) -> None:
+def test_unknown_toml_key_is_named_with_the_closest_key(xdg: Path) -> None:
     env = _toml(xdg, 'spool = "/s"\nspool_qouta = "1GB"\n')
-    with pytest.raises(ConfigError, match=r"unknown key 'spool_qouta' in '.*mldash.toml'; known keys: spool,"):
+    with pytest.raises(ConfigError, match=r"unknown key 'spool_qouta' in '.*mldash.toml'; did you mean 'spool_quota'\? "
+                                          r"\(known keys: spool, store,"):
         Settings.load(env=env)
+    with pytest.raises(ConfigError, match=r"unknown key 'colour' in '.*mldash.toml' \(known keys: spool, store,"):
+        Settings.load(env=_toml(xdg, 'colour = "blue"\n'))
 
 
 def test_unknown_key_next_to_an_mldash_table_is_named(xdg: Path) -> None:
