@@ -104,6 +104,18 @@ def _parse_optional_size(value: Any) -> int | None:
     return parse_size(value) or None
 
 
+MIN_SPOOL_QUOTA = 1 << 20  # a smaller quota holds no checkpoint worth the name: almost surely a missing unit ("200")
+
+
+def _parse_spool_quota(value: Any) -> int | None:
+    """Bytes, or None (no quota): a size ("50GiB", "500MB"); unset, 0, "none" or "unlimited" mean no quota."""
+    quota = _parse_optional_size(value)
+    if quota is not None and quota < MIN_SPOOL_QUOTA:
+        raise ValueError(f"{value!r} is {quota} bytes, below the smallest quota of 1MiB; give a unit, e.g. '50GiB' "
+                         f"or '500MB' (0 = no quota)")
+    return quota
+
+
 MIN_UPLOAD_RATE = 64 << 10  # one 64 KiB slice a second: a smaller cap is almost surely a missing unit ("10")
 
 
@@ -268,9 +280,9 @@ FIELDS: tuple[Field, ...] = (
     Field("sync_checksum_limit", "MLDASH_SYNC_CHECKSUM_LIMIT", parse_size, lambda: 64 * 2**20,
           "With checksum 'auto': the largest artifact whose SHA256 the save computes itself (e.g. '64MiB', "
           "the default: ~30 ms of hashing)."),
-    Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_optional_size, lambda: None,
+    Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_spool_quota, lambda: None,
           "Maximum bytes of artifacts held in the spool (e.g. '50GiB'); unset, 0 or 'unlimited' = only the disk "
-          "limits it."),
+          "limits it. At least 1 MiB: a smaller number is taken for a missing unit and refused."),
     Field("save_timeout", "MLDASH_SAVE_TIMEOUT", _parse_float(0.0), lambda: 60.0,
           "Seconds a save blocks waiting for spool space (quota or full disk) before SpoolFullError. Over quota "
           "it waits only while a daemon may make room (autostart on, or one held the spool in the last 30 s)."),

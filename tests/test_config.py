@@ -189,6 +189,23 @@ def test_quota_can_be_unset(xdg: Path, value: str) -> None:
     assert Settings.load(env={"MLDASH_SPOOL_QUOTA": value}).spool_quota is None
 
 
+@pytest.mark.parametrize(("value", "size"), [("200", 200), ("5", 5), ("1000KB", 10**6), ("1048575", 2**20 - 1)])
+def test_a_quota_below_a_mebibyte_is_refused_as_a_missing_unit(xdg: Path, value: str, size: int) -> None:
+    """MLDASH_SPOOL_QUOTA=200 meant 200 bytes: every save then waited save_timeout and failed."""
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={"MLDASH_SPOOL_QUOTA": value})
+    assert str(info.value) == (f"spool_quota (environment variable MLDASH_SPOOL_QUOTA): {value!r} is {size} bytes, "
+                               "below the smallest quota of 1MiB; give a unit, e.g. '50GiB' or '500MB' (0 = no quota)")
+    assert Settings.load(env={"MLDASH_SPOOL_QUOTA": "1MiB"}).spool_quota == 2**20
+
+
+def test_a_quota_below_a_mebibyte_in_the_file_is_refused(xdg: Path) -> None:
+    with pytest.raises(ConfigError, match=r"spool_quota \(.*mldash.toml\): 5 is 5 bytes, below the smallest quota "
+                                          r"of 1MiB; give a unit, e.g. '50GiB' or '500MB'"):
+        Settings.load(env=_toml(xdg, "spool_quota = 5\n"))
+    assert Settings.load(env=_toml(xdg, "spool_quota = 0\n")).spool_quota is None
+
+
 def test_config_file_that_cannot_be_read_is_named(xdg: Path) -> None:
     folder = xdg / "dir.toml"
     folder.mkdir()
