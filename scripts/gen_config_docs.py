@@ -37,6 +37,7 @@ DEFAULTS = {
     "spool": "`$XDG_DATA_HOME/mldash/spool`",
     "store": "`file://$XDG_DATA_HOME/mldash/store`",
     "catalog": "`sqlite://$XDG_DATA_HOME/mldash/catalog.sqlite`",
+    "verify_etag": "`auto`",  # held as None, which the setting reads as auto (Settings.checks_etags)
 }
 
 
