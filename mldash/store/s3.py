@@ -16,7 +16,7 @@ Decisions, each for a reason:
   It absorbs the common one-off blips (a pooled keep-alive connection the server closed, a single 5xx)
   without spending one of the daemon's attempts and its backoff (a direct PUT does the same, by botocore's
   own tables of what to retry); every other retry decision is the
-  daemon's, driven by the classification below. (A retried conditional write whose first attempt did
+  daemon's, driven by the classification in s3_errors.py. (A retried conditional write whose first attempt did
   land comes back as ObjectExistsError: the daemon heads the key and compares checksums, as it must
   after any of its own retries.)
 - Checksums: we send `ChecksumSHA256` ourselves (the daemon hashed the bytes while reading them), so
@@ -51,8 +51,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
-import botocore.exceptions as bce
 from aiobotocore.config import AioConfig
 from botocore.handlers import add_expect_header
 
@@ -61,7 +59,6 @@ from mldash.spool.layout import open_private
 from mldash.store.base import (
     Buffer,
     NoSuchUploadError,
-    ObjectExistsError,
     PartReceipt,
     PendingUpload,
     PermanentStoreError,
@@ -74,127 +71,11 @@ from mldash.store.local import store_error_from_os_error
 from mldash.store.pacing import CallDeadline, RateLimit, current_deadline, pace
 from mldash.store.s3_body import SendBuffer
 from mldash.store.s3_direct import DIRECT_PUT_LIMIT, DirectPut, HandBack, is_retried
-from mldash.store.s3_redirects import (
-    REDIRECT_STATUSES,
-    NoRedirectSession,
-    redirect_error,
-    stop_region_lookup_recursion,
-)
+from mldash.store.s3_errors import classify_error
+from mldash.store.s3_redirects import NoRedirectSession, stop_region_lookup_recursion
 
 T = TypeVar("T")
 log = logging.getLogger("mldash.store")
-
-# ---------------------------------------------------------------------------------------------------
-# Error classification: the one table that decides what the daemon retries.
-# ---------------------------------------------------------------------------------------------------
-_ERROR_CODES: dict[str, type[StoreError]] = {
-    # The key is taken: a conditional create (If-None-Match: *) found an object (412), or raced another
-    # conditional write to the same key (409). Not retryable as such: head the key and compare checksums.
-    "PreconditionFailed": ObjectExistsError,
-    "ConditionalRequestConflict": ObjectExistsError,
-    # The multipart upload id is unknown: completed, aborted or expired by a lifecycle rule. Start over.
-    "NoSuchUpload": NoSuchUploadError,
-    # Credentials, permissions, configuration: a human must act; the same request cannot succeed.
-    "AccessDenied": PermanentStoreError,
-    "AllAccessDisabled": PermanentStoreError,
-    "AccountProblem": PermanentStoreError,
-    "InvalidAccessKeyId": PermanentStoreError,
-    "SignatureDoesNotMatch": PermanentStoreError,
-    "ExpiredToken": PermanentStoreError,
-    "InvalidToken": PermanentStoreError,
-    "NoSuchBucket": PermanentStoreError,
-    "InvalidBucketName": PermanentStoreError,
-    "PermanentRedirect": PermanentStoreError,  # wrong region/endpoint for the bucket
-    "AuthorizationHeaderMalformed": PermanentStoreError,
-    # The request itself is wrong (our bug or an input S3 refuses): resending it unchanged cannot help.
-    "InvalidDigest": PermanentStoreError,  # malformed checksum header (not a mismatch: see BadDigest)
-    "KeyTooLongError": PermanentStoreError,
-    "KeyTooLong": PermanentStoreError,
-    "EntityTooSmall": PermanentStoreError,
-    "EntityTooLarge": PermanentStoreError,
-    "InvalidPart": PermanentStoreError,
-    "InvalidPartOrder": PermanentStoreError,
-    "InvalidRequest": PermanentStoreError,
-    "InvalidArgument": PermanentStoreError,
-    "MalformedXML": PermanentStoreError,
-    "MissingContentLength": PermanentStoreError,
-    "MethodNotAllowed": PermanentStoreError,
-    "NotImplemented": PermanentStoreError,  # a 501: the endpoint lacks a feature we need (e.g. If-None-Match)
-    "InvalidObjectState": PermanentStoreError,
-    "NoSuchKey": PermanentStoreError,  # download of an absent object
-    # The service is busy or failed inside: back off and retry.
-    "InternalError": TransientStoreError,
-    "ServiceUnavailable": TransientStoreError,
-    "SlowDown": TransientStoreError,
-    "Throttling": TransientStoreError,
-    "ThrottlingException": TransientStoreError,
-    "RequestLimitExceeded": TransientStoreError,
-    "TooManyRequests": TransientStoreError,
-    "OperationAborted": TransientStoreError,  # a conflicting operation on the same resource is in progress
-    # The request or our clock was slow: retry (the clock may be corrected, NTP catches up).
-    "RequestTimeout": TransientStoreError,
-    "RequestTimeTooSkewed": TransientStoreError,
-    "TokenRefreshRequired": TransientStoreError,
-    # The bytes were damaged on the way: resend them.
-    "BadDigest": TransientStoreError,
-    "XAmzContentSHA256Mismatch": TransientStoreError,
-    "IncompleteBody": TransientStoreError,
-}
-
-# Client-side failures that are not S3 error responses.
-_PERMANENT_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
-    bce.NoCredentialsError,  # no credentials anywhere in the chain: configuration
-    bce.PartialCredentialsError,
-    bce.ParamValidationError,  # our bug
-    bce.NoRegionError,
-    bce.InvalidConfigError,
-)
-_TRANSIENT_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
-    TimeoutError,  # our asyncio.timeout deadline (asyncio.TimeoutError is TimeoutError on 3.11)
-    bce.FlexibleChecksumError,  # the downloaded bytes do not match the object's checksum: corrupted in flight
-    bce.HTTPClientError,  # connect/read timeouts, connection closed/refused, streaming errors
-    bce.CredentialRetrievalError,  # e.g. the instance metadata service did not answer this time
-    aiohttp.ClientError,
-    OSError,
-)
-
-
-def classify_error(exc: BaseException, *, operation: str, key: str, endpoint: str | None = None) -> StoreError:
-    """The StoreError for anything an S3 call raised: by S3 error code, then by HTTP status.
-    `endpoint` names where the request went, for the messages that need it (a redirect)."""
-    if isinstance(exc, StoreError):
-        return exc
-    if isinstance(exc, bce.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code") or "")
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        if status in REDIRECT_STATUSES:  # whatever its code: what it names decides (see s3_redirects.py)
-            return redirect_error(exc.response, operation=operation, key=key, endpoint=endpoint)
-        message = f"{operation} {key!r}: {code or status} {error.get('Message') or ''}".rstrip()
-        kind = _ERROR_CODES.get(code)
-        if kind is None:  # HEAD responses have no body: the code is just the status ("403")
-            if status == 412:
-                kind = ObjectExistsError
-            elif status in (408, 429) or status >= 500:
-                kind = TransientStoreError
-            elif 400 <= status < 500:
-                kind = PermanentStoreError
-            else:  # a 200 with an unrecognised error body and the like: assume the service hiccuped
-                kind = TransientStoreError
-        return kind(message, code=code or str(status))
-    name = type(exc).__name__
-    if isinstance(exc, _PERMANENT_CLIENT_ERRORS):
-        return PermanentStoreError(f"{operation} {key!r}: {name}: {exc}", code=name)
-    if isinstance(exc, TimeoutError):
-        return TransientStoreError(f"{operation} {key!r}: no answer within the deadline", code="Timeout")
-    if isinstance(exc, _TRANSIENT_CLIENT_ERRORS):
-        return TransientStoreError(f"{operation} {key!r}: {name}: {exc}", code=name)
-    # Anything else from botocore/aiohttp: retrying is the safe default; the daemon's attempt limit ends it
-    # in a visible 'failed' state if it never passes.
-    return TransientStoreError(f"{operation} {key!r}: {name}: {exc}", code=name)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 _MiB = 2**20
 SLOW_CALL_WARNING = 10.0  # seconds without an answer before a call is reported as slow (once per 30 s)
