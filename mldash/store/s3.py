@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -71,7 +72,7 @@ from mldash.store.local import store_error_from_os_error
 from mldash.store.pacing import CallDeadline, RateLimit, current_deadline, pace
 from mldash.store.s3_body import SendBuffer
 from mldash.store.s3_direct import DIRECT_PUT_LIMIT, DirectPut, HandBack, is_retried
-from mldash.store.s3_errors import classify_error
+from mldash.store.s3_errors import S3Target, classify_error, describe_credentials
 from mldash.store.s3_redirects import NoRedirectSession, stop_region_lookup_recursion
 
 T = TypeVar("T")
@@ -136,7 +137,7 @@ class S3Store(Store):
         self._client: Any = None
         self._direct: DirectPut | None = None  # small PUTs without botocore's pipeline (s3_direct.py), if usable
         self._exit: contextlib.AsyncExitStack | None = None
-        self._endpoint = endpoint_url  # where requests go, for error messages: the resolved one once open
+        self.target = S3Target(bucket, endpoint_url)  # what configuration errors name: botocore's answers once open
         self._slow_warned_at = -1e9  # time.monotonic() of the last "no answer" warning (see _call)
 
     def __repr__(self) -> str:
@@ -151,7 +152,7 @@ class S3Store(Store):
         from aiobotocore.session import get_session
 
         core_session = get_session()
-        session = aioboto3.Session(botocore_session=core_session)
+        self.target = _with_credential_files(self.target, core_session)
         config = AioConfig(
             connect_timeout=min(10.0, self.request_timeout),
             read_timeout=self.request_timeout,
@@ -166,15 +167,17 @@ class S3Store(Store):
         )
         exit_stack = contextlib.AsyncExitStack()
         try:
+            # Reads the profile AWS_PROFILE names: ProfileNotFound if no file has it.
+            session = aioboto3.Session(botocore_session=core_session)
             client = await exit_stack.enter_async_context(session.client(
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region or session.region_name or "us-east-1",
                 config=config))
         except Exception as exc:
             await exit_stack.aclose()
-            raise classify_error(exc, operation="open", key="") from exc
+            raise classify_error(exc, operation="open", key="", target=self.target) from exc
         client.meta.events.unregister("before-call.s3", add_expect_header)
         client.meta.events.register_first("needs-retry.s3.HeadBucket", stop_region_lookup_recursion)
-        self._endpoint = f"{client.meta.endpoint_url} (region {client.meta.region_name})"
+        self.target = await _resolved_target(self.target, core_session, client)
         resolve_endpoints_once_per_bucket(client)
         self._client, self._exit = client, exit_stack
         try:
@@ -221,7 +224,7 @@ class S3Store(Store):
                 token = current_deadline.set(CallDeadline(timeout, paced))
                 return await fn(**kwargs)
         except Exception as exc:
-            raise classify_error(exc, operation=operation, key=key, endpoint=self._endpoint) from exc
+            raise classify_error(exc, operation=operation, key=key, target=self.target) from exc
         finally:
             slow[0].cancel()
             if token is not None:
@@ -435,6 +438,26 @@ class S3Store(Store):
         if self._client is None:
             raise PermanentStoreError(f"{name}: {self!r} is not open (call open() first)", code="NotOpen")
         return getattr(self._client, name)
+
+
+def _with_credential_files(target: S3Target, session: Any) -> S3Target:
+    """`target` with the profile and files the credential chain of `session` reads (taken from the environment
+    as they are: whether the profile exists is found out when the client is made)."""
+    return dataclasses.replace(target, profile=session.profile or "default",
+                               credentials_file=str(session.get_config_variable("credentials_file")),
+                               config_file=str(session.get_config_variable("config_file")))
+
+
+async def _resolved_target(target: S3Target, session: Any, client: Any) -> S3Target:
+    """`target` as botocore resolved it for `client`: its endpoint and region, and where it found the credentials
+    (by the provider's name: their values are never looked at)."""
+    target = dataclasses.replace(target, resolved_endpoint=client.meta.endpoint_url, region=client.meta.region_name)
+    try:
+        # Resolved when the client was made, and cached: no second lookup (unless none was found then).
+        credentials = await session.get_credentials()
+    except Exception:  # wording only: a chain that fails now fails the first request, with its own error
+        return target
+    return dataclasses.replace(target, credentials=describe_credentials(getattr(credentials, "method", None), target))
 
 
 _MULTIPART_ETAG = re.compile(r'"?[0-9a-fA-F]+-([0-9]+)"?')
