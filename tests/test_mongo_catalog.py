@@ -133,10 +133,11 @@ async def test_a_server_selection_timeout_in_the_uri_reaches_the_driver(mongo_ur
     """A value above mldash's own (15 s) is the user's too: the driver and mldash's wait for a server both use it."""
     from mldash.catalog.mongo import SERVER_SELECTION_TIMEOUT
 
-    uri = with_option(mongo_uri, "serverSelectionTimeoutMS=30000")
+    uri = with_option(mongo_uri, "serverSelectionTimeoutMS=30000&connectTimeoutMS=1500")
     async with MongoCatalog(uri, database=mongo_db_name, request_timeout=60.0) as catalog:
         assert catalog.selection_timeout == 30.0
         assert catalog._client is not None and catalog._client.options.server_selection_timeout == 30.0
+        assert catalog._client.options.pool_options.connect_timeout == 1.5  # the URI's, not min(60 s, 20 s)
         await catalog.upsert(make_doc())
         assert await catalog.get(make_doc().id) == make_doc().to_dict()
     assert MongoCatalog(mongo_uri, database="x").selection_timeout == SERVER_SELECTION_TIMEOUT  # none given
