@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 import tomllib
@@ -74,7 +75,9 @@ def _parse_float(minimum: float) -> Callable[[Any], float]:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number; expected one ≥ {minimum:g}, e.g. 30 or 2.5") from None
-        if not number >= minimum:
+        if not math.isfinite(number):  # float() takes "inf" and "nan": no deadline or delay means either
+            raise ValueError(f"{value!r} is not a finite number; expected one ≥ {minimum:g}, e.g. 30 or 2.5")
+        if number < minimum:
             raise ValueError(f"{value!r} must be ≥ {minimum}")
         return number
     return parse
@@ -99,6 +102,18 @@ def _parse_optional_size(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited")):
         return None
     return parse_size(value) or None
+
+
+MIN_SPOOL_QUOTA = 1 << 20  # a smaller quota holds no checkpoint worth the name: almost surely a missing unit ("200")
+
+
+def _parse_spool_quota(value: Any) -> int | None:
+    """Bytes, or None (no quota): a size ("50GiB", "500MB"); unset, 0, "none" or "unlimited" mean no quota."""
+    quota = _parse_optional_size(value)
+    if quota is not None and quota < MIN_SPOOL_QUOTA:
+        raise ValueError(f"{value!r} is {quota} bytes, below the smallest quota of 1MiB; give a unit, e.g. '50GiB' "
+                         f"or '500MB' (0 = no quota)")
+    return quota
 
 
 MIN_UPLOAD_RATE = 64 << 10  # one 64 KiB slice a second: a smaller cap is almost surely a missing unit ("10")
@@ -265,9 +280,9 @@ FIELDS: tuple[Field, ...] = (
     Field("sync_checksum_limit", "MLDASH_SYNC_CHECKSUM_LIMIT", parse_size, lambda: 64 * 2**20,
           "With checksum 'auto': the largest artifact whose SHA256 the save computes itself (e.g. '64MiB', "
           "the default: ~30 ms of hashing)."),
-    Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_optional_size, lambda: None,
+    Field("spool_quota", "MLDASH_SPOOL_QUOTA", _parse_spool_quota, lambda: None,
           "Maximum bytes of artifacts held in the spool (e.g. '50GiB'); unset, 0 or 'unlimited' = only the disk "
-          "limits it."),
+          "limits it. At least 1 MiB: a smaller number is taken for a missing unit and refused."),
     Field("save_timeout", "MLDASH_SAVE_TIMEOUT", _parse_float(0.0), lambda: 60.0,
           "Seconds a save blocks waiting for spool space (quota or full disk) before SpoolFullError. Over quota "
           "it waits only while a daemon may make room (autostart on, or one held the spool in the last 30 s)."),
@@ -496,7 +511,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, raw in section.items():
         if key not in _BY_NAME:
-            raise ConfigError(f"unknown key {key!r} in {str(path)!r}; known keys: {', '.join(_BY_NAME)}")
+            close = difflib.get_close_matches(key, _BY_NAME, n=1)  # as for misspelt variables
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {str(path)!r}{hint} (known keys: {', '.join(_BY_NAME)})")
         if key == "spool" and isinstance(raw, str) and raw and not os.path.isabs(os.path.expanduser(raw)):
             raw = str(path.parent.absolute() / raw)  # relative to the file that says it, not to the job's cwd
         values[key] = _parse(_BY_NAME[key], raw, f"{path}")

@@ -14,7 +14,8 @@ The file is `$MLDASH_CONFIG` if set, else `$XDG_CONFIG_HOME/mldash/config.toml`
 (`~/.config/mldash/config.toml`). Keys are the names in the first column, either at the top level or
 in an `[mldash]` table. Unknown keys and invalid values are errors that name the key and where it
 came from (a value of the wrong TOML type too: `spool = true` is refused, not read as "True"; passwords in
-URLs are shown as `***`). An `MLDASH_*` environment variable that is no setting (a typo such as
+URLs are shown as `***`); an unknown key comes with the closest known one (`spool_qouta`: did you mean
+`spool_quota`?). An `MLDASH_*` environment variable that is no setting (a typo such as
 `MLDASH_SPOOL_QUOTE`) is logged as a warning naming the closest setting. With nothing set, everything
 lives under `$XDG_DATA_HOME/mldash` (`~/.local/share/mldash`): a spool, a directory store and a SQLite
 catalog — no services needed.
@@ -36,6 +37,7 @@ DEFAULTS = {
     "spool": "`$XDG_DATA_HOME/mldash/spool`",
     "store": "`file://$XDG_DATA_HOME/mldash/store`",
     "catalog": "`sqlite://$XDG_DATA_HOME/mldash/catalog.sqlite`",
+    "verify_etag": "`auto`",  # held as None, which the setting reads as auto (Settings.checks_etags)
 }
 
 

@@ -36,7 +36,7 @@ def fresh_autostart_state() -> Iterator[None]:
 
 
 def test_settings_env_reproduces_the_settings_in_a_child(settings):
-    custom = settings.replace(spool_quota=12345, autostart=True, idle_exit=2.5, experiment="a/b/c")
+    custom = settings.replace(spool_quota=12_345_678, autostart=True, idle_exit=2.5, experiment="a/b/c")
     env = autostart.settings_env(custom)
     assert env["MLDASH_AUTOSTART"] == "1" and env["MLDASH_S3_ENDPOINT_URL"] == ""
     assert Settings.load(env=env) == custom
@@ -172,7 +172,7 @@ def test_a_save_waiting_for_spool_quota_starts_the_daemon_that_makes_room(settin
     """The quota is full of saves no daemon drains (its daemon died, or autostart was off when they were made):
     the next save's wait starts one, whose eviction makes room, and the save goes through. Before, the wait
     never asked for a daemon: every save over quota failed after save_timeout, and the spool stayed full."""
-    quota = settings.replace(spool_quota=1_000_000, save_timeout=120)
+    quota = settings.replace(spool_quota="1MiB", save_timeout=120)
     filler = Experiment(prefix="alice/project/quota", settings=quota)  # autostart off (the fixture's)
     for n in range(3):
         filler.files.save_blob(os.urandom(300_000), f"{n}.bin")
@@ -197,11 +197,11 @@ def test_a_daemon_that_refuses_its_configuration_is_not_restarted_for_ever(setti
     from mldash.errors import SpoolFullError, WaitTimeoutError
 
     live = settings.replace(autostart=True, catalog="sqlite:///proc/no-such-dir/catalog.sqlite",
-                            spool_quota=1000, save_timeout=600)
+                            spool_quota="1MiB", save_timeout=600)
     exp = Experiment(prefix="alice/project/badconf", settings=live)
     layout = SpoolLayout(live.spool)
     with caplog.at_level("WARNING", logger="mldash"):
-        exp.files.save_blob(b"x" * 600, "a.bin")
+        exp.files.save_blob(b"x" * 600_000, "a.bin")
         state = autostart._states[Path(live.spool)]
         for attempt in range(autostart.USAGE_EXITS_TO_GIVE_UP):
             assert state.child is not None and state.child.wait(timeout=60) == 2
@@ -215,7 +215,7 @@ def test_a_daemon_that_refuses_its_configuration_is_not_restarted_for_ever(setti
             exp.flush(timeout=1)
         started = time.monotonic()
         with pytest.raises(SpoolFullError) as full:
-            exp.files.save_blob(b"y" * 600, "b.bin")  # over quota, and nothing will drain it
+            exp.files.save_blob(b"y" * 600_000, "b.bin")  # over quota, and nothing will drain it
         assert time.monotonic() - started < 60
     message = str(info.value)
     assert "the last one autostarted said" in message and "/proc/no-such-dir/catalog.sqlite" in message, message

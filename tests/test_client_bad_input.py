@@ -321,17 +321,17 @@ def test_default_limit_is_100_gb(settings):
 
 
 def test_full_spool(settings):
-    exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool_quota=100, save_timeout=0.0))
-    exp.files.save_blob(b"x" * 60, "a.bin")
+    exp = Experiment(prefix="alice/project/bad", settings=settings.replace(spool_quota="1MiB", save_timeout=0.0))
+    exp.files.save_blob(b"x" * 600_000, "a.bin")
     before = spool_snapshot(settings)
     with pytest.raises(SpoolFullError) as info:
-        exp.files.save_blob(b"x" * 60, "b.bin")
-    assert info.value.quota == 100 and info.value.requested == 60
+        exp.files.save_blob(b"x" * 600_000, "b.bin")
+    assert info.value.quota == 2**20 and info.value.requested == 600_000
     assert "quota" in str(info.value) and "nothing was written" in str(info.value)
     with pytest.raises(SpoolFullError, match="never fit"):
-        exp.files.save_blob(b"x" * 101, "c.bin")
+        exp.files.save_blob(b"x" * (2**20 + 1), "c.bin")
     with pytest.raises(SpoolFullError):  # size known only after serializing
-        exp.files.save_pkl(b"x" * 60, "d.pkl")
+        exp.files.save_pkl(b"x" * 600_000, "d.pkl")
     assert spool_snapshot(settings) == before
 
 

@@ -55,10 +55,13 @@ def test_empty_env_value_means_unset(xdg: Path) -> None:
     assert Settings.load(env=env).save_timeout == 9.0
 
 
-def test_unknown_toml_key_is_named(xdg: Path) -> None:
+def test_unknown_toml_key_is_named_with_the_closest_key(xdg: Path) -> None:
     env = _toml(xdg, 'spool = "/s"\nspool_qouta = "1GB"\n')
-    with pytest.raises(ConfigError, match=r"unknown key 'spool_qouta' in '.*mldash.toml'; known keys: spool,"):
+    with pytest.raises(ConfigError, match=r"unknown key 'spool_qouta' in '.*mldash.toml'; did you mean 'spool_quota'\? "
+                                          r"\(known keys: spool, store,"):
         Settings.load(env=env)
+    with pytest.raises(ConfigError, match=r"unknown key 'colour' in '.*mldash.toml' \(known keys: spool, store,"):
+        Settings.load(env=_toml(xdg, 'colour = "blue"\n'))
 
 
 def test_unknown_key_next_to_an_mldash_table_is_named(xdg: Path) -> None:
@@ -119,6 +122,26 @@ def test_bad_env_values_name_the_variable(xdg: Path, name: str, value: str) -> N
     assert message.startswith(f"{field.name} (environment variable {name})") and repr(value) in message, message
 
 
+FLOAT_FIELDS = [f for f in FIELDS if isinstance(f.default(), float)]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "1e999"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS, ids=lambda f: f.env)
+def test_non_finite_numbers_are_refused(xdg: Path, field, value: str) -> None:
+    """float() takes "inf" and "nan": MLDASH_STOP_GRACE=inf was a grace period that never ends."""
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={field.env: value})
+    assert str(info.value).startswith(f"{field.name} (environment variable {field.env}): {value!r} is not a "
+                                      "finite number"), str(info.value)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_toml_floats_are_refused(xdg: Path, value: str) -> None:
+    assert len(FLOAT_FIELDS) >= 8  # every duration and delay
+    with pytest.raises(ConfigError, match=rf"stop_grace \(.*mldash.toml\): {value} is not a finite number"):
+        Settings.load(env=_toml(xdg, f"stop_grace = {value}\n"))
+
+
 def test_cross_field_checks_name_the_keys(xdg: Path) -> None:
     with pytest.raises(ConfigError, match=r"part_size = 1048576 bytes; S3 needs at least 5 MiB"):
         Settings.load(env={}, part_size="1MiB")
@@ -164,6 +187,23 @@ def test_bad_sizes(text: object) -> None:
 @pytest.mark.parametrize("value", ["0", "none", "unlimited", "", "0B", "0 GiB", "None"])
 def test_quota_can_be_unset(xdg: Path, value: str) -> None:
     assert Settings.load(env={"MLDASH_SPOOL_QUOTA": value}).spool_quota is None
+
+
+@pytest.mark.parametrize(("value", "size"), [("200", 200), ("5", 5), ("1000KB", 10**6), ("1048575", 2**20 - 1)])
+def test_a_quota_below_a_mebibyte_is_refused_as_a_missing_unit(xdg: Path, value: str, size: int) -> None:
+    """MLDASH_SPOOL_QUOTA=200 meant 200 bytes: every save then waited save_timeout and failed."""
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={"MLDASH_SPOOL_QUOTA": value})
+    assert str(info.value) == (f"spool_quota (environment variable MLDASH_SPOOL_QUOTA): {value!r} is {size} bytes, "
+                               "below the smallest quota of 1MiB; give a unit, e.g. '50GiB' or '500MB' (0 = no quota)")
+    assert Settings.load(env={"MLDASH_SPOOL_QUOTA": "1MiB"}).spool_quota == 2**20
+
+
+def test_a_quota_below_a_mebibyte_in_the_file_is_refused(xdg: Path) -> None:
+    with pytest.raises(ConfigError, match=r"spool_quota \(.*mldash.toml\): 5 is 5 bytes, below the smallest quota "
+                                          r"of 1MiB; give a unit, e.g. '50GiB' or '500MB'"):
+        Settings.load(env=_toml(xdg, "spool_quota = 5\n"))
+    assert Settings.load(env=_toml(xdg, "spool_quota = 0\n")).spool_quota is None
 
 
 def test_config_file_that_cannot_be_read_is_named(xdg: Path) -> None:

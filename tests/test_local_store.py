@@ -239,3 +239,18 @@ async def test_open_sweeps_debris_of_crashed_calls(tmp_path: Path) -> None:
     await LocalStore(store.root).open()
     assert sorted(os.listdir(store.root / ".tmp")) == ["put-fresh"]  # a file being written now is kept
     assert sorted(os.listdir(store.root / ".uploads")) == [live]
+
+
+@pytest.mark.parametrize(("root", "reason"), [("/proc/nope", "No such file or directory"),
+                                              ("{tmp}/a-file/store", "Not a directory")])
+async def test_a_store_directory_that_cannot_be_created_is_named(tmp_path: Path, root: str, reason: str) -> None:
+    """It said "open '' in /proc/nope": an empty key, and neither the setting nor what went wrong in words."""
+    (tmp_path / "a-file").write_bytes(b"")
+    root = root.format(tmp=tmp_path)
+    store = LocalStore(root)
+    with pytest.raises(PermanentStoreError) as caught:
+        await store.open()
+    blocked = "/proc/nope" if root == "/proc/nope" else f"{tmp_path}/a-file/store"
+    assert str(caught.value) == (f"store file://{root}: cannot create the directory {blocked}: {reason}; set the "
+                                 "store setting (MLDASH_STORE) to a directory this user can create and write")
+    assert caught.value.code in ("ENOENT", "ENOTDIR")

@@ -106,6 +106,60 @@ async def test_a_server_that_is_down_is_reported_after_the_selection_timeout_not
         await catalog.close()
 
 
+def with_option(uri: str, option: str) -> str:
+    """`uri` with one more query option."""
+    return f"{uri}&{option}" if "?" in uri else f"{uri.rstrip('/')}/?{option}"
+
+
+async def test_a_server_selection_timeout_in_the_uri_is_honoured_while_the_server_is_down() -> None:
+    """serverSelectionTimeoutMS=500 in the URI was overridden: `open` gave up after OPEN_TIMEOUT (3 s), every later
+    call after SERVER_SELECTION_TIMEOUT (15 s)."""
+    uri = with_option(f"mongodb://127.0.0.1:{free_port()}/", "serverSelectionTimeoutMS=500")
+    catalog = MongoCatalog(uri, database="x", request_timeout=60.0)
+    started = time.monotonic()
+    await catalog.open()
+    try:
+        opened = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(TransientCatalogError):
+            await catalog.get("1")
+        failed = time.monotonic() - started
+    finally:
+        await catalog.close()
+    assert opened < 2.5 and failed < 5.0, (opened, failed)
+
+
+async def test_a_server_selection_timeout_in_the_uri_reaches_the_driver(mongo_uri: str, mongo_db_name: str) -> None:
+    """A value above mldash's own (15 s) is the user's too: the driver and mldash's wait for a server both use it."""
+    from mldash.catalog.mongo import SERVER_SELECTION_TIMEOUT
+
+    uri = with_option(mongo_uri, "serverSelectionTimeoutMS=30000&connectTimeoutMS=1500")
+    async with MongoCatalog(uri, database=mongo_db_name, request_timeout=60.0) as catalog:
+        assert catalog.selection_timeout == 30.0
+        assert catalog._client is not None and catalog._client.options.server_selection_timeout == 30.0
+        assert catalog._client.options.pool_options.connect_timeout == 1.5  # the URI's, not min(60 s, 20 s)
+        await catalog.upsert(make_doc())
+        assert await catalog.get(make_doc().id) == make_doc().to_dict()
+    assert MongoCatalog(mongo_uri, database="x").selection_timeout == SERVER_SELECTION_TIMEOUT  # none given
+    # A caller's shorter wait (a training job's reads: reader.CATALOG_READ_TIMEOUT) still bounds it.
+    assert MongoCatalog(uri, database="x", selection_timeout=5.0).selection_timeout == 5.0
+
+
+async def test_uri_timeouts_that_request_timeout_replaces_are_named(mongo_uri: str, mongo_db_name: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """timeoutMS and socketTimeoutMS in the URI give way to request_timeout, and say so instead of in silence."""
+    uri = with_option(mongo_uri, "timeoutMS=5000&socketTimeoutMS=4000")
+    with caplog.at_level("WARNING", logger="mldash.catalog.mongo"):
+        async with MongoCatalog(uri, database=mongo_db_name, request_timeout=7.0) as catalog:
+            assert catalog._client is not None and catalog._client.options.timeout == 7.0
+        async with MongoCatalog(uri, database=mongo_db_name, request_timeout=7.0):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if "timeoutMS" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per process, not once per catalog (the client opens one per read)
+    assert ("the URI's timeoutMS, socketTimeoutMS are not used: every catalog call is bounded by request_timeout "
+            "(MLDASH_REQUEST_TIMEOUT), 7s" in warnings[0]), warnings
+
+
 async def test_blackhole_server_is_transient_within_deadline() -> None:
     async with blackhole_server() as port:
         catalog = MongoCatalog(f"mongodb://127.0.0.1:{port}/", database="x", request_timeout=REQUEST_TIMEOUT)

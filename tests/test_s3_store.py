@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import botocore.exceptions as bce
 import pytest
 
 from mldash.config import Settings
@@ -182,16 +183,34 @@ async def test_overlong_key_is_refused_before_any_request(aws_env: str) -> None:
 
 # -- classification through moto ------------------------------------------------------------------------
 
-async def test_missing_bucket_is_permanent(moto_server: str) -> None:
-    store = await open_store(moto_server, f"no-such-bucket-{uuid.uuid4().hex[:8]}", timeout=30.0)
+async def test_missing_bucket_is_permanent_and_named_with_its_endpoint(moto_server: str) -> None:
+    """The message said "NoSuchBucket The specified bucket does not exist": not which bucket, nor where."""
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    store = await open_store(moto_server, bucket, timeout=30.0)
     try:
-        with pytest.raises(PermanentStoreError) as caught:
-            await store.put(KEY, b"x", b64_sha256(b"x"))
-        assert caught.value.code == "NoSuchBucket" and caught.value.transient is False
-        with pytest.raises(PermanentStoreError):
-            await store.create_multipart(KEY)
+        for call in (lambda: store.put(KEY, b"x", b64_sha256(b"x")), lambda: store.create_multipart(KEY)):
+            with pytest.raises(PermanentStoreError) as caught:
+                await call()
+            assert caught.value.code == "NoSuchBucket" and caught.value.transient is False
+            assert (f"(bucket {bucket!r} at {moto_server} (MLDASH_S3_ENDPOINT_URL), region us-east-1; check the "
+                    "bucket in MLDASH_STORE and the endpoint") in str(caught.value), str(caught.value)
     finally:
         await store.close()
+
+
+async def test_without_an_endpoint_setting_errors_name_aws_default_endpoint(aws_env: str) -> None:
+    """Opening sends nothing (botocore resolves the endpoint locally), so no request reaches AWS here."""
+    store = S3Store("my-bucket", "root", region="eu-west-1")
+    await store.open()
+    try:
+        answer = bce.ClientError({"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"},
+                                  "ResponseMetadata": {"HTTPStatusCode": 404}}, "PutObject")
+        error = classify_error(answer, operation="put", key=KEY, target=store.target)
+    finally:
+        await store.close()
+    assert str(error) == (f"put {KEY!r}: NoSuchBucket The specified bucket does not exist (bucket 'my-bucket' at "
+                          "https://s3.eu-west-1.amazonaws.com, AWS's default endpoint for region eu-west-1 "
+                          "(MLDASH_S3_ENDPOINT_URL is unset); check the bucket in MLDASH_STORE and the endpoint)")
 
 
 def set_moto_auth(endpoint_url: str, count: str) -> None:
@@ -212,9 +231,52 @@ async def test_wrong_credentials_are_permanent(s3_bucket: tuple[str, str]) -> No
             with pytest.raises(PermanentStoreError) as caught:
                 await store.put(KEY, body, b64_sha256(body))
             assert caught.value.code == "InvalidAccessKeyId"
+            # Where to look: the bucket and endpoint, where these credentials came from, where others would.
+            message = str(caught.value)
+            assert f"(bucket {bucket!r} at {endpoint_url} (MLDASH_S3_ENDPOINT_URL), region us-east-1; " in message
+            assert "the credentials came from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)" in message
+            assert CREDENTIAL_CHAIN in message, message
+            assert "testing" not in message  # the fake key id and secret (tests/fixtures/s3.py)
     finally:
         await asyncio.to_thread(set_moto_auth, endpoint_url, "inf")
         await store.close()
+
+
+# What a credential error adds (the credentials file is /dev/null in tests: tests/fixtures/s3.py).
+CREDENTIAL_CHAIN = ("botocore looks in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, then profile 'default' (AWS_PROFILE) "
+                    "in /dev/null (AWS_SHARED_CREDENTIALS_FILE; the systemd units load it with LoadCredential=) and "
+                    "/dev/null (AWS_CONFIG_FILE), then a container or instance role: see docs/operations.md, "
+                    "'Credentials'")
+
+
+async def test_missing_credentials_say_where_they_are_looked_for(s3_bucket: tuple[str, str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    endpoint_url, bucket = s3_bucket
+    store = await open_store(endpoint_url, bucket, timeout=30.0)
+    try:
+        for body in (b"x", os.urandom(DIRECT_PUT_LIMIT + 1)):
+            with pytest.raises(PermanentStoreError) as caught:
+                await store.put(KEY, body, b64_sha256(body))
+            assert caught.value.code == "NoCredentialsError"
+            assert str(caught.value) == (
+                f"put {KEY!r}: NoCredentialsError: Unable to locate credentials (bucket {bucket!r} at {endpoint_url} "
+                f"(MLDASH_S3_ENDPOINT_URL), region us-east-1; no credentials found: {CREDENTIAL_CHAIN})")
+    finally:
+        await store.close()
+
+
+async def test_a_profile_that_does_not_exist_is_named_at_open(aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore's ProfileNotFound escaped open() as it was, not as a StoreError."""
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    store = S3Store("bucket", "root", endpoint_url=aws_env)
+    with pytest.raises(PermanentStoreError) as caught:
+        await store.open()
+    chain = CREDENTIAL_CHAIN.replace("profile 'default'", "profile 'no-such-profile'")
+    assert str(caught.value) == ("open: ProfileNotFound: The config profile (no-such-profile) could not be found "
+                                 f"(bucket 'bucket' at {aws_env} (MLDASH_S3_ENDPOINT_URL); {chain})")
+    await store.close()
 
 
 async def test_downloaded_object_matches_its_checksum(s3_store: S3Store, tmp_path: Path) -> None:

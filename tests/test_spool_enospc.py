@@ -99,18 +99,18 @@ def test_disk_fills_exactly_at_the_manifest(small_fs: Path, manifest_pages: int,
 
 
 def test_quota_blocks_then_raises_and_writes_nothing(tmp_path: Path) -> None:
-    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1_000_000, save_timeout=0.3))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota="1MiB", save_timeout=0.3))
     saved = [put(enqueuer, os.urandom(300_000), f"{n}.bin") for n in range(3)]
     with DaemonLock(enqueuer.layout), pytest.raises(SpoolFullError) as info:  # a daemon that drains nothing
         put(enqueuer, os.urandom(300_000), "fourth.bin")
-    assert str(info.value) == ("spool quota full: 900000 of 1000000 bytes in use, 'fourth.bin' needs 300000; "
+    assert str(info.value) == ("spool quota full: 900000 of 1048576 bytes in use, 'fourth.bin' needs 300000; "
                                "waited 0.3s (setting save_timeout) for the daemon to drain; nothing was written")
-    assert (info.value.requested, info.value.used, info.value.quota) == (300_000, 900_000, 1_000_000)
+    assert (info.value.requested, info.value.used, info.value.quota) == (300_000, 900_000, 2**20)
     _nothing_partial(enqueuer.layout, _acks(saved))
 
 
 def test_draining_unblocks_a_waiting_save(tmp_path: Path) -> None:
-    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1_000_000, save_timeout=60))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota="1MiB", save_timeout=60))
     layout = enqueuer.layout
     saved = [put(enqueuer, os.urandom(300_000), f"{n}.bin") for n in range(3)]
     data = os.urandom(300_000)
@@ -149,7 +149,7 @@ def test_draining_unblocks_a_waiting_save(tmp_path: Path) -> None:
 
 
 def _over_quota(tmp_path: Path, **overrides: object) -> tuple[Enqueuer, list[Manifest]]:
-    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1_000_000, **overrides))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota="1MiB", **overrides))
     return enqueuer, [put(enqueuer, os.urandom(300_000), f"{n}.bin") for n in range(3)]
 
 
@@ -161,10 +161,10 @@ def test_quota_full_without_a_daemon_fails_at_once(tmp_path: Path) -> None:
         put(enqueuer, os.urandom(300_000), "fourth.bin")
     assert time.monotonic() - started < 60, "the save waited for a daemon that does not exist"
     assert str(info.value) == (
-        f"spool quota full: 900000 of 1000000 bytes in use, 'fourth.bin' needs 300000, and no daemon is draining "
+        f"spool quota full: 900000 of 1048576 bytes in use, 'fourth.bin' needs 300000, and no daemon is draining "
         f"{enqueuer.layout.root} (none has held it in the last 30s; autostart is off): start one (`mldash-syncd run`, "
         "or its systemd unit) or raise spool_quota; nothing was written")
-    assert (info.value.requested, info.value.used, info.value.quota) == (300_000, 900_000, 1_000_000)
+    assert (info.value.requested, info.value.used, info.value.quota) == (300_000, 900_000, 2**20)
     _nothing_partial(enqueuer.layout, _acks(saved))
 
 

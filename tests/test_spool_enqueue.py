@@ -85,10 +85,10 @@ def test_too_large_is_refused_before_and_after_writing(tmp_path: Path) -> None:
 
 
 def test_entry_larger_than_the_quota_fails_at_once(tmp_path: Path) -> None:
-    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=1000, save_timeout=60))
-    with pytest.raises(SpoolFullError, match="can never fit the spool quota of 1000 bytes") as info:
-        put(enqueuer, b"x" * 1001)
-    assert (info.value.requested, info.value.quota) == (1001, 1000)
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota="1MiB", save_timeout=60))
+    with pytest.raises(SpoolFullError, match="can never fit the spool quota of 1048576 bytes") as info:
+        put(enqueuer, b"x" * (2**20 + 1))
+    assert (info.value.requested, info.value.quota) == (2**20 + 1, 2**20)
     _nothing_written(enqueuer.layout)
 
 

@@ -21,6 +21,8 @@ from mldash.spool.layout import SpoolLayout
 from mldash.spool.quota import quota_lock, spooled_bytes
 from tests.spool_helpers import assert_spool_integrity, make_settings, put
 
+MiB = 2**20  # the smallest quota (config.MIN_SPOOL_QUOTA)
+
 
 def _counting_sums(monkeypatch) -> list[int]:
     calls: list[int] = []
@@ -74,24 +76,24 @@ def test_a_removal_makes_the_next_admission_sum_again(tmp_path: Path, monkeypatc
 
 
 def test_an_overstating_ledger_never_refuses_a_save_that_fits(tmp_path: Path) -> None:
-    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=3000, save_timeout=0.2))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota="3MiB", save_timeout=0.2))
     layout = enqueuer.layout
-    saved = [put(enqueuer, os.urandom(1000), f"{n}.bin") for n in range(3)]
-    _same_tick(layout, lambda: os.unlink(layout.blob_path(saved[0].id)))  # the ledger still says 3000
+    saved = [put(enqueuer, os.urandom(MiB), f"{n}.bin") for n in range(3)]
+    _same_tick(layout, lambda: os.unlink(layout.blob_path(saved[0].id)))  # the ledger still says 3 MiB
     with quota_lock(layout) as ledger:
-        assert ledger.used() == 3000  # what the test is about: the ledger could not see that removal
-    put(enqueuer, os.urandom(1000), "fits.bin")  # 2000 + 1000 ≤ 3000: must be admitted, not wait and fail
+        assert ledger.used() == 3 * MiB  # what the test is about: the ledger could not see that removal
+    put(enqueuer, os.urandom(MiB), "fits.bin")  # 2 MiB + 1 MiB ≤ 3 MiB: must be admitted, not wait and fail
 
 
 def test_a_save_that_does_not_fit_sums_blobs_once_per_attempt(tmp_path: Path, monkeypatch) -> None:
-    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota=3000, save_timeout=0))
+    enqueuer = Enqueuer(make_settings(tmp_path / "spool", spool_quota="3MiB", save_timeout=0))
     layout = enqueuer.layout
     for n in range(3):
-        put(enqueuer, os.urandom(1000), f"{n}.bin")
+        put(enqueuer, os.urandom(MiB), f"{n}.bin")
     os.utime(layout.blobs_dir, ns=(0, os.stat(layout.blobs_dir).st_mtime_ns + 1_000_000))  # the ledger is stale
     sums = _counting_sums(monkeypatch)
-    with pytest.raises(SpoolFullError, match="3000 of 3000 bytes in use"):
-        put(enqueuer, os.urandom(1000), "one-too-many.bin")
+    with pytest.raises(SpoolFullError, match="3145728 of 3145728 bytes in use"):
+        put(enqueuer, os.urandom(MiB), "one-too-many.bin")
     assert len(sums) == 1, "a sum just made is not made again to check the ledger's word"
 
 

@@ -52,8 +52,9 @@ def __getattr__(name: str) -> Any:
 def make_catalog(settings: Settings, *, for_reads: bool = False, selection_timeout: float | None = None) -> Catalog:
     """The catalog `settings.catalog` names, configured from `settings` (not opened yet).
 
-    `for_reads`: a client that only reads (creates no MongoDB indexes). `selection_timeout`: how long a MongoDB
-    operation may wait for a server to be reachable (default: the catalog's own, see mongo.SERVER_SELECTION_TIMEOUT).
+    `for_reads`: a client that only reads (creates no MongoDB indexes). `selection_timeout`: the longest a MongoDB
+    operation may wait for a server to be reachable (default: the URI's serverSelectionTimeoutMS, else
+    mongo.SERVER_SELECTION_TIMEOUT; a value given here bounds either).
     """
     url = settings.catalog
     parsed = urlparse(url)

@@ -17,10 +17,14 @@ and mongod's defaults are not).
 Deadlines: the client runs with ``timeoutMS`` = `request_timeout` (PyMongo's client-side operation
 timeout, which also bounds server selection, connecting and the driver's own retries), and every await
 is additionally wrapped in ``asyncio.timeout(request_timeout + DEADLINE_GRACE)`` as the backstop: the
-driver's timeout normally fires first and says more. `catalog_error` is the one place that decides
-transient vs permanent. A driver call is never cancelled while its client is open: a caller that stops
-waiting (its deadline, a daemon stopping) leaves it to end by its own timeout, or at `close` — see
-`_deadline` for why.
+driver's timeout normally fires first and says more. The URI's ``timeoutMS`` and ``socketTimeoutMS`` give way
+to `request_timeout` (with a warning, once): the backstop and the daemon's retries are built on that one
+deadline. The URI's ``serverSelectionTimeoutMS`` and ``connectTimeoutMS`` are the user's and are kept;
+``serverSelectionTimeoutMS`` also replaces SERVER_SELECTION_TIMEOUT as mldash's own wait for a server (see
+`_deadline`: with ``timeoutMS`` set, PyMongo itself would let it wait the whole operation timeout).
+`catalog_error` is the one place that decides transient vs permanent. A driver call is never cancelled while
+its client is open: a caller that stops waiting (its deadline, a daemon stopping) leaves it to end by its own
+timeout, or at `close` — see `_deadline` for why.
 
 The client is bound to the event loop that ran `open()`; use and close the catalog on that loop.
 The URI's password never leaves this object: `url` and `repr()` show it as ``***``.
@@ -31,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import bson.errors
 import pymongo
@@ -71,6 +77,9 @@ OPEN_TIMEOUT = 3.0
 # its deadline). Long enough to connect and for a replica set election (~10 s); short enough that a MongoDB that is
 # down is reported (logs, `status`) after seconds, not after the whole request timeout. Commits are retried anyway.
 SERVER_SELECTION_TIMEOUT = 15.0
+# URI options that `request_timeout` replaces, by lower-cased name (MongoDB's option names are case-insensitive).
+_REPLACED_TIMEOUTS = {"timeoutms": "timeoutMS", "sockettimeoutms": "socketTimeoutMS"}
+_warned_replaced: set[tuple[str, ...]] = set()  # (catalog URL, options...) already warned about in this process
 
 # Server error codes that mean "the credentials are wrong or lack a role": never fixed by waiting.
 _AUTH_CODES = frozenset({
@@ -139,6 +148,23 @@ def catalog_error(exc: BaseException, what: str, url: str) -> CatalogError:
     return PermanentCatalogError(message)
 
 
+def _uri_options(uri: str) -> dict[str, str]:
+    """The options a MongoDB URI sets, by lower-cased name (MongoDB's option names are case-insensitive)."""
+    try:
+        return {name.lower(): value for name, value in parse_qsl(urlsplit(uri).query)}
+    except ValueError:  # not even a URL: PyMongo says what is wrong with it, at open
+        return {}
+
+
+def _seconds(milliseconds: str | None) -> float | None:
+    """A URI's positive time in milliseconds, in seconds; None for anything else (PyMongo refuses what is invalid)."""
+    try:
+        seconds = float(milliseconds or "nan") / 1000
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def _duplicates(exc: BulkWriteError, bodies: list[dict[str, Any]], what: str, url: str) -> set[str]:
     """The ids an unordered insert found already present (duplicate key: a replay, or the id is taken).
     Any other write error fails the call, classified like a single error; so does a write concern error
@@ -162,8 +188,12 @@ class MongoCatalog(Catalog):
 
     def __init__(self, uri: str, *, database: str = "mldash", request_timeout: float = 60.0,
                  appname: str = "mldash", create_indexes: bool = True,
-                 selection_timeout: float = SERVER_SELECTION_TIMEOUT) -> None:
+                 selection_timeout: float | None = None) -> None:
+        """`selection_timeout`: the longest an operation waits for a reachable server when none is known to be up
+        (see _deadline). The URI's serverSelectionTimeoutMS if it has one, else SERVER_SELECTION_TIMEOUT; a caller's
+        value (a client's reads wait less) bounds it."""
         self._uri = uri
+        self._uri_options = _uri_options(uri)
         self.url = redact_uri(uri)
         self._secrets = uri_password(uri)
         self.database = database
@@ -173,7 +203,9 @@ class MongoCatalog(Catalog):
         self._files: AsyncCollection[dict[str, Any]] | None = None
         self._indexes_ready = False
         self._create_indexes = create_indexes  # False for a reader: reads need none, and must not wait for them
-        self.selection_timeout = selection_timeout  # see _deadline
+        given = _seconds(self._uri_options.get("serverselectiontimeoutms"))
+        own = SERVER_SELECTION_TIMEOUT if given is None else given
+        self.selection_timeout = own if selection_timeout is None else min(own, selection_timeout)  # see _deadline
         self._abandoned: set[asyncio.Task[Any]] = set()  # driver calls whose caller stopped waiting
 
     def __repr__(self) -> str:
@@ -193,14 +225,16 @@ class MongoCatalog(Catalog):
         if self._client is not None:
             return
         timeout_ms = int(self.request_timeout * 1000)
+        # Keyword arguments win over the URI's options in PyMongo: these two only where the URI has none.
+        defaults = {"serverSelectionTimeoutMS": timeout_ms, "connectTimeoutMS": min(timeout_ms, 20_000)}
+        self._warn_replaced_timeouts()
         try:
             self._client = AsyncMongoClient(
                 self._uri,
                 appname=self.appname,
                 timeoutMS=timeout_ms,
-                serverSelectionTimeoutMS=timeout_ms,
-                connectTimeoutMS=min(timeout_ms, 20_000),
                 socketTimeoutMS=timeout_ms,
+                **{name: value for name, value in defaults.items() if name.lower() not in self._uri_options},
             )
         except (PyMongoError, ValueError, TypeError) as exc:
             raise self._scrub(PermanentCatalogError(
@@ -217,6 +251,15 @@ class MongoCatalog(Catalog):
         except BaseException:
             await self.close()
             raise
+
+    def _warn_replaced_timeouts(self) -> None:
+        """Say once per process that the URI's timeoutMS/socketTimeoutMS are not used (they were ignored silently)."""
+        replaced = tuple(spelt for name, spelt in _REPLACED_TIMEOUTS.items() if name in self._uri_options)
+        if not replaced or (self.url, *replaced) in _warned_replaced:
+            return
+        _warned_replaced.add((self.url, *replaced))
+        log.warning("MongoDB catalog %s: the URI's %s are not used: every catalog call is bounded by request_timeout "
+                    "(MLDASH_REQUEST_TIMEOUT), %gs", self.url, ", ".join(replaced), self.request_timeout)
 
     async def close(self) -> None:
         client, self._client, self._files = self._client, None, None

@@ -101,7 +101,7 @@ class LocalStore(Store):
     # -- the contract ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await self._run("open", "", self._open_layout)
+        await asyncio.to_thread(self._open_layout)
 
     def key(self, relative_key: str) -> str:
         return relative_key  # a file:// store has no root prefix: its root is the directory
@@ -175,8 +175,22 @@ class LocalStore(Store):
     def _open_layout(self) -> None:
         if self.read_only:
             return
-        self._ensure_layout()
-        self._sweep()
+        try:
+            self._ensure_layout()
+        except OSError as exc:
+            raise self._open_error(exc, "create the directory") from exc
+        try:
+            self._sweep()
+        except OSError as exc:
+            raise self._open_error(exc, "clean up") from exc
+
+    def _open_error(self, exc: OSError, doing: str) -> StoreError:
+        """Opening touches no key: the message names the store, the directory that failed and the setting to
+        change (a store that cannot be opened is a configuration problem, unless the disk is full)."""
+        message = f"store {self.url}: cannot {doing} {exc.filename or self.root}: {exc.strerror or exc}"
+        if exc.errno not in _TRANSIENT_ERRNOS:  # a full disk is no reason to move the store
+            message += "; set the store setting (MLDASH_STORE) to a directory this user can create and write"
+        return _store_error(exc, message)
 
     def _make_dirs(self, directory: Path) -> None:
         """mkdir -p (0700); with fsync, also make each new directory entry durable in its parent."""
@@ -528,8 +542,12 @@ class LocalStore(Store):
 
 def store_error_from_os_error(exc: OSError, context: str) -> StoreError:
     """A local file error as a StoreError: transient if it may pass by itself (full disk), else permanent."""
+    return _store_error(exc, f"{context}: {exc}")
+
+
+def _store_error(exc: OSError, message: str) -> StoreError:
     kind = TransientStoreError if exc.errno in _TRANSIENT_ERRNOS else PermanentStoreError
-    return kind(f"{context}: {exc}", code=errno.errorcode.get(exc.errno or 0, "OSError"))
+    return kind(message, code=errno.errorcode.get(exc.errno or 0, "OSError"))
 
 
 def _b64(digest: bytes) -> str:

@@ -16,7 +16,7 @@ Decisions, each for a reason:
   It absorbs the common one-off blips (a pooled keep-alive connection the server closed, a single 5xx)
   without spending one of the daemon's attempts and its backoff (a direct PUT does the same, by botocore's
   own tables of what to retry); every other retry decision is the
-  daemon's, driven by the classification below. (A retried conditional write whose first attempt did
+  daemon's, driven by the classification in s3_errors.py. (A retried conditional write whose first attempt did
   land comes back as ObjectExistsError: the daemon heads the key and compares checksums, as it must
   after any of its own retries.)
 - Checksums: we send `ChecksumSHA256` ourselves (the daemon hashed the bytes while reading them), so
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -51,8 +52,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
-import botocore.exceptions as bce
 from aiobotocore.config import AioConfig
 from botocore.handlers import add_expect_header
 
@@ -61,7 +60,6 @@ from mldash.spool.layout import open_private
 from mldash.store.base import (
     Buffer,
     NoSuchUploadError,
-    ObjectExistsError,
     PartReceipt,
     PendingUpload,
     PermanentStoreError,
@@ -74,127 +72,11 @@ from mldash.store.local import store_error_from_os_error
 from mldash.store.pacing import CallDeadline, RateLimit, current_deadline, pace
 from mldash.store.s3_body import SendBuffer
 from mldash.store.s3_direct import DIRECT_PUT_LIMIT, DirectPut, HandBack, is_retried
-from mldash.store.s3_redirects import (
-    REDIRECT_STATUSES,
-    NoRedirectSession,
-    redirect_error,
-    stop_region_lookup_recursion,
-)
+from mldash.store.s3_errors import S3Target, classify_error, describe_credentials
+from mldash.store.s3_redirects import NoRedirectSession, stop_region_lookup_recursion
 
 T = TypeVar("T")
 log = logging.getLogger("mldash.store")
-
-# ---------------------------------------------------------------------------------------------------
-# Error classification: the one table that decides what the daemon retries.
-# ---------------------------------------------------------------------------------------------------
-_ERROR_CODES: dict[str, type[StoreError]] = {
-    # The key is taken: a conditional create (If-None-Match: *) found an object (412), or raced another
-    # conditional write to the same key (409). Not retryable as such: head the key and compare checksums.
-    "PreconditionFailed": ObjectExistsError,
-    "ConditionalRequestConflict": ObjectExistsError,
-    # The multipart upload id is unknown: completed, aborted or expired by a lifecycle rule. Start over.
-    "NoSuchUpload": NoSuchUploadError,
-    # Credentials, permissions, configuration: a human must act; the same request cannot succeed.
-    "AccessDenied": PermanentStoreError,
-    "AllAccessDisabled": PermanentStoreError,
-    "AccountProblem": PermanentStoreError,
-    "InvalidAccessKeyId": PermanentStoreError,
-    "SignatureDoesNotMatch": PermanentStoreError,
-    "ExpiredToken": PermanentStoreError,
-    "InvalidToken": PermanentStoreError,
-    "NoSuchBucket": PermanentStoreError,
-    "InvalidBucketName": PermanentStoreError,
-    "PermanentRedirect": PermanentStoreError,  # wrong region/endpoint for the bucket
-    "AuthorizationHeaderMalformed": PermanentStoreError,
-    # The request itself is wrong (our bug or an input S3 refuses): resending it unchanged cannot help.
-    "InvalidDigest": PermanentStoreError,  # malformed checksum header (not a mismatch: see BadDigest)
-    "KeyTooLongError": PermanentStoreError,
-    "KeyTooLong": PermanentStoreError,
-    "EntityTooSmall": PermanentStoreError,
-    "EntityTooLarge": PermanentStoreError,
-    "InvalidPart": PermanentStoreError,
-    "InvalidPartOrder": PermanentStoreError,
-    "InvalidRequest": PermanentStoreError,
-    "InvalidArgument": PermanentStoreError,
-    "MalformedXML": PermanentStoreError,
-    "MissingContentLength": PermanentStoreError,
-    "MethodNotAllowed": PermanentStoreError,
-    "NotImplemented": PermanentStoreError,  # a 501: the endpoint lacks a feature we need (e.g. If-None-Match)
-    "InvalidObjectState": PermanentStoreError,
-    "NoSuchKey": PermanentStoreError,  # download of an absent object
-    # The service is busy or failed inside: back off and retry.
-    "InternalError": TransientStoreError,
-    "ServiceUnavailable": TransientStoreError,
-    "SlowDown": TransientStoreError,
-    "Throttling": TransientStoreError,
-    "ThrottlingException": TransientStoreError,
-    "RequestLimitExceeded": TransientStoreError,
-    "TooManyRequests": TransientStoreError,
-    "OperationAborted": TransientStoreError,  # a conflicting operation on the same resource is in progress
-    # The request or our clock was slow: retry (the clock may be corrected, NTP catches up).
-    "RequestTimeout": TransientStoreError,
-    "RequestTimeTooSkewed": TransientStoreError,
-    "TokenRefreshRequired": TransientStoreError,
-    # The bytes were damaged on the way: resend them.
-    "BadDigest": TransientStoreError,
-    "XAmzContentSHA256Mismatch": TransientStoreError,
-    "IncompleteBody": TransientStoreError,
-}
-
-# Client-side failures that are not S3 error responses.
-_PERMANENT_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
-    bce.NoCredentialsError,  # no credentials anywhere in the chain: configuration
-    bce.PartialCredentialsError,
-    bce.ParamValidationError,  # our bug
-    bce.NoRegionError,
-    bce.InvalidConfigError,
-)
-_TRANSIENT_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
-    TimeoutError,  # our asyncio.timeout deadline (asyncio.TimeoutError is TimeoutError on 3.11)
-    bce.FlexibleChecksumError,  # the downloaded bytes do not match the object's checksum: corrupted in flight
-    bce.HTTPClientError,  # connect/read timeouts, connection closed/refused, streaming errors
-    bce.CredentialRetrievalError,  # e.g. the instance metadata service did not answer this time
-    aiohttp.ClientError,
-    OSError,
-)
-
-
-def classify_error(exc: BaseException, *, operation: str, key: str, endpoint: str | None = None) -> StoreError:
-    """The StoreError for anything an S3 call raised: by S3 error code, then by HTTP status.
-    `endpoint` names where the request went, for the messages that need it (a redirect)."""
-    if isinstance(exc, StoreError):
-        return exc
-    if isinstance(exc, bce.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code") or "")
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        if status in REDIRECT_STATUSES:  # whatever its code: what it names decides (see s3_redirects.py)
-            return redirect_error(exc.response, operation=operation, key=key, endpoint=endpoint)
-        message = f"{operation} {key!r}: {code or status} {error.get('Message') or ''}".rstrip()
-        kind = _ERROR_CODES.get(code)
-        if kind is None:  # HEAD responses have no body: the code is just the status ("403")
-            if status == 412:
-                kind = ObjectExistsError
-            elif status in (408, 429) or status >= 500:
-                kind = TransientStoreError
-            elif 400 <= status < 500:
-                kind = PermanentStoreError
-            else:  # a 200 with an unrecognised error body and the like: assume the service hiccuped
-                kind = TransientStoreError
-        return kind(message, code=code or str(status))
-    name = type(exc).__name__
-    if isinstance(exc, _PERMANENT_CLIENT_ERRORS):
-        return PermanentStoreError(f"{operation} {key!r}: {name}: {exc}", code=name)
-    if isinstance(exc, TimeoutError):
-        return TransientStoreError(f"{operation} {key!r}: no answer within the deadline", code="Timeout")
-    if isinstance(exc, _TRANSIENT_CLIENT_ERRORS):
-        return TransientStoreError(f"{operation} {key!r}: {name}: {exc}", code=name)
-    # Anything else from botocore/aiohttp: retrying is the safe default; the daemon's attempt limit ends it
-    # in a visible 'failed' state if it never passes.
-    return TransientStoreError(f"{operation} {key!r}: {name}: {exc}", code=name)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 _MiB = 2**20
 SLOW_CALL_WARNING = 10.0  # seconds without an answer before a call is reported as slow (once per 30 s)
@@ -255,7 +137,7 @@ class S3Store(Store):
         self._client: Any = None
         self._direct: DirectPut | None = None  # small PUTs without botocore's pipeline (s3_direct.py), if usable
         self._exit: contextlib.AsyncExitStack | None = None
-        self._endpoint = endpoint_url  # where requests go, for error messages: the resolved one once open
+        self.target = S3Target(bucket, endpoint_url)  # what configuration errors name: botocore's answers once open
         self._slow_warned_at = -1e9  # time.monotonic() of the last "no answer" warning (see _call)
 
     def __repr__(self) -> str:
@@ -270,7 +152,7 @@ class S3Store(Store):
         from aiobotocore.session import get_session
 
         core_session = get_session()
-        session = aioboto3.Session(botocore_session=core_session)
+        self.target = _with_credential_files(self.target, core_session)
         config = AioConfig(
             connect_timeout=min(10.0, self.request_timeout),
             read_timeout=self.request_timeout,
@@ -285,15 +167,17 @@ class S3Store(Store):
         )
         exit_stack = contextlib.AsyncExitStack()
         try:
+            # Reads the profile AWS_PROFILE names: ProfileNotFound if no file has it.
+            session = aioboto3.Session(botocore_session=core_session)
             client = await exit_stack.enter_async_context(session.client(
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region or session.region_name or "us-east-1",
                 config=config))
         except Exception as exc:
             await exit_stack.aclose()
-            raise classify_error(exc, operation="open", key="") from exc
+            raise classify_error(exc, operation="open", key="", target=self.target) from exc
         client.meta.events.unregister("before-call.s3", add_expect_header)
         client.meta.events.register_first("needs-retry.s3.HeadBucket", stop_region_lookup_recursion)
-        self._endpoint = f"{client.meta.endpoint_url} (region {client.meta.region_name})"
+        self.target = await _resolved_target(self.target, core_session, client)
         resolve_endpoints_once_per_bucket(client)
         self._client, self._exit = client, exit_stack
         try:
@@ -340,7 +224,7 @@ class S3Store(Store):
                 token = current_deadline.set(CallDeadline(timeout, paced))
                 return await fn(**kwargs)
         except Exception as exc:
-            raise classify_error(exc, operation=operation, key=key, endpoint=self._endpoint) from exc
+            raise classify_error(exc, operation=operation, key=key, target=self.target) from exc
         finally:
             slow[0].cancel()
             if token is not None:
@@ -554,6 +438,26 @@ class S3Store(Store):
         if self._client is None:
             raise PermanentStoreError(f"{name}: {self!r} is not open (call open() first)", code="NotOpen")
         return getattr(self._client, name)
+
+
+def _with_credential_files(target: S3Target, session: Any) -> S3Target:
+    """`target` with the profile and files the credential chain of `session` reads (taken from the environment
+    as they are: whether the profile exists is found out when the client is made)."""
+    return dataclasses.replace(target, profile=session.profile or "default",
+                               credentials_file=str(session.get_config_variable("credentials_file")),
+                               config_file=str(session.get_config_variable("config_file")))
+
+
+async def _resolved_target(target: S3Target, session: Any, client: Any) -> S3Target:
+    """`target` as botocore resolved it for `client`: its endpoint and region, and where it found the credentials
+    (by the provider's name: their values are never looked at)."""
+    target = dataclasses.replace(target, resolved_endpoint=client.meta.endpoint_url, region=client.meta.region_name)
+    try:
+        # Resolved when the client was made, and cached: no second lookup (unless none was found then).
+        credentials = await session.get_credentials()
+    except Exception:  # wording only: a chain that fails now fails the first request, with its own error
+        return target
+    return dataclasses.replace(target, credentials=describe_credentials(getattr(credentials, "method", None), target))
 
 
 _MULTIPART_ETAG = re.compile(r'"?[0-9a-fA-F]+-([0-9]+)"?')

@@ -124,6 +124,8 @@ def test_missing_bucket_fails_everything_once_then_retry_all(s3_via_proxy: tuple
         assert len(proxy.messages) == sent, "requests kept coming for failed entries"
         assert sent <= 2 * len(entries) + 2, f"{sent} requests for {len(entries)} entries that can never pass"
         assert_failed_once(settings, entries, "NoSuchBucket")
+        where = f"bucket {bucket!r} at {settings.s3_endpoint_url} (MLDASH_S3_ENDPOINT_URL)"  # what to check
+        assert all(where in row["last_error"] for row in entry_rows(settings).values()), entry_rows(settings)
 
         _s3(direct).create_bucket(Bucket=bucket)
         assert f"re-queued {len(entries)}" in retry_cli(settings, "--all")
@@ -170,8 +172,14 @@ def _fails_once_then_delivers(s3_via_proxy: tuple[Settings, Settings, FaultProxy
 @pytest.mark.parametrize("error", [H.EXPIRED_TOKEN, H.INVALID_ACCESS_KEY_ID, H.SIGNATURE_DOES_NOT_MATCH],
                          ids=lambda e: e.code)
 def test_bad_credentials_fail_once_then_retry(s3_via_proxy: tuple[Settings, Settings, FaultProxy], error) -> None:
-    _fails_once_then_delivers(s3_via_proxy, error, lambda settings, entries, _sent: assert_failed_once(
-        settings, entries, error.code, f"{error.status} "))
+    def check_failed(settings: Settings, entries: list, _sent: int) -> None:
+        assert_failed_once(settings, entries, error.code, f"{error.status} ")
+        for row in entry_rows(settings).values():  # where the credentials came from, and where to put others
+            assert "the credentials came from the environment (AWS_ACCESS_KEY_ID" in row["last_error"], row
+            assert "docs/operations.md, 'Credentials'" in row["last_error"], row
+            assert "testing" not in row["last_error"]  # the fake key id and secret: never shown
+
+    _fails_once_then_delivers(s3_via_proxy, error, check_failed)
 
 
 @pytest.mark.parametrize("error", [H.TEMPORARY_REDIRECT_NOWHERE, H.PERMANENT_REDIRECT_NOWHERE], ids=lambda e: e.code)
