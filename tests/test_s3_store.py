@@ -244,7 +244,7 @@ async def test_wrong_credentials_are_permanent(s3_bucket: tuple[str, str]) -> No
 
 # What a credential error adds (the credentials file is /dev/null in tests: tests/fixtures/s3.py).
 CREDENTIAL_CHAIN = ("botocore looks in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, then profile 'default' (AWS_PROFILE) "
-                    "in /dev/null (AWS_SHARED_CREDENTIALS_FILE; the systemd units load it with LoadCredential=) and "
+                    "in /dev/null (AWS_SHARED_CREDENTIALS_FILE; the systemd units load it with LoadCredential) and "
                     "/dev/null (AWS_CONFIG_FILE), then a container or instance role: see docs/operations.md, "
                     "'Credentials'")
 

@@ -150,7 +150,7 @@ class S3Target:
         profile = f"profile {self.profile!r}" if self.profile else "the profile"
         return (f"botocore looks in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, then {profile} (AWS_PROFILE) in "
                 f"{self.credentials_file or '~/.aws/credentials'} (AWS_SHARED_CREDENTIALS_FILE; the systemd units "
-                f"load it with LoadCredential=) and {self.config_file or '~/.aws/config'} (AWS_CONFIG_FILE), then a "
+                f"load it with LoadCredential) and {self.config_file or '~/.aws/config'} (AWS_CONFIG_FILE), then a "
                 "container or instance role: see docs/operations.md, 'Credentials'")
 
     def hint(self, code: str) -> str:
