@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import mldash
 from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
-from mldash.spool.index import SpoolIndex
+from mldash.spool.index import SpoolIndex, entry_path
 from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed
@@ -321,21 +321,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 # ---- retry / reindex / gc -------------------------------------------------------------------------
-def cmd_retry(args: argparse.Namespace) -> int:
+def _named_ids(args: argparse.Namespace, verb: str) -> list[int] | None:
+    """The ids `retry`/`discard` name; None for --all (every failed and quarantined entry)."""
     if not args.all and not args.ids:
-        raise MldashError("name the ids to retry, or pass --all (every failed and quarantined entry)")
+        raise MldashError(f"name the ids to {verb}, or pass --all (every failed and quarantined entry)")
     try:
-        ids = None if args.all else [int(i) for i in args.ids]
+        return None if args.all else [int(i) for i in args.ids]
     except ValueError:
         raise MldashError(f"ids must be decimal numbers, got {args.ids}") from None
+
+
+def _left_alone(index: SpoolIndex, ids: list[int] | None, taken: set[int]) -> tuple[list[int], dict[int, str]]:
+    """Of the ids named, those not in the index, and the states of those that were not failed or quarantined."""
+    left = sorted(set(ids) - taken) if ids is not None else []
+    states = {i: row["state"] for i in left if (row := index.get(i)) is not None}
+    return [i for i in left if i not in states], states
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    ids = _named_ids(args, "retry")
     _layout, index = _open_index(_settings(args), write=True)
     try:
         done = index.retry(ids)
-        left = sorted(set(ids) - set(done)) if ids is not None else []
-        states = {i: row["state"] for i in left if (row := index.get(i)) is not None}
+        unknown, states = _left_alone(index, ids, set(done))
     finally:
         index.close()
-    if unknown := [i for i in left if i not in states]:
+    if unknown:
         print(f"no such entry in this spool's index: {' '.join(map(str, unknown))} (`mldash-syncd ls` lists them; "
               "a save not indexed yet is picked up by the next daemon run)", file=sys.stderr)
     if states:
@@ -349,25 +360,18 @@ def cmd_discard(args: argparse.Namespace) -> int:
     """Give up on failed or quarantined entries for good: their spooled files and index rows go. What is left is
     what `run --once` still has to deliver — an artifact whose spooled bytes were corrupted would otherwise make
     every later `run --once` exit 1."""
-    if not args.all and not args.ids:
-        raise MldashError("name the ids to discard, or pass --all (every failed and quarantined entry)")
-    try:
-        ids = None if args.all else [int(i) for i in args.ids]
-    except ValueError:
-        raise MldashError(f"ids must be decimal numbers, got {args.ids}") from None
+    ids = _named_ids(args, "discard")
     layout, index = _open_index(_settings(args), write=True)
     try:
         rows = index.given_up(ids)
-        left = sorted(set(ids) - {row["id"] for row in rows}) if ids is not None else []
-        states = {i: row["state"] for i in left if (row := index.get(i)) is not None}
+        unknown, states = _left_alone(index, ids, {row["id"] for row in rows})
         remove_files(layout, [row["id"] for row in rows])  # manifest first, then the blob (see SpoolIndex.forget)
         index.forget(rows, "discarded with `mldash-syncd discard`")
     finally:
         index.close()
     for row in rows:
-        where = "/".join(str(row[k]) for k in ("namespace", "project", "experiment", "prefix", "filename") if row[k])
-        print(f"discarded {row['id']} ({where}; {row['state']}: {row['last_error']})")
-    if unknown := [i for i in left if i not in states]:
+        print(f"discarded {row['id']} ({entry_path(row)}; {row['state']}: {row['last_error']})")
+    if unknown:
         print(f"no such entry in this spool's index: {' '.join(map(str, unknown))}", file=sys.stderr)
     if states:
         shown = " ".join(f"{i} ({state})" for i, state in states.items())
@@ -491,20 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 
-    retry = command("retry", help="re-queue failed or quarantined entries",
-                    description="Re-queue failed/quarantined entries (attempts reset). A running daemon "
-                                "picks them up within seconds.")
-    retry.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed`)")
-    retry.add_argument("--all", action="store_true", help="every failed and quarantined entry")
-    retry.set_defaults(func=cmd_retry)
-
-    discard = command("discard", help="give up on failed or quarantined entries: remove them from the spool",
-                      description="Remove failed/quarantined entries from the spool for good (their spooled "
-                                  "files and index rows), e.g. an artifact whose spooled bytes were corrupted "
-                                  "and that was saved again. Works while a daemon runs.")
-    discard.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed --state quarantined`)")
-    discard.add_argument("--all", action="store_true", help="every failed and quarantined entry")
-    discard.set_defaults(func=cmd_discard)
+    for name, func, summary, description in (
+            ("retry", cmd_retry, "re-queue failed or quarantined entries",
+             "Re-queue failed/quarantined entries (attempts reset). A running daemon picks them up within seconds."),
+            ("discard", cmd_discard, "give up on failed or quarantined entries: remove them from the spool",
+             "Remove failed/quarantined entries from the spool for good (their spooled files and index rows), e.g. "
+             "an artifact whose spooled bytes were corrupted and that was saved again. Works while a daemon runs.")):
+        on_given_up = command(name, help=summary, description=description)
+        on_given_up.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed --state quarantined`)")
+        on_given_up.add_argument("--all", action="store_true", help="every failed and quarantined entry")
+        on_given_up.set_defaults(func=func)
 
     reindex = command("reindex", help="rebuild the index from the manifests (e.g. after copying a spool)",
                       description="Throw the index away and rebuild it from the manifests: every entry not "

@@ -24,7 +24,7 @@ from mldash.catalog import make_catalog
 from mldash.catalog.base import Catalog, FileDocument
 from mldash.config import Settings
 from mldash.errors import SpoolCorruptError
-from mldash.spool.index import SpoolIndex
+from mldash.spool.index import SpoolIndex, entry_path
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
 from mldash.spool.recovery import ingest_new, manifest_ids, read_manifest, recover
@@ -668,8 +668,7 @@ class Daemon:
             self._evict_requested = True  # (never reset here: a later batch that committed nothing must not cancel it)
         for row in done:
             self._manifests.discard(row["id"])
-            where = "/".join(row[k] for k in ("namespace", "project", "experiment", "prefix", "filename") if row[k])
-            log.info("committed %s %s (%s)", row["id"], where, human_bytes(row["size"] or 0))
+            log.info("committed %s %s (%s)", row["id"], entry_path(row), human_bytes(row["size"] or 0))
             self._emit("committed", id=row["id"], size=row["size"] or 0)
 
     def _document(self, row: dict[str, Any], committed_at: float) -> FileDocument | None:

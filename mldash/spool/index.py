@@ -59,6 +59,11 @@ def _connect(path: Path, *, readonly: bool, power_safe: bool) -> sqlite3.Connect
     return conn
 
 
+def entry_path(row: dict[str, Any]) -> str:
+    """An index row's "namespace/project/experiment/prefix/filename", as people read where a file belongs."""
+    return "/".join(str(row[k]) for k in ("namespace", "project", "experiment", "prefix", "filename") if row[k])
+
+
 class SpoolIndex:
     """Read/write access to one spool's index. Not thread-safe: one per thread/event loop."""
 
