@@ -3,7 +3,14 @@
 # .venv is reused and pip only checks what is already installed. Arguments go to pytest:
 #   ./scripts/test.sh                                   # everything (what CI runs)
 #   ./scripts/test.sh -x tests/test_systemd_units.py    # one file, stop at the first failure
+#   ./scripts/test.sh -n 0 tests/test_ids.py            # in this process, no worker processes
 # Environment: PYTHON=python3.12 picks the interpreter for a new .venv (>= 3.11).
+#
+# pytest runs the tests in 2 worker processes (pytest-xdist), each with its own moto server, SecantusDB and
+# temp dirs: most of the suite waits (on deadlines, backoffs, subprocesses), so 2 workers on 2 cores take
+# about half the time of one. `--dist worksteal`: a worker that runs out of tests takes some of the other's.
+# An external MongoDB ($MLDASH_TEST_MONGO_URI) would be shared by the workers, and the failpoints some tests
+# set on it are server-wide: the tests then run in one process.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,7 +20,7 @@ if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
 
-# The dev extra pins torch==2.13.0 (CPU), moto[server], SecantusDB, pytest and ruff; the S3 trio
+# The dev extra pins torch==2.13.0 (CPU), moto[server], SecantusDB, pytest (+ pytest-xdist) and ruff; the S3 trio
 # aioboto3/aiobotocore/boto3+botocore is pinned exactly in pyproject.toml, so pip has nothing to
 # backtrack over (an open range there costs >10 minutes of resolver time).
 echo "==> pip install -e '.[dev]'"
@@ -40,5 +47,7 @@ fi
 echo "==> ruff check ."
 .venv/bin/ruff check .
 
-echo "==> pytest -q $*"
-exec .venv/bin/python -m pytest -q "$@"
+workers=2
+[[ -n ${MLDASH_TEST_MONGO_URI:-} ]] && workers=0
+echo "==> pytest -q -n $workers --dist worksteal $*"
+exec .venv/bin/python -m pytest -q -n "$workers" --dist worksteal "$@"

@@ -2,7 +2,8 @@
 
 Loop counts: every loop takes its count from `--iterations N` or `$MLDASH_TEST_ITERATIONS` (the option is
 registered once for the whole test tree by tests/spool_helpers.py, shared with the spool crash tests), else
-the test's CI default. CI defaults are sized so the whole suite runs in about 5 minutes on 2 cores.
+the test's CI default. CI defaults are sized so the whole suite runs in about 6 minutes on 2 cores
+(scripts/test.sh: 2 pytest workers).
 `@pytest.mark.slow` tests are the long versions (default: 20× the CI count); they run only when selected
 with `-m slow` or `MLDASH_TEST_SLOW=1`, e.g.
 

@@ -27,6 +27,7 @@ from mldash_syncd import drain
 from tests.fixtures.daemon import settings_env
 from tests.reliability.conftest import loop_count
 from tests.reliability.forkserver import ForkServer
+from tests.reliability.helpers import wait_for
 from tests.reliability.invariants import acks, check_invariants
 from tests.spool_helpers import Ack
 
@@ -58,6 +59,8 @@ def kill_client_loop(settings: Settings, fork_server: ForkServer, base: Path, co
         except TimeoutError:
             writer.kill()
         assert writer.wait() == -signal.SIGKILL
+        # Its SIGTERM handler is in place once it says it started (the writer can be killed sooner than that).
+        wait_for(lambda d=daemon: "started on" in d.log() or d.poll() is not None, what="the daemon's start")
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0, daemon.log()[-3000:]
 
