@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -119,10 +120,11 @@ def test_user_unit_verifies_cleanly_unmodified(analyze: str, daemon_executable: 
     home = tmp_path / "home"
     (home / ".local" / "bin").mkdir(parents=True)
     (home / ".local" / "bin" / "mldash-syncd").symlink_to(daemon_executable)
-    runtime = tmp_path / "runtime"
-    runtime.mkdir(mode=0o700)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
-    result = run(analyze, "--user", "verify", USER_UNIT, env=env)
+    # A short runtime directory of our own (mode 0700): systemd resolves the installed user units' sockets under
+    # it (%t/gnupg/S.gpg-agent.browser …), AF_UNIX paths are limited to 107 bytes, and tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="mldash-rt-") as runtime:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_RUNTIME_DIR": runtime}
+        result = run(analyze, "--user", "verify", USER_UNIT, env=env)
     assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
 
 
