@@ -262,7 +262,13 @@ def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> 
     human = cli(settings, "status").stdout
     assert "not indexed        2" in human and "pending  2 files" in human and "run --once" in human
     listed = cli(settings, "ls")
-    assert "2 saved entries are not indexed yet" in listed.stderr
+    assert "2 saved entries are not indexed yet" in listed.stderr and "--state not-indexed" in listed.stderr
+    listed = cli(settings, "ls", "--state", "not-indexed")  # an offline node's saves, by path and size
+    assert listed.returncode == 0 and "not indexed yet" not in listed.stderr
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert set(lines) == {str(blob.id), str(inline.id)}
+    assert "not indexed" in lines[str(blob.id)] and lines[str(blob.id)].endswith("/ckpt.pt")
+    assert lines[str(inline.id)].endswith("/metrics.json")
 
     # Once a daemon indexed some (here: one, by an index built from the first manifest alone), the rest still count.
     layout = SpoolLayout(settings.spool)
@@ -272,6 +278,13 @@ def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> 
     index.close()
     data = status()
     assert data["states"]["queued"]["count"] == 1 and data["notIndexed"]["count"] == 1
+    both = json.loads(cli(settings, "ls", "--json", "--state", "queued", "--state", "not-indexed").stdout)
+    assert [(r["id"], r["state"]) for r in both] == sorted([(str(blob.id), "queued"), (str(inline.id), "not indexed")])
+    assert {r["filename"] for r in both} == {"ckpt.pt", "metrics.json"} and set(both[0]) == set(both[1])
+    only = json.loads(cli(settings, "ls", "--json", "--state", "not-indexed", "--experiment", "a/b/c").stdout)
+    assert only == []  # another experiment's
+    mine = json.loads(cli(settings, "ls", "--json", "--state", "not-indexed", "--experiment", "ns/proj/exp").stdout)
+    assert [r["id"] for r in mine] == [str(inline.id)]
     assert (data["pendingFiles"], data["pendingBytes"]) == (2, 100_000 + len(b'{"loss": 0.5}'))
 
     assert cli(settings, "run", "--once", "--quiet").returncode == 0

@@ -90,6 +90,20 @@ async def test_open_does_not_wait_the_request_timeout_for_a_server_that_is_down(
         await catalog.close()
 
 
+async def test_a_commit_to_a_server_down_since_start_is_reported_as_the_commit_that_failed() -> None:
+    """With MongoDB down since the daemon started, every commit first creates the indexes `open` could not, so that
+    is the call that fails; the message used to say "index creation failed", as if indexing were the problem."""
+    catalog = MongoCatalog(f"mongodb://127.0.0.1:{free_port()}/", database="x", request_timeout=REQUEST_TIMEOUT)
+    await catalog.open()
+    try:
+        doc = make_doc()
+        with pytest.raises(TransientCatalogError) as raised:
+            await catalog.upsert(doc)
+        assert f"upsert of {doc.id} (creating the catalog's indexes first) failed" in str(raised.value)
+    finally:
+        await catalog.close()
+
+
 async def test_a_server_that_is_down_is_reported_after_the_selection_timeout_not_the_request_timeout() -> None:
     """With the default 60 s request timeout a commit to a MongoDB that refuses connections used to fail (and
     the daemon say so, in its log and `status`) only after a minute; it now takes SERVER_SELECTION_TIMEOUT."""

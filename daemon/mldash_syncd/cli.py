@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import mldash
 from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
-from mldash.spool.index import SpoolIndex, entry_path
+from mldash.spool.index import SpoolIndex, entry_path, unindexed_row
 from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
-from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed
+from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
 from mldash.spool.states import OUTSTANDING, State
 from mldash_syncd.evict import remove_files
-from mldash_syncd.follow import Progress, follow, progress
+from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
 from mldash_syncd.health import parse_duration, problems
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
@@ -289,34 +289,50 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # ---- ls -------------------------------------------------------------------------------------------
+NOT_INDEXED_CHOICE = "not-indexed"  # `ls --state`: saves no daemon has indexed yet (they have no index row)
+
+
+def _unindexed_rows(layout: SpoolLayout, known: set[int],
+                    experiment: tuple[str, str, str] | None) -> list[dict[str, Any]]:
+    """Saves not indexed yet, as index-shaped rows read from their manifests (unreadable ones under any filter:
+    ingest will quarantine them)."""
+    return [unindexed_row(file_id, manifest, NOT_INDEXED) for file_id, manifest in unindexed_manifests(layout, known)
+            if manifest is None or experiment is None
+            or (manifest.namespace, manifest.project, manifest.experiment) == experiment]
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     layout, index = _open_index(_settings(args))
+    chosen = set(args.state or ())
+    experiment = tuple(args.experiment.strip("/").split("/")) if args.experiment else None
+    if experiment is not None and len(experiment) != 3:
+        raise MldashError(f"--experiment {args.experiment!r}: expected namespace/project/experiment")
     rows: list[dict[str, Any]] = []
     known: set[int] = set()
     if index is not None:
         try:
-            states = [State(s) for s in args.state] if args.state else None
-            experiment = tuple(args.experiment.strip("/").split("/")) if args.experiment else None
-            if experiment is not None and len(experiment) != 3:
-                raise MldashError(f"--experiment {args.experiment!r}: expected namespace/project/experiment")
-            rows = index.rows(states=states, experiment=experiment, limit=args.limit)
+            states = [State(s) for s in chosen - {NOT_INDEXED_CHOICE}] if chosen else None
+            if states is None or states:
+                rows = index.rows(states=states, experiment=experiment, limit=args.limit)
             known = index.known_ids()
         finally:
             index.close()
+    listed_unindexed = NOT_INDEXED_CHOICE in chosen
+    if listed_unindexed:
+        rows = sorted(rows + _unindexed_rows(layout, known, experiment), key=lambda r: r["id"])[:args.limit]
     if args.json:
         print(json.dumps([{**r, "id": str(r["id"])} for r in rows], indent=2))
         return EXIT_OK
     print(f"{'id':<20} {'state':<12}{'size':>11}  {'att':>3}  path / error")
     for r in rows:
-        where = f"{r['namespace']}/{r['project']}/{r['experiment']}/" + (f"{r['prefix']}/" if r["prefix"] else "")
         line = f"{r['id']:<20} {r['state']:<12}{human_bytes(r['size'] or 0):>11}  {r['attempts']:>3}  "
-        line += f"{where}{r['filename']}" if r["filename"] else "(unreadable manifest)"
+        line += entry_path(r) if r["filename"] else "(unreadable manifest)"
         if r["last_error"] and r["state"] in ("failed", "quarantined", "queued", "uploaded"):
             line += f"\n{'':<20}   ↳ {r['last_error']}"
         print(line)
-    if saved := len(manifest_ids(layout) - known):  # a count only: no stat or manifest read per entry
+    if not listed_unindexed and (saved := len(manifest_ids(layout) - known)):  # a count: no manifest read each
         print(f"({saved} saved entries are not indexed yet, so not listed: a daemon indexes them when it runs; "
-              f"`mldash-syncd status` counts them)", file=sys.stderr)
+              f"`--state {NOT_INDEXED_CHOICE}` lists them)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -488,8 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     ls = command("ls", help="list spool entries", description="List spool entries, oldest first.")
-    ls.add_argument("--state", action="append", choices=[s.value for s in State],
-                    help="only entries in this state (repeatable)")
+    ls.add_argument("--state", action="append", choices=[*(s.value for s in State), NOT_INDEXED_CHOICE],
+                    help=f"only entries in this state (repeatable); {NOT_INDEXED_CHOICE}: saves no daemon has "
+                         "indexed yet (e.g. an offline node's)")
     ls.add_argument("--experiment", metavar="NS/PROJECT/EXP", help="only this experiment")
     ls.add_argument("--limit", type=int, default=None, help="at most this many rows")
     ls.add_argument("--json", action="store_true", help="machine-readable output")

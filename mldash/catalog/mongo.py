@@ -286,7 +286,7 @@ class MongoCatalog(Catalog):
         with pymongo.timeout(CLOSE_SESSIONS_TIMEOUT):
             await client.close()
 
-    async def _ensure_indexes(self) -> None:
+    async def _ensure_indexes(self, what: str = "index creation") -> None:
         if self._indexes_ready:
             return
         experiment = [("namespace", ASCENDING), ("project", ASCENDING), ("experiment", ASCENDING)]
@@ -298,7 +298,7 @@ class MongoCatalog(Catalog):
         ]
         files = self._collection()
         try:
-            await self._deadline("index creation", lambda: files.create_indexes(indexes))
+            await self._deadline(what, lambda: files.create_indexes(indexes))
         except PermanentCatalogError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, OperationFailure) and cause.code == 13):
@@ -355,10 +355,13 @@ class MongoCatalog(Catalog):
         scrubbed = scrub_secrets(text, self._secrets)
         return error if scrubbed == text else type(error)(scrubbed)
 
-    async def _ready(self) -> AsyncCollection[dict[str, Any]]:
-        """The collection, with its indexes created first (writes only: reads are correct without)."""
+    async def _ready(self, what: str) -> AsyncCollection[dict[str, Any]]:
+        """The collection, with its indexes created first (writes only: reads are correct without).
+
+        `what` names the write: while MongoDB is down, it is the index creation before every commit that fails,
+        and the log must say that a commit failed, not that indexing is the problem."""
         files = self._collection()
-        await self._ensure_indexes()
+        await self._ensure_indexes(f"{what} (creating the catalog's indexes first)")
         return files
 
     def _collection(self) -> AsyncCollection[dict[str, Any]]:
@@ -370,7 +373,7 @@ class MongoCatalog(Catalog):
 
     async def _insert(self, docs: Sequence[FileDocument], what: str) -> set[str]:
         """One unordered insert of every document; the ids that were already there (duplicate key)."""
-        files = await self._ready()
+        files = await self._ready(what)
         bodies = [{"_id": doc.id, **doc.to_dict()} for doc in docs]
 
         async def write() -> set[str]:

@@ -64,6 +64,18 @@ def entry_path(row: dict[str, Any]) -> str:
     return "/".join(str(row[k]) for k in ("namespace", "project", "experiment", "prefix", "filename") if row[k])
 
 
+def unindexed_row(file_id: int, manifest: Manifest | None, state: str) -> dict[str, Any]:
+    """A row shaped like the index's for a save no daemon has indexed yet (`ls` lists them beside indexed ones),
+    filled from its manifest; only the id when the manifest cannot be read."""
+    row: dict[str, Any] = dict.fromkeys(_ENTRY_COLUMNS)
+    row.update(id=file_id, state=state, attempts=0, bytes_sent=0)
+    if manifest is not None:
+        row.update(namespace=manifest.namespace, project=manifest.project, experiment=manifest.experiment,
+                   prefix=manifest.prefix, filename=manifest.filename, size=manifest.size, sha256=manifest.sha256,
+                   content_type=manifest.content_type, created_at=manifest.created_at)
+    return row
+
+
 class SpoolIndex:
     """Read/write access to one spool's index. Not thread-safe: one per thread/event loop."""
 

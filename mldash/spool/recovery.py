@@ -95,6 +95,19 @@ def unindexed(layout: SpoolLayout, known: set[int]) -> Unindexed:
     return Unindexed(len(ids), total, oldest)
 
 
+def unindexed_manifests(layout: SpoolLayout, known: set[int]) -> list[tuple[int, Manifest | None]]:
+    """The saved entries not in `known`, oldest first, each with its manifest (None: it cannot be read — ingest
+    will quarantine it). For listing them (`ls --state not-indexed`); one manifest read each."""
+    found: list[tuple[int, Manifest | None]] = []
+    for file_id in sorted(manifest_ids(layout) - known):
+        try:
+            found.append((file_id, read_manifest(layout, file_id)))
+        except SpoolCorruptError:
+            if layout.manifest_path(file_id).exists():  # else evicted since the listing: nothing to show
+                found.append((file_id, None))
+    return found
+
+
 def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int],
                seen: Callable[[Manifest], None] | None = None, candidates: Iterable[int] | None = None) -> list[int]:
     """Index manifests not in `known` (updated in place); corrupt ones are quarantined with the reason.
