@@ -193,6 +193,35 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert json.loads(cli(settings, "status", "--json").stdout)["recentErrors"] == []
 
 
+def test_retry_wakes_a_running_daemon_at_once(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`retry` used to wait for the running daemon's next rescan (2 s, or longer when idle with nothing due); it
+    now writes manifests/.wake, which the daemon watches. The rescan is stretched to 60 s here, so only the wake
+    can get the entry committed within the test's 20 s."""
+    from mldash_syncd import service
+    from tests.reliability.helpers import ServiceThread
+
+    monkeypatch.setattr(service, "RESCAN_INTERVAL", 60.0)
+    failed = enqueue_bytes(settings, b"failed once", filename="f.bin")
+    layout = SpoolLayout(settings.spool)
+    index = SpoolIndex(layout)
+    from mldash.spool.recovery import ingest_new
+    assert ingest_new(index, layout, set()) == [failed.id]
+    index.transition(failed.id, State.FAILED, last_error="403 AccessDenied (fixed since)", error_kind="permanent")
+    index.close()
+
+    daemon = ServiceThread(settings).start()
+    try:
+        wait_for(lambda: layout.lock_path.exists() and (time.sleep(0.5) or True))  # started, then idle
+        assert row(settings, failed.id)["state"] == "failed"  # a daemon start does not retry failed entries
+        retried = cli(settings, "retry", str(failed.id))
+        assert "re-queued 1" in retried.stdout and layout.wake_path.exists()
+        wait_for(lambda: row(settings, failed.id)["state"] in ("committed", "evicted"), timeout=20.0)
+    finally:
+        daemon.stop()
+    assert not layout.manifest_path(failed.id).exists() or row(settings, failed.id)["state"] == "committed"
+    assert cli(settings, "ls", "--state", "not-indexed").stdout.count("\n") == 1  # .wake is not an entry
+
+
 def test_discard_gives_up_on_a_quarantined_entry_so_run_once_can_succeed_again(settings: Settings,
                                                                               daemon_process) -> None:
     """A spooled artifact corrupted beyond repair: saved again, the broken copy is discarded — its files and

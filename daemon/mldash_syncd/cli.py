@@ -356,12 +356,14 @@ def _left_alone(index: SpoolIndex, ids: list[int] | None, taken: set[int]) -> tu
 
 def cmd_retry(args: argparse.Namespace) -> int:
     ids = _named_ids(args, "retry")
-    _layout, index = _open_index(_settings(args), write=True)
+    layout, index = _open_index(_settings(args), write=True)
     try:
         done = index.retry(ids)
         unknown, states = _left_alone(index, ids, set(done))
     finally:
         index.close()
+    if done:
+        layout.wake_daemon()  # a running daemon starts them now
     if unknown:
         print(f"no such entry in this spool's index: {' '.join(map(str, unknown))} (`mldash-syncd ls` lists them; "
               "a save not indexed yet is picked up by the next daemon run)", file=sys.stderr)
@@ -514,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, summary, description in (
             ("retry", cmd_retry, "re-queue failed or quarantined entries",
-             "Re-queue failed/quarantined entries (attempts reset). A running daemon picks them up within seconds."),
+             "Re-queue failed/quarantined entries (attempts reset). A running daemon starts them at once."),
             ("discard", cmd_discard, "give up on failed or quarantined entries: remove them from the spool",
              "Remove failed/quarantined entries from the spool for good (their spooled files and index rows), e.g. "
              "an artifact whose spooled bytes were corrupted and that was saved again. Works while a daemon runs.")):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,22 @@ class SpoolLayout:
     @property
     def daemon_log_path(self) -> Path:
         return self.root / "daemon.log"
+
+    @property
+    def wake_path(self) -> Path:
+        # In manifests/, the one directory a running daemon watches: a write there wakes it (see `wake_daemon`).
+        # Not a manifest name, so nothing reads it as an entry.
+        return self.manifests_dir / ".wake"
+
+    def wake_daemon(self) -> None:
+        """Have a running daemon look at the index now, not at its next rescan (up to 2 s later): after a
+        command changed the index behind its back (`retry`). A file write, not a signal: the daemon may run as
+        another user or in another PID namespace; whoever may write the index may write this file."""
+        fd = os.open(self.wake_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.write(fd, b"%d\n" % time.time_ns())  # a write, so the watcher sees a modification
+        finally:
+            os.close(fd)
 
     def blob_path(self, file_id: int) -> Path:
         return self.blobs_dir / str(file_id)
