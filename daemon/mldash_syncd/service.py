@@ -42,6 +42,7 @@ from mldash_syncd.progress import human_bytes
 from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
 from mldash_syncd.retry import OUTAGE_PROBE_MAX, Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
+from mldash_syncd.throughput import RateWindow
 from mldash_syncd.upload import Uploader
 
 log = logging.getLogger("mldash_syncd")
@@ -129,7 +130,7 @@ class Daemon:
         self._startup_gc: asyncio.Task | None = None
         self._catalog_open: asyncio.Task | None = None  # catalog.open(), running alongside the first uploads
         self._started = time.time()
-        self._rate_window: list[tuple[float, int]] = []
+        self._rate_window = RateWindow()
         self.index: SpoolIndex | None = None
         self._daemon_lock: DaemonLock | None = None
         self._scan_requested = True
@@ -855,17 +856,11 @@ class Daemon:
     # ---- bookkeeping --------------------------------------------------------------------------
     def _count_bytes(self, amount: int) -> None:
         self.report.bytes_sent += amount
-        now = time.monotonic()
-        self._rate_window.append((now, amount))
-        while self._rate_window and self._rate_window[0][0] < now - 30:
-            self._rate_window.pop(0)
+        self._rate_window.add(amount)
         self._emit("bytes", amount=amount)
 
     def throughput(self) -> float:
-        if not self._rate_window:
-            return 0.0
-        span = max(1.0, time.monotonic() - self._rate_window[0][0])
-        return sum(n for _, n in self._rate_window) / span
+        return self._rate_window.rate()
 
     def _evict(self) -> None:
         evicted = evict(self.index, self.layout, keep=self.settings.keep_committed, after=self.settings.evict_after)
