@@ -261,7 +261,9 @@ FIELDS: tuple[Field, ...] = (
     Field("s3_region", "MLDASH_S3_REGION", _parse_region, lambda: None,
           "S3 region; unset means the standard AWS chain (AWS_REGION, profile), else us-east-1."),
     Field("catalog", "MLDASH_CATALOG", _parse_catalog, lambda: "sqlite://" + str(_data_home() / "catalog.sqlite"),
-          "Where metadata goes: 'sqlite:///abs/file' (embedded default) or a 'mongodb://' URI."),
+          "Where metadata goes: 'sqlite:///abs/file' (embedded default) or a 'mongodb://' (or 'mongodb+srv://') "
+          "URI. mldash-syncd checks a MongoDB URI before using it: an option PyMongo does not know (it would "
+          "only warn and ignore it), a bad option value or an unescaped password is an error naming the option."),
     Field("mongo_database", "MLDASH_MONGO_DATABASE", _parse_database, lambda: "mldash",
           "MongoDB database holding the 'files' collection."),
     Field("autostart", "MLDASH_AUTOSTART", _parse_bool, lambda: True,
@@ -384,8 +386,13 @@ class Settings:
     log_level: str
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from `env` (default: os.environ), the TOML file, defaults, then `overrides`."""
+    def load(cls, env: Mapping[str, str] | None = None, *, check_catalog_uri: bool = False,
+             **overrides: Any) -> Settings:
+        """Settings from `env` (default: os.environ), the TOML file, defaults, then `overrides`.
+
+        `check_catalog_uri`: also have PyMongo check a MongoDB URI's options and credentials (no connection). The
+        daemon's commands ask for it; the training client does not, since it would import PyMongo (~0.1 s) in every
+        process that saves, and its catalog is the daemon's to use."""
         env = os.environ if env is None else env
         _warn_unknown_variables(env)
         values: dict[str, Any] = {}
@@ -410,7 +417,17 @@ class Settings:
                 values[field.name] = field.default()
         settings = cls(**values)
         settings._check(sources)
+        if check_catalog_uri:
+            settings._check_catalog_uri(sources.get("catalog", "the default"))
         return settings
+
+    def _check_catalog_uri(self, source: str) -> None:
+        if urlparse(self.catalog).scheme not in ("mongodb", "mongodb+srv"):
+            return
+        from mldash.catalog.mongo import uri_problem
+
+        if (problem := uri_problem(self.catalog)) is not None:
+            raise ConfigError(f"catalog ({source}) {redact_uri(self.catalog)!r}: {problem}")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, each parsed and checked as `load` does (None = the setting's default)."""

@@ -744,6 +744,27 @@ def test_spool_option_before_or_after_the_command_and_version(settings: Settings
     assert version.returncode == 0 and version.stdout.strip() == f"mldash-syncd {__import__('mldash').__version__}"
 
 
+def test_a_catalog_uri_pymongo_would_refuse_or_ignore_stops_every_command(settings: Settings) -> None:
+    """`authMechanism=BOGUS` used to pass `status` and only fail (or, for an unknown option, only warn) once the
+    daemon ran: every command now refuses it as a configuration error (exit 2, systemd stops restarting), naming
+    the option and where it came from, never the password. A training client is not slowed by the check."""
+    enqueue_bytes(settings, b"x", filename="x.bin")
+    env = settings_env(settings)
+    for option, named in (("authMechanism=BOGUS", "authmechanism must be in"),
+                          ("retryWrite=true", "unknown option 'retryWrite'; did you mean 'retrywrites'?")):
+        env["MLDASH_CATALOG"] = f"mongodb://alice:sekret@127.0.0.1:1/?{option}"
+        for command in (("status",), ("run", "--once", "--quiet")):
+            result = subprocess.run([sys.executable, "-m", "mldash_syncd", *command], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            assert result.returncode == 2, (command, result.stderr)
+            assert "catalog (environment variable MLDASH_CATALOG)" in result.stderr and named in result.stderr
+            assert "sekret" not in result.stderr + result.stdout
+    code = ("import sys; from mldash.config import Settings; s = Settings.load(); "
+            "print(s.catalog.startswith('mongodb://'), 'pymongo' in sys.modules)")
+    client = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert client.stdout.split() == ["True", "False"], client.stderr
+
+
 def test_run_once_refuses_a_directory_that_is_not_a_spool(settings: Settings, tmp_path) -> None:
     """A typo in --spool (or a copy that failed) used to become an empty spool reported as synced (exit 0), and
     the offline guide frees the node's spool after exit 0."""

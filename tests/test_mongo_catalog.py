@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -172,6 +173,36 @@ async def test_uri_timeouts_that_request_timeout_replaces_are_named(mongo_uri: s
     assert len(warnings) == 1, warnings  # once per process, not once per catalog (the client opens one per read)
     assert ("the URI's timeoutMS, socketTimeoutMS are not used: every catalog call is bounded by request_timeout "
             "(MLDASH_REQUEST_TIMEOUT), 7s" in warnings[0]), warnings
+
+
+@pytest.mark.parametrize(("uri", "named"), [
+    ("mongodb://u:sekret@h:1/?retryWrite=true", "unknown option 'retryWrite'; did you mean 'retrywrites'?"),
+    ("mongodb+srv://cluster0.example.net/?authSource=admin&bogusOption=1", "unknown option 'bogusOption'"),
+    ("mongodb://h:1/?authMechanism=BOGUS", "authmechanism must be in"),
+    ("mongodb://h:1/?tls=maybe", "tls must be 'true' or 'false'"),
+    ("mongodb://u:p@ss@h:1/", "must be escaped according to RFC 3986"),
+    ("mongodb://h:99999/", "Port must be an integer"),
+])
+async def test_a_uri_pymongo_would_refuse_or_ignore_is_refused_at_open_naming_the_option(uri: str, named: str) -> None:
+    """PyMongo only warns of an unknown option (a typo then silently changes nothing) and names neither an unknown
+    option nor, for a bad value, the value: the catalog refuses the URI at open, naming the option, never the
+    password — and without connecting or resolving anything."""
+    from mldash.catalog.mongo import uri_problem
+
+    assert named in (uri_problem(uri) or "")
+    catalog = MongoCatalog(uri, database="x", request_timeout=REQUEST_TIMEOUT)
+    with pytest.raises(PermanentCatalogError, match=re.escape(named)) as raised:
+        await catalog.open()
+    assert "sekret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("uri", ["mongodb://u:p@h:1/db?authSource=admin&replicaSet=rs0&w=majority&ssl=true",
+                                 "mongodb+srv://c.example.net/?srvMaxHosts=2&readPreference=secondaryPreferred",
+                                 "mongodb://h1:1,h2:2/?directConnection=false&serverSelectionTimeoutMS=500"])
+def test_uris_pymongo_accepts_pass_the_check(uri: str) -> None:
+    from mldash.catalog.mongo import uri_problem
+
+    assert uri_problem(uri) is None
 
 
 async def test_blackhole_server_is_transient_within_deadline() -> None:

@@ -43,7 +43,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "spool", None):
         overrides["spool"] = args.spool
-    return Settings.load(**overrides)
+    return Settings.load(check_catalog_uri=True, **overrides)
 
 
 def _existing_spool(settings: Settings, why: str = "") -> SpoolLayout:

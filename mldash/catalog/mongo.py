@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,7 +43,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import bson.errors
 import pymongo
-from pymongo import ASCENDING, AsyncMongoClient, IndexModel, ReadPreference, WriteConcern
+from pymongo import ASCENDING, AsyncMongoClient, IndexModel, ReadPreference, WriteConcern, common, uri_parser
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     BulkWriteError,
@@ -148,6 +149,37 @@ def catalog_error(exc: BaseException, what: str, url: str) -> CatalogError:
     return PermanentCatalogError(message)
 
 
+def uri_problem(uri: str) -> str | None:
+    """What PyMongo would refuse in a MongoDB URI — its credentials' escaping, an option it does not know, an
+    option's value — in words that name the option; None when it accepts the URI. Nothing is connected to or
+    looked up (a mongodb+srv host is not resolved), so `status` and the daemon's start can check it at once
+    rather than fail or only warn at the first connection. Values are never echoed (an option may hold a secret).
+    """
+    parts = urlsplit(uri)
+    userinfo = parts.netloc.rpartition("@")[0]
+    try:
+        if userinfo:
+            uri_parser.parse_userinfo(userinfo)
+        names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        for name in names:
+            # PyMongo does not name an unknown option (a malformed URI could make a key of credential text);
+            # a user fixing a typo needs the name, and the URI's password never reaches this message (scrubbed).
+            if name.lower() not in common.URI_OPTIONS_VALIDATOR_MAP and name.lower() not in _OPTION_ALIASES:
+                close = difflib.get_close_matches(name.lower(), list(common.URI_OPTIONS_VALIDATOR_MAP), n=1)
+                hint = f"; did you mean {close[0]!r}? (names are case-insensitive)" if close else ""
+                return f"unknown option {name!r}{hint}"
+        if parts.query:
+            uri_parser.split_options(parts.query, validate=True, warn=False)
+        if parts.scheme == "mongodb":
+            uri_parser.parse_uri(uri, validate=True, warn=False)  # hosts and ports; no DNS for mongodb://
+    except (ConfigurationError, ValueError) as exc:  # InvalidURI is a ConfigurationError
+        return scrub_secrets(str(exc), uri_password(uri))
+    return None
+
+
+_OPTION_ALIASES = frozenset(uri_parser.INTERNAL_URI_OPTION_NAME_MAP)  # "ssl" for "tls"
+
+
 def _uri_options(uri: str) -> dict[str, str]:
     """The options a MongoDB URI sets, by lower-cased name (MongoDB's option names are case-insensitive)."""
     try:
@@ -224,6 +256,8 @@ class MongoCatalog(Catalog):
         """
         if self._client is not None:
             return
+        if (problem := uri_problem(self._uri)) is not None:  # PyMongo would only warn of an unknown option
+            raise PermanentCatalogError(f"MongoDB catalog {self.url}: {problem}")
         timeout_ms = int(self.request_timeout * 1000)
         # Keyword arguments win over the URI's options in PyMongo: these two only where the URI has none.
         defaults = {"serverSelectionTimeoutMS": timeout_ms, "connectTimeoutMS": min(timeout_ms, 20_000)}
