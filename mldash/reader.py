@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote, urlparse
 
 from mldash import names
@@ -488,7 +488,7 @@ class Reader:
             if not warned and time.monotonic() - started >= STUCK_WAIT_WARNING:
                 # Say once why the wait does not end — a wait without a timeout would otherwise be silent forever.
                 if why := self._why_stuck():
-                    log.warning("waiting for %d file(s) to be committed: %s", len(pending), why)
+                    log.warning("waiting for %d file(s) to be committed: %s", len(pending), why.text)
                 warned = True
             pause = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
             time.sleep(pause)
@@ -513,12 +513,12 @@ class Reader:
         shown = ", ".join(map(str, pending[:20])) + (" …" if len(pending) > 20 else "")
         message = f"{len(pending)} of {total} file(s) not committed after {timeout:g}s: {shown}."
         why = self._why_stuck()
-        if why is not None and why.startswith("no mldash-syncd"):
-            return f"{message} {why[0].upper()}{why[1:]}"
+        if why is not None and why.no_daemon:  # nothing will upload them until a daemon runs: say only that
+            return f"{message} {why.text[0].upper()}{why.text[1:]}"
         message += " They stay queued and will be uploaded"
-        return message + (f", but {why}" if why else "; `mldash-syncd status` shows progress.")
+        return message + (f", but {why.text}" if why else "; `mldash-syncd status` shows progress.")
 
-    def _why_stuck(self) -> str | None:
+    def _why_stuck(self) -> StuckReason | None:
         """Why pending entries may not move: no daemon, or one that cannot reach the store or the catalog (from
         its heartbeat). None when nothing is known to hold them up."""
         if not self.layout.exists():
@@ -526,16 +526,19 @@ class Reader:
         if not is_held(self.layout):
             why = f"no mldash-syncd is draining the spool {self.layout.root}"
             if not self.settings.autostart:
-                return why + ": start one with `mldash-syncd run` (autostart is off: MLDASH_AUTOSTART=0)."
+                return StuckReason(why + ": start one with `mldash-syncd run` (autostart is off: MLDASH_AUTOSTART=0).",
+                                   no_daemon=True)
             from mldash.autostart import last_log_line
 
             last = last_log_line(self.layout)
-            return why + (f"; the last one autostarted said: {last} ({self.layout.daemon_log_path})." if last else
-                          f"; autostart is on: see {self.layout.daemon_log_path}.")
+            return StuckReason(why + (f"; the last one autostarted said: {last} ({self.layout.daemon_log_path})."
+                                      if last else f"; autostart is on: see {self.layout.daemon_log_path}."),
+                               no_daemon=True)
         beat = self._daemon_heartbeat()
         for part, key in (("store", "storeGate"), ("catalog", "catalogGate")):
             if beat.get(key):
-                return f"mldash-syncd cannot reach the {part}: {beat[key]} (it retries; `mldash-syncd status`)."
+                return StuckReason(f"mldash-syncd cannot reach the {part}: {beat[key]} (it retries; "
+                                   "`mldash-syncd status`).", no_daemon=False)
         return None
 
     def _daemon_heartbeat(self) -> dict[str, Any]:
@@ -549,6 +552,12 @@ class Reader:
             return {}
         finally:
             index.close()
+
+
+class StuckReason(NamedTuple):
+    """Why a wait for commits may not end by itself (see `_why_stuck`)."""
+    text: str
+    no_daemon: bool  # no daemon drains the spool: nothing will upload the entries until one runs
 
 
 def _destination(dest: str | os.PathLike[str] | None, filename: str) -> Path:
