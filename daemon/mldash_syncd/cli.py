@@ -28,6 +28,7 @@ from mldash.spool.states import OUTSTANDING, State
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
 from mldash_syncd.health import parse_duration, problems
+from mldash_syncd.logfile import CappedLogFile
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
 
@@ -77,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A typo (or a copy that failed) must not become an empty spool reported as fully synced: the offline
         # guide frees a node's spool after exit 0. The service (`run`) still creates its spool.
         _existing_spool(settings, ": nothing to drain")
-    setup_logging("WARNING" if args.quiet else settings.log_level)
+    capped = CappedLogFile.for_stderr(SpoolLayout(settings.spool).daemon_log_path) if args.autostarted else None
+    setup_logging("WARNING" if args.quiet else settings.log_level, capped=capped)
     bar = None
     if args.once and not args.quiet:
         layout = SpoolLayout(settings.spool)

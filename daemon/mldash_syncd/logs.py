@@ -13,6 +13,8 @@ import os
 import re
 import sys
 
+from mldash_syncd.logfile import CappedFileHandler, CappedLogFile
+
 _NOISY = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3", "aiohttp", "pymongo", "watchfiles", "asyncio")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 _SECRETS = [
@@ -49,8 +51,9 @@ class _JournalFormatter(logging.Formatter):
         return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
 
 
-def setup_logging(level: str = "INFO", stream=None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+def setup_logging(level: str = "INFO", stream=None, capped: CappedLogFile | None = None) -> None:
+    """`capped`: stderr is an autostarted daemon's daemon.log, rotated at its cap (logfile.py)."""
+    handler = CappedFileHandler(capped, stream) if capped is not None else logging.StreamHandler(stream or sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:

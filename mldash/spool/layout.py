@@ -28,7 +28,8 @@ LAYOUT_VERSION = 1
 _MARKER = f"mldash-spool {LAYOUT_VERSION}\n"
 # Every name a spool's root holds (see docs/spool-format.md): a new spool may be created among these only.
 _SPOOL_NAMES = frozenset({"SPOOL", "tmp", "blobs", "manifests", "index.sqlite", "index.sqlite-wal",
-                          "index.sqlite-shm", "index.sqlite-journal", "daemon.lock", "quota.lock", "daemon.log"})
+                          "index.sqlite-shm", "index.sqlite-journal", "daemon.lock", "quota.lock", "daemon.log",
+                          "daemon.log.1"})
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 MANIFEST_SUFFIX = ".msgpack"
