@@ -725,7 +725,7 @@ def test_ctrl_c_while_following_exits_130_without_a_traceback(
     assert holder.proc.poll() is None, "the followed daemon is not affected"
 
 
-@pytest.mark.parametrize("command", ["run", "status", "ls", "retry", "reindex", "gc"])
+@pytest.mark.parametrize("command", ["run", "status", "ls", "show", "retry", "discard", "reindex", "gc"])
 def test_every_subcommand_has_help(command: str) -> None:
     result = subprocess.run([sys.executable, "-m", "mldash_syncd", command, "--help"], capture_output=True,
                             text=True, timeout=30)

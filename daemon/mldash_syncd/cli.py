@@ -31,6 +31,7 @@ from mldash_syncd.health import parse_duration, problems
 from mldash_syncd.logfile import CappedLogFile
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
+from mldash_syncd.show import entry_details, render
 
 if TYPE_CHECKING:
     from mldash_syncd.service import RunReport
@@ -338,6 +339,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- show ---------------------------------------------------------------------------------------
+def cmd_show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        file_id = int(args.id)
+    except ValueError:
+        raise MldashError(f"{args.id!r}: an entry id is a decimal number (see `mldash-syncd ls`)") from None
+    layout, index = _open_index(settings)
+    try:
+        details = entry_details(layout, index, file_id, settings.store)
+    finally:
+        if index is not None:
+            index.close()
+    print(json.dumps(details, indent=2) if args.json else render(details))
+    return EXIT_OK
+
+
 # ---- retry / reindex / gc -------------------------------------------------------------------------
 def _named_ids(args: argparse.Namespace, verb: str) -> list[int] | None:
     """The ids `retry`/`discard` name; None for --all (every failed and quarantined entry)."""
@@ -515,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=None, help="at most this many rows")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
+
+    show = command("show", help="everything known of one entry: state, times, upload progress, errors",
+                   description="Show one entry: where it goes, when it was saved, uploaded, committed and evicted, "
+                               "its multipart progress, bytes sent, tags, and its errors and retries. Read-only.")
+    show.add_argument("id", help="the entry id (from `ls`, an error message, or a save's result['id'])")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=cmd_show)
 
     for name, func, summary, description in (
             ("retry", cmd_retry, "re-queue failed or quarantined entries",

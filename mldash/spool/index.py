@@ -435,8 +435,10 @@ class SpoolIndex:
                     if row and row[0] in ("failed", "quarantined"):
                         targets.append(file_id)
             for file_id in targets:
+                before = conn.execute("SELECT state, last_error FROM entries WHERE id=?", (file_id,)).fetchone()
                 conn.execute("UPDATE entries SET state='queued', attempts=0, next_attempt_at=0, error_kind=NULL,"
                              " lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?", (time.time(), file_id))
+                self.add_event(file_id, "info", f"re-queued by retry (was {before[0]}: {before[1]})")
         return targets
 
     def given_up(self, ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
@@ -492,6 +494,11 @@ class SpoolIndex:
         if level:
             sql, args = sql + " WHERE level=?", [level]
         return [dict(r) for r in self.conn.execute(sql + " ORDER BY seq DESC LIMIT ?", [*args, limit])]
+
+    def events_for(self, file_id: int, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest `limit` events of one entry, oldest first."""
+        rows = self.conn.execute("SELECT * FROM events WHERE entry_id=? ORDER BY seq DESC LIMIT ?", (file_id, limit))
+        return [dict(r) for r in reversed(rows.fetchall())]
 
     def delete(self, ids: Iterable[int]) -> None:
         with self.transaction() as conn:
