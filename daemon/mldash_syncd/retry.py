@@ -77,6 +77,9 @@ def _local_disk_full(exc: BaseException) -> bool:
 OUTAGE_PROBE_MAX = 15.0
 
 
+MAX_EXPONENT = 64
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter: a random delay in [0, min(cap, base·2^n)]."""
@@ -86,7 +89,10 @@ class Backoff:
     rng: random.Random
 
     def delay(self, attempt: int) -> float:
-        return self.rng.uniform(0, min(self.cap, self.base * (2 ** max(0, attempt - 1))))
+        # The exponent is bounded: a gate counts every failed request of an outage (64 uploads in flight fail
+        # 64 times per probe), and 2**1024 does not fit a float — past ~1,000 failures, minutes into an outage,
+        # this raised OverflowError in every upload worker. 2**MAX_EXPONENT times any base is past any cap.
+        return self.rng.uniform(0, min(self.cap, self.base * 2.0 ** min(MAX_EXPONENT, max(0, attempt - 1))))
 
 
 class Gate:

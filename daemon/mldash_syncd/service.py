@@ -459,9 +459,27 @@ class Daemon:
             task.add_done_callback(self._upload_worker_ended)
 
     def _upload_worker_ended(self, task: asyncio.Task) -> None:
-        for file_id in [i for i, t in self._uploads.items() if t is task]:
+        held = [i for i, t in self._uploads.items() if t is task]
+        for file_id in held:
             del self._uploads[file_id]
+        self._task_crashed(task, held)
         self._wake.set()
+
+    def _task_crashed(self, task: asyncio.Task, held: list[int]) -> None:
+        """A worker or commit task that ended with an exception: a bug (outcomes are recorded inside the task).
+        Said at once, with its traceback — asyncio would only print "exception was never retrieved" when the task
+        is collected, minutes later — and its entries' leases are released, not left to expire."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("%s ended by an error: %s: %s; its entries %s go back to the queue", task.get_name(),
+                  type(error).__name__, error, held or "(none)", exc_info=error)
+        self._release_now(held)
+
+    def _release_now(self, ids: list[int]) -> None:
+        """Expire the leases of `ids` now: the next heartbeat's `_release_expired` hands them out again."""
+        with contextlib.suppress(sqlite3.Error):
+            for file_id in ids:
+                self.index.update(file_id, lease_expires=0.0)
 
     def _claim_next_upload(self) -> dict[str, Any] | None:
         """The next queued entry for a worker whose upload just ended, if it may start one now."""
@@ -545,6 +563,7 @@ class Daemon:
             for file_id in ids:
                 if self._commits.get(file_id) is task:
                     del self._commits[file_id]
+            self._task_crashed(task, ids)
             self._wake.set()
 
         task.add_done_callback(finished)
@@ -753,6 +772,10 @@ class Daemon:
         except sqlite3.Error as record_error:
             log.error("%s %s failed (%s) and the index cannot record it (%s); retried once its lease expires",
                       stage, row["id"], exc, record_error)
+        except Exception:  # a bug of ours: it must not end the worker in silence, the entry leased for minutes
+            log.exception("%s %s failed (%s: %s) and recording the failure failed too; it goes back to the queue",
+                          stage, row["id"], type(exc).__name__, exc)
+            self._release_now([row["id"]])
 
     def _route_failure(self, row: dict[str, Any], exc: BaseException, *, stage: str,
                        outage_delay: float | None = None) -> None:
