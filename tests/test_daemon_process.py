@@ -155,6 +155,25 @@ def test_copied_spool_syncs_on_another_host_after_reindex(settings: Settings, tm
     assert sorted(int(d["id"]) for d in catalog_docs(moved)) == sorted(entries)
 
 
+def test_a_copy_made_without_tmp_as_the_offline_guide_says_reindexes_and_syncs(settings: Settings, tmp_path) -> None:
+    """operations.md copies with `rsync -a --exclude tmp/` (or manifests, then blobs): `reindex` used to die on the
+    missing tmp/ (FileNotFoundError, exit 1), so `reindex && run --once` synced nothing."""
+    saved = [enqueue_bytes(settings, os.urandom(n), filename=f"f{n}").id for n in (10, 70000)]
+    moved = settings.replace(spool=tmp_path / "inbox" / "node17")
+    shutil.copytree(settings.spool, moved.spool, ignore=shutil.ignore_patterns("tmp"))
+    layout = SpoolLayout(moved.spool)
+    assert not layout.tmp_dir.exists()
+    dry = cli(moved, "gc", "--dry-run")
+    assert dry.returncode == 0 and not layout.tmp_dir.exists(), dry.stderr  # a look changes nothing
+    reindexed = cli(moved, "reindex")
+    assert reindexed.returncode == 0 and "reindexed" in reindexed.stdout, reindexed.stderr
+    assert layout.tmp_dir.is_dir()
+    assert cli(moved, "run", "--once", "--quiet").returncode == 0
+    assert sorted(int(d["id"]) for d in catalog_docs(moved)) == sorted(saved)
+    shutil.rmtree(layout.tmp_dir)
+    assert cli(moved, "gc").returncode == 0 and layout.tmp_dir.is_dir()
+
+
 def test_cli_status_ls_retry(settings: Settings) -> None:
     good = enqueue_bytes(settings, b"good", filename="good.bin")
     bad = enqueue_bytes(settings, b"bad-bytes", filename="bad.bin")

@@ -435,7 +435,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _gc_dry_run(settings, layout)
     with DaemonLock(layout):  # never collect under a running daemon: it alone knows its uploads in progress
-        index = SpoolIndex(layout, power_safe=settings.power_safe)
+        index = SpoolIndex(layout.ensure(), power_safe=settings.power_safe)
         try:
             report = _collect(settings, index, layout, dry_run=False, daemon_running=False)
         finally:

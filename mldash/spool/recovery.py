@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from mldash.errors import SpoolCorruptError
@@ -204,21 +205,29 @@ def clean_debris(layout: SpoolLayout, report: RecoveryReport, now: float | None 
     `dry_run`: only report what would be removed.
     """
     now = time.time() if now is None else now
-    with os.scandir(layout.tmp_dir) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):
-                _remove_if_debris(entry, now, report, dry_run)
+    for entry in _entries(layout.tmp_dir):
+        with contextlib.suppress(FileNotFoundError):
+            _remove_if_debris(entry, now, report, dry_run)
     manifests = manifest_ids(layout)
-    with os.scandir(layout.blobs_dir) as entries:
-        for entry in entries:
-            file_id = SpoolLayout.blob_id(entry.name)
-            if file_id is None or file_id in manifests or file_id in keep:
-                continue  # not a name we wrote (left alone), or an entry that still needs its bytes
-            with contextlib.suppress(FileNotFoundError):
-                if now - entry.stat(follow_symlinks=False).st_ctime > orphan_grace:
-                    if not dry_run:
-                        os.unlink(entry.path)
-                    report.removed_orphan_blobs.append(file_id)
+    for entry in _entries(layout.blobs_dir):
+        file_id = SpoolLayout.blob_id(entry.name)
+        if file_id is None or file_id in manifests or file_id in keep:
+            continue  # not a name we wrote (left alone), or an entry that still needs its bytes
+        with contextlib.suppress(FileNotFoundError):
+            if now - entry.stat(follow_symlinks=False).st_ctime > orphan_grace:
+                if not dry_run:
+                    os.unlink(entry.path)
+                report.removed_orphan_blobs.append(file_id)
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    """A spool directory's entries; none when it is missing — a copy made without tmp/ (as the offline guide's
+    `rsync --exclude tmp/` makes it) has no debris there, and `gc --dry-run` must not create it."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
 
 
 def pending_ids(index: SpoolIndex) -> set[int]:
@@ -259,7 +268,9 @@ def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | 
 
 
 def rebuild(layout: SpoolLayout, *, power_safe: bool = False) -> RecoveryReport:
-    """`reindex`: throw the index away and rebuild it from the manifests (all pending → queued)."""
+    """`reindex`: throw the index away and rebuild it from the manifests (all pending → queued). Directories a
+    copy left out (tmp/, or blobs/ of a spool of inline entries) are created again."""
+    layout.ensure()
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(layout.index_path) + suffix)
