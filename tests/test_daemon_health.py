@@ -44,6 +44,8 @@ def test_a_healthy_spool_has_no_problems() -> None:
     assert problems(HEALTHY, now=NOW) == []
     # A backlog is normal (an offline node, a slow link): its age is a problem only past a limit asked for.
     assert problems(HEALTHY, now=NOW, max_pending_age=3 * 3600) == []
+    same = {"store": "s3://ckpts at AWS", "catalog": "mongodb://db/ (database mldash)"}
+    assert problems(with_(targets=same, daemon__targets=dict(same)), now=NOW) == []
 
 
 @pytest.mark.parametrize(("changes", "says"), [
@@ -57,7 +59,11 @@ def test_a_healthy_spool_has_no_problems() -> None:
     ({"disk__quotaBytes": 10 * 2**30, "disk__quotaUsedBytes": 9 * 2**30 + 1},
      "spool quota 9.0 GiB of 10.0 GiB in use"),
     ({"disk__filesystemFreeBytes": 500 * 2**20}, "only 500.0 MiB free on the spool's filesystem"),
-], ids=["failed", "no-daemon", "stuck", "store", "catalog", "quota", "disk"])
+    ({"targets": {"store": "s3://ckpts at http://s3.lab:9000", "catalog": "mongodb://db/"},
+      "daemon__targets": {"store": "file:///home/a/store", "catalog": "mongodb://db/"}},
+     "the running daemon (pid 41) sends to store file:///home/a/store (configured here: s3://ckpts at "
+     "http://s3.lab:9000): it was started with another configuration"),
+], ids=["failed", "no-daemon", "stuck", "store", "catalog", "quota", "disk", "elsewhere"])
 def test_each_problem_is_named_with_what_to_do(changes: dict, says: str) -> None:
     found = problems(with_(**changes), now=NOW)
     assert len(found) == 1 and says in found[0], found

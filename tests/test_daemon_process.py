@@ -664,6 +664,38 @@ def _run_once(settings: Settings, *args: str) -> subprocess.Popen:
                             env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Settings, tmp_path,
+                                                                    daemon_process) -> None:
+    """The job saved with the default (local) store and autostarted a daemon with it; the job script's closing
+    `run --once`, configured for another store, used to follow that daemon and exit 0 with nothing where it
+    looks. It now refuses (exit 2, naming both), `status` flags it, and once that daemon is gone the drain that
+    takes over says where the earlier one sent its entries."""
+    saved = enqueue_bytes(settings, os.urandom(1000), filename="ckpt.pt")
+    holder = daemon_process(settings, "run")
+    wait_for(lambda: "started on" in holder.log())
+    wait_for(lambda: row(settings, saved.id) is not None and row(settings, saved.id)["state"] in ("committed",
+                                                                                              "evicted"))
+    epilogue = settings.replace(store=(tmp_path / "the-store-the-script-means").as_uri())
+    once = cli(epilogue, "run", "--once", "--quiet")
+    assert once.returncode == 2, once.stderr
+    assert f"but it sends to store {settings.store} (configured here: {epilogue.store})" in once.stderr, once.stderr
+    assert f"kill {holder.proc.pid}" in once.stderr and holder.proc.poll() is None
+    check = cli(epilogue, "status", "--check")
+    assert check.returncode == 1 and f"the running daemon (pid {holder.proc.pid}) sends to store" in check.stdout
+    assert cli(settings, "status", "--check").returncode == 0  # the daemon's own configuration: all well
+
+    assert holder.terminate() == 0
+    later = enqueue_bytes(settings, os.urandom(1000), filename="late.pt")
+    taken_over = cli(epilogue, "run", "--once", "--quiet")
+    assert taken_over.returncode == 0, taken_over.stderr
+    assert (f"note: the daemon that ran on this spool before (pid {holder.proc.pid}, last seen"
+            in taken_over.stderr), taken_over.stderr
+    assert f"sent to store {settings.store}" in taken_over.stderr
+    assert row(epilogue, later.id)["state"] in ("committed", "evicted")
+    again = cli(epilogue, "run", "--once", "--quiet")  # its own heartbeat now: nothing to note
+    assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
+
+
 def test_run_once_follows_the_daemon_holding_the_spool_until_drained(
         settings: Settings, mongo_server_process, daemon_process) -> None:
     """The end of a training job: the daemon its saves autostarted still holds the spool; `run --once` must

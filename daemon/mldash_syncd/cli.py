@@ -32,6 +32,7 @@ from mldash_syncd.logfile import CappedLogFile
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
 from mldash_syncd.show import entry_details, render
+from mldash_syncd.targets import mismatch, sync_targets
 
 if TYPE_CHECKING:
     from mldash_syncd.service import RunReport
@@ -111,6 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return asyncio.run(main())
 
+    # The last daemon's heartbeat, read before ours replaces it: did it send this spool's entries elsewhere?
+    previous = _daemon_heartbeat(SpoolLayout(settings.spool)) if args.once and SpoolLayout(settings.spool).exists() \
+        else {}
     followed_other = False
     while True:
         try:
@@ -122,6 +126,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not args.once:
                 print(f"mldash-syncd: {exc}", file=sys.stderr)
                 return EXIT_BUSY
+            if elsewhere := _holder_sends_elsewhere(settings):
+                pid = holder_pid(SpoolLayout(settings.spool))
+                print(f"mldash-syncd: {exc}, but it sends to {elsewhere}: its commits are not the ones this "
+                      "command was asked to check (the job that started it ran with another configuration). Stop "
+                      f"it (`kill {pid}`: nothing spooled is lost) and run this again; what it committed already "
+                      "is where it sent it.", file=sys.stderr)
+                return EXIT_USAGE
             print(f"mldash-syncd: {exc}; following it until the spool is drained", file=sys.stderr)
             followed = _follow(settings, deadline, bar)
             if followed is not None:
@@ -135,6 +146,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         done = (f"the other daemon committed {report.committed} files" if followed_other else
                 f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent)")
         print(f"{done}; in spool: {left}", file=sys.stderr)
+        if not followed_other and (elsewhere := mismatch(sync_targets(settings), previous.get("targets"))):
+            seen = previous.get("heartbeat")
+            print(f"note: the daemon that ran on this spool before (pid {previous.get('pid')}, last seen "
+                  f"{human_duration(time.time() - seen) + ' ago' if seen else 'earlier'}) sent to {elsewhere}: "
+                  "what it committed went there, not where this run sends", file=sys.stderr)
         if not report.clean:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
                   "quarantined` for why, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
@@ -145,6 +161,34 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_LEFT_FAILED
         return EXIT_LEFT_FAILED if report.pending else EXIT_OK
     return EXIT_OK
+
+
+def _daemon_heartbeat(layout: SpoolLayout) -> dict[str, Any]:
+    index = SpoolIndex.open_readonly(layout)
+    if index is None:
+        return {}
+    try:
+        return json.loads(index.get_meta("daemon") or "{}")
+    finally:
+        index.close()
+
+
+HEARTBEAT_WAIT = 5.0  # seconds a follower waits for a just-started holder's first heartbeat (written at once)
+
+
+def _holder_sends_elsewhere(settings: Settings) -> str | None:
+    """How the daemon holding the spool's targets differ from these settings' (targets.py); None when they agree
+    or cannot be known (it wrote no heartbeat in time, or it is gone)."""
+    layout = SpoolLayout(settings.spool)
+    give_up = time.monotonic() + HEARTBEAT_WAIT
+    while is_held(layout):
+        beat = _daemon_heartbeat(layout)
+        if beat.get("pid") is not None and beat.get("pid") == holder_pid(layout):
+            return mismatch(sync_targets(settings), beat.get("targets"))
+        if time.monotonic() >= give_up:
+            return None
+        time.sleep(0.1)
+    return None
 
 
 def _follow(settings: Settings, deadline: float | None, bar: ProgressBar | None) -> RunReport | None:
@@ -169,6 +213,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
     layout, index = _open_index(settings)
     data: dict[str, Any] = {
         "spool": str(settings.spool), "store": settings.store, "catalog": redact(settings.catalog),
+        "targets": sync_targets(settings),
         "daemon": {"running": is_held(layout), "pid": holder_pid(layout) if is_held(layout) else None},
         "states": {s.value: {"count": 0, "bytes": 0} for s in State}, "pendingFiles": 0, "pendingBytes": 0,
         "oldestPendingAgeSeconds": None, "recentErrors": [], "throughputBytesPerSecond": 0.0,
@@ -189,6 +234,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         if beat:
             info = json.loads(beat)
             data["daemon"].update(heartbeat=info.get("heartbeat"), heartbeatPid=info.get("pid"),
+                                  targets=info.get("targets"),
                                   startedAt=info.get("startedAt"),
                                   autostarted=info.get("autostarted"), storeProblem=info.get("storeGate"),
                                   catalogProblem=info.get("catalogGate"), uploadRateCap=info.get("uploadRateCap"))

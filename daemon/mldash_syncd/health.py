@@ -19,6 +19,7 @@ from typing import Any
 
 from mldash.errors import MldashError
 from mldash_syncd.progress import human_bytes, human_duration
+from mldash_syncd.targets import mismatch
 
 # The daemon writes its heartbeat every 2 s from its event loop (service.HEARTBEAT_INTERVAL). A minute without
 # one is a loop stuck well past any single blocking step, yet long enough not to flag a busy machine.
@@ -52,6 +53,10 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
     pending = f"{data['pendingFiles']} files ({human_bytes(data['pendingBytes'])}) pending"
     if data["pendingFiles"] and not daemon["running"]:
         found.append(f"{pending} and no daemon running: `mldash-syncd run --once` syncs them")
+    if daemon["running"] and daemon.get("heartbeatPid") == daemon["pid"] and (
+            elsewhere := mismatch(data.get("targets"), daemon.get("targets"))):
+        found.append(f"the running daemon (pid {daemon['pid']}) sends to {elsewhere}: it was started with "
+                     "another configuration; restart it with this one")
     if daemon["running"]:
         beat = daemon.get("heartbeat")
         # A heartbeat of an earlier daemon (another pid) is no sign of this one: it may still be starting.

@@ -42,6 +42,7 @@ from mldash_syncd.progress import human_bytes
 from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
 from mldash_syncd.retry import OUTAGE_PROBE_MAX, Backoff, Failure, Gate, classify
 from mldash_syncd.sdnotify import Notifier
+from mldash_syncd.targets import sync_targets
 from mldash_syncd.throughput import RateWindow
 from mldash_syncd.upload import Uploader
 
@@ -130,6 +131,7 @@ class Daemon:
         self._startup_gc: asyncio.Task | None = None
         self._catalog_open: asyncio.Task | None = None  # catalog.open(), running alongside the first uploads
         self._started = time.time()
+        self._targets = sync_targets(settings)  # in the heartbeat (targets.py); a reload does not change them
         self._rate_window = RateWindow()
         self.index: SpoolIndex | None = None
         self._daemon_lock: DaemonLock | None = None
@@ -932,7 +934,7 @@ class Daemon:
                 "stopping": stopping, "bytesSent": self.report.bytes_sent, "committed": self.report.committed,
                 "throughput": self.throughput(), "storeGate": self.store_gate.last_error,
                 "catalogGate": self.catalog_gate.last_error, "autostarted": self.autostarted,
-                "uploadRateCap": self.settings.max_upload_rate}
+                "uploadRateCap": self.settings.max_upload_rate, "targets": self._targets}
         with contextlib.suppress(Exception):
             self.index.set_meta("daemon", json.dumps(beat))
 

@@ -1,0 +1,39 @@
+"""Where a daemon sends a spool's entries — its store and its catalog — recorded in its heartbeat.
+
+Why: a spool carries no configuration of its own; whoever drains it decides the destination. A job saving with
+one configuration (say the default local store, because its environment lacked the S3 settings) autostarts a
+daemon that commits there, and the job script's closing `mldash-syncd run --once`, configured for S3 and
+MongoDB, would follow that daemon and exit 0 — "everything is synced" — with nothing in S3. So every daemon
+writes its targets into its heartbeat; `run --once` refuses to vouch for a daemon that sends elsewhere, and
+`status` shows the running daemon's targets when they differ from the configured ones. Passwords never appear.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from mldash.config import Settings
+from mldash.redact import redact_uri
+
+
+def sync_targets(settings: Settings) -> dict[str, str]:
+    """The store and catalog these settings send to, as people read them (an S3 store with its endpoint, a
+    MongoDB catalog with its database)."""
+    store = settings.store
+    if urlparse(store).scheme == "s3":
+        store += f" at {settings.s3_endpoint_url or 'AWS'}"
+    catalog = redact_uri(settings.catalog)
+    if urlparse(catalog).scheme.startswith("mongodb"):
+        catalog += f" (database {settings.mongo_database})"
+    return {"store": store, "catalog": catalog}
+
+
+def mismatch(ours: dict[str, str] | None, theirs: dict[str, Any] | None) -> str | None:
+    """How a daemon's recorded targets differ from `ours`, in words; None when they agree or either is not known
+    (a heartbeat written before targets were recorded)."""
+    if not ours or not theirs or "store" not in theirs or "catalog" not in theirs:
+        return None
+    differ = [f"{what} {theirs[what]} (configured here: {ours[what]})" for what in ("store", "catalog")
+              if theirs[what] != ours[what]]
+    return " and ".join(differ) if differ else None
