@@ -9,6 +9,7 @@ See docs/client.md for the whole API.
 """
 
 from mldash.errors import (
+    CatalogUnavailableError,
     ConfigError,
     FileTooLargeError,
     InvalidInputError,
@@ -27,6 +28,7 @@ from mldash.files import FilesHandle
 __version__ = "0.1.0"
 
 __all__ = [
+    "CatalogUnavailableError",
     "ConfigError",
     "Experiment",
     "FileTooLargeError",

@@ -43,6 +43,12 @@ class NotFoundError(MldashError, LookupError):
     """No file matches the id or path asked for."""
 
 
+class CatalogUnavailableError(MldashError):
+    """The catalog could not be reached (or did not answer in time), so a read that needs it cannot say whether a
+    file exists: never a NotFoundError then — code that restarts training on "not found" must not do so because
+    the database is down. Files still in the local spool are read without it."""
+
+
 class WaitTimeoutError(MldashError, TimeoutError):
     """`wait()`/`flush()` ran out of time; `pending` lists the ids not yet committed."""
 

@@ -271,12 +271,15 @@ class FilesHandle:
 
     # ---- reading -------------------------------------------------------------------------------------
     def list(self, *, tags: list[str] | None = None, pattern: str | None = None, status: str | None = None,
-             recursive: bool = True) -> list[dict[str, Any]]:
+             recursive: bool = True, strict: bool = False) -> list[dict[str, Any]]:
         """Files of this folder (and its sub-folders unless recursive=False), oldest first, whether still in the
         local spool or already committed; each dict has a `status`. Filters: all of `tags`, a glob `pattern`
-        on the filename (or on the full path when it contains "/"), one `status`."""
+        on the filename (or on the full path when it contains "/"), one `status`. If the catalog cannot be
+        reached, the spool's files alone with a warning — or, with strict=True, CatalogUnavailableError."""
+        if not isinstance(strict, bool):
+            raise InvalidInputError(f"strict must be True or False, got {strict!r}")
         return self._exp._reader().list(self._exp.identity, prefix=self._folder, recursive=recursive,
-                                        tags=names.validate_tags(tags), pattern=pattern, status=status)
+                                        tags=names.validate_tags(tags), pattern=pattern, status=status, strict=strict)
 
     def get(self, file_id_or_path: int | str | None = None) -> dict[str, Any]:
         """One file's dict (with `status`), by id or by path ("best.pt" here, "/models/best.pt" from the root);

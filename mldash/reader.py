@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlparse
 from mldash import names
 from mldash.config import Settings
 from mldash.errors import (
+    CatalogUnavailableError,
     InvalidInputError,
     MldashError,
     NotFoundError,
@@ -296,7 +297,7 @@ class Reader:
         return entries
 
     def list(self, exp: ExperimentId, *, prefix: str = "", recursive: bool = True, tags: list[str] | None = None,
-             pattern: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+             pattern: str | None = None, status: str | None = None, strict: bool = False) -> list[dict[str, Any]]:
         if status is not None and status not in {s.value for s in State}:
             raise InvalidInputError(f"status={status!r}; accepted: {', '.join(s.value for s in State)}")
         if pattern is not None and not isinstance(pattern, str):
@@ -304,7 +305,7 @@ class Reader:
         path = None if recursive else "/" + prefix
         wanted = set(tags or ())
         out = []
-        for entry in self.entries(exp, path=path, tags=list(wanted)).values():
+        for entry in self.entries(exp, path=path, tags=list(wanted), strict=strict).values():
             if not _under(entry["path"], prefix, recursive) or not wanted <= set(entry.get("tags") or ()):
                 continue
             if pattern is not None:
@@ -332,10 +333,19 @@ class Reader:
         prefix = names.validate_prefix(folder, stored=True) if text.startswith("/") else names.validate_prefix(
             f"{base}/{folder}" if base and folder else base or folder, stored=True)
         path = "/" + prefix
-        candidates = [e for e in self.entries(exp, path=path).values()
-                      if e["path"] == path and e["filename"] == filename]
+        shown = path.rstrip("/") + "/" + filename
+        try:
+            found = self.entries(exp, path=path, strict=True)
+        except CatalogUnavailableError as exc:
+            # The spool may still hold the file; if not, nobody can say it does not exist: no NotFoundError.
+            spooled = [e for e in self.spool_entries(exp).values() if e["path"] == path and e["filename"] == filename]
+            if not spooled:
+                raise CatalogUnavailableError(f"cannot tell whether {shown!r} exists in experiment {exp}: it is not "
+                                              f"in the local spool, and {exc}") from exc
+            self._warn_catalog_down(exc, f"using the spool's newest {shown!r} (a newer one may be committed)")
+            found = {int(e["id"]): e for e in spooled}
+        candidates = [e for e in found.values() if e["path"] == path and e["filename"] == filename]
         if not candidates:
-            shown = path.rstrip("/") + "/" + filename
             raise NotFoundError(f"no file {shown!r} in experiment {exp} (neither in the spool nor in the catalog)")
         return max(candidates, key=lambda e: int(e["id"]))
 
@@ -349,6 +359,9 @@ class Reader:
                 doc = self.catalog_get(file_id)
             except Exception as exc:
                 if entry is None:
+                    if isinstance(exc, CatalogUnavailableError):
+                        raise CatalogUnavailableError(f"cannot tell whether file {file_id} exists: it is not in the "
+                                                      f"local spool, and {exc}") from exc
                     raise
                 self._warn_catalog_down(exc, f"using the spool's record of {file_id}")
                 doc = None

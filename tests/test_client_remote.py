@@ -89,3 +89,27 @@ def test_reads_with_the_catalog_down_answer_from_the_spool_without_waiting_again
     assert "find failed" in warnings[0] and "Connect call failed" in warnings[0], warnings  # the cause
     assert "not asked again for 30s" in warnings[0], warnings
     assert "Topology Description" not in warnings[0], warnings
+
+
+def test_a_read_that_needs_a_catalog_that_is_down_never_says_not_found(settings, tmp_path, caplog):
+    """On another machine (an empty spool) with MongoDB unreachable, get()/download() used to raise NotFoundError —
+    and kept doing so for the 30 s the catalog is not asked again: resume code that starts training afresh on
+    "not found" would have overwritten the run. They now raise CatalogUnavailableError; list(strict=True) too."""
+    from mldash import CatalogUnavailableError, InvalidInputError, NotFoundError
+    from tests.fixtures.mongo import free_port
+
+    down = settings.replace(catalog=f"mongodb://127.0.0.1:{free_port()}/", spool=str(tmp_path / "other-machine"))
+    files = Experiment(prefix="alice/project/down", settings=down).files("big")
+    for read in (lambda: files.get("big-0.bin"), lambda: files.download("big-0.bin", dest_path=tmp_path / "y"),
+                 lambda: files.get(384030690560157393), lambda: files.list(strict=True), lambda: files.get("x.bin")):
+        with pytest.raises(CatalogUnavailableError) as raised:
+            read()
+        assert not isinstance(raised.value, NotFoundError)
+        assert "127.0.0.1" in str(raised.value), raised.value  # names the catalog it could not reach
+    assert "cannot tell whether '/big/x.bin' exists in experiment alice/project/down" in str(raised.value)
+    assert not (tmp_path / "y").exists()
+    with caplog.at_level("WARNING", logger="mldash"):
+        assert files.list() == []  # the default stays lenient: the spool's files, with a warning
+    assert any("showing only the files still in the local spool" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InvalidInputError, match="strict must be True or False"):
+        files.list(strict="yes")

@@ -13,14 +13,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mldash.errors import MldashError
+from mldash.errors import CatalogUnavailableError, MldashError
 
 
 class CatalogError(MldashError):
     transient = True
 
 
-class TransientCatalogError(CatalogError):
+class TransientCatalogError(CatalogError, CatalogUnavailableError):
+    """The catalog is down, unreachable or timing out: worth trying again later. For a reader, the public
+    `mldash.CatalogUnavailableError`."""
     transient = True
 
 
