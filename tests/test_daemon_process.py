@@ -241,6 +241,45 @@ def test_retry_wakes_a_running_daemon_at_once(settings: Settings, monkeypatch: p
     assert cli(settings, "ls", "--state", "not-indexed").stdout.count("\n") == 1  # .wake is not an entry
 
 
+def test_a_blob_missing_from_a_copied_spool_is_named_and_delivered_once_put_back(settings: Settings,
+                                                                                  tmp_path) -> None:
+    """A spool copied while the job wrote: a manifest without its blob. `ls` used to show "0 B (unreadable
+    manifest)" for it — even after it was fixed and committed — and the hint spoke of changed bytes."""
+    layout = SpoolLayout(settings.spool)
+    data = os.urandom(100_000)
+    entry = enqueue_bytes(settings, data, filename="model.bin", prefix="ckpt")
+    kept = tmp_path / "blob"
+    shutil.move(layout.blob_path(entry.id), kept)
+    once = cli(settings, "run", "--once", "--quiet")
+    assert once.returncode == 1 and "its blob is missing" in once.stderr, once.stderr
+    listed = cli(settings, "ls", "--state", "quarantined").stdout
+    assert "ns/proj/exp/ckpt/model.bin" in listed and "97.7 KiB" in listed and "unreadable" not in listed, listed
+    assert f"blob {entry.id} is missing from blobs/ (its manifest is there)" in listed
+    assert f"`mldash-syncd retry {entry.id}`" in listed
+
+    shutil.move(kept, layout.blob_path(entry.id))  # copied again
+    assert cli(settings, "retry", str(entry.id)).returncode == 0
+    assert cli(settings, "run", "--once", "--quiet").returncode == 0
+    listed = cli(settings, "ls").stdout
+    assert "ns/proj/exp/ckpt/model.bin" in listed and "evicted" in listed, listed
+    assert hashlib.sha256(data).hexdigest() in {d["checksum"] for d in catalog_docs(settings)}
+
+
+def test_an_entry_quarantined_for_an_unreadable_manifest_gets_its_path_once_restored(settings: Settings,
+                                                                                    tmp_path) -> None:
+    layout = SpoolLayout(settings.spool)
+    entry = enqueue_bytes(settings, os.urandom(1000), filename="late.bin", prefix="ckpt")
+    good = layout.manifest_path(entry.id).read_bytes()
+    layout.manifest_path(entry.id).write_bytes(b"\x00garbage")
+    assert cli(settings, "run", "--once", "--quiet").returncode == 1
+    assert "(unreadable manifest)" in cli(settings, "ls").stdout
+    layout.manifest_path(entry.id).write_bytes(good)  # restored
+    assert cli(settings, "retry", str(entry.id)).returncode == 0
+    assert cli(settings, "run", "--once", "--quiet").returncode == 0
+    listed = cli(settings, "ls").stdout
+    assert "ns/proj/exp/ckpt/late.bin" in listed and "unreadable" not in listed, listed
+
+
 def test_discard_gives_up_on_a_quarantined_entry_so_run_once_can_succeed_again(settings: Settings,
                                                                               daemon_process) -> None:
     """A spooled artifact corrupted beyond repair: saved again, the broken copy is discarded — its files and

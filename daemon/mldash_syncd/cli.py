@@ -155,9 +155,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
                   "quarantined` for why, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
             if report.remaining.get("quarantined"):
-                print("(a quarantined entry's spooled bytes no longer match what was saved, or its manifest is "
-                      "unreadable: a retry helps only once they are restored — otherwise save the artifact again "
-                      "and give up on the broken copy with `mldash-syncd discard ID`)", file=sys.stderr)
+                print("(a quarantined entry's spooled bytes no longer match what was saved, its blob is missing — "
+                      "a spool copied while a job wrote: copy the blob again — or its manifest is unreadable: a "
+                      "retry helps only once they are restored; otherwise save the artifact again and give up on "
+                      "the broken copy with `mldash-syncd discard ID`)", file=sys.stderr)
             return EXIT_LEFT_FAILED
         return EXIT_LEFT_FAILED if report.pending else EXIT_OK
     return EXIT_OK

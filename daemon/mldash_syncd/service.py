@@ -618,6 +618,10 @@ class Daemon:
         # A deferred-checksum manifest has no sha256: the one computed from this read is recorded in the index,
         # where the commit stage (maybe in a later daemon process) finds it.
         computed = {"sha256": verified.sha256_hex} if manifest.sha256 is None else {}
+        if row.get("filename") is None:  # quarantined at ingest with an unreadable manifest, since restored
+            computed.update(namespace=manifest.namespace, project=manifest.project, experiment=manifest.experiment,
+                            prefix=manifest.prefix, filename=manifest.filename, size=manifest.size,
+                            content_type=manifest.content_type)
         try:
             with self.index.transaction():
                 # attempts count per stage: the commit stage starts afresh

@@ -224,10 +224,19 @@ class SpoolIndex:
                 " sha256, content_type, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             return conn.total_changes - before
 
-    def ingest_broken(self, file_id: int, reason: str, now: float | None = None) -> None:
-        """Record an entry whose manifest cannot be read: quarantined, with the reason."""
+    def ingest_broken(self, file_id: int, reason: str, manifest: Manifest | None = None,
+                      now: float | None = None) -> None:
+        """Record an entry that cannot be uploaded as it is: quarantined, with the reason. `manifest`: when it
+        could be read (its blob is missing or wrong), so the row names the file (`ls` shows its path)."""
         now = time.time() if now is None else now
         with self.transaction() as conn:
+            if manifest is not None:
+                m = manifest
+                conn.execute("INSERT OR IGNORE INTO entries (id, state, namespace, project, experiment, prefix, "
+                             "filename, size, sha256, content_type, created_at, updated_at) VALUES "
+                             "(?,?,?,?,?,?,?,?,?,?,?,?)", (file_id, State.QUARANTINED.value, m.namespace, m.project,
+                                                          m.experiment, m.prefix, m.filename, m.size, m.sha256,
+                                                          m.content_type, m.created_at, now))
             conn.execute("INSERT OR IGNORE INTO entries (id, state, created_at, updated_at) VALUES (?,?,?,?)",
                          (file_id, State.QUARANTINED.value, now, now))
             conn.execute("UPDATE entries SET state=?, last_error=?, error_kind='corrupt', updated_at=?,"

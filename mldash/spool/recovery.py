@@ -117,19 +117,22 @@ def ingest_new(index: SpoolIndex, layout: SpoolLayout, known: set[int],
     fresh, good = [], []
     todo = sorted(manifest_ids(layout) - known) if candidates is None else [i for i in candidates if i not in known]
     for file_id in todo:
+        manifest: Manifest | None = None  # read, but its blob is not usable: the row still says which file it is
         try:
             manifest = read_manifest(layout, file_id)
             if not manifest.inline:  # an inline manifest holds its bytes (its size was checked on decode)
                 _check_blob(layout, manifest)
             good.append(manifest)
         except FileNotFoundError:
-            index.ingest_broken(file_id, f"blob {file_id} is missing; manifest present")
+            index.ingest_broken(file_id, f"blob {file_id} is missing from blobs/ (its manifest is there): a copy of "
+                                         "the spool made while a job was writing, or a deleted file; put the blob "
+                                         f"back in blobs/ and `mldash-syncd retry {file_id}`", manifest)
             log.error("quarantined %s: blob missing", file_id)
         except OSError as exc:  # EACCES, ELOOP, EIO…: this entry is unusable, the others are not
-            index.ingest_broken(file_id, f"blob {file_id} cannot be read ({exc.strerror})")
+            index.ingest_broken(file_id, f"blob {file_id} cannot be read ({exc.strerror})", manifest)
             log.error("quarantined %s: blob unreadable: %s", file_id, exc)
         except SpoolCorruptError as exc:
-            index.ingest_broken(file_id, str(exc))
+            index.ingest_broken(file_id, str(exc), manifest)
             log.error("quarantined %s: %s", file_id, exc)
         fresh.append(file_id)
     index.ingest(good)
