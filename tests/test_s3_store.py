@@ -338,6 +338,69 @@ async def test_connection_refused_is_transient(aws_env: str) -> None:
         await store.close()
 
 
+async def test_https_to_a_plain_http_endpoint_is_a_configuration_error(aws_env: str) -> None:
+    """TLS spoken to a plain-HTTP port (an https:// endpoint for MinIO without TLS) used to be retried as an outage
+    for ever: it is permanent, with what to change."""
+    async def plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # a TLS ClientHello: an HTTP server answers it as a bad request
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain_http, "127.0.0.1", 0)
+    store = await open_store(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(PermanentStoreError) as raised:
+            await store.put(KEY, b"x", b64_sha256(b"x"))
+    finally:
+        await store.close()
+        server.close()
+    assert raised.value.code == "TLSConfiguration"
+    assert "does not answer TLS (it speaks plain HTTP?): use http:// in MLDASH_S3_ENDPOINT_URL" in str(raised.value)
+
+
+async def test_an_endpoint_certificate_we_do_not_trust_is_a_configuration_error(aws_env: str, tmp_path: Path) -> None:
+    """A self-signed (or private-CA) certificate: no retry changes it; the message says how to trust it."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "private-s3")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False).sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    store = await open_store(f"https://127.0.0.1:{port}")
+    try:
+        with pytest.raises(PermanentStoreError) as raised:
+            await store.put(KEY, b"x", b64_sha256(b"x"))
+    finally:
+        await store.close()
+        server.close()
+    assert raised.value.code == "TLSConfiguration"
+    assert f"the certificate of https://127.0.0.1:{port}" in str(raised.value)
+    assert "point AWS_CA_BUNDLE at that CA's certificate" in str(raised.value)
+
+
 # -- what goes over the wire -------------------------------------------------------------------------
 
 async def test_requests_carry_our_checksum_and_no_expect_header(aws_env: str) -> None:

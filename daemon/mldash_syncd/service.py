@@ -294,7 +294,10 @@ class Daemon:
                 if until_drained and not busy:
                     break
                 if deadline is not None and now_mono > deadline:
-                    log.warning("run --once: max wait reached with work left")
+                    why = [f"{gate.name} unreachable: {gate.last_error}" for gate in (self.store_gate,
+                                                                                      self.catalog_gate)
+                           if gate.last_error]
+                    log.warning("run --once: max wait reached with work left%s", f" ({'; '.join(why)})" if why else "")
                     break
                 if self.autostarted and self.settings.idle_exit and now_mono - idle_since > self.settings.idle_exit:
                     log.info("idle for %.0fs: exiting (autostarted)", self.settings.idle_exit)

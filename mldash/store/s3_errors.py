@@ -10,6 +10,7 @@ own message names none of these. No secret is ever shown: credentials are descri
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -215,6 +216,8 @@ def classify_error(exc: BaseException, *, operation: str, key: str, target: S3Ta
                 kind = TransientStoreError
         return kind(message + _hint(code or str(status), target), code=code or str(status))
     name = type(exc).__name__
+    if (tls := _tls_misconfiguration(exc, target)) is not None:
+        return PermanentStoreError(f"{what}: {tls}", code="TLSConfiguration")
     if isinstance(exc, _PERMANENT_CLIENT_ERRORS):
         return PermanentStoreError(f"{what}: {name}: {exc}{_hint(name, target)}", code=name)
     if isinstance(exc, TimeoutError):
@@ -224,6 +227,28 @@ def classify_error(exc: BaseException, *, operation: str, key: str, target: S3Ta
     # Anything else from botocore/aiohttp: retrying is the safe default; the daemon's attempt limit ends it
     # in a visible 'failed' state if it never passes.
     return TransientStoreError(f"{what}: {name}: {exc}", code=name)
+
+
+def _tls_misconfiguration(exc: BaseException, target: S3Target | None) -> str | None:
+    """What is wrong when a TLS handshake failed in a way no retry changes — the endpoint speaks plain HTTP, or
+    its certificate is not one we trust — else None. These used to be retried as an outage, for ever: a `run
+    --once` without --max-wait never ended, saying only "store unavailable"."""
+    endpoint = (target.endpoint if target is not None else None) or "the S3 endpoint"
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            # aiohttp's wrapper claims the class too, without ssl's attributes: the reason is on the original.
+            why = getattr(cause, "verify_message", None) or getattr(
+                getattr(cause, "certificate_error", None), "verify_message", None) or "certificate verify failed"
+            return (f"the certificate of {endpoint} could not be verified ({why}): if it is signed by your own CA, "
+                    "point AWS_CA_BUNDLE at that CA's certificate")
+        if isinstance(cause, ssl.SSLError) and getattr(cause, "reason", None) == "WRONG_VERSION_NUMBER":
+            return (f"{endpoint} does not answer TLS (it speaks plain HTTP?): use http:// in MLDASH_S3_ENDPOINT_URL, "
+                    "or the endpoint's TLS port")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _hint(code: str, target: S3Target | None) -> str:

@@ -81,3 +81,18 @@ def test_a_bug_while_recording_a_failure_is_logged_and_the_entry_goes_back_at_on
     assert len(logged) == 1 and logged[0].exc_info is not None and calls
     assert report.committed == 1
     check_invariants(live, [entry], view=direct)
+
+
+def test_run_once_at_its_max_wait_says_what_it_waited_for(
+        s3_via_proxy: tuple[Settings, Settings, FaultProxy], caplog: pytest.LogCaptureFixture) -> None:
+    """`run --once --max-wait` ending with work left used to say only that; it now names the unreachable store."""
+    from mldash_syncd import drain
+
+    settings, _direct, proxy = s3_via_proxy
+    proxy.refuse()
+    enqueue_bytes(settings, b"{}", filename="m.json")
+    with caplog.at_level(logging.WARNING, logger="mldash_syncd"):
+        report = drain(settings, max_wait=1.5)
+    assert report.pending == 1
+    ended = [r.getMessage() for r in caplog.records if "max wait reached" in r.getMessage()]
+    assert len(ended) == 1 and "(store unreachable: " in ended[0] and "Connect" in ended[0], ended
