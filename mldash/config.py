@@ -159,8 +159,12 @@ def _parse_store(value: Any) -> str:
             raise ValueError(f"{shown!r}: a file store must be an absolute 'file:///abs/dir' URL")
         return url
     if parsed.scheme == "s3":
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parsed.netloc.rpartition("@")[2]):
-            raise ValueError(f"{shown!r}: 's3://bucket[/root-prefix]' needs a valid bucket name")
+        bucket = parsed.netloc.rpartition("@")[2]
+        if not bucket:
+            raise ValueError(f"{shown!r}: no bucket; write 's3://bucket[/root-prefix]' (two slashes after 's3:')")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"{shown!r}: {bucket!r} is not a valid S3 bucket name: 3–63 lowercase letters, digits, "
+                             "'.' and '-', beginning and ending with a letter or digit")
         if parsed.password is not None or parsed.username is not None:
             raise ValueError(f"{shown!r}: credentials do not go in the store URL; use the standard AWS chain "
                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role)")

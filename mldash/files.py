@@ -348,7 +348,8 @@ class FilesHandle:
             filename = names.validate_filename(filename)
             prefix = names.validate_prefix(_join(self.prefix, folder)) if folder else self.prefix
         except InvalidInputError as exc:  # quote what the caller wrote, not the joined folder it became
-            hint = " (it ends with '/': give a filename after the folder)" if not filename else ""
+            hint = (" (it is empty: give a filename, e.g. 'best.pt')" if not name else
+                    " (it ends with '/': give a filename after the folder)" if not filename else "")
             raise InvalidInputError(f"{method}: to={name!r} is not a usable name{hint}: {exc}") from None
         if default_ext and not extension(filename):
             filename = names.validate_filename(filename + default_ext)

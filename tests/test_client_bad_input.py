@@ -511,6 +511,8 @@ def test_a_bad_to_is_quoted_as_written(exp, unchanged):
         exp.files("checkpoints").save_text("x", to="../x.txt")
     with raises(InvalidInputError, "to='sub/' is not a usable name (it ends with '/'"):
         exp.files("checkpoints").save_text("x", to="sub/")
+    with raises(InvalidInputError, "to='' is not a usable name (it is empty: give a filename, e.g. 'best.pt')"):
+        exp.files("checkpoints").save_text("x", to="")
 
 
 def test_a_large_dpi_is_fine_for_a_vector_format(exp):

@@ -84,6 +84,8 @@ def test_mldash_key_that_is_not_a_table(xdg: Path) -> None:
     ("spool_quota", '"lots"', "'lots' is not a size"),
     ("durability", '"sometimes"', "'sometimes': accepted durability levels"),
     ("store", '"http://example.com/bucket"', "accepted stores are"),
+    ("store", '"s3:/bucket"', "'s3:/bucket': no bucket; write 's3://bucket[/root-prefix]' (two slashes"),
+    ("store", '"S3://Bucket_X"', "'Bucket_X' is not a valid S3 bucket name: 3–63 lowercase letters"),
     ("catalog", '"sqlite://relative.db"', "sqlite:///abs/file"),
     ("autostart", '"maybe"', "'maybe' is not a boolean"),
     ("max_attempts", "0", "must be ≥ 1"),

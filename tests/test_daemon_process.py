@@ -279,6 +279,12 @@ def test_an_entry_quarantined_for_an_unreadable_manifest_gets_its_path_once_rest
     listed = cli(settings, "ls").stdout
     assert "ns/proj/exp/ckpt/late.bin" in listed and "unreadable" not in listed, listed
 
+    broken = enqueue_bytes(settings, os.urandom(10), filename="gone.bin")
+    layout.manifest_path(broken.id).write_bytes(b"\x00garbage")
+    assert cli(settings, "run", "--once", "--quiet").returncode == 1
+    discarded = cli(settings, "discard", str(broken.id))
+    assert f"discarded {broken.id} (unreadable manifest; quarantined: " in discarded.stdout, discarded.stdout
+
 
 def test_discard_gives_up_on_a_quarantined_entry_so_run_once_can_succeed_again(settings: Settings,
                                                                               daemon_process) -> None:
@@ -322,7 +328,7 @@ def test_status_shows_the_heartbeat_and_what_a_killed_daemon_cut_short(settings:
     daemon.kill()
     shown = cli(slow, "status").stdout
     assert "daemon   not running" in shown
-    assert "(1 were cut short in upload or commit when the last daemon ended: the next start resumes them" in shown
+    assert "(1 was cut short in upload or commit when the last daemon ended: the next start resumes them" in shown
 
 
 def test_status_and_ls_count_saves_no_daemon_has_indexed(settings: Settings) -> None:
@@ -714,6 +720,9 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
     wait_for(lambda: "started on" in holder.log())
     wait_for(lambda: row(settings, saved.id) is not None and row(settings, saved.id)["state"] in ("committed",
                                                                                               "evicted"))
+    same = cli(settings, "run", "--once", "--quiet")  # the holder had committed everything: say so, not "0 files"
+    assert same.returncode == 0 and "nothing left to sync: the daemon holding the spool had committed everything" \
+        in same.stderr, same.stderr
     epilogue = settings.replace(store=(tmp_path / "the-store-the-script-means").as_uri())
     once = cli(epilogue, "run", "--once", "--quiet")
     assert once.returncode == 2, once.stderr

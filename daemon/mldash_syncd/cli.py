@@ -143,8 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.finish()
     if args.once:
         left = ", ".join(f"{n} {s}" for s, n in sorted(report.remaining.items())) or "nothing"
-        done = (f"the other daemon committed {report.committed} files" if followed_other else
-                f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent)")
+        if followed_other:
+            done = (f"the other daemon committed {report.committed} files" if report.committed or report.pending
+                    else "nothing left to sync: the daemon holding the spool had committed everything")
+        else:
+            done = f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent)"
         print(f"{done}; in spool: {left}", file=sys.stderr)
         if not followed_other and (elsewhere := mismatch(sync_targets(settings), previous.get("targets"))):
             seen = previous.get("heartbeat")
@@ -315,7 +318,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if data["pendingFiles"] and not daemon["running"]:
         print("         no daemon is running: `mldash-syncd run --once` syncs them and exits")
         if cut := data["states"]["uploading"]["count"] + data["states"]["uploaded"]["count"]:
-            print(f"         ({cut} were cut short in upload or commit when the last daemon ended: the next start "
+            print(f"         ({cut} {'was' if cut == 1 else 'were'} cut short in upload or commit when the last daemon "
+                  "ended: the next start "
                   "resumes them, re-sending only unfinished parts)")
     if daemon["running"]:
         cap = daemon.get("uploadRateCap")
@@ -455,7 +459,8 @@ def cmd_discard(args: argparse.Namespace) -> int:
     finally:
         index.close()
     for row in rows:
-        print(f"discarded {row['id']} ({entry_path(row)}; {row['state']}: {row['last_error']})")
+        print(f"discarded {row['id']} ({entry_path(row) or 'unreadable manifest'}; {row['state']}: "
+              f"{row['last_error']})")
     if unknown:
         print(f"no such entry in this spool's index: {' '.join(map(str, unknown))}", file=sys.stderr)
     if states:
