@@ -173,6 +173,40 @@ def test_catalog_id_already_taken_by_another_file_is_quarantined(backend: Settin
     assert [d["filename"] for d in catalog_docs(backend)] == ["theirs.bin"]
 
 
+@pytest.mark.parametrize("size", [100, 6 * MIB], ids=["single", "multipart"])
+def test_another_files_object_at_our_key_is_never_removed(backend: Settings, drain, size: int) -> None:
+    """Ids are unique across hosts only with high probability; two files with the same id and the same names have
+    the same key. The daemon judged an object found at its key by its checksum and, finding other bytes, removed
+    it as a damaged attempt of its own — losing the other file. Now it is left alone; the entry is quarantined."""
+    import asyncio
+    import dataclasses
+
+    from mldash.catalog import make_catalog
+    from mldash.store import make_store
+    from mldash.store.base import b64_sha256
+    from mldash_syncd.commit import document_for
+
+    mine, theirs = os.urandom(size), os.urandom(size + 7)
+    entry = enqueue_bytes(backend, mine, filename="metrics.bin")
+    other = dataclasses.replace(entry, size=len(theirs), sha256=hashlib.sha256(theirs).hexdigest())
+
+    async def plant() -> None:  # the other host's daemon got there first: its object, then its commit
+        async with make_store(backend) as store:
+            key = store.key(entry.key())
+            await store.put(key, theirs, b64_sha256(theirs))
+        async with make_catalog(backend) as catalog:
+            await catalog.upsert(document_for(other, store_url=backend.store, store_key=key, committed_at=1.0))
+
+    asyncio.run(plant())
+    report = drain(backend)
+
+    assert read_object(backend, entry.key()) == theirs
+    row = index_rows(backend)[entry.id]
+    assert row["state"] == State.QUARANTINED and report.quarantined == 1, row
+    assert "the store holds another file's object at" in row["last_error"] and "left alone" in row["last_error"]
+    assert [d["checksum"] for d in catalog_docs(backend)] == [other.sha256]
+
+
 def test_multipart_files_at_once_are_limited_to_the_parts_in_flight(settings: Settings, drain) -> None:
     """Many file slots keep small files flowing; large files beyond the parts budget would only open uploads
     that wait for a buffer (and delay every file's commit), so at most max_concurrent_parts run at once."""

@@ -44,8 +44,18 @@ class VerificationError(EntryRetryableError):
     """The store's checksum/ETag does not match what we computed from the spooled bytes."""
 
 
+class ChecksumMismatchError(VerificationError):
+    """The SHA256 (or composite) the store records for the object differs from ours — not only its size or ETag."""
+
+
+class IdClashError(Exception):
+    """Another file holds this entry's id: its catalog document, or its object at this entry's key. Ids are unique
+    only with high probability across hosts (mldash/ids.py). Never overwritten or removed: quarantined, with the
+    other file named."""
+
+
 def classify(exc: BaseException) -> Failure:
-    if isinstance(exc, SpoolCorruptError):
+    if isinstance(exc, SpoolCorruptError | IdClashError):
         return Failure.CORRUPT
     if isinstance(exc, EntryRetryableError):
         return Failure.ENTRY

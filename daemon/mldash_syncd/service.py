@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mldash.catalog import make_catalog
-from mldash.catalog.base import Catalog, FileDocument
+from mldash.catalog.base import Catalog, FileDocument, TransientCatalogError
 from mldash.config import Settings
-from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex, entry_path
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
+from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import ingest_new, manifest_ids, read_manifest, recover
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store import make_store
@@ -40,7 +40,7 @@ from mldash_syncd.logs import redact
 from mldash_syncd.manifests import ManifestCache
 from mldash_syncd.progress import human_bytes
 from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
-from mldash_syncd.retry import OUTAGE_PROBE_MAX, Backoff, Failure, Gate, classify
+from mldash_syncd.retry import OUTAGE_PROBE_MAX, Backoff, Failure, Gate, IdClashError, classify
 from mldash_syncd.sdnotify import Notifier
 from mldash_syncd.targets import sync_targets
 from mldash_syncd.throughput import RateWindow
@@ -223,7 +223,8 @@ class Daemon:
                         self.uploader = Uploader(self.settings, self.store, self.index, self.layout.blobs_dir,
                                                  ByteBudget(self.settings.max_concurrent_parts
                                                             * self.settings.part_size),
-                                                 on_bytes=self._count_bytes)
+                                                 on_bytes=self._count_bytes,
+                                                 committed_elsewhere=self._committed_elsewhere)
                         # The start-up gc runs alongside the first uploads (its listing is a round trip): only
                         # multipart uploads wait for it (see _upload_one), so it never judges one of this run's.
                         self._startup_gc = asyncio.create_task(self._collect_orphans(), name="startup-gc")
@@ -684,7 +685,7 @@ class Daemon:
             self._outage_over("catalog", State.UPLOADED)
         for row in rows:
             if row["id"] in clashes:
-                self._failed(row, SpoolCorruptError(clashes[row["id"]]), stage="commit")
+                self._failed(row, IdClashError(clashes[row["id"]]), stage="commit")
         done = [row for row in rows if row["id"] not in clashes]
         try:
             self.index.transition_many([row["id"] for row in done], State.COMMITTED, committed_at=time.time(),
@@ -711,6 +712,18 @@ class Daemon:
             return None
         return document_for(manifest, store_url=self.settings.store, store_key=row["store_key"],
                             committed_at=committed_at, checksum=checksum)
+
+    async def _committed_elsewhere(self, manifest: Manifest, key: str) -> str | None:
+        """For the uploader, before it removes an object with other bytes found at an entry's key: why the catalog's
+        document under the entry's id is another file's, or None. Waits for the catalog's opening (it runs
+        alongside the first uploads); a catalog that cannot be asked fails the attempt, to be retried — never a
+        guess."""
+        if self._catalog_open is None:
+            raise TransientCatalogError("the catalog is not open yet")
+        await asyncio.shield(self._catalog_open)  # its error, if opening failed
+        stored = await self.catalog.get(str(manifest.id))
+        ours = document_for(manifest, store_url=self.settings.store, store_key=key, committed_at=0.0)
+        return None if stored is None else clash(ours, stored)
 
     async def _clashes(self, present: set[str], docs: dict[int, FileDocument]) -> dict[int, str]:
         """Entries whose id the catalog already held for another file → why they were not recorded."""

@@ -36,7 +36,7 @@ import logging
 import math
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from mldash.store.base import (
     hex_to_b64,
 )
 from mldash_syncd.budget import ByteBudget
-from mldash_syncd.retry import EntryRetryableError, VerificationError
+from mldash_syncd.retry import ChecksumMismatchError, EntryRetryableError, IdClashError, VerificationError
 
 log = logging.getLogger("mldash_syncd.upload")
 
@@ -138,8 +138,12 @@ class Uploader:
     """Uploads entries to one store; shares a part-concurrency budget across all files."""
 
     def __init__(self, settings: Settings, store: Store, index: SpoolIndex, blobs_dir: Path,
-                 budget: ByteBudget, on_bytes: Callable[[int], None] | None = None) -> None:
+                 budget: ByteBudget, on_bytes: Callable[[int], None] | None = None,
+                 committed_elsewhere: Callable[[Manifest, str], Awaitable[str | None]] | None = None) -> None:
+        """`committed_elsewhere(manifest, key)`: why the catalog's document under this entry's id is another file's,
+        or None (no document, or this entry's own) — asked before an object found at the key is removed."""
         self.settings = settings
+        self.committed_elsewhere = committed_elsewhere
         self.store = store
         self.index = index
         self.blobs_dir = blobs_dir
@@ -185,14 +189,16 @@ class Uploader:
                                         f"{base64.b64decode(sha_b64).hex()} ≠ manifest {manifest.sha256}")
             # The key is recorded with the outcome (the `uploaded` transition): a single PUT leaves nothing
             # behind for anyone to find by key if we die first — a retry's conditional PUT meets the object.
+            existed = False
             try:
                 stored = await self.store.put(key, data, sha_b64)
                 # Counted in the index with the outcome (take_unrecorded_bytes): one write less per small file.
                 self._unrecorded_bytes[manifest.id] = self._unrecorded_bytes.get(manifest.id, 0) + manifest.size
                 self.on_bytes(manifest.size)
             except ObjectExistsError:
-                # An earlier attempt's PUT landed but its response was lost (or we crashed after it).
-                stored = await self._existing(key, manifest)
+                # An earlier attempt's PUT landed but its response was lost (or we crashed after it) — or another
+                # file with the same id and names got there first (see _discard).
+                stored, existed = await self._existing(key, manifest), True
         finally:
             if buffer is None:
                 await self.budget.release(manifest.size)
@@ -200,8 +206,8 @@ class Uploader:
                 await self.budget.give_back(buffer)
         try:
             self._verify(manifest, stored, sha_b64, hashes.md5_hex if self.check_etag else None)
-        except VerificationError:
-            await self._discard(key, manifest)
+        except VerificationError as exc:
+            await self._discard(key, manifest, stored, exc, found=existed)
             raise
         return Verified(key, stored.checksum_sha256, base64.b64decode(sha_b64).hex())
 
@@ -211,8 +217,8 @@ class Uploader:
         if existing is not None:  # completed before a crash, commit not yet recorded
             try:
                 return await asyncio.to_thread(self._verify_existing, manifest, existing, blob)
-            except VerificationError:
-                await self._discard(key, manifest)
+            except VerificationError as exc:
+                await self._discard(key, manifest, existing, exc, found=True)
                 raise
         part_size = part_size_for(manifest.size, self.settings.part_size)
         count = max(1, math.ceil(manifest.size / part_size))
@@ -272,18 +278,19 @@ class Uploader:
             self.index.update(manifest.id, upload_id=None)
             raise SpoolCorruptError(f"spooled bytes of {manifest.id} changed: sha256 {whole_hex} ≠ "
                                     f"manifest {manifest.sha256}")
+        existed = False
         try:
             # The part list lives only as long as this request: S3 wants every part in its one body.
             stored = await self.store.complete_multipart(
                 key, upload_id, self._recorded_parts(manifest, count, part_size, reported))
         except (ObjectExistsError, NoSuchUploadError):
             # Completed by an earlier attempt whose response was lost: judge the object by its checksum.
-            stored = await self._existing(key, manifest)
+            stored, existed = await self._existing(key, manifest), True
         self.index.update(manifest.id, upload_id=None)
         try:
             await self._verify_multipart(manifest, stored, composite, blob, part_size)
-        except VerificationError:
-            await self._discard(key, manifest)
+        except VerificationError as exc:
+            await self._discard(key, manifest, stored, exc, found=existed)
             raise
         return Verified(key, stored.checksum_sha256, whole_hex)
 
@@ -362,11 +369,23 @@ class Uploader:
         return False
 
     # ---- verification -------------------------------------------------------------------------
-    async def _discard(self, key: str, manifest: Manifest) -> None:
+    async def _discard(self, key: str, manifest: Manifest, stored: StoredObject, error: VerificationError, *,
+                       found: bool) -> None:
         """Remove an object at this entry's key that failed verification (damaged in flight, or truncated by a
-        store that does not check Content-Length). Only attempts of this entry write this key (it holds the
-        entry's unique id); left in place, every later conditional create would meet it and the entry could
-        never be delivered, not even after `retry`."""
+        store that does not check Content-Length): left in place, every later conditional create would meet it
+        and the entry could never be delivered, not even after `retry`.
+
+        Only if no other file owns it. The key holds the entry's id, but ids are unique across hosts only with
+        high probability: an object this attempt did not create (`found`: the create met it) with other bytes
+        may be another file's — same id, same names, committed by another daemon — and removing it would lose
+        that file. The object alone cannot say (a write of ours cut short mid-body leaves an object whose
+        SHA256 moto computes from the bytes it got), so the catalog is asked: a document under this id that is
+        not this entry's means the object is that file's. Then this entry is the one that cannot go there
+        (IdClashError), and the object stays."""
+        if (found and isinstance(error, ChecksumMismatchError) and self.committed_elsewhere is not None
+                and (owner := await self.committed_elsewhere(manifest, key)) is not None):
+            raise IdClashError(f"{manifest.id}: the store holds another file's object at {key}: {owner}; the object "
+                               "was left alone") from error
         log.warning("upload %s: the object at %s does not hold the spooled bytes; removing it", manifest.id, key)
         await self.store.delete(key)
 
@@ -377,10 +396,11 @@ class Uploader:
         return stored
 
     def _verify(self, manifest: Manifest, stored: StoredObject, sha_b64: str, md5_hex: str | None) -> None:
+        # The checksum first: a different one says whose object it is (see _discard), a size alone does not.
+        if stored.checksum_sha256 is not None and stored.checksum_sha256 != sha_b64:
+            raise ChecksumMismatchError(f"{manifest.id}: store checksum {stored.checksum_sha256} ≠ ours {sha_b64}")
         if stored.size is not None and stored.size != manifest.size:
             raise VerificationError(f"{manifest.id}: store holds {stored.size} bytes, spool has {manifest.size}")
-        if stored.checksum_sha256 is not None and stored.checksum_sha256 != sha_b64:
-            raise VerificationError(f"{manifest.id}: store checksum {stored.checksum_sha256} ≠ ours {sha_b64}")
         if md5_hex is not None and stored.etag and _etag(stored.etag) != md5_hex:
             raise VerificationError(f"{manifest.id}: store received other bytes than sent (ETag {stored.etag} ≠ "
                                     f"MD5 {md5_hex})")
@@ -397,11 +417,11 @@ class Uploader:
 
     def _verify_composite(self, manifest: Manifest, stored: StoredObject, expected: str,
                           expected_etag: str | None) -> None:
+        if stored.checksum_sha256 is not None and stored.checksum_sha256 != expected:
+            raise ChecksumMismatchError(f"{manifest.id}: store received other bytes than sent (composite checksum "
+                                        f"{stored.checksum_sha256} ≠ ours {expected})")
         if stored.size is not None and stored.size != manifest.size:
             raise VerificationError(f"{manifest.id}: store holds {stored.size} bytes, spool has {manifest.size}")
-        if stored.checksum_sha256 is not None and stored.checksum_sha256 != expected:
-            raise VerificationError(f"{manifest.id}: store received other bytes than sent (composite checksum "
-                                    f"{stored.checksum_sha256} ≠ ours {expected})")
         if expected_etag is not None and stored.etag and _etag(stored.etag) != expected_etag:
             raise VerificationError(f"{manifest.id}: store received other bytes than sent (ETag {stored.etag} "
                                     f"≠ ours {expected_etag})")
@@ -420,9 +440,9 @@ class Uploader:
         md5 = self.check_etag and (self.md5_parts or stored.checksum_sha256 is None)
         whole_hex, composite = _digests(blob, part_size_for(manifest.size, self.settings.part_size), md5=md5)
         _check_spooled(manifest, whole_hex)
-        if composite.count != parts:
-            raise VerificationError(f"{manifest.id}: existing object has {parts} parts; ours would have "
-                                    f"{composite.count}")
+        if composite.count != parts:  # with a composite checksum, not the one we would have made: a mismatch
+            kind = ChecksumMismatchError if stored.checksum_sha256 is not None else VerificationError
+            raise kind(f"{manifest.id}: existing object has {parts} parts; ours would have {composite.count}")
         self._verify_composite(manifest, stored, composite.sha256, composite.etag)
         return Verified(stored.key, stored.checksum_sha256, whole_hex)
 
