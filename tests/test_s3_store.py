@@ -348,6 +348,12 @@ async def test_https_to_a_plain_http_endpoint_is_a_configuration_error(aws_env: 
         writer.close()
 
     server = await asyncio.start_server(plain_http, "127.0.0.1", 0)
+    message = await tls_configuration_error(server)
+    assert "does not answer TLS (it speaks plain HTTP?): use http:// in MLDASH_S3_ENDPOINT_URL" in message
+
+
+async def tls_configuration_error(server: asyncio.Server) -> str:
+    """A PUT over https:// to `server` (closed after): the permanent TLSConfiguration error's message."""
     store = await open_store(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}")
     try:
         with pytest.raises(PermanentStoreError) as raised:
@@ -356,7 +362,7 @@ async def test_https_to_a_plain_http_endpoint_is_a_configuration_error(aws_env: 
         await store.close()
         server.close()
     assert raised.value.code == "TLSConfiguration"
-    assert "does not answer TLS (it speaks plain HTTP?): use http:// in MLDASH_S3_ENDPOINT_URL" in str(raised.value)
+    return str(raised.value)
 
 
 async def test_an_endpoint_certificate_we_do_not_trust_is_a_configuration_error(aws_env: str, tmp_path: Path) -> None:
@@ -389,16 +395,9 @@ async def test_an_endpoint_certificate_we_do_not_trust_is_a_configuration_error(
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
-    store = await open_store(f"https://127.0.0.1:{port}")
-    try:
-        with pytest.raises(PermanentStoreError) as raised:
-            await store.put(KEY, b"x", b64_sha256(b"x"))
-    finally:
-        await store.close()
-        server.close()
-    assert raised.value.code == "TLSConfiguration"
-    assert f"the certificate of https://127.0.0.1:{port}" in str(raised.value)
-    assert "point AWS_CA_BUNDLE at that CA's certificate" in str(raised.value)
+    message = await tls_configuration_error(server)
+    assert f"the certificate of https://127.0.0.1:{port}" in message
+    assert "point AWS_CA_BUNDLE at that CA's certificate" in message
 
 
 # -- what goes over the wire -------------------------------------------------------------------------
