@@ -147,6 +147,22 @@ class Reader:
             self._manifests[file_id] = manifest
         return manifest
 
+    def _followed_rows(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """`_index_rows`, with an entry that was re-saved under a new id (its id was another file's: spool/resave.py)
+        answered by the entry it became — what a caller holding the old id means."""
+        rows = self._index_rows(ids)
+        for file_id in ids:
+            seen = {file_id}
+            row = rows.get(file_id)
+            while row is not None and row["state"] == State.RESAVED and row.get("resaved_as") not in (None, *seen):
+                seen.add(row["resaved_as"])
+                row = self._index_rows([row["resaved_as"]]).get(row["resaved_as"])
+            if row is not None:
+                rows[file_id] = row
+            else:
+                rows.pop(file_id, None)
+        return rows
+
     def _index_rows(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         ids = list(ids)
         if not ids or not self.layout.exists():
@@ -290,7 +306,7 @@ class Reader:
             if known is not None:
                 status = known["status"] if known["status"] in TERMINAL else State.COMMITTED.value
             else:
-                row = rows.get(file_id)
+                row = rows.get(file_id)  # a resaved row of ours under this id is not this document's file
                 status = row["state"] if row and row["state"] in TERMINAL else State.COMMITTED.value
             entries[file_id] = {**(known or {}), **doc, "status": status}
             entries[file_id].pop("lastError", None)
@@ -350,6 +366,13 @@ class Reader:
         return max(candidates, key=lambda e: int(e["id"]))
 
     def _resolve_id(self, exp: ExperimentId, file_id: int) -> dict[str, Any]:
+        row = self._index_rows([file_id]).get(file_id)
+        if row is not None and row["state"] == State.RESAVED:
+            # Our save, re-saved under a new id: the catalog's file under this id is another one (spool/resave.py).
+            became = self._followed_rows([file_id]).get(file_id)
+            if became is not None and became["id"] != file_id:
+                log.info("mldash: file %s was re-saved as %s (its id belonged to another file)", file_id, became["id"])
+                return self._resolve_id(exp, became["id"])
         entry: dict[str, Any] | None = None
         manifest = self._manifest(file_id) if self.layout.exists() else None
         if manifest is not None:
@@ -482,7 +505,7 @@ class Reader:
         while True:
             if on_poll is not None:
                 on_poll()
-            rows = self._index_rows(ids)
+            rows = self._followed_rows(ids)
             failures = {i: f"{rows[i]['state']}: {rows[i].get('last_error') or 'no reason recorded'}"
                         for i in ids if i in rows and rows[i]["state"] in _FAILED}
             if failures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,8 +149,31 @@ def test_retry_requeues_quarantined_entry_after_repair(backend: Settings, drain,
     assert read_object(backend, entry.key()) == data
 
 
-def test_catalog_id_already_taken_by_another_file_is_quarantined(backend: Settings, drain) -> None:
-    """A replayed upsert is a no-op — so an id clash with a *different* file must not pass for a replay."""
+def resaved_as(settings: Settings, entry_id: int) -> int:
+    row = index_rows(settings)[entry_id]
+    assert row["state"] == State.RESAVED and row["resaved_as"], row
+    return row["resaved_as"]
+
+
+def reads_follow(settings: Settings, old_id: int, new_id: int, data: bytes, tmp_path) -> None:
+    """What the saving process holds is the old id: wait and get by it follow to the entry it became."""
+    from mldash import Experiment
+
+    exp = Experiment(prefix="ns/proj/exp", settings=settings)
+    files = exp.files("ckpt")
+    assert exp._reader()._followed_rows([old_id])[old_id]["id"] == new_id  # not the catalog's file under old_id
+    assert exp._reader().wait([old_id], timeout=30)[str(old_id)] in ("committed", "evicted")  # flush()'s wait
+    got = files.get(old_id)
+    assert got["id"] == str(new_id) and got["checksum"] == hashlib.sha256(data).hexdigest()
+    out = files.download(old_id, dest_path=tmp_path / "back.bin")
+    assert Path(out).read_bytes() == data
+
+
+def test_catalog_id_already_taken_by_another_file_is_resaved_under_a_new_id(backend: Settings, drain,
+                                                                           tmp_path) -> None:
+    """A replayed upsert is a no-op — so an id clash with a *different* file must not pass for a replay. It used
+    to be quarantined for good (an offline job's artifact cannot be saved again); the artifact now goes on under a
+    new id, its upload under the old one is removed, and the other file is untouched."""
     import asyncio
     import dataclasses
 
@@ -167,17 +191,31 @@ def test_catalog_id_already_taken_by_another_file_is_quarantined(backend: Settin
     asyncio.run(plant())
     report = drain(backend)
 
-    row = index_rows(backend)[entry.id]
-    assert row["state"] == State.QUARANTINED and "already belongs to another file" in row["last_error"]
-    assert report.quarantined == 1
-    assert [d["filename"] for d in catalog_docs(backend)] == ["theirs.bin"]
+    new_id = resaved_as(backend, entry.id)
+    assert index_rows(backend)[new_id]["state"] in ("committed", "evicted") and report.committed == 1
+    assert report.quarantined == 0 and report.clean
+    docs = {d["id"]: d for d in catalog_docs(backend)}
+    assert docs[str(entry.id)]["filename"] == "theirs.bin"  # the other file's, untouched
+    assert docs[str(new_id)]["filename"] == "mine.bin" and docs[str(new_id)]["checksum"] == entry.sha256
+    moved = dataclasses.replace(entry, id=new_id)
+    assert read_object(backend, moved.key()) == b"mine"
+    assert read_object(backend, entry.key()) is None  # our upload under the taken id: removed
+    layout = SpoolLayout(backend.spool)
+    assert not layout.manifest_path(entry.id).exists() and not layout.blob_path(entry.id).exists()
+    reads_follow(backend, entry.id, new_id, b"mine", tmp_path)
+    from tests.test_daemon_process import cli
+
+    listed = cli(backend, "ls", "--state", "resaved").stdout
+    assert f"re-saved as {new_id}: commit: catalog id {entry.id} already belongs to another file" in listed, listed
+    assert f"re-saved as {new_id} (its id belonged to another file" in cli(backend, "show", str(entry.id)).stdout
 
 
 @pytest.mark.parametrize("size", [100, 6 * MIB], ids=["single", "multipart"])
-def test_another_files_object_at_our_key_is_never_removed(backend: Settings, drain, size: int) -> None:
+def test_another_files_object_at_our_key_is_never_removed(backend: Settings, drain, size: int, tmp_path) -> None:
     """Ids are unique across hosts only with high probability; two files with the same id and the same names have
     the same key. The daemon judged an object found at its key by its checksum and, finding other bytes, removed
-    it as a damaged attempt of its own — losing the other file. Now it is left alone; the entry is quarantined."""
+    it as a damaged attempt of its own — losing the other file. Now the catalog says whose it is: it stays, and
+    this artifact goes on under a new id."""
     import asyncio
     import dataclasses
 
@@ -201,10 +239,34 @@ def test_another_files_object_at_our_key_is_never_removed(backend: Settings, dra
     report = drain(backend)
 
     assert read_object(backend, entry.key()) == theirs
-    row = index_rows(backend)[entry.id]
-    assert row["state"] == State.QUARANTINED and report.quarantined == 1, row
-    assert "the store holds another file's object at" in row["last_error"] and "left alone" in row["last_error"]
-    assert [d["checksum"] for d in catalog_docs(backend)] == [other.sha256]
+    new_id = resaved_as(backend, entry.id)
+    assert "the store holds another file's object at" in index_rows(backend)[entry.id]["last_error"]
+    assert report.committed == 1 and report.clean
+    assert read_object(backend, dataclasses.replace(entry, id=new_id).key()) == mine
+    assert {d["id"]: d["checksum"] for d in catalog_docs(backend)} == {str(entry.id): other.sha256,
+                                                                     str(new_id): entry.sha256}
+    reads_follow(backend, entry.id, new_id, mine, tmp_path)
+
+
+def test_a_resave_a_crash_cut_short_is_finished_at_the_next_start(settings: Settings, drain) -> None:
+    """The move is recorded before the new entry's files exist; a daemon killed in between leaves the old entry
+    `resaved` with its files: the next start publishes the new entry and removes the old files — one delivery."""
+    from mldash.ids import new_id
+
+    entry = enqueue_bytes(settings, b"moved", filename="m.bin")
+    layout = SpoolLayout(settings.spool)
+    index = SpoolIndex(layout)
+    from mldash.spool.recovery import ingest_new
+    assert ingest_new(index, layout, set()) == [entry.id]
+    target = new_id()
+    index.transition(entry.id, State.RESAVED, resaved_as=target, last_error="commit: clash", error_kind="clash")
+    index.close()
+
+    report = drain(settings)
+
+    assert report.committed == 1
+    assert not layout.manifest_path(entry.id).exists() and not layout.blob_path(entry.id).exists()
+    assert [int(d["id"]) for d in catalog_docs(settings)] == [target]
 
 
 def test_multipart_files_at_once_are_limited_to_the_parts_in_flight(settings: Settings, drain) -> None:

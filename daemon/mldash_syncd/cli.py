@@ -381,7 +381,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in rows:
         line = f"{r['id']:<20} {r['state']:<12}{human_bytes(r['size'] or 0):>11}  {r['attempts']:>3}  "
         line += entry_path(r) if r["filename"] else "(unreadable manifest)"
-        if r["last_error"] and r["state"] in ("failed", "quarantined", "queued", "uploaded"):
+        if r["state"] == "resaved":
+            line += f"\n{'':<20}   ↳ re-saved as {r.get('resaved_as')}: {r['last_error']}"
+        elif r["last_error"] and r["state"] in ("failed", "quarantined", "queued", "uploaded"):
             line += f"\n{'':<20}   ↳ {r['last_error']}"
         print(line)
     if not listed_unindexed and (saved := len(manifest_ids(layout) - known)):  # a count: no manifest read each

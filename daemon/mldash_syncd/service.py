@@ -20,14 +20,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mldash import ids
 from mldash.catalog import make_catalog
 from mldash.catalog.base import Catalog, FileDocument, TransientCatalogError
 from mldash.config import Settings
+from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex, entry_path
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
 from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import ingest_new, manifest_ids, read_manifest, recover
+from mldash.spool.resave import finish_resaves, publish_resaved, remove_old_files
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store import make_store
 from mldash.store.base import Store
@@ -65,6 +68,7 @@ COMMIT_LINGER = 0.05
 INGEST_CHUNK = 256         # new manifests read and indexed per loop pass (see _ingest)
 EVICT_INTERVAL = 0.25      # seconds between eviction passes while commits happen: short, so the pass at the end of a
                            # drain (run --once waits for it) has little left; 1.0 left ~25 ms per 1,000 small files
+SIDE_TASKS_GRACE = 5.0      # seconds a stopping run gives best-effort clean-ups (_remove_stale)
 COMPACT_INTERVAL = 600.0   # seconds between compactions of old evicted index rows
 
 
@@ -130,6 +134,7 @@ class Daemon:
         self._last_batch_at = 0.0     # time.monotonic() when it was
         self._startup_gc: asyncio.Task | None = None
         self._catalog_open: asyncio.Task | None = None  # catalog.open(), running alongside the first uploads
+        self._side_tasks: set[asyncio.Task] = set()  # best-effort clean-ups (_remove_stale), settled at the end
         self._started = time.time()
         self._targets = sync_targets(settings)  # in the heartbeat (targets.py); a reload does not change them
         self._rate_window = RateWindow()
@@ -208,6 +213,8 @@ class Daemon:
             self.index = SpoolIndex(self.layout, power_safe=self.settings.power_safe)
             try:
                 recovered = recover(self.index, self.layout, self.owner, ingest=False)
+                if resumed := finish_resaves(self.index, self.layout, fsync=self.settings.power_safe):
+                    log.info("finished %d re-saves a crash interrupted", resumed)
                 self._backlog = self._list_backlog(self.index.known_ids())
                 log.info("started on %s (pid %d): %d new, %d leases released, %d debris removed, %d quarantined",
                          self.layout.root, os.getpid(), len(self._backlog), recovered.released_leases,
@@ -237,6 +244,7 @@ class Daemon:
                         finally:
                             watchdog.cancel()
                             await self._finish_startup_gc(deadline)
+                            await self._settle_side_tasks()
                     finally:
                         await self._close_catalog(deadline, ended=ended)
                     if not self._catalog_open.cancelled() and (error := self._catalog_open.exception()) is not None:
@@ -788,9 +796,14 @@ class Daemon:
         queues it again."""
         try:
             with self.index.transaction():
-                self._route_failure(row, exc, stage=stage, outage_delay=outage_delay)
+                moved = self._record_resave(row, exc, stage) if isinstance(exc, IdClashError) else None
+                if moved is None:
+                    self._route_failure(row, exc, stage=stage, outage_delay=outage_delay)
                 if sent := self.uploader.take_unrecorded_bytes(row["id"]):
                     self.index.add_bytes_sent(row["id"], sent)
+            if moved is not None:  # recorded: now the new entry's files, and the old one's removed
+                self._publish_resave(*moved, stale_key=row.get("store_key") if stage == "commit" else None,
+                                     stale_checksum=row.get("store_checksum"))
         except sqlite3.Error as record_error:
             log.error("%s %s failed (%s) and the index cannot record it (%s); retried once its lease expires",
                       stage, row["id"], exc, record_error)
@@ -798,6 +811,62 @@ class Daemon:
             log.exception("%s %s failed (%s: %s) and recording the failure failed too; it goes back to the queue",
                           stage, row["id"], type(exc).__name__, exc)
             self._release_now([row["id"]])
+
+    # ---- an id another file holds (resave.py) ---------------------------------------------------------
+    def _record_resave(self, row: dict[str, Any], exc: IdClashError, stage: str) -> tuple[Manifest, int] | None:
+        """In the failure's transaction: the entry becomes `resaved` under a new id (the move recorded before its
+        files exist: see resave.py). None when its manifest cannot be read — then it is quarantined as before."""
+        file_id = row["id"]
+        try:
+            manifest = self._manifests.get(file_id) or read_manifest(self.layout, file_id)
+        except SpoolCorruptError:
+            return None
+        new_id = ids.new_id()
+        reason = f"{stage}: {exc}"[:2000]
+        self.index.transition(file_id, State.RESAVED, resaved_as=new_id, last_error=reason, error_kind="clash")
+        self.index.add_event(file_id, "warning", f"re-saved as {new_id}: its id belongs to another file ({reason})")
+        self._manifests.discard(file_id)
+        log.warning("%s %s: its id belongs to another file (%s); re-saved as %s", stage, file_id, exc, new_id)
+        return manifest, new_id
+
+    def _publish_resave(self, manifest: Manifest, new_id: int, *, stale_key: str | None,
+                        stale_checksum: str | None) -> None:
+        try:
+            publish_resaved(self.layout, manifest, new_id, fsync=self.settings.power_safe)
+            remove_old_files(self.layout, manifest.id)
+        except OSError as exc:  # finished at the next start (finish_resaves)
+            log.error("re-saving %s as %s: %s; finished at the next start", manifest.id, new_id, exc)
+            return
+        self._scan_requested = True
+        self._wake.set()
+        if stale_key is not None:  # our object under the old id: nobody's once we leave it (see _remove_stale)
+            task = asyncio.create_task(self._remove_stale(manifest.id, stale_key, stale_checksum),
+                                       name=f"remove-stale-{manifest.id}")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _settle_side_tasks(self) -> None:
+        """Give best-effort clean-ups a moment to end with the run (each call has its own deadline), then cancel."""
+        if self._side_tasks:
+            await asyncio.wait(list(self._side_tasks), timeout=SIDE_TASKS_GRACE)
+        for task in list(self._side_tasks):
+            task.cancel()
+        if self._side_tasks:
+            await asyncio.wait(list(self._side_tasks))
+
+    async def _remove_stale(self, file_id: int, key: str, checksum: str | None) -> None:
+        """Remove the object an entry uploaded under its old id — only if it is still the one we verified and the
+        catalog does not name it as the other file's (that file may have the same names, hence the same key)."""
+        try:
+            stored = await self.store.head(key)
+            owner = await self.catalog.get(str(file_id))
+            if stored is None or checksum is None or stored.checksum_sha256 != checksum or (
+                    owner is not None and owner.get("storageKey") == key):
+                return
+            await self.store.delete(key)
+            log.info("removed %s: uploaded under %s before that id turned out to be another file's", key, file_id)
+        except Exception as exc:  # best effort: an object left behind costs storage, not correctness
+            log.warning("could not remove %s (uploaded under %s, now re-saved): %s", key, file_id, exc)
 
     def _route_failure(self, row: dict[str, Any], exc: BaseException, *, stage: str,
                        outage_delay: float | None = None) -> None:

@@ -106,6 +106,9 @@ def render(details: dict[str, Any], now: float | None = None) -> str:
     for label, key in (("uploaded", "uploaded_at"), ("committed", "committed_at"), ("evicted", "evicted_at")):
         if row.get(key) is not None:
             lines.append(f"{label:<12}{_when(row[key], now)}")
+    if row.get("resaved_as"):
+        lines.append(f"re-saved as {row['resaved_as']} (its id belonged to another file: `mldash-syncd show "
+                     f"{row['resaved_as']}`)")
     if "storageUri" in details:
         lines.append(f"stored at   {details['storageUri']}")
     elif "destination" in details:

@@ -40,6 +40,7 @@ _ENTRY_COLUMNS: dict[str, Any] = {
     "upload_id": str, "part_size": int, "store_key": str, "store_checksum": str,
     "bytes_sent": int,          # bytes put on the wire for this entry, over all attempts
     "uploaded_at": float, "committed_at": float, "evicted_at": float, "updated_at": float,
+    "resaved_as": int,          # state resaved: the id the artifact went on under (states.py)
 }
 
 
@@ -174,6 +175,16 @@ class SpoolIndex:
         db["events"].create({"seq": int, "ts": float, "entry_id": int, "level": str, "message": str},
                             pk="seq", if_not_exists=True)
         db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        # Columns added after an index was first created (an index outlives daemon versions: a spool waits on an
+        # offline node for weeks): added in place, empty; readers use row.get() for them.
+        present = {row[1] for row in self.conn.execute("PRAGMA table_info(entries)")}
+        for name in ("resaved_as",):
+            if name not in present:
+                try:
+                    self.conn.execute(f"ALTER TABLE entries ADD COLUMN {name} INTEGER")
+                except sqlite3.OperationalError as exc:  # another writer added it a moment ago
+                    if "duplicate column" not in str(exc):
+                        raise
         db["entries"].create_index(["state", "next_attempt_at"], if_not_exists=True)
         db["entries"].create_index(["namespace", "project", "experiment"], if_not_exists=True)
         # Last: a reader that finds this row finds every table and index above (open_readonly relies on it).

@@ -6,6 +6,9 @@
        └─────────────────┘            │ transient: back to queued with next_attempt_at (backoff)
        ▲                              │
        └──── retry (a person) ────────┴──── quarantined (bytes don't match checksum, corrupt manifest)
+
+    queued / uploading / uploaded / quarantined ──id taken by another file──▶ resaved (the same artifact goes on
+                                                                            as a new entry: `resaved_as`)
 """
 
 from __future__ import annotations
@@ -28,17 +31,22 @@ class State(enum.StrEnum):
     """Gave up for now: a permanent error, or transient attempts exhausted. `retry` re-queues it."""
     QUARANTINED = "quarantined"
     """Needs a person: corrupt manifest, missing blob, or bytes that no longer match their checksum."""
+    RESAVED = "resaved"
+    """Its id turned out to be another file's (ids are unique across hosts only with high probability): the
+    artifact was saved again under a new id, the entry's `resaved_as`, and goes on there. Terminal; readers
+    follow it to the new entry."""
 
 
 # Allowed transitions; anything else is a bug and raises.
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.UPLOADING, State.UPLOADED, State.FAILED, State.QUARANTINED}),
-    State.UPLOADING: frozenset({State.QUEUED, State.UPLOADED, State.FAILED, State.QUARANTINED}),
-    State.UPLOADED: frozenset({State.COMMITTED, State.QUEUED, State.FAILED, State.QUARANTINED}),
+    State.QUEUED: frozenset({State.UPLOADING, State.UPLOADED, State.FAILED, State.QUARANTINED, State.RESAVED}),
+    State.UPLOADING: frozenset({State.QUEUED, State.UPLOADED, State.FAILED, State.QUARANTINED, State.RESAVED}),
+    State.UPLOADED: frozenset({State.COMMITTED, State.QUEUED, State.FAILED, State.QUARANTINED, State.RESAVED}),
     State.COMMITTED: frozenset({State.EVICTED}),
     State.EVICTED: frozenset(),
     State.FAILED: frozenset({State.QUEUED, State.QUARANTINED}),
-    State.QUARANTINED: frozenset({State.QUEUED}),
+    State.QUARANTINED: frozenset({State.QUEUED, State.RESAVED}),
+    State.RESAVED: frozenset(),
 }
 
 # States in which the spooled bytes are still needed (eviction and quota must leave them alone).
