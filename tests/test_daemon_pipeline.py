@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
 from mldash.spool.recovery import rebuild
 from tests.backend_helpers import catalog_docs, list_objects, pending_uploads, read_object
+from tests.faults.wrapped import Wrapped
 from tests.fixtures.daemon import enqueue_bytes
 from tests.spool_helpers import flip_spooled_byte, overwrite_spooled
 
@@ -210,12 +212,24 @@ def test_catalog_id_already_taken_by_another_file_is_resaved_under_a_new_id(back
     assert f"re-saved as {new_id} (its id belonged to another file" in cli(backend, "show", str(entry.id)).stdout
 
 
+class StoreWithoutChecksums(Wrapped):
+    """A store that records no SHA256 (older MinIO, Ceph RGW): its objects report none."""
+
+    async def head(self, key: str):
+        stored = await self._inner.head(key)
+        return stored and dataclasses.replace(stored, checksum_sha256=None)
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "no-checksums"])
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "uncommitted"])
 @pytest.mark.parametrize("size", [100, 6 * MIB], ids=["single", "multipart"])
-def test_another_files_object_at_our_key_is_never_removed(backend: Settings, drain, size: int, tmp_path) -> None:
+def test_another_files_object_at_our_key_is_never_removed(backend: Settings, drain, size: int, tmp_path,
+                                                          committed: bool, checksums: bool) -> None:
     """Ids are unique across hosts only with high probability; two files with the same id and the same names have
     the same key. The daemon judged an object found at its key by its checksum and, finding other bytes, removed
-    it as a damaged attempt of its own — losing the other file. Now the catalog says whose it is: it stays, and
-    this artifact goes on under a new id."""
+    it as a damaged attempt of its own — losing the other file: committed already, or about to be (its daemon
+    uploaded, not yet committed), on a store with or without checksums. Now only a provably damaged write of ours
+    is removed; the object stays, and this artifact goes on under a new id."""
     import asyncio
     import dataclasses
 
@@ -228,23 +242,24 @@ def test_another_files_object_at_our_key_is_never_removed(backend: Settings, dra
     entry = enqueue_bytes(backend, mine, filename="metrics.bin")
     other = dataclasses.replace(entry, size=len(theirs), sha256=hashlib.sha256(theirs).hexdigest())
 
-    async def plant() -> None:  # the other host's daemon got there first: its object, then its commit
+    async def plant() -> None:  # the other host's daemon got there first: its object (then its commit)
         async with make_store(backend) as store:
             key = store.key(entry.key())
             await store.put(key, theirs, b64_sha256(theirs))
-        async with make_catalog(backend) as catalog:
-            await catalog.upsert(document_for(other, store_url=backend.store, store_key=key, committed_at=1.0))
+        if committed:
+            async with make_catalog(backend) as catalog:
+                await catalog.upsert(document_for(other, store_url=backend.store, store_key=key, committed_at=1.0))
 
     asyncio.run(plant())
-    report = drain(backend)
+    report = drain(backend, **({} if checksums else {"store": StoreWithoutChecksums(make_store(backend))}))
 
     assert read_object(backend, entry.key()) == theirs
     new_id = resaved_as(backend, entry.id)
     assert "the store holds another file's object at" in index_rows(backend)[entry.id]["last_error"]
     assert report.committed == 1 and report.clean
     assert read_object(backend, dataclasses.replace(entry, id=new_id).key()) == mine
-    assert {d["id"]: d["checksum"] for d in catalog_docs(backend)} == {str(entry.id): other.sha256,
-                                                                     str(new_id): entry.sha256}
+    expected = {str(new_id): entry.sha256, **({str(entry.id): other.sha256} if committed else {})}
+    assert {d["id"]: d["checksum"] for d in catalog_docs(backend)} == expected
     reads_follow(backend, entry.id, new_id, mine, tmp_path)
 
 

@@ -375,17 +375,22 @@ class Uploader:
         store that does not check Content-Length): left in place, every later conditional create would meet it
         and the entry could never be delivered, not even after `retry`.
 
-        Only if no other file owns it. The key holds the entry's id, but ids are unique across hosts only with
-        high probability: an object this attempt did not create (`found`: the create met it) with other bytes
-        may be another file's — same id, same names, committed by another daemon — and removing it would lose
-        that file. The object alone cannot say (a write of ours cut short mid-body leaves an object whose
-        SHA256 moto computes from the bytes it got), so the catalog is asked: a document under this id that is
-        not this entry's means the object is that file's. Then this entry is the one that cannot go there
-        (IdClashError), and the object stays."""
-        if (found and isinstance(error, ChecksumMismatchError) and self.committed_elsewhere is not None
-                and (owner := await self.committed_elsewhere(manifest, key)) is not None):
-            raise IdClashError(f"{manifest.id}: the store holds another file's object at {key}: {owner}; the object "
-                               "was left alone") from error
+        Only what is provably a damaged write. An object this attempt created is ours. One the create met
+        (`found`) may be another file's: the key holds the entry's id, and ids are unique across hosts only with
+        high probability — same id, same names, another daemon. It is removed only when it carries our SHA256
+        (the store recorded the checksum we send; only its size or ETag is off), or when the catalog names no
+        other file under this id and it is shorter than ours (a write cut short: moto keeps an empty object
+        after a reset mid-body). Anything else stays, and this entry is the one that goes elsewhere: a new id
+        (IdClashError: the daemon re-saves it)."""
+        if found:
+            ours = stored.checksum_sha256 is not None and not isinstance(error, ChecksumMismatchError)
+            if not ours:
+                owner = None if self.committed_elsewhere is None else await self.committed_elsewhere(manifest, key)
+                cut_short = stored.size is not None and stored.size < manifest.size
+                if owner is not None or not cut_short:
+                    why = owner or "not provably a damaged write of ours"
+                    raise IdClashError(f"{manifest.id}: the store holds another file's object at {key} ({why}); "
+                                       "the object was left alone") from error
         log.warning("upload %s: the object at %s does not hold the spooled bytes; removing it", manifest.id, key)
         await self.store.delete(key)
 
