@@ -17,6 +17,7 @@ import pytest
 
 from mldash.config import Settings
 from mldash.spool import SpoolIndex, SpoolLayout, State
+from mldash.spool.lock import holder_pid
 from mldash_syncd.progress import ProgressBar
 from tests.backend_helpers import catalog_docs, pending_uploads, read_object
 from tests.fixtures.daemon import enqueue_bytes, settings_env
@@ -742,6 +743,33 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
     assert row(epilogue, later.id)["state"] in ("committed", "evicted")
     again = cli(epilogue, "run", "--once", "--quiet")  # its own heartbeat now: nothing to note
     assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
+
+
+def test_run_once_refuses_a_daemon_that_sends_elsewhere_even_when_it_starts_slowly(settings: Settings,
+                                                                                    tmp_path) -> None:
+    """A holder writes its targets with its first heartbeat, after recovery and the store's opening: one slower
+    than the follower's first look (5 s) used to be followed, and vouched for (exit 0). The follow now asks at
+    every poll."""
+    from mldash_syncd.cli import HEARTBEAT_WAIT
+
+    enqueue_bytes(settings, os.urandom(1000), filename="ckpt.pt")
+    slow_start = ("import sys, time, runpy\n"
+                  "import mldash_syncd.service as service\n"
+                  "recover = service.recover\n"
+                  f"service.recover = lambda *a, **k: (time.sleep({HEARTBEAT_WAIT + 3}), recover(*a, **k))[1]\n"
+                  "sys.argv = ['mldash-syncd', 'run']\n"
+                  "runpy.run_module('mldash_syncd', run_name='__main__')\n")
+    holder = subprocess.Popen([sys.executable, "-c", slow_start], env=settings_env(settings),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: holder_pid(SpoolLayout(settings.spool)) == holder.pid)
+        epilogue = settings.replace(store=(tmp_path / "the-store-the-script-means").as_uri())
+        once = cli(epilogue, "run", "--once", "--quiet")
+        assert once.returncode == 2, once.stderr
+        assert f"but it sends to store {settings.store} (configured here: {epilogue.store})" in once.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def test_run_once_follows_the_daemon_holding_the_spool_until_drained(

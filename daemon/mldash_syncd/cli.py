@@ -127,14 +127,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"mldash-syncd: {exc}", file=sys.stderr)
                 return EXIT_BUSY
             if elsewhere := _holder_sends_elsewhere(settings):
-                pid = holder_pid(SpoolLayout(settings.spool))
-                print(f"mldash-syncd: {exc}, but it sends to {elsewhere}: its commits are not the ones this "
-                      "command was asked to check (the job that started it ran with another configuration). Stop "
-                      f"it (`kill {pid}`: nothing spooled is lost) and run this again; what it committed already "
-                      "is where it sent it.", file=sys.stderr)
-                return EXIT_USAGE
+                return _refuse_to_vouch(settings, str(exc), elsewhere)
             print(f"mldash-syncd: {exc}; following it until the spool is drained", file=sys.stderr)
             followed = _follow(settings, deadline, bar)
+            if isinstance(followed, str):  # its heartbeat came late, naming other targets
+                return _refuse_to_vouch(settings, str(exc), followed)
             if followed is not None:
                 report, followed_other = followed, True
                 break
@@ -167,6 +164,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _refuse_to_vouch(settings: Settings, busy: str, elsewhere: str) -> int:
+    pid = holder_pid(SpoolLayout(settings.spool))
+    print(f"mldash-syncd: {busy}, but it sends to {elsewhere}: its commits are not the ones this command was "
+          "asked to check (the job that started it ran with another configuration). Stop it "
+          f"(`kill {pid}`: nothing spooled is lost) and run this again; what it committed already is where it "
+          "sent it.", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _daemon_heartbeat(layout: SpoolLayout) -> dict[str, Any]:
     index = SpoolIndex.open_readonly(layout)
     if index is None:
@@ -180,11 +186,11 @@ def _daemon_heartbeat(layout: SpoolLayout) -> dict[str, Any]:
 HEARTBEAT_WAIT = 5.0  # seconds a follower waits for a just-started holder's first heartbeat (written at once)
 
 
-def _holder_sends_elsewhere(settings: Settings) -> str | None:
+def _holder_sends_elsewhere(settings: Settings, wait: float = HEARTBEAT_WAIT) -> str | None:
     """How the daemon holding the spool's targets differ from these settings' (targets.py); None when they agree
-    or cannot be known (it wrote no heartbeat in time, or it is gone)."""
+    or cannot be known yet (no heartbeat of it within `wait`: the follow asks again at every poll) or it is gone."""
     layout = SpoolLayout(settings.spool)
-    give_up = time.monotonic() + HEARTBEAT_WAIT
+    give_up = time.monotonic() + wait
     while is_held(layout):
         beat = _daemon_heartbeat(layout)
         if beat.get("pid") is not None and beat.get("pid") == holder_pid(layout):
@@ -195,9 +201,9 @@ def _holder_sends_elsewhere(settings: Settings) -> str | None:
     return None
 
 
-def _follow(settings: Settings, deadline: float | None, bar: ProgressBar | None) -> RunReport | None:
-    """Follow the daemon holding the spool (see follow.py): its outcome as a RunReport, or None when it exited
-    with work left, for this process to take over."""
+def _follow(settings: Settings, deadline: float | None, bar: ProgressBar | None) -> RunReport | str | None:
+    """Follow the daemon holding the spool (see follow.py): its outcome as a RunReport, None when it exited
+    with work left, for this process to take over, or — its heartbeat naming other targets — how they differ."""
     from mldash_syncd.service import RunReport
 
     def shown(first: Progress, latest: Progress) -> None:
@@ -205,7 +211,10 @@ def _follow(settings: Settings, deadline: float | None, bar: ProgressBar | None)
             bar.show(files=latest.done_files - first.done_files, pending_files=latest.pending_files,
                      pending_bytes=latest.pending_bytes)
 
-    followed = follow(SpoolLayout(settings.spool), deadline=deadline, on_progress=shown)
+    followed = follow(SpoolLayout(settings.spool), deadline=deadline, on_progress=shown,
+                      refuse_if=lambda: _holder_sends_elsewhere(settings, wait=0.0))
+    if followed.outcome == "refused":
+        return followed.reason
     if followed.outcome == "holder_gone" and (deadline is None or time.monotonic() < deadline):
         return None
     return RunReport(committed=followed.committed,

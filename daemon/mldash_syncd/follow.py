@@ -32,9 +32,10 @@ class Progress:
 
 @dataclass
 class Followed:
-    outcome: str  # "drained" | "holder_gone" | "max_wait"
+    outcome: str  # "drained" | "holder_gone" | "max_wait" | "refused"
     first: Progress | None
     last: Progress | None
+    reason: str | None = None  # "refused": why the holder's work is not what the caller asked to check
 
     @property
     def committed(self) -> int:
@@ -78,9 +79,11 @@ def progress(index: SpoolIndex, layout: SpoolLayout, *, count_unindexed: bool = 
 
 
 def follow(layout: SpoolLayout, *, deadline: float | None,
-           on_progress: Callable[[Progress, Progress], None] | None = None) -> Followed:
+           on_progress: Callable[[Progress, Progress], None] | None = None,
+           refuse_if: Callable[[], str | None] | None = None) -> Followed:
     """Poll until nothing is pending, the lock holder is gone, or `deadline` (time.monotonic()) passes.
-    `on_progress(first, latest)` after every read."""
+    `on_progress(first, latest)` after every read. `refuse_if()`, asked at every poll (a holder announces its
+    targets only once it has started, which may take a while): a reason ends the follow as "refused"."""
     index: SpoolIndex | None = None
     first: Progress | None = None
     last: Progress | None = None
@@ -88,6 +91,8 @@ def follow(layout: SpoolLayout, *, deadline: float | None,
         while True:
             if index is None:
                 index = SpoolIndex.open_readonly(layout)
+            if refuse_if is not None and (reason := refuse_if()) is not None:
+                return Followed("refused", first, last, reason)
             if index is not None:
                 last = progress(index, layout)
                 first = first or last
