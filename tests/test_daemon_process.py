@@ -652,6 +652,11 @@ def test_gc_counts_an_upload_in_progress_as_live_while_a_daemon_runs(settings: S
         upload = PendingUpload(key=entry.key(), upload_id="started-a-moment-ago")
         assert is_orphan(upload, index, daemon_running=True) is False
         assert is_orphan(upload, index) is True  # with the spool to itself, gc knows nobody is uploading it
+        # Same id, other names: another host's file (ids are unique across hosts only with high probability) —
+        # its upload is not ours to abort. gc used to judge by the id in the key alone.
+        theirs = PendingUpload(key="root/" + entry.key().replace("/big.bin", "/other.bin"), upload_id="theirs")
+        assert is_orphan(theirs, index) is False
+        assert is_orphan(PendingUpload(key="root/" + entry.key(), upload_id="ours"), index) is True
     finally:
         index.close()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from mldash.keys import file_id_from_key
+from mldash.keys import file_id_from_key, object_key
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.recovery import RecoveryReport, clean_debris, pending_ids
@@ -38,11 +38,20 @@ def is_orphan(upload: PendingUpload, index: SpoolIndex, *, daemon_running: bool 
     if file_id is None:
         return False
     row = index.get(file_id)
-    if row is None:
-        return False  # not an entry of this spool
+    if row is None or not _is_entry_key(upload.key, row):
+        return False  # not an entry of this spool: the id alone may be another host's file's (ids.py)
     if daemon_running and row["state"] == State.UPLOADING.value:
         return False
     return not (row["state"] in _RESUMABLE and row["upload_id"] == upload.upload_id)
+
+
+def _is_entry_key(key: str, row: dict) -> bool:
+    """Whether `key` (with the store's root prefix) is the key of this index row's file, names and all."""
+    if not row.get("filename"):
+        return False  # a row without its names (an unreadable manifest): nothing to tell ours from another's
+    own = object_key(namespace=row["namespace"], project=row["project"], experiment=row["experiment"],
+                     prefix=row["prefix"] or "", file_id=row["id"], filename=row["filename"])
+    return key == own or key.endswith("/" + own)
 
 
 async def abort_orphan_uploads(store: Store, index: SpoolIndex, *, dry_run: bool = False,
