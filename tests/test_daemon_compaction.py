@@ -1,0 +1,36 @@
+"""Compaction: index rows of entries evicted longer ago than the retention go (the catalog keeps the files);
+newer evicted rows and rows in every other state stay. It runs on the daemon's event loop every 10 minutes, so
+it selects ids in SQL rather than reading whole rows."""
+
+from __future__ import annotations
+
+import os
+
+from mldash.config import Settings
+from mldash.spool import SpoolIndex, SpoolLayout, State
+from mldash_syncd.evict import EVICTED_ROW_RETENTION, compact
+from tests.fixtures.daemon import enqueue_bytes
+
+NOW = 2_000_000_000.0
+
+
+def test_only_rows_evicted_before_the_retention_are_dropped(settings: Settings, drain) -> None:
+    done = [enqueue_bytes(settings, os.urandom(100), filename=f"d{i}.bin") for i in range(4)]
+    assert drain(settings).committed == 4
+    waiting = enqueue_bytes(settings, b"q", filename="q.bin")  # queued: never compacted
+    index = SpoolIndex(SpoolLayout(settings.spool))
+    try:
+        from mldash.spool.recovery import ingest_new
+        ingest_new(index, index.layout, index.known_ids())
+        ages = {done[0].id: EVICTED_ROW_RETENTION + 60, done[1].id: EVICTED_ROW_RETENTION - 60, done[2].id: 10.0}
+        for file_id, age in ages.items():
+            index.update(file_id, evicted_at=NOW - age)
+        index.update(done[3].id, evicted_at=None)  # an old row without the time counts as long ago
+        assert {r["id"]: r["state"] for r in index.rows()}[done[0].id] == State.EVICTED
+
+        assert compact(index, now=NOW, dry_run=True) == 2
+        assert len(index.rows()) == 5  # a dry run changes nothing
+        assert compact(index, now=NOW) == 2
+        assert sorted(r["id"] for r in index.rows()) == sorted([done[1].id, done[2].id, waiting.id])
+    finally:
+        index.close()
