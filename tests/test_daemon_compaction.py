@@ -28,9 +28,10 @@ def test_only_rows_evicted_before_the_retention_are_dropped(settings: Settings, 
         index.update(done[3].id, evicted_at=None)  # an old row without the time counts as long ago
         assert {r["id"]: r["state"] for r in index.rows()}[done[0].id] == State.EVICTED
 
-        assert compact(index, now=NOW, dry_run=True) == 2
+        old = sorted([done[0].id, done[3].id])
+        assert sorted(compact(index, now=NOW, dry_run=True)) == old
         assert len(index.rows()) == 5  # a dry run changes nothing
-        assert compact(index, now=NOW) == 2
+        assert sorted(compact(index, now=NOW)) == old
         assert sorted(r["id"] for r in index.rows()) == sorted([done[1].id, done[2].id, waiting.id])
     finally:
         index.close()

@@ -81,7 +81,7 @@ async def collect(store: Store, index: SpoolIndex | None, layout: SpoolLayout, *
                  dry_run=dry_run)
     if index is None:
         return report
-    report.compacted = compact(index, dry_run=dry_run)
+    report.compacted = len(compact(index, dry_run=dry_run))
     report.aborted, report.kept = await abort_orphan_uploads(store, index, dry_run=dry_run,
                                                              daemon_running=daemon_running)
     return report

@@ -287,7 +287,9 @@ class Daemon:
                 if now_mono - last_compact >= COMPACT_INTERVAL:
                     last_compact = now_mono
                     with self._index_guard("compact"):
-                        compact(self.index)
+                        # Their manifests left with the eviction: the ids need not be remembered any more either
+                        # (a daemon that runs for months would otherwise keep every id it ever saw).
+                        known.difference_update(compact(self.index))
                 if now_mono - last_beat >= HEARTBEAT_INTERVAL:
                     last_beat = now_mono
                     with self._index_guard("lease renewal"):
