@@ -31,6 +31,7 @@ from mldash_syncd.health import parse_duration, problems
 from mldash_syncd.logfile import CappedLogFile
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
+from mldash_syncd.runner import exit_now_if_threads_are_stuck, run_loop
 from mldash_syncd.show import entry_details, render
 from mldash_syncd.targets import mismatch, sync_targets
 
@@ -110,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             return await daemon.run(until_drained=args.once, max_wait=max_wait)
 
-        return asyncio.run(main())
+        return run_loop(main())  # not asyncio.run: a stop must not wait for threads without a bound (runner.py)
 
     # The last daemon's heartbeat, read before ours replaces it: did it send this spool's entries elsewhere?
     previous = _daemon_heartbeat(SpoolLayout(settings.spool)) if args.once and SpoolLayout(settings.spool).exists() \
@@ -636,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        exit_now_if_threads_are_stuck(code)
+        return code
     except DaemonBusyError as exc:
         print(f"mldash-syncd {args.command}: {exc}; stop it first (on SIGTERM it checkpoints and exits)",
               file=sys.stderr)

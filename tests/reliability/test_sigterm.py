@@ -139,3 +139,53 @@ def test_a_second_sigterm_ends_the_grace_period_at_once(s3_via_proxy: tuple[Sett
                                args=["run", "--once", "--quiet"])
     assert resume.wait(timeout=120) == 0, resume.log()[-3000:]
     check_invariants(local, [entry], view=direct.replace(spool=local.spool))
+
+
+def test_a_stop_does_not_wait_for_thread_work_it_cannot_interrupt(settings: Settings, tmp_path: Path) -> None:
+    """Judging an object already at an entry's key hashes the whole blob in a thread; a local store's multipart
+    completion copies parts in one; neither can be cancelled. `asyncio.run` waited for such threads without a bound
+    after the run — a second SIGTERM too. Here the hash takes 60 s: the process must be gone within seconds, with
+    the entry back in the queue for the next start."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from mldash.store import make_store
+    from mldash.store.base import b64_sha256
+
+    local = settings.replace(part_size=5 * MIB, multipart_threshold=5 * MIB, stop_grace=600.0)
+    data = os.urandom(6 * MIB)
+    entry = enqueue_bytes(local, data, filename="big.bin")
+
+    async def already_there() -> None:  # an earlier daemon's upload whose commit it never recorded
+        async with make_store(local) as store:
+            await store.put(store.key(entry.key()), data, b64_sha256(data))
+
+    asyncio.run(already_there())
+    slow_hash = ("import sys, time, runpy\n"
+                 "import mldash_syncd.upload as upload\n"
+                 "upload._whole_digests = lambda *a, **k: time.sleep(60)\n"
+                 "sys.argv = ['mldash-syncd', 'run']\n"
+                 "runpy.run_module('mldash_syncd', run_name='__main__')\n")
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen([sys.executable, "-c", slow_hash], env=settings_env(local), stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "started on" in log.read_text(), what="the daemon started")
+        time.sleep(1.0)  # the upload is in its hashing thread now
+        daemon.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stop requested" in log.read_text(), what="the first SIGTERM handled")
+        daemon.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = daemon.wait(timeout=50)
+        took = time.monotonic() - started
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=30)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert took < 30, f"the stop waited {took:.0f}s for the hashing thread"
+    assert "exiting without waiting for 1 thread(s) still at work" in text, text[-3000:]
+    row = entry_rows(local)[entry.id]
+    assert row["state"] == State.QUEUED and row["lease_owner"] is None, row
