@@ -1007,8 +1007,9 @@ class Daemon:
         self._eviction = asyncio.create_task(run(), name="evict")
         self._eviction.add_done_callback(self._eviction_done)
 
-    def _eviction_done(self, _task: asyncio.Task) -> None:
+    def _eviction_done(self, task: asyncio.Task) -> None:
         self._eviction = None
+        self._task_crashed(task, [])  # an error other than the expected ones: said, not left unretrieved
         if self._evict_requested:  # commits landed meanwhile: their pass is due EVICT_INTERVAL after this one
             self._wake.set()
 
@@ -1017,7 +1018,11 @@ class Daemon:
             self._daemon_lock.touch()
         if self.index is None:
             return
-        counts = self.index.counts()
+        try:
+            counts = self.index.counts()
+        except sqlite3.Error as exc:  # a busy or full index: the next heartbeat tries again; the loop goes on
+            log.warning("heartbeat skipped: %s", exc)
+            return
         pending = sum(counts[s.value]["count"] for s in OUTSTANDING)
         self.notifier.status(f"{pending} pending, {self.report.committed} committed, "
                              f"{self.throughput() / 2**20:.1f} MiB/s")
