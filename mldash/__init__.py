@@ -10,6 +10,7 @@ See docs/client.md for the whole API.
 
 from mldash.errors import (
     CatalogUnavailableError,
+    CommittedElsewhereError,
     ConfigError,
     FileTooLargeError,
     InvalidInputError,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CatalogUnavailableError",
+    "CommittedElsewhereError",
     "ConfigError",
     "Experiment",
     "FileTooLargeError",

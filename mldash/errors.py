@@ -49,6 +49,16 @@ class CatalogUnavailableError(MldashError):
     the database is down. Files still in the local spool are read without it."""
 
 
+class CommittedElsewhereError(MldashError):
+    """`wait()`/`flush()` found files committed by a daemon that sends to another store or catalog than this
+    process's settings name (a systemd daemon configured apart, a job run with other settings): they are
+    delivered, but not where this process would read them. `elsewhere` maps id → where they went."""
+
+    def __init__(self, message: str, *, elsewhere: dict[int, str]) -> None:
+        super().__init__(message)
+        self.elsewhere = elsewhere
+
+
 class WaitTimeoutError(MldashError, TimeoutError):
     """`wait()`/`flush()` ran out of time; `pending` lists the ids not yet committed."""
 

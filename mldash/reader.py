@@ -42,6 +42,7 @@ from mldash import names
 from mldash.config import Settings
 from mldash.errors import (
     CatalogUnavailableError,
+    CommittedElsewhereError,
     InvalidInputError,
     MldashError,
     NotFoundError,
@@ -56,6 +57,7 @@ from mldash.spool.lock import is_held
 from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import manifest_ids, open_spooled, read_manifest
 from mldash.spool.states import TERMINAL, State
+from mldash.targets import mismatch, parse_fingerprint, sync_targets
 
 log = logging.getLogger("mldash")
 
@@ -514,6 +516,7 @@ class Reader:
                                         "kept in the spool: fix the cause, then run `mldash-syncd retry`",
                                         failures=failures)
             done = {i: rows[i]["state"] for i in ids if i in rows and State(rows[i]["state"]) in TERMINAL}
+            self._check_committed_here({i: rows[i] for i in done})
             pending = [i for i in ids if i not in done]
             done.update(self._committed_without_index(pending))
             pending = [i for i in ids if i not in done]
@@ -529,6 +532,20 @@ class Reader:
             pause = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
             time.sleep(pause)
             delay = min(delay * 2, poll_max)
+
+    def _check_committed_here(self, rows: dict[int, dict[str, Any]]) -> None:
+        """Committed is not enough: committed by a daemon that sends where these settings read (mldash/targets.py).
+        A row without the record (committed before it was kept) is taken as it is."""
+        ours = sync_targets(self.settings)
+        elsewhere = {i: where for i, row in rows.items()
+                     if (where := mismatch(ours, parse_fingerprint(row.get("committed_to")))) is not None}
+        if elsewhere:
+            first = next(iter(elsewhere.values()))
+            raise CommittedElsewhereError(
+                f"{len(elsewhere)} file(s) were committed by a daemon that sends to {first}: delivered, but not "
+                "where this process's settings read them. Give the daemon (systemd unit, job environment) and this "
+                f"process the same store and catalog settings; ids: {', '.join(map(str, list(elsewhere)[:20]))}",
+                elsewhere=elsewhere)
 
     def _committed_without_index(self, pending: list[int]) -> dict[int, str]:
         """Entries whose manifest and index row are both gone (collected after commit): ask the catalog."""

@@ -25,6 +25,7 @@ from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
 from mldash.spool.states import OUTSTANDING, State
+from mldash.targets import mismatch, sync_targets
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
 from mldash_syncd.health import parse_duration, problems
@@ -33,7 +34,6 @@ from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
 from mldash_syncd.runner import exit_now_if_threads_are_stuck, run_loop
 from mldash_syncd.show import entry_details, render
-from mldash_syncd.targets import mismatch, sync_targets
 
 if TYPE_CHECKING:
     from mldash_syncd.service import RunReport

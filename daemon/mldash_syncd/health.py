@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 from mldash.errors import MldashError
+from mldash.targets import mismatch
 from mldash_syncd.progress import human_bytes, human_duration
-from mldash_syncd.targets import mismatch
 
 # The daemon writes its heartbeat every 2 s from its event loop (service.HEARTBEAT_INTERVAL). A minute without
 # one is a loop stuck well past any single blocking step, yet long enough not to flag a busy machine.

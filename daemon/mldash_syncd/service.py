@@ -34,6 +34,7 @@ from mldash.spool.resave import finish_resaves, publish_resaved, remove_old_file
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store import make_store
 from mldash.store.base import Store
+from mldash.targets import fingerprint, sync_targets
 from mldash_syncd.budget import ByteBudget
 from mldash_syncd.collector import CollectorPause
 from mldash_syncd.commit import clash, document_for
@@ -45,7 +46,6 @@ from mldash_syncd.progress import human_bytes
 from mldash_syncd.reload import ReloadOutcome, log_outcome, reload_settings
 from mldash_syncd.retry import OUTAGE_PROBE_MAX, Backoff, Failure, Gate, IdClashError, classify
 from mldash_syncd.sdnotify import Notifier
-from mldash_syncd.targets import sync_targets
 from mldash_syncd.throughput import RateWindow
 from mldash_syncd.upload import Uploader
 
@@ -699,7 +699,7 @@ class Daemon:
         done = [row for row in rows if row["id"] not in clashes]
         try:
             self.index.transition_many([row["id"] for row in done], State.COMMITTED, committed_at=time.time(),
-                                       last_error=None, error_kind=None)
+                                       last_error=None, error_kind=None, committed_to=fingerprint(self._targets))
         except sqlite3.Error as exc:  # e.g. the index's disk is full: the upserts are replayed once the leases expire
             log.error("commit of %d entries: done, but the index cannot record it (%s)", len(done), exc)
             return

@@ -41,6 +41,7 @@ _ENTRY_COLUMNS: dict[str, Any] = {
     "bytes_sent": int,          # bytes put on the wire for this entry, over all attempts
     "uploaded_at": float, "committed_at": float, "evicted_at": float, "updated_at": float,
     "resaved_as": int,          # state resaved: the id the artifact went on under (states.py)
+    "committed_to": str,        # the store and catalog the committing daemon sent it to (mldash/targets.py)
 }
 
 
@@ -178,10 +179,10 @@ class SpoolIndex:
         # Columns added after an index was first created (an index outlives daemon versions: a spool waits on an
         # offline node for weeks): added in place, empty; readers use row.get() for them.
         present = {row[1] for row in self.conn.execute("PRAGMA table_info(entries)")}
-        for name in ("resaved_as",):
+        for name, kind in (("resaved_as", "INTEGER"), ("committed_to", "TEXT")):
             if name not in present:
                 try:
-                    self.conn.execute(f"ALTER TABLE entries ADD COLUMN {name} INTEGER")
+                    self.conn.execute(f"ALTER TABLE entries ADD COLUMN {name} {kind}")
                 except sqlite3.OperationalError as exc:  # another writer added it a moment ago
                     if "duplicate column" not in str(exc):
                         raise

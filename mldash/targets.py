@@ -5,11 +5,15 @@ one configuration (say the default local store, because its environment lacked t
 daemon that commits there, and the job script's closing `mldash-syncd run --once`, configured for S3 and
 MongoDB, would follow that daemon and exit 0 — "everything is synced" — with nothing in S3. So every daemon
 writes its targets into its heartbeat; `run --once` refuses to vouch for a daemon that sends elsewhere, and
-`status` shows the running daemon's targets when they differ from the configured ones. Passwords never appear.
+`status` shows the running daemon's targets when they differ from the configured ones. Each committed index row
+records them too (`committed_to`, a `fingerprint`), so a client's `wait()`/`flush()` does not report as
+committed what went to another store or catalog than its own settings name. Passwords never appear.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 from urllib.parse import urlparse
 
@@ -19,13 +23,18 @@ from mldash.redact import redact_uri
 
 def sync_targets(settings: Settings) -> dict[str, str]:
     """The store and catalog these settings send to, as people read them (an S3 store with its endpoint, a
-    MongoDB catalog with its database)."""
-    store = settings.store
+    MongoDB catalog with its hosts and database). Spellings of one target read the same: no trailing slash, no
+    URI options or credentials (they do not change where documents go), a normalised SQLite path."""
+    store = settings.store.rstrip("/")
     if urlparse(store).scheme == "s3":
-        store += f" at {settings.s3_endpoint_url or 'AWS'}"
-    catalog = redact_uri(settings.catalog)
-    if urlparse(catalog).scheme.startswith("mongodb"):
-        catalog += f" (database {settings.mongo_database})"
+        store += f" at {(settings.s3_endpoint_url or 'AWS').rstrip('/')}"
+    parsed = urlparse(settings.catalog)
+    if parsed.scheme.startswith("mongodb"):
+        catalog = f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]} (database {settings.mongo_database})"
+    elif parsed.scheme == "sqlite":
+        catalog = "sqlite://" + os.path.normpath(parsed.path)
+    else:
+        catalog = redact_uri(settings.catalog)
     return {"store": store, "catalog": catalog}
 
 
@@ -37,3 +46,20 @@ def mismatch(ours: dict[str, str] | None, theirs: dict[str, Any] | None) -> str 
     differ = [f"{what} {theirs[what]} (configured here: {ours[what]})" for what in ("store", "catalog")
               if theirs[what] != ours[what]]
     return " and ".join(differ) if differ else None
+
+
+def fingerprint(targets: dict[str, str]) -> str:
+    """The targets as one string, for an index row's `committed_to` (compared whole)."""
+    return json.dumps({"store": targets["store"], "catalog": targets["catalog"]}, sort_keys=True)
+
+
+def parse_fingerprint(text: str | None) -> dict[str, str] | None:
+    """`fingerprint`'s targets back, or None (no record: a row committed before targets were recorded)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
