@@ -17,6 +17,7 @@ import pytest
 
 from mldash.config import Settings
 from tests.faults import FaultProxy
+from tests.faults import http_faults as H
 from tests.fixtures.daemon import enqueue_bytes
 from tests.reliability.conftest import fast
 from tests.reliability.helpers import ServiceThread, all_in, wait_for
@@ -69,11 +70,15 @@ def test_a_bug_while_recording_a_failure_is_logged_and_the_entry_goes_back_at_on
         route(self, *args, **kwargs)
 
     monkeypatch.setattr(Daemon, "_route_failure", broken_once)
-    proxy.refuse(times=3)  # the first upload fails (botocore and aiohttp each try again once)
+    # The upload's PUTs fail until the failure has been routed (a count of refused connections raced the
+    # daemon's start-up requests for them: under load, none was left for the PUT).
+    failing = proxy.respond(H.INTERNAL_ERROR.response(H.next_request_id()), match=H.PUT_OBJECT)
     entry = enqueue_bytes(live, os.urandom(2000), filename="ckpt.json")
     with caplog.at_level(logging.WARNING, logger="mldash_syncd"):
         daemon = ServiceThread(live).start()
         try:
+            wait_for(lambda: calls, timeout=30, what="the upload's failure routed")
+            failing.remove()
             wait_for(lambda: all_in(live, [entry.id], DONE), timeout=30, what="the commit after the bug")
         finally:
             report = daemon.stop()
