@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -51,7 +50,7 @@ from mldash.errors import (
     WaitTimeoutError,
 )
 from mldash.redact import redact_uri
-from mldash.spool.index import SpoolIndex
+from mldash.spool.index import SpoolIndex, read_heartbeat
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import is_held
 from mldash.spool.manifest import Manifest
@@ -368,13 +367,11 @@ class Reader:
         return max(candidates, key=lambda e: int(e["id"]))
 
     def _resolve_id(self, exp: ExperimentId, file_id: int) -> dict[str, Any]:
-        row = self._index_rows([file_id]).get(file_id)
-        if row is not None and row["state"] == State.RESAVED:
+        became = self._followed_rows([file_id]).get(file_id)
+        if became is not None and became["id"] != file_id:
             # Our save, re-saved under a new id: the catalog's file under this id is another one (spool/resave.py).
-            became = self._followed_rows([file_id]).get(file_id)
-            if became is not None and became["id"] != file_id:
-                log.info("mldash: file %s was re-saved as %s (its id belonged to another file)", file_id, became["id"])
-                return self._resolve_id(exp, became["id"])
+            log.info("mldash: file %s was re-saved as %s (its id belonged to another file)", file_id, became["id"])
+            return self._resolve_id(exp, became["id"])
         entry: dict[str, Any] | None = None
         manifest = self._manifest(file_id) if self.layout.exists() else None
         if manifest is not None:
@@ -587,24 +584,13 @@ class Reader:
             return StuckReason(why + (f"; the last one autostarted said: {last} ({self.layout.daemon_log_path})."
                                       if last else f"; autostart is on: see {self.layout.daemon_log_path}."),
                                no_daemon=True)
-        beat = self._daemon_heartbeat()
+        beat = read_heartbeat(self.layout)
         for part, key in (("store", "storeGate"), ("catalog", "catalogGate")):
             if beat.get(key):
                 return StuckReason(f"mldash-syncd cannot reach the {part}: {beat[key]} (it retries; "
                                    "`mldash-syncd status`).", no_daemon=False)
         return None
 
-    def _daemon_heartbeat(self) -> dict[str, Any]:
-        index = SpoolIndex.open_readonly(self.layout)
-        if index is None:
-            return {}
-        try:
-            return json.loads(index.get_meta("daemon") or "{}")
-        except Exception as exc:  # unreadable: no reason to give, not a failure of the wait
-            log.debug("daemon heartbeat unreadable: %s", exc)
-            return {}
-        finally:
-            index.close()
 
 
 class StuckReason(NamedTuple):

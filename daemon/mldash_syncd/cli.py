@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import mldash
 from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
-from mldash.spool.index import SpoolIndex, entry_path, unindexed_row
+from mldash.spool.index import SpoolIndex, entry_path, read_heartbeat, unindexed_row
 from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, is_held
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_loop(main())  # not asyncio.run: a stop must not wait for threads without a bound (runner.py)
 
     # The last daemon's heartbeat, read before ours replaces it: did it send this spool's entries elsewhere?
-    previous = _daemon_heartbeat(SpoolLayout(settings.spool)) if args.once and SpoolLayout(settings.spool).exists() \
+    previous = read_heartbeat(SpoolLayout(settings.spool)) if args.once and SpoolLayout(settings.spool).exists() \
         else {}
     followed_other = False
     while True:
@@ -174,16 +174,6 @@ def _refuse_to_vouch(settings: Settings, busy: str, elsewhere: str) -> int:
     return EXIT_USAGE
 
 
-def _daemon_heartbeat(layout: SpoolLayout) -> dict[str, Any]:
-    index = SpoolIndex.open_readonly(layout)
-    if index is None:
-        return {}
-    try:
-        return json.loads(index.get_meta("daemon") or "{}")
-    finally:
-        index.close()
-
-
 HEARTBEAT_WAIT = 5.0  # seconds a follower waits for a just-started holder's first heartbeat (written at once)
 
 
@@ -193,7 +183,7 @@ def _holder_sends_elsewhere(settings: Settings, wait: float = HEARTBEAT_WAIT) ->
     layout = SpoolLayout(settings.spool)
     give_up = time.monotonic() + wait
     while is_held(layout):
-        beat = _daemon_heartbeat(layout)
+        beat = read_heartbeat(layout)
         if beat.get("pid") is not None and beat.get("pid") == holder_pid(layout):
             return mismatch(sync_targets(settings), beat.get("targets"))
         if time.monotonic() >= give_up:

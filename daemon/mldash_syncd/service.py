@@ -25,7 +25,7 @@ from mldash.catalog import make_catalog
 from mldash.catalog.base import Catalog, FileDocument, TransientCatalogError
 from mldash.config import Settings
 from mldash.errors import SpoolCorruptError
-from mldash.spool.index import SpoolIndex, entry_path
+from mldash.spool.index import SpoolIndex, entry_path, manifest_fields
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.lock import DaemonLock
 from mldash.spool.manifest import Manifest
@@ -633,9 +633,7 @@ class Daemon:
         # where the commit stage (maybe in a later daemon process) finds it.
         computed = {"sha256": verified.sha256_hex} if manifest.sha256 is None else {}
         if row.get("filename") is None:  # quarantined at ingest with an unreadable manifest, since restored
-            computed.update(namespace=manifest.namespace, project=manifest.project, experiment=manifest.experiment,
-                            prefix=manifest.prefix, filename=manifest.filename, size=manifest.size,
-                            content_type=manifest.content_type)
+            computed = {**manifest_fields(manifest), "sha256": verified.sha256_hex}
         try:
             with self.index.transaction():
                 # attempts count per stage: the commit stage starts afresh

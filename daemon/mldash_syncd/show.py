@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mldash.errors import MldashError, SpoolCorruptError
-from mldash.keys import object_key, storage_uri
+from mldash.keys import storage_uri
 from mldash.spool.index import SpoolIndex, entry_path
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.manifest import Manifest
@@ -56,8 +56,7 @@ def entry_details(layout: SpoolLayout, index: SpoolIndex | None, file_id: int, s
         details["manifestError"] = manifest_error
     key = (row or {}).get("store_key")
     if key is None and manifest is not None:  # not uploaded yet: where it will go (the store's root not included)
-        key = object_key(namespace=manifest.namespace, project=manifest.project, experiment=manifest.experiment,
-                         prefix=manifest.prefix, file_id=manifest.id, filename=manifest.filename)
+        key = manifest.key()
         details["destination"] = storage_uri(store, key)
     elif key is not None:
         details["storageUri"] = storage_uri(store, key)

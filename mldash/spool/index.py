@@ -9,6 +9,7 @@ already in the store with the right checksum is not re-sent; catalog upserts are
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -66,16 +67,45 @@ def entry_path(row: dict[str, Any]) -> str:
     return "/".join(str(row[k]) for k in ("namespace", "project", "experiment", "prefix", "filename") if row[k])
 
 
+# The index columns a manifest fills (the rest is lifecycle state); each is the manifest attribute of that name.
+_MANIFEST_COLUMNS = ("namespace", "project", "experiment", "prefix", "filename", "size", "sha256", "content_type",
+                     "created_at")
+_INSERT_FROM_MANIFEST = (f"INSERT OR IGNORE INTO entries (id, state, {', '.join(_MANIFEST_COLUMNS)}, updated_at) "
+                         f"VALUES ({', '.join('?' * (len(_MANIFEST_COLUMNS) + 3))})")
+
+
+def manifest_fields(manifest: Manifest) -> dict[str, Any]:
+    """A manifest's index columns: the one mapping between the two."""
+    return {name: getattr(manifest, name) for name in _MANIFEST_COLUMNS}
+
+
+def _manifest_row(manifest: Manifest, state: State, now: float) -> tuple[Any, ...]:
+    return (manifest.id, state.value, *(getattr(manifest, name) for name in _MANIFEST_COLUMNS), now)
+
+
 def unindexed_row(file_id: int, manifest: Manifest | None, state: str) -> dict[str, Any]:
     """A row shaped like the index's for a save no daemon has indexed yet (`ls` lists them beside indexed ones),
     filled from its manifest; only the id when the manifest cannot be read."""
     row: dict[str, Any] = dict.fromkeys(_ENTRY_COLUMNS)
     row.update(id=file_id, state=state, attempts=0, bytes_sent=0)
     if manifest is not None:
-        row.update(namespace=manifest.namespace, project=manifest.project, experiment=manifest.experiment,
-                   prefix=manifest.prefix, filename=manifest.filename, size=manifest.size, sha256=manifest.sha256,
-                   content_type=manifest.content_type, created_at=manifest.created_at)
+        row.update(manifest_fields(manifest))
     return row
+
+
+def read_heartbeat(layout: SpoolLayout) -> dict[str, Any]:
+    """The last daemon's heartbeat (its pid, targets, gate errors…: mldash_syncd.service), or {} when there is none
+    or it cannot be read — a reason to say nothing, never an error for the caller."""
+    index = SpoolIndex.open_readonly(layout)
+    if index is None:
+        return {}
+    try:
+        beat = json.loads(index.get_meta("daemon") or "{}")
+        return beat if isinstance(beat, dict) else {}
+    except (sqlite3.Error, ValueError):
+        return {}
+    finally:
+        index.close()
 
 
 class SpoolIndex:
@@ -225,15 +255,12 @@ class SpoolIndex:
     def ingest(self, manifests: Iterable[Manifest], now: float | None = None) -> int:
         """Add new manifests as queued; ids already present are left alone. Returns how many were new."""
         now = time.time() if now is None else now
-        rows = [(m.id, State.QUEUED.value, m.namespace, m.project, m.experiment, m.prefix, m.filename, m.size,
-                 m.sha256, m.content_type, m.created_at, now) for m in manifests]
+        rows = [_manifest_row(m, State.QUEUED, now) for m in manifests]
         if not rows:
             return 0
         with self.transaction() as conn:
             before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO entries (id, state, namespace, project, experiment, prefix, filename, size,"
-                " sha256, content_type, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            conn.executemany(_INSERT_FROM_MANIFEST, rows)
             return conn.total_changes - before
 
     def ingest_broken(self, file_id: int, reason: str, manifest: Manifest | None = None,
@@ -243,12 +270,7 @@ class SpoolIndex:
         now = time.time() if now is None else now
         with self.transaction() as conn:
             if manifest is not None:
-                m = manifest
-                conn.execute("INSERT OR IGNORE INTO entries (id, state, namespace, project, experiment, prefix, "
-                             "filename, size, sha256, content_type, created_at, updated_at) VALUES "
-                             "(?,?,?,?,?,?,?,?,?,?,?,?)", (file_id, State.QUARANTINED.value, m.namespace, m.project,
-                                                          m.experiment, m.prefix, m.filename, m.size, m.sha256,
-                                                          m.content_type, m.created_at, now))
+                conn.execute(_INSERT_FROM_MANIFEST, _manifest_row(manifest, State.QUARANTINED, now))
             conn.execute("INSERT OR IGNORE INTO entries (id, state, created_at, updated_at) VALUES (?,?,?,?)",
                          (file_id, State.QUARANTINED.value, now, now))
             conn.execute("UPDATE entries SET state=?, last_error=?, error_kind='corrupt', updated_at=?,"
