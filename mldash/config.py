@@ -316,7 +316,8 @@ FIELDS: tuple[Field, ...] = (
           "spent waiting for the cap does not count against request_timeout. Set in the file, it changes "
           "with a reload of the running daemon (SIGHUP, `systemctl reload`)."),
     Field("request_timeout", "MLDASH_REQUEST_TIMEOUT", _parse_float(0.1), lambda: 60.0,
-          "Daemon: deadline in seconds of every single S3/MongoDB call (parts scale it by size)."),
+          "Daemon: deadline in seconds of every single S3, MongoDB or local-store call (bodies scale it by "
+          "size; a local store's file operations get it too: a hung network mount must not stall a worker)."),
     Field("lease_seconds", "MLDASH_LEASE_SECONDS", _parse_float(1.0), lambda: 300.0,
           "Daemon: how long a claim on an entry lasts without renewal."),
     Field("stop_grace", "MLDASH_STOP_GRACE", _parse_float(0.0), lambda: 20.0,

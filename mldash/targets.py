@@ -7,18 +7,26 @@ MongoDB, would follow that daemon and exit 0 — "everything is synced" — with
 writes its targets into its heartbeat; `run --once` refuses to vouch for a daemon that sends elsewhere, and
 `status` shows the running daemon's targets when they differ from the configured ones. Each committed index row
 records them too (`committed_to`, a `fingerprint`), so a client's `wait()`/`flush()` does not report as
-committed what went to another store or catalog than its own settings name. Passwords never appear.
+committed what went to another store or catalog than its own settings name, and a daemon that has exited can
+still be held to account: `delivered_elsewhere` counts what it committed to other targets during its run — the
+job's whole output, when the job's environment lacked the settings its closing `run --once` has. Passwords never
+appear.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from mldash.config import Settings
 from mldash.redact import redact_uri
+
+if TYPE_CHECKING:
+    from mldash.spool.index import SpoolIndex
 
 
 def sync_targets(settings: Settings) -> dict[str, str]:
@@ -63,3 +71,30 @@ def parse_fingerprint(text: str | None) -> dict[str, str] | None:
         return None
     return value if isinstance(value, dict) else None
 
+
+
+@dataclass(frozen=True)
+class DeliveredElsewhere:
+    """What the last daemon on a spool committed, during its run, to other targets than the configured ones."""
+
+    files: int
+    bytes: int
+    where: str  # `mismatch`'s words: its targets, and ours
+    pid: int | None
+    last_seen: float | None  # its last heartbeat (Unix time)
+
+
+def delivered_elsewhere(index: SpoolIndex, beat: dict[str, Any], ours: dict[str, str]) -> DeliveredElsewhere | None:
+    """What the daemon whose heartbeat is `beat` committed since it started to targets other than `ours`; None
+    when its targets agree (or are not recorded) or it committed nothing. Only that daemon's run counts: rows an
+    earlier daemon committed under an old configuration are history, not a sign that something is wrong now."""
+    where = mismatch(ours, beat.get("targets"))
+    if where is None:
+        return None
+    try:
+        files, size = index.committed_to_since(fingerprint(beat["targets"]), beat.get("startedAt") or 0.0)
+    except sqlite3.Error:  # an index older than the `committed_to` column, opened read-only: nothing recorded
+        return None
+    if not files:
+        return None
+    return DeliveredElsewhere(files, size, where, beat.get("pid"), beat.get("heartbeat"))

@@ -5,19 +5,24 @@ is run for real on spools in each condition."""
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import os
 import time
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
 from mldash.config import Settings
 from mldash.errors import MldashError
 from mldash.spool import SpoolLayout
+from mldash.spool.lock import DaemonLock
 from mldash.spool.states import State
 from mldash_syncd.health import parse_duration, problems
 from tests.fixtures.daemon import enqueue_bytes
 from tests.spool_helpers import overwrite_spooled
-from tests.test_daemon_process import cli, wait_for
+from tests.test_daemon_process import cli, row, wait_for
 
 NOW = 1_800_000_000.0
 HEALTHY: dict = {
@@ -63,7 +68,16 @@ def test_a_healthy_spool_has_no_problems() -> None:
       "daemon__targets": {"store": "file:///home/a/store", "catalog": "mongodb://db/"}},
      "the running daemon (pid 41) sends to store file:///home/a/store (configured here: s3://ckpts at "
      "http://s3.lab:9000): it was started with another configuration"),
-], ids=["failed", "no-daemon", "stuck", "store", "catalog", "quota", "disk", "elsewhere"])
+    ({"daemon__heartbeatPid": 7, "daemon__role": "daemon", "daemon__lockTouchedSecondsAgo": 95.0},
+     "the daemon (pid 41) took the spool 1:35 ago and has written no heartbeat yet: it is stuck while starting"),
+    ({"daemon__running": False, "pendingFiles": 0,
+      "deliveredElsewhere": {"files": 3, "bytes": 3 * 2**20, "pid": 40, "lastSeen": NOW - 600,
+                             "where": "store file:///home/a/store (configured here: s3://ckpts at AWS)"}},
+     "the last daemon on this spool (pid 40, last seen 10:00 ago) committed 3 files (3.0 MiB) to store "
+     "file:///home/a/store (configured here: s3://ckpts at AWS): they are there, not where this configuration "
+     "sends. If the configuration changed on purpose, a daemon run with this one clears this"),
+], ids=["failed", "no-daemon", "stuck", "store", "catalog", "quota", "disk", "elsewhere", "stuck-starting",
+        "delivered-elsewhere"])
 def test_each_problem_is_named_with_what_to_do(changes: dict, says: str) -> None:
     found = problems(with_(**changes), now=NOW)
     assert len(found) == 1 and says in found[0], found
@@ -77,6 +91,42 @@ def test_pending_too_long_only_past_the_limit_asked_for() -> None:
 def test_an_earlier_daemons_heartbeat_does_not_make_a_starting_one_stuck() -> None:
     # The lock's holder (pid 41) has not written its first heartbeat: the one there is its predecessor's.
     assert problems(with_(daemon__heartbeat=NOW - 3600, daemon__heartbeatPid=7), now=NOW) == []
+    # ... for the first minute after it took the spool (then it is stuck while starting: see above).
+    assert problems(with_(daemon__heartbeat=NOW - 3600, daemon__heartbeatPid=7, daemon__role="daemon",
+                          daemon__lockTouchedSecondsAgo=30.0), now=NOW) == []
+    # `gc` and `reindex` take the lock without writing heartbeats (nor touching it): no daemon is stuck.
+    assert problems(with_(daemon__running=False, daemon__heartbeatPid=7, daemon__role="reindex",
+                          daemon__lockTouchedSecondsAgo=9e4, pendingFiles=0), now=NOW) == []
+
+
+def test_a_running_daemon_sending_elsewhere_says_what_it_committed_there() -> None:
+    data = with_(targets={"store": "s3://ckpts at AWS", "catalog": "sqlite:///c"},
+                 daemon__targets={"store": "file:///home/a/store", "catalog": "sqlite:///c"},
+                 deliveredElsewhere={"files": 2, "bytes": 2048, "pid": 41, "lastSeen": NOW - 1, "where": "…"})
+    assert problems(data, now=NOW) == [
+        "the running daemon (pid 41) sends to store file:///home/a/store (configured here: s3://ckpts at AWS): it "
+        "was started with another configuration; restart it with this one (it committed 2 files, 2.0 KiB, there)"]
+
+
+def test_status_names_what_holds_the_spool_and_a_daemon_stuck_while_starting(settings: Settings) -> None:
+    enqueue_bytes(settings, b"x" * 100, filename="a.bin")
+    layout = SpoolLayout(settings.spool)
+    with DaemonLock(layout, role="reindex"):
+        shown = cli(settings, "status")
+        assert f"daemon   not running: `mldash-syncd reindex` (pid {os.getpid()}) holds the spool" in shown.stdout
+        check = cli(settings, "status", "--check")  # pending, and no daemon: the usual problem, nothing stuck
+        assert check.returncode == 1 and "pending and no daemon running" in check.stdout, check.stdout
+        assert "stuck" not in check.stdout
+    # A daemon that took the lock (touching it) two minutes ago and never got to its first heartbeat.
+    with DaemonLock(layout) as held:
+        held.touch()
+        two_minutes_ago = time.time() - 120
+        os.utime(layout.lock_path, (two_minutes_ago, two_minutes_ago))
+        check = cli(settings, "status", "--check")
+        assert check.returncode == 1 and (f"the daemon (pid {os.getpid()}) took the spool 2:0" in check.stdout
+                                          and "has written no heartbeat yet" in check.stdout), check.stdout
+        held.touch()  # it is alive after all (a heartbeat touches the lock too): not stuck
+        assert "stuck" not in cli(settings, "status", "--check").stdout
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200),
@@ -137,3 +187,29 @@ def test_durations_are_shown_with_days_past_a_day(seconds: float, shown: str) ->
     from mldash_syncd.progress import human_duration
 
     assert human_duration(seconds) == shown
+
+
+def test_a_local_store_that_stops_answering_is_reported_then_drained(settings: Settings, daemon_process) -> None:
+    """A store directory on a hung network mount: its file calls block in the kernel. The worker used to wait
+    for ever while the daemon renewed its lease and wrote fresh heartbeats — `status --check` said OK. Here the
+    store's commit lock, held by the test, blocks the daemon's put the same way (a real blocking flock)."""
+    store_root = Path(urlparse(settings.store).path)
+    hung = settings.replace(request_timeout=1.0, retry_base_delay=0.05, retry_max_delay=0.5)
+    daemon = daemon_process(hung, "run")
+    wait_for(lambda: "started on" in daemon.log() and (store_root / ".tmp").is_dir())
+    holder = os.open(store_root / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        entry = enqueue_bytes(settings, b"w" * 5000, filename="ckpt.pt")
+        check = wait_for(lambda: (c := cli(settings, "status", "--check")).returncode == 1 and c, timeout=30)
+        assert check.stdout.startswith("mldash PROBLEM: store unreachable: "), check.stdout
+        assert f"put 'files/ns/proj/exp/ckpt/{entry.id}/ckpt.pt' in {store_root}: no answer from the filesystem in " \
+               "1.0s (its deadline; a hung network mount" in check.stdout, check.stdout
+    finally:
+        os.close(holder)  # the mount comes back
+    wait_for(lambda: row(settings, entry.id) and row(settings, entry.id)["state"] in ("committed", "evicted"),
+             timeout=60)
+    stored = store_root / row(settings, entry.id)["store_key"]
+    assert stored.read_bytes() == b"w" * 5000
+    wait_for(lambda: cli(settings, "status", "--check").returncode == 0, timeout=30)
+    assert daemon.terminate() == 0

@@ -719,8 +719,8 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
                                                                     daemon_process) -> None:
     """The job saved with the default (local) store and autostarted a daemon with it; the job script's closing
     `run --once`, configured for another store, used to follow that daemon and exit 0 with nothing where it
-    looks. It now refuses (exit 2, naming both), `status` flags it, and once that daemon is gone the drain that
-    takes over says where the earlier one sent its entries."""
+    looks. It now refuses (exit 2, naming both), `status` flags it, and once that daemon is gone `status --check`
+    still flags what it committed elsewhere, and the drain that takes over says so and exits 1, not 0."""
     saved = enqueue_bytes(settings, os.urandom(1000), filename="ckpt.pt")
     holder = daemon_process(settings, "run")
     wait_for(lambda: "started on" in holder.log())
@@ -739,15 +739,29 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
     assert cli(settings, "status", "--check").returncode == 0  # the daemon's own configuration: all well
 
     assert holder.terminate() == 0
+    gone = cli(epilogue, "status", "--check")  # no daemon any more: what it committed elsewhere is still a problem
+    assert gone.returncode == 1, gone.stdout
+    assert (f"the last daemon on this spool (pid {holder.proc.pid}, last seen 0:0" in gone.stdout
+            and f") committed 1 files (1000 B) to store {settings.store} (configured here: {epilogue.store})"
+            in gone.stdout), gone.stdout
+    assert cli(settings, "status", "--check").returncode == 0  # for its own configuration: all well
+
     later = enqueue_bytes(settings, os.urandom(1000), filename="late.pt")
     taken_over = cli(epilogue, "run", "--once", "--quiet")
-    assert taken_over.returncode == 0, taken_over.stderr
-    assert (f"note: the daemon that ran on this spool before (pid {holder.proc.pid}, last seen"
-            in taken_over.stderr), taken_over.stderr
-    assert f"sent to store {settings.store}" in taken_over.stderr
+    assert taken_over.returncode == 1, taken_over.stderr  # everything is committed, but not all of it here
+    assert (f"the daemon that ran on this spool before (pid {holder.proc.pid}, last seen 0:0" in taken_over.stderr
+            and f") committed 1 files (1000 B) to store {settings.store} (configured here: {epilogue.store}): "
+            "they are there, not where this run sends" in taken_over.stderr), taken_over.stderr
     assert row(epilogue, later.id)["state"] in ("committed", "evicted")
-    again = cli(epilogue, "run", "--once", "--quiet")  # its own heartbeat now: nothing to note
-    assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
+    shown = cli(epilogue, "show", str(saved.id)).stdout  # where that one went: not the store configured here
+    assert f"stored at   {settings.store}/files/" in shown, shown
+    assert (f"sent to     store {settings.store}; catalog " in shown and "not where this configuration sends: "
+            f"store {settings.store} (configured here: {epilogue.store})" in shown), shown
+    assert f"stored at   {epilogue.store}/files/" in cli(epilogue, "show", str(later.id)).stdout
+    # This configuration's daemon has run on the spool now: the earlier one's commits are history.
+    again = cli(epilogue, "run", "--once", "--quiet")
+    assert again.returncode == 0 and "before" not in again.stderr, again.stderr
+    assert cli(epilogue, "status", "--check").returncode == 0
 
 
 def test_run_once_refuses_a_daemon_that_sends_elsewhere_even_when_it_starts_slowly(settings: Settings,

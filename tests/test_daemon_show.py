@@ -57,6 +57,7 @@ def test_show_follows_an_entry_from_save_to_eviction(settings: Settings) -> None
     assert len(messages) == 2 and messages[1].startswith("re-queued by retry (was quarantined: ")
     for label in ("committed   ", "evicted     ", "stored at   ", "saved       "):
         assert label in text, (label, text)
+    assert f"sent to     store {settings.store}; catalog sqlite://" in text and "not where" not in text, text
 
 
 def test_show_names_what_is_wrong_with_the_id(settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import stat
@@ -254,3 +255,41 @@ async def test_a_store_directory_that_cannot_be_created_is_named(tmp_path: Path,
     assert str(caught.value) == (f"store file://{root}: cannot create the directory {blocked}: {reason}; set the "
                                  "store setting (MLDASH_STORE) to a directory this user can create and write")
     assert caught.value.code in ("ENOENT", "ENOTDIR")
+
+
+async def test_a_call_the_filesystem_never_answers_ends_at_its_deadline(tmp_path: Path) -> None:
+    # A hung network mount blocks a thread in the kernel for ever; here the same wait is real: the store's commit
+    # lock, held by someone else, blocks its flock(). The call must give up as a transient error (the daemon
+    # then backs off and reports the store unreachable), not hang with its lease renewed.
+    local = LocalStore(tmp_path / "store", request_timeout=0.3)
+    await local.open()
+    data = b"weights" * 1000
+    holder = os.open(tmp_path / "store" / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(TransientStoreError, match=r"put 'files/.*' in .*/store: no answer from the filesystem "
+                                                      r"in 0\.3s \(its deadline; a hung network mount"):
+            await local.put(KEY, data, b64_sha256(data))
+        assert time.monotonic() - started < 5
+        assert await local.head(KEY) is None  # a read needs no lock: the store answers it meanwhile
+    finally:
+        os.close(holder)  # the blocked thread goes on: its put completes now
+    # What the late call did is what a retry meets: the object, with our checksum (the daemon adopts it).
+    for _ in range(200):
+        if (found := await local.head(KEY)) is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert found is not None and found.checksum_sha256 == b64_sha256(data)
+    with pytest.raises(ObjectExistsError):
+        await local.put(KEY, data, b64_sha256(data))
+
+
+async def test_a_large_body_gets_time_for_its_size(tmp_path: Path) -> None:
+    # The deadline grows with the bytes a call moves (seconds_per_mib), as an S3 body's does: a tight
+    # request_timeout does not fail a put that is merely big.
+    local = LocalStore(tmp_path / "store", seconds_per_mib=1.0)
+    await local.open()
+    local.request_timeout = 0.001
+    data = os.urandom(64 * MiB)
+    assert (await local.put(KEY, data, b64_sha256(data))).size == len(data)

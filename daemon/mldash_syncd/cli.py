@@ -22,10 +22,10 @@ from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
 from mldash.spool.index import SpoolIndex, entry_path, read_heartbeat, unindexed_row
 from mldash.spool.layout import SpoolLayout, directory_bytes
-from mldash.spool.lock import DaemonLock, holder_pid, is_held
+from mldash.spool.lock import DaemonLock, holder_pid, holder_role, is_held, seconds_since_touched
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
 from mldash.spool.states import OUTSTANDING, State
-from mldash.targets import mismatch, sync_targets
+from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, sync_targets
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
 from mldash_syncd.health import parse_duration, problems
@@ -113,9 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return run_loop(main())  # not asyncio.run: a stop must not wait for threads without a bound (runner.py)
 
-    # The last daemon's heartbeat, read before ours replaces it: did it send this spool's entries elsewhere?
-    previous = read_heartbeat(SpoolLayout(settings.spool)) if args.once and SpoolLayout(settings.spool).exists() \
-        else {}
+    # Read before our heartbeat replaces the last daemon's: did it commit this spool's entries elsewhere?
+    before = _last_daemon_delivered_elsewhere(settings) if args.once else None
     followed_other = False
     while True:
         try:
@@ -147,11 +146,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             done = f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent)"
         print(f"{done}; in spool: {left}", file=sys.stderr)
-        if not followed_other and (elsewhere := mismatch(sync_targets(settings), previous.get("targets"))):
-            seen = previous.get("heartbeat")
-            print(f"note: the daemon that ran on this spool before (pid {previous.get('pid')}, last seen "
-                  f"{human_duration(time.time() - seen) + ' ago' if seen else 'earlier'}) sent to {elsewhere}: "
-                  "what it committed went there, not where this run sends", file=sys.stderr)
+        # Exit 0 would say "everything is synced" to a job script whose files went to another store.
+        delivered_apart = before is not None and not followed_other
+        if before is not None and delivered_apart:
+            seen = f", last seen {human_duration(time.time() - before.last_seen)} ago" if before.last_seen else ""
+            print(f"mldash-syncd: the daemon that ran on this spool before (pid {before.pid}{seen}) committed "
+                  f"{before.files} files ({human_bytes(before.bytes)}) to {before.where}: they are there, not where "
+                  "this run sends (`mldash-syncd show ID` says where each went). If the configuration changed on "
+                  "purpose, nothing is wrong and the next run exits 0; otherwise save them again with this "
+                  "configuration.", file=sys.stderr)
         if not report.clean:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
                   "quarantined` for why, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
@@ -161,8 +164,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "retry helps only once they are restored; otherwise save the artifact again and give up on "
                       "the broken copy with `mldash-syncd discard ID`)", file=sys.stderr)
             return EXIT_LEFT_FAILED
-        return EXIT_LEFT_FAILED if report.pending else EXIT_OK
+        return EXIT_LEFT_FAILED if report.pending or delivered_apart else EXIT_OK
     return EXIT_OK
+
+
+def _last_daemon_delivered_elsewhere(settings: Settings) -> DeliveredElsewhere | None:
+    """What the last daemon on this spool committed, in its run, to other targets than these settings'."""
+    layout = SpoolLayout(settings.spool)
+    index = SpoolIndex.open_readonly(layout) if layout.exists() else None
+    if index is None:
+        return None
+    try:
+        return delivered_elsewhere(index, read_heartbeat(layout), sync_targets(settings))
+    finally:
+        index.close()
 
 
 def _refuse_to_vouch(settings: Settings, busy: str, elsewhere: str) -> int:
@@ -218,7 +233,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
     data: dict[str, Any] = {
         "spool": str(settings.spool), "store": settings.store, "catalog": redact(settings.catalog),
         "targets": sync_targets(settings),
-        "daemon": {"running": is_held(layout), "pid": holder_pid(layout) if is_held(layout) else None},
+        "daemon": _holder(layout),
         "states": {s.value: {"count": 0, "bytes": 0} for s in State}, "pendingFiles": 0, "pendingBytes": 0,
         "oldestPendingAgeSeconds": None, "recentErrors": [], "throughputBytesPerSecond": 0.0,
     }
@@ -244,9 +259,23 @@ def status_data(settings: Settings) -> dict[str, Any]:
                                   catalogProblem=info.get("catalogGate"), uploadRateCap=info.get("uploadRateCap"))
             if data["daemon"]["running"]:
                 data["throughputBytesPerSecond"] = info.get("throughput", 0.0)
+            if elsewhere := delivered_elsewhere(index, info, data["targets"]):
+                data["deliveredElsewhere"] = {"files": elsewhere.files, "bytes": elsewhere.bytes,
+                                              "where": elsewhere.where, "pid": elsewhere.pid,
+                                              "lastSeen": elsewhere.last_seen}
     finally:
         index.close()
     return data
+
+
+def _holder(layout: SpoolLayout) -> dict[str, Any]:
+    """Who holds the spool's lock: a daemon, or `gc`/`reindex` for a moment; and when a daemon last touched it
+    (taking it, or at a heartbeat) — a daemon that never writes its first heartbeat is stuck while starting."""
+    if not is_held(layout):
+        return {"running": False, "pid": None}
+    role = holder_role(layout)
+    return {"running": role == "daemon", "pid": holder_pid(layout), "role": role,
+            "lockTouchedSecondsAgo": seconds_since_touched(layout)}
 
 
 def unresolved_errors(index: SpoolIndex, limit: int = 10) -> list[dict[str, Any]]:
@@ -301,6 +330,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return failing
     daemon = data["daemon"]
     running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
+    if daemon.get("role", "daemon") != "daemon":  # `gc` or `reindex` holds the spool: no daemon meanwhile
+        running += f": `mldash-syncd {daemon['role']}` (pid {daemon['pid']}) holds the spool"
     if daemon["running"] and daemon.get("heartbeat") and daemon.get("heartbeatPid") == daemon["pid"]:
         beat_age = human_duration(time.time() - daemon["heartbeat"])
         running = f"running (pid {daemon['pid']}; last heartbeat {beat_age} ago)"
@@ -401,7 +432,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise MldashError(f"{args.id!r}: an entry id is a decimal number (see `mldash-syncd ls`)") from None
     layout, index = _open_index(settings)
     try:
-        details = entry_details(layout, index, file_id, settings.store)
+        details = entry_details(layout, index, file_id, settings.store, sync_targets(settings))
     finally:
         if index is not None:
             index.close()
@@ -475,7 +506,7 @@ def cmd_discard(args: argparse.Namespace) -> int:
 def cmd_reindex(args: argparse.Namespace) -> int:
     settings = _settings(args)
     layout = _existing_spool(settings)
-    with DaemonLock(layout):  # never rebuild under a running daemon
+    with DaemonLock(layout, role="reindex"):  # never rebuild under a running daemon
         report = rebuild(layout, power_safe=settings.power_safe)
     print(f"reindexed {settings.spool}: {report.ingested} entries, {len(report.removed_tmp)} temp files and "
           f"{len(report.removed_orphan_blobs)} orphan blobs removed")
@@ -488,7 +519,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     layout = _existing_spool(settings)
     if args.dry_run:
         return _gc_dry_run(settings, layout)
-    with DaemonLock(layout):  # never collect under a running daemon: it alone knows its uploads in progress
+    with DaemonLock(layout, role="gc"):  # never collect under a running daemon: it alone knows its uploads in progress
         index = SpoolIndex(layout.ensure(), power_safe=settings.power_safe)
         try:
             report = _collect(settings, index, layout, dry_run=False, daemon_running=False)

@@ -6,9 +6,11 @@ prints them on one line and exits 1, for a cron job, a job script's epilogue, or
 (Nagios-style plugins, node_exporter's textfile collector via `--json`).
 
 A problem is something that does not fix itself: entries failed or quarantined (a person must look), pending
-entries with no daemon to send them, a daemon that stopped writing its heartbeat (its loop is stuck), a store
-or catalog the daemon cannot reach, a spool close to its quota or its filesystem close to full, and — only when
-asked for, since an offline node's backlog is normal — pending entries older than a limit.
+entries with no daemon to send them, a daemon that stopped writing its heartbeat (its loop is stuck) or never
+wrote its first (stuck while starting), a store or catalog the daemon cannot reach, a daemon that sends to
+another store or catalog than the configuration asking — or that did, and committed files there, before it
+exited —, a spool close to its quota or its filesystem close to full, and — only when asked for, since an
+offline node's backlog is normal — pending entries older than a limit.
 """
 
 from __future__ import annotations
@@ -53,16 +55,31 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
     pending = f"{data['pendingFiles']} files ({human_bytes(data['pendingBytes'])}) pending"
     if data["pendingFiles"] and not daemon["running"]:
         found.append(f"{pending} and no daemon running: `mldash-syncd run --once` syncs them")
-    if daemon["running"] and daemon.get("heartbeatPid") == daemon["pid"] and (
-            elsewhere := mismatch(data.get("targets"), daemon.get("targets"))):
+    own_beat = daemon["running"] and daemon.get("heartbeatPid") == daemon["pid"]
+    gone = data.get("deliveredElsewhere")
+    if own_beat and (elsewhere := mismatch(data.get("targets"), daemon.get("targets"))):
         found.append(f"the running daemon (pid {daemon['pid']}) sends to {elsewhere}: it was started with "
-                     "another configuration; restart it with this one")
+                     "another configuration; restart it with this one"
+                     + (f" (it committed {gone['files']} files, {human_bytes(gone['bytes'])}, there)" if gone else ""))
+    elif gone:
+        # The last daemon has exited (or its successor has not written its first heartbeat yet).
+        seen = f", last seen {human_duration(now - gone['lastSeen'])} ago" if gone.get("lastSeen") else ""
+        found.append(f"the last daemon on this spool (pid {gone['pid']}{seen}) committed {gone['files']} files "
+                     f"({human_bytes(gone['bytes'])}) to {gone['where']}: they are there, not where this "
+                     "configuration sends. If the configuration changed on purpose, a daemon run with this one "
+                     "clears this (`mldash-syncd run --once`)")
     if daemon["running"]:
         beat = daemon.get("heartbeat")
+        touched = daemon.get("lockTouchedSecondsAgo")
         # A heartbeat of an earlier daemon (another pid) is no sign of this one: it may still be starting.
-        if beat is not None and daemon.get("heartbeatPid") == daemon["pid"] and now - beat > STALE_HEARTBEAT_SECONDS:
+        if beat is not None and own_beat and now - beat > STALE_HEARTBEAT_SECONDS:
             found.append(f"the daemon (pid {daemon['pid']}) wrote no heartbeat for {human_duration(now - beat)}: "
                          "its loop is stuck; restart it (nothing spooled is lost)")
+        elif not own_beat and touched is not None and touched > STALE_HEARTBEAT_SECONDS:
+            # It touched the lock as it took it, and writes its first heartbeat as its loop starts.
+            found.append(f"the daemon (pid {daemon['pid']}) took the spool {human_duration(touched)} ago and has "
+                         "written no heartbeat yet: it is stuck while starting (recovering the spool, opening its "
+                         "index or the store); restart it (nothing spooled is lost)")
         for part in ("store", "catalog"):
             if reason := daemon.get(f"{part}Problem"):
                 found.append(f"{part} unreachable: {reason}")

@@ -18,15 +18,18 @@ from mldash.spool.index import SpoolIndex, entry_path
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import read_manifest
+from mldash.targets import mismatch, parse_fingerprint
 from mldash_syncd.follow import NOT_INDEXED
 from mldash_syncd.progress import human_bytes, human_duration
 
 MAX_EVENTS = 50
 
 
-def entry_details(layout: SpoolLayout, index: SpoolIndex | None, file_id: int, store: str) -> dict[str, Any]:
+def entry_details(layout: SpoolLayout, index: SpoolIndex | None, file_id: int, store: str,
+                  targets: dict[str, str] | None = None) -> dict[str, Any]:
     """The entry as a JSON-ready dict: its index row (None if not indexed), its manifest's fields while the
-    manifest is in the spool, its recorded parts and its events, newest last."""
+    manifest is in the spool, its recorded parts and its events, newest last. `targets` (sync_targets of the
+    configuration asking): a committed entry's store and catalog are compared with them."""
     row = index.get(file_id) if index is not None else None
     manifest: Manifest | None = None
     manifest_error = None
@@ -54,6 +57,11 @@ def entry_details(layout: SpoolLayout, index: SpoolIndex | None, file_id: int, s
             "inline": manifest.inline}
     elif manifest_error is not None:
         details["manifestError"] = manifest_error
+    if sent_to := parse_fingerprint((row or {}).get("committed_to")):
+        details["committedTo"] = sent_to
+        if elsewhere := mismatch(targets, sent_to):
+            details["committedElsewhere"] = elsewhere
+        store = sent_to["store"].partition(" at ")[0]  # its URL, without the endpoint sync_targets adds
     key = (row or {}).get("store_key")
     if key is None and manifest is not None:  # not uploaded yet: where it will go (the store's root not included)
         key = manifest.key()
@@ -110,6 +118,10 @@ def render(details: dict[str, Any], now: float | None = None) -> str:
                      f"{row['resaved_as']}`)")
     if "storageUri" in details:
         lines.append(f"stored at   {details['storageUri']}")
+    if sent_to := details.get("committedTo"):
+        lines.append(f"sent to     store {sent_to['store']}; catalog {sent_to['catalog']}")
+        if "committedElsewhere" in details:
+            lines.append(f"            not where this configuration sends: {details['committedElsewhere']}")
     elif "destination" in details:
         lines.append(f"goes to     {details['destination']}")
     if row.get("upload_id"):

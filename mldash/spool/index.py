@@ -317,6 +317,14 @@ class SpoolIndex:
         return [row[0] for row in self.conn.execute(
             "SELECT id FROM entries WHERE state='evicted' AND COALESCE(evicted_at, 0) < ?", (cutoff,))]
 
+    def committed_to_since(self, committed_to: str, since: float) -> tuple[int, int]:
+        """(files, bytes) committed to the targets `committed_to` (a targets.fingerprint) at or after `since`,
+        evicted since or not."""
+        files, size = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size),0) FROM entries WHERE committed_to=? AND committed_at>=?"
+            " AND state IN ('committed','evicted')", (committed_to, since)).fetchone()
+        return files, size
+
     def committed_times(self) -> list[tuple[int, float | None]]:
         """(id, committed_at) of every committed entry, newest id first: what eviction decides on, without
         materialising whole rows on every pass."""

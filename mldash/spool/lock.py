@@ -1,7 +1,8 @@
 """The single-daemon-per-spool lock (an flock on {spool}/daemon.lock).
 
 The kernel drops an flock when its holder dies, so a kill -9'd daemon never leaves a stale lock.
-The lock file holds the holder's pid for `status` output only; the flock is the truth.
+The lock file holds the holder's pid and what it is ("daemon", "gc", "reindex") for `status` output only; the
+flock is the truth.
 Its mtime says when a daemon last held it: the daemon touches it with every heartbeat and as it stops (taking
 the lock alone, as `gc` and `reindex` do, leaves it as it was), so a save waiting for spool space can tell a daemon
 being restarted (systemd: RestartSec=10s) from no daemon at all (`seconds_since_held`).
@@ -21,8 +22,9 @@ ACQUIRE_ATTEMPTS = 5  # over ~80 ms: outlasts any `is_held` probe, never a daemo
 
 
 class DaemonLock:
-    def __init__(self, layout: SpoolLayout) -> None:
+    def __init__(self, layout: SpoolLayout, role: str = "daemon") -> None:
         self.layout = layout
+        self.role = role
         self._fd: int | None = None
 
     def acquire(self) -> DaemonLock:
@@ -43,7 +45,7 @@ class DaemonLock:
                 time.sleep(0.02)
         before = os.fstat(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {self.role}\n".encode(), 0)
         # Writing the pid must not look like a daemon's sign of life: `gc` and `reindex` take this lock too.
         # Only `touch` (the daemon's heartbeat) moves the mtime.
         with contextlib.suppress(OSError):  # a lock file just created: no daemon has held it yet (mtime 0)
@@ -84,9 +86,28 @@ def is_held(layout: SpoolLayout) -> bool:
 
 
 def holder_pid(layout: SpoolLayout) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        return int(layout.lock_path.read_text().strip() or 0) or None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(layout.lock_path.read_text().split()[0]) or None
     return None
+
+
+def holder_role(layout: SpoolLayout) -> str:
+    """What holds (or last held) the lock: "daemon", "gc" or "reindex" ("daemon" for a lock file written before
+    roles were recorded, which held only a pid)."""
+    with contextlib.suppress(OSError):
+        words = layout.lock_path.read_text().split()
+        return words[1] if len(words) > 1 else "daemon"
+    return "daemon"
+
+
+def seconds_since_touched(layout: SpoolLayout) -> float | None:
+    """Seconds since the lock file's mtime (a daemon's start or its last heartbeat); None without a lock file or
+    one no daemon has touched."""
+    try:
+        touched = layout.lock_path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return None if touched == 0 else max(0.0, time.time() - touched)
 
 
 def seconds_since_held(layout: SpoolLayout) -> float | None:
@@ -95,12 +116,5 @@ def seconds_since_held(layout: SpoolLayout) -> float | None:
     Between holders it is the age of the daemon's last touch (on taking the lock, each heartbeat, on stopping): a
     daemon killed with -9 touched it at most one heartbeat before its death.
     """
-    if is_held(layout):
-        return 0.0
-    try:
-        touched = layout.lock_path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    if touched == 0:  # created by `gc` or `reindex` (see acquire): no daemon has held it yet
-        return None
-    return max(0.0, time.time() - touched)
+    # A lock file created by `gc` or `reindex` has mtime 0 (see acquire): no daemon has held it yet.
+    return 0.0 if is_held(layout) else seconds_since_touched(layout)

@@ -58,7 +58,7 @@ def make_store(settings: Settings, *, read_only: bool = False) -> Store:
     parsed = urlparse(settings.store)
     if parsed.scheme == "file":
         return LocalStore(unquote(parsed.path), fsync=settings.power_safe, read_only=read_only,
-                          max_upload_rate=settings.max_upload_rate)
+                          max_upload_rate=settings.max_upload_rate, request_timeout=settings.request_timeout)
     if parsed.scheme == "s3":
         from mldash.store.s3 import S3Store
 

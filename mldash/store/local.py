@@ -20,7 +20,13 @@ Why it is built like this:
 - Keys are validated and resolved to stay under the root (defence in depth: `mldash.keys` validates too);
   the first component may not start with "." so no key can reach the store's own dot-directories.
 - Blocking file I/O runs in `asyncio.to_thread`, so big files do not stall the daemon's event loop.
-  There are no network waits here, so calls take no deadline.
+- Every call has a deadline, like an S3 call's (`request_timeout`, plus `seconds_per_mib` per MiB it moves):
+  a directory on a hung NFS mount, or a disk that stops answering, blocks a thread in the kernel for ever.
+  Without a deadline the daemon went on renewing the entry's lease and writing its heartbeat, and nothing said
+  a worker was stuck. Past its deadline a call raises TransientStoreError, so the store gate reports the store
+  unreachable (`status`, `status --check`) and backs off. The thread itself cannot be interrupted: if the
+  call completes later, what it did is what a retry meets (an object with our checksum is ours; a part file is
+  replaced whole; a temp file is debris).
 - With ``fsync=True`` (``durability = "power"``) files and directories are fsynced before a call returns.
 """
 
@@ -81,10 +87,13 @@ _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGA
 
 class LocalStore(Store):
     def __init__(self, root: Path | str, *, fsync: bool = False, read_only: bool = False,
-                 max_upload_rate: int | None = None) -> None:
+                 max_upload_rate: int | None = None, request_timeout: float = 60.0,
+                 seconds_per_mib: float = 0.5) -> None:
         """`read_only`: `open` neither creates the store's folders nor sweeps its debris (`gc --dry-run` only
         lists the uploads in progress; a missing folder lists none). `max_upload_rate` (bytes per second):
-        each put or part waits for its share of the cap before it is written (pacing.py)."""
+        each put or part waits for its share of the cap before it is written (pacing.py). A call gets
+        `request_timeout` seconds, plus `seconds_per_mib` per MiB it writes (see the module doc); a download,
+        whose size is known only once it runs, gets none."""
         self.root = Path(root).absolute()
         self.url = self.root.as_uri()
         self.fsync = fsync
@@ -93,6 +102,8 @@ class LocalStore(Store):
         self._uploads = self.root / ".uploads"
         self._meta = self.root / ".meta"
         self._ready = False
+        self.request_timeout = request_timeout
+        self.seconds_per_mib = seconds_per_mib
         self.rate_limit = RateLimit(max_upload_rate or None)  # always there: a reload may set a cap
 
     def __repr__(self) -> str:
@@ -101,7 +112,7 @@ class LocalStore(Store):
     # -- the contract ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open_layout)
+        await self._run("open", "", self._open_layout)
 
     def key(self, relative_key: str) -> str:
         return relative_key  # a file:// store has no root prefix: its root is the directory
@@ -111,7 +122,7 @@ class LocalStore(Store):
 
     async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
         await pace(self.rate_limit, len(data))
-        return await self._run("put", key, self._put, key, data, sha256_b64)
+        return await self._run("put", key, self._put, key, data, sha256_b64, nbytes=len(data))
 
     async def create_multipart(self, key: str) -> str:
         return await self._run("create_multipart", key, self._create_multipart, key)
@@ -119,13 +130,16 @@ class LocalStore(Store):
     async def upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                           sha256_b64: str) -> PartReceipt:
         await pace(self.rate_limit, memoryview(data).nbytes)
-        return await self._run("upload_part", key, self._upload_part, key, upload_id, part_number, data, sha256_b64)
+        return await self._run("upload_part", key, self._upload_part, key, upload_id, part_number, data, sha256_b64,
+                               nbytes=memoryview(data).nbytes)
 
     async def list_parts(self, key: str, upload_id: str) -> dict[int, PartReceipt]:
         return await self._run("list_parts", key, self._list_parts, key, upload_id)
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[PartReceipt]) -> StoredObject:
-        return await self._run("complete_multipart", key, self._complete, key, upload_id, list(parts))
+        # The parts are copied together and the result hashed: the whole object's bytes, twice.
+        return await self._run("complete_multipart", key, self._complete, key, upload_id, list(parts),
+                               nbytes=2 * sum(part.size for part in parts))
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         await self._run("abort_multipart", key, self._abort, key, upload_id)
@@ -134,16 +148,27 @@ class LocalStore(Store):
         return await self._run("list_multipart_uploads", prefix, self._list_uploads, prefix)
 
     async def download(self, key: str, dest: Path) -> StoredObject:
-        return await self._run("download", key, self._download, key, Path(dest))
+        return await self._run("download", key, self._download, key, Path(dest), deadline=False)
 
     async def delete(self, key: str) -> None:
         await self._run("delete", key, self._delete, key)
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _run(self, op: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, op: str, key: str, fn: Callable[..., T], *args: Any, nbytes: int = 0,
+                   deadline: bool = True) -> T:
+        seconds = self.request_timeout + nbytes / 2**20 * self.seconds_per_mib
+        timeout = asyncio.timeout(seconds if deadline else None)
         try:
-            return await asyncio.to_thread(fn, *args)
+            async with timeout:
+                return await asyncio.to_thread(fn, *args)
+        except TimeoutError as exc:
+            if not timeout.expired():  # the call's own ETIMEDOUT (an OSError), not our deadline
+                raise store_error_from_os_error(exc, f"{op} {key!r} in {self.root}") from exc
+            raise TransientStoreError(
+                f"{op} {key!r} in {self.root}: no answer from the filesystem in "
+                f"{seconds:.1f}s (its deadline; "
+                "a hung network mount or a failing disk?)", code="Timeout") from None
         except StoreError:
             raise
         except OSError as exc:
