@@ -211,6 +211,34 @@ class Lifecycle(RuleBasedStateMachine):
         self.layout.blob_path(file_id).unlink()
         self._moved(file_id, State.EVICTED)
 
+    @precondition(lambda self: self._in(State.EVICTED))
+    @rule(data=st.data())
+    def compact(self, data: st.DataObject) -> None:
+        """Rows of long-evicted entries leave the index (their manifests went with the eviction)."""
+        gone = data.draw(st.lists(st.sampled_from(self._in(State.EVICTED)), min_size=1, unique=True))
+        for file_id in gone:
+            self.layout.manifest_path(file_id).unlink()
+        self.index.delete(gone)
+        self._forgotten(gone)
+
+    @precondition(lambda self: self._in(State.FAILED, State.QUARANTINED))
+    @rule(data=st.data())
+    def discard(self, data: st.DataObject) -> None:
+        """A person gives up on failed or quarantined entries: their files, then their rows, go."""
+        gone = data.draw(st.lists(st.sampled_from(self._in(State.FAILED, State.QUARANTINED)), min_size=1,
+                                  unique=True))
+        for file_id in gone:
+            self.layout.manifest_path(file_id).unlink()
+            self.layout.blob_path(file_id).unlink()
+        self.index.forget(self.index.given_up(gone), "discarded")
+        self._forgotten(gone)
+
+    def _forgotten(self, ids: list[int]) -> None:
+        for file_id in ids:
+            for known in (self.model, self.sizes, self.observed):
+                known.pop(file_id, None)
+            self.ever_committed.discard(file_id)
+
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def illegal_transition_is_refused(self, data: st.DataObject) -> None:
@@ -338,3 +366,26 @@ def test_transition_adds_to_counters_and_claim_counts_each_attempt(tmp_path: Pat
             ("uploading", 2, OWNER), ("committed", 2, OWNER), ("uploading", 1, OWNER)]
     finally:
         index.close()
+
+
+def test_an_index_from_before_the_state_counts_gets_them_filled_from_its_rows(tmp_path: Path) -> None:
+    # An index outlives daemon versions (a spool waits on an offline node for weeks): one written before the
+    # per-state counts were kept must count its rows once, then keep counting through the triggers; a read-only
+    # reader of it before any writer of this version opened it counts the rows itself.
+    index, ids = _index_with_entries(tmp_path, 4)
+    index.transition(ids[0], State.FAILED, last_error="x")
+    index.conn.executescript("DROP TRIGGER entries_count_insert; DROP TRIGGER entries_count_update;"
+                             " DROP TRIGGER entries_count_delete; DROP TABLE state_counts;")
+    index.close()
+    expected = {"queued": {"count": 3, "bytes": 2 + 3 + 4}, "failed": {"count": 1, "bytes": 1}}
+    reader = SpoolIndex.open_readonly(SpoolLayout(tmp_path / "spool"))
+    assert {k: v for k, v in reader.counts().items() if v["count"]} == expected
+    reader.close()
+    index = SpoolIndex(SpoolLayout(tmp_path / "spool"))
+    assert index.conn.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 2  # filled, not recounted
+    assert {k: v for k, v in index.counts().items() if v["count"]} == expected
+    index.transition(ids[1], State.UPLOADING)
+    index.forget(index.given_up([ids[0]]), "discarded")
+    assert {k: v for k, v in index.counts().items() if v["count"]} == {"queued": {"count": 2, "bytes": 7},
+                                                                        "uploading": {"count": 1, "bytes": 2}}
+    index.close()

@@ -27,8 +27,7 @@ def evict(index: SpoolIndex, layout: SpoolLayout, *, keep: int, after: float, no
 
 def evictable(index: SpoolIndex, *, keep: int, after: float, now: float) -> list[int]:
     """Committed entries beyond the newest `keep` that were committed at least `after` seconds ago."""
-    committed = index.committed_times()  # (id, committed_at), newest id first
-    return [file_id for file_id, committed_at in committed[keep:] if (committed_at or 0) + after <= now]
+    return index.evictable(keep, now - after)
 
 
 def remove_files(layout: SpoolLayout, ids: list[int]) -> None:
