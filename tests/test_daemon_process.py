@@ -203,7 +203,7 @@ def test_cli_status_ls_retry(settings: Settings) -> None:
     assert cli(settings, "retry").returncode == 2  # neither ids nor --all: a clear usage error
     unknown = cli(settings, "retry", "123", str(good.id))  # a typo'd id is named, not passed over in silence
     assert unknown.returncode == 2 and "no such entry in this spool's index: 123" in unknown.stderr, unknown.stderr
-    assert f"not failed or quarantined (left alone): {good.id} (" in unknown.stderr, unknown.stderr
+    assert f"not failed, quarantined or waiting to retry (left alone): {good.id} (" in unknown.stderr, unknown.stderr
     overwrite_spooled(SpoolLayout(settings.spool), bad.id, b"bad-bytes")
     retried = cli(settings, "retry", str(bad.id))
     assert "re-queued 1" in retried.stdout
@@ -713,6 +713,30 @@ def _uploaded_with_the_catalog_down(settings: Settings, mongo_server_process, da
 def _run_once(settings: Settings, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mldash_syncd", "run", "--once", *args],
                             env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_retry_ends_the_backoff_of_an_entry_waiting_after_a_transient_error(settings: Settings) -> None:
+    """A store was down; its entries wait out their backoff (up to retry_max_delay, 5 min by default). Once the
+    cause is fixed, `retry ID` (or --all) makes them due now, attempts reset; entries in flight are left alone."""
+    from mldash.spool.recovery import ingest_new
+
+    waiting, busy = (enqueue_bytes(settings, os.urandom(100), filename=f"{n}.bin") for n in ("w", "b"))
+    index = SpoolIndex(SpoolLayout(settings.spool))
+    try:
+        ingest_new(index, index.layout, set())
+        index.update(waiting.id, attempts=7, next_attempt_at=time.time() + 300, last_error="503 SlowDown")
+        index.transition(busy.id, State.UPLOADING)
+    finally:
+        index.close()
+    retried = cli(settings, "retry", str(waiting.id), str(busy.id))
+    assert retried.returncode == 0 and "re-queued 1 entries" in retried.stdout, retried
+    assert f"not failed, quarantined or waiting to retry (left alone): {busy.id} (uploading)" in retried.stderr
+    now = row(settings, waiting.id)
+    assert (now["state"], now["attempts"], now["next_attempt_at"]) == ("queued", 0, 0), now
+    shown = cli(settings, "show", str(waiting.id)).stdout
+    assert "re-queued by retry (was waiting to retry: 503 SlowDown)" in shown, shown
+    again = cli(settings, "retry", "--all")  # due already: nothing to do
+    assert again.returncode == 0 and "re-queued 0 entries" in again.stdout
 
 
 def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Settings, tmp_path,

@@ -197,9 +197,11 @@ class Lifecycle(RuleBasedStateMachine):
     def retry(self, data: st.DataObject, everything: bool) -> None:
         ids = None if everything else data.draw(st.lists(st.sampled_from(sorted(self.model) or [0]), max_size=4))
         chosen = set(self.model) if ids is None else set(ids)
-        expected = sorted(i for i in chosen if i in self.model and self.model[i].state in
-                          (State.FAILED, State.QUARANTINED))
-        assert sorted(self.index.retry(ids)) == expected
+        # Failed and quarantined entries, and queued ones waiting out a backoff (a person says "try now").
+        expected = sorted(i for i in chosen if i in self.model and (
+            self.model[i].state in (State.FAILED, State.QUARANTINED)
+            or (self.model[i].state == State.QUEUED and self.model[i].next_attempt_at > self.now)))
+        assert sorted(self.index.retry(ids, now=self.now)) == expected
         for file_id in expected:
             self._moved(file_id, State.QUEUED, next_attempt_at=0.0, attempts=0)
 

@@ -442,9 +442,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # ---- retry / reindex / gc -------------------------------------------------------------------------
 def _named_ids(args: argparse.Namespace, verb: str) -> list[int] | None:
-    """The ids `retry`/`discard` name; None for --all (every failed and quarantined entry)."""
+    """The ids `retry`/`discard` name; None for --all (every failed and quarantined entry; for `retry`, and every
+    one waiting to retry)."""
     if not args.all and not args.ids:
-        raise MldashError(f"name the ids to {verb}, or pass --all (every failed and quarantined entry)")
+        every = "every failed and quarantined entry" + (", and every one waiting to retry" if verb == "retry" else "")
+        raise MldashError(f"name the ids to {verb}, or pass --all ({every})")
     try:
         return None if args.all else [int(i) for i in args.ids]
     except ValueError:
@@ -473,7 +475,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
               "a save not indexed yet is picked up by the next daemon run)", file=sys.stderr)
     if states:
         shown = " ".join(f"{i} ({state})" for i, state in states.items())
-        print(f"not failed or quarantined (left alone): {shown}", file=sys.stderr)
+        print(f"not failed, quarantined or waiting to retry (left alone): {shown}", file=sys.stderr)
     print(f"re-queued {len(done)} entries")
     return EXIT_USAGE if unknown else EXIT_OK
 
@@ -627,14 +629,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     for name, func, summary, description in (
-            ("retry", cmd_retry, "re-queue failed or quarantined entries",
-             "Re-queue failed/quarantined entries (attempts reset). A running daemon starts them at once."),
+            ("retry", cmd_retry, "re-queue failed or quarantined entries; try waiting ones now",
+             "Re-queue failed/quarantined entries, and end the backoff of queued ones waiting to retry after a "
+             "transient error (attempts reset): once you fixed the cause. A running daemon starts them at once."),
             ("discard", cmd_discard, "give up on failed or quarantined entries: remove them from the spool",
              "Remove failed/quarantined entries from the spool for good (their spooled files and index rows), e.g. "
              "an artifact whose spooled bytes were corrupted and that was saved again. Works while a daemon runs.")):
         on_given_up = command(name, help=summary, description=description)
         on_given_up.add_argument("ids", nargs="*", help="entry ids (see `ls --state failed --state quarantined`)")
-        on_given_up.add_argument("--all", action="store_true", help="every failed and quarantined entry")
+        on_given_up.add_argument("--all", action="store_true", help="every failed and quarantined entry"
+                                 + (", and every one waiting to retry" if name == "retry" else ""))
         on_given_up.set_defaults(func=func)
 
     reindex = command("reindex", help="rebuild the index from the manifests (e.g. after copying a spool)",

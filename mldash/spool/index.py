@@ -514,22 +514,24 @@ class SpoolIndex:
     def add_bytes_sent(self, file_id: int, count: int) -> None:
         self._part_writes.execute("UPDATE entries SET bytes_sent=bytes_sent+? WHERE id=?", (count, file_id))
 
-    def retry(self, ids: Iterable[int] | None = None) -> list[int]:
-        """Re-queue failed/quarantined entries (all of them when `ids` is None), attempts reset."""
+    def retry(self, ids: Iterable[int] | None = None, now: float | None = None) -> list[int]:
+        """Re-queue failed/quarantined entries, and make queued ones waiting out a backoff due now (all of them
+        when `ids` is None), attempts reset: a person fixed the cause and wants them tried at once."""
+        now = time.time() if now is None else now
+        retryable = "(state IN ('failed','quarantined') OR (state='queued' AND next_attempt_at > ?))"
         with self.transaction() as conn:
             if ids is None:
-                targets = [r[0] for r in conn.execute("SELECT id FROM entries WHERE state IN ('failed','quarantined')")]
+                targets = [r[0] for r in conn.execute(f"SELECT id FROM entries WHERE {retryable}", (now,))]
             else:
-                targets = []
-                for file_id in dict.fromkeys(ids):  # each id once, even if named twice
-                    row = conn.execute("SELECT state FROM entries WHERE id=?", (file_id,)).fetchone()
-                    if row and row[0] in ("failed", "quarantined"):
-                        targets.append(file_id)
+                targets = [file_id for file_id in dict.fromkeys(ids)  # each id once, even if named twice
+                           if conn.execute(f"SELECT 1 FROM entries WHERE id=? AND {retryable}", (file_id, now)
+                                           ).fetchone()]
             for file_id in targets:
                 before = conn.execute("SELECT state, last_error FROM entries WHERE id=?", (file_id,)).fetchone()
                 conn.execute("UPDATE entries SET state='queued', attempts=0, next_attempt_at=0, error_kind=NULL,"
-                             " lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?", (time.time(), file_id))
-                self.add_event(file_id, "info", f"re-queued by retry (was {before[0]}: {before[1]})")
+                             " lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE id=?", (now, file_id))
+                was = "waiting to retry" if before[0] == "queued" else before[0]
+                self.add_event(file_id, "info", f"re-queued by retry (was {was}: {before[1]})")
         return targets
 
     def given_up(self, ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
