@@ -293,3 +293,44 @@ async def test_a_large_body_gets_time_for_its_size(tmp_path: Path) -> None:
     local.request_timeout = 0.001
     data = os.urandom(64 * MiB)
     assert (await local.put(KEY, data, b64_sha256(data))).size == len(data)
+
+
+async def test_a_call_past_its_deadline_never_writes_a_refilled_buffer(tmp_path: Path, monkeypatch) -> None:
+    """The daemon's part buffers are pooled (mldash_syncd.budget) and the store returns at its deadline while its
+    thread goes on. A thread stalled before it wrote (a hung mount creating the temp file) must not write the
+    bytes of the next file refilled into that buffer under this key, beside this file's checksum."""
+    import threading
+
+    import mldash.store.local as local_module
+    from mldash_syncd.budget import ByteBudget
+
+    local = LocalStore(tmp_path / "store", request_timeout=0.3)
+    await local.open()
+    stalled = threading.Event()
+    real_open = local_module.open_private
+
+    def hung_create(path, *args, **kwargs):  # the filesystem stops answering when a temp file is created
+        if "/.tmp/" in str(path):
+            stalled.wait(30)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(local_module, "open_private", hung_create)
+    budget = ByteBudget(4 * MiB)
+    first, second = os.urandom(MiB), os.urandom(MiB)
+    buffer = await budget.take_buffer(MiB)
+    buffer[:] = first
+    in_flight = await budget.take_buffer(MiB)  # another upload: the pool keeps given-back buffers for reuse
+    with pytest.raises(TransientStoreError, match="no answer from the filesystem"):
+        await local.put(KEY, buffer, b64_sha256(first))
+    await budget.give_back(buffer)  # what the uploader does in its `finally`
+    refill = await budget.take_buffer(MiB)
+    assert refill is not buffer  # still read by the late thread: never handed out again
+    refill[:] = second
+    stalled.set()  # the mount answers; the late put completes
+    for _ in range(300):
+        if (found := await local.head(KEY)) is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert found is not None and found.checksum_sha256 == b64_sha256(first)
+    assert (tmp_path / "store" / KEY).read_bytes() == first
+    await budget.give_back(in_flight)

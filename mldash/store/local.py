@@ -122,7 +122,8 @@ class LocalStore(Store):
 
     async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
         await pace(self.rate_limit, len(data))
-        return await self._run("put", key, self._put, key, data, sha256_b64, nbytes=len(data))
+        return await self._run("put", key, _holding(data, lambda view: self._put(key, view, sha256_b64)),
+                               nbytes=len(data))
 
     async def create_multipart(self, key: str) -> str:
         return await self._run("create_multipart", key, self._create_multipart, key)
@@ -130,7 +131,9 @@ class LocalStore(Store):
     async def upload_part(self, key: str, upload_id: str, part_number: int, data: Buffer,
                           sha256_b64: str) -> PartReceipt:
         await pace(self.rate_limit, memoryview(data).nbytes)
-        return await self._run("upload_part", key, self._upload_part, key, upload_id, part_number, data, sha256_b64,
+        return await self._run("upload_part", key,
+                               _holding(data, lambda view: self._upload_part(key, upload_id, part_number, view,
+                                                                             sha256_b64)),
                                nbytes=memoryview(data).nbytes)
 
     async def list_parts(self, key: str, upload_id: str) -> dict[int, PartReceipt]:
@@ -345,7 +348,7 @@ class LocalStore(Store):
             return None
         return StoredObject(key=key, size=size, checksum_sha256=record["sha256"], etag=record.get("etag"))
 
-    def _put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
+    def _put(self, key: str, data: Buffer, sha256_b64: str) -> StoredObject:
         path = self._path(key)
         computed = b64_sha256(data)
         if computed != sha256_b64:
@@ -564,6 +567,24 @@ class LocalStore(Store):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _holding(data: Buffer, fn: Callable[[memoryview], T]) -> Callable[[], T]:
+    """`fn(view of data)` for a worker thread, the view exported from now until the thread is done with it.
+    Why: the daemon's part buffers are pooled and refilled (mldash_syncd.budget), and a buffer is refilled only
+    when no view of it is left. A call past its deadline returns to the caller while its thread goes on (it
+    cannot be interrupted); without this view, a thread stalled before it wrote would have written the next
+    file's bytes under this key, next to this file's checksum."""
+    view = memoryview(data)
+
+    def call() -> T:
+        try:
+            return fn(view)
+        finally:
+            with suppress(BufferError):  # a view derived from it still alive: it goes with the garbage collector
+                view.release()
+
+    return call
+
 
 def store_error_from_os_error(exc: OSError, context: str) -> StoreError:
     """A local file error as a StoreError: transient if it may pass by itself (full disk), else permanent."""
