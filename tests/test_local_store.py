@@ -334,3 +334,42 @@ async def test_a_call_past_its_deadline_never_writes_a_refilled_buffer(tmp_path:
     assert found is not None and found.checksum_sha256 == b64_sha256(first)
     assert (tmp_path / "store" / KEY).read_bytes() == first
     await budget.give_back(in_flight)
+
+
+async def test_a_long_clean_up_does_not_fail_the_open(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Removing what crashed calls left (a retired upload of 10,000 parts, on a slow filesystem) may outlast the
+    deadline: the store opens anyway, says so, and the sweep goes on in its thread."""
+    import threading
+
+    release = threading.Event()
+    sweep = LocalStore._sweep
+    monkeypatch.setattr(LocalStore, "_sweep", lambda self: (release.wait(30), sweep(self)))
+    local = LocalStore(tmp_path / "store", request_timeout=0.3)
+    try:
+        await local.open()
+        assert "removing what crashed calls left behind takes longer than 0.3s" in caplog.text
+        data = b"still works"
+        assert (await local.put(KEY, data, b64_sha256(data))).size == len(data)
+    finally:
+        release.set()
+
+
+def test_a_store_that_never_answers_at_start_exits_1_and_does_not_hang(settings: Settings) -> None:
+    """A store directory on a hung mount at start: `run --once` exits 1 (not 2, which tells systemd not to restart
+    the service) within about its deadline, without waiting at exit for the thread still blocked in the mount."""
+    import subprocess
+    import sys
+
+    from tests.fixtures.daemon import enqueue_bytes, settings_env
+
+    enqueue_bytes(settings, b"weights", filename="ckpt.pt")
+    hung = ("import sys, threading; import mldash.store.local as local; "
+            "local.LocalStore._open_layout = lambda self: threading.Event().wait(); "  # a mkdir that never returns
+            "from mldash_syncd.cli import main; sys.exit(main(['run', '--once']))")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", hung], env=settings_env(settings.replace(request_timeout=0.5)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "the store did not answer: open '' in " in done.stderr and "no answer from the filesystem in 0.5s" \
+        in done.stderr, done.stderr
+    assert time.monotonic() - started < 20

@@ -30,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from mldash.spool.enqueue import Enqueuer
 from mldash.spool.index import SpoolIndex
 from mldash.spool.layout import SpoolLayout
-from mldash.spool.recovery import ingest_new, recover
+from mldash.spool.recovery import ingest_new, read_manifest, recover
 from mldash.spool.states import TRANSITIONS, IllegalTransition, State
 from tests.spool_helpers import make_settings, put
 
@@ -388,6 +388,20 @@ def test_an_index_from_before_the_state_counts_gets_them_filled_from_its_rows(tm
     assert {k: v for k, v in index.counts().items() if v["count"]} == expected
     index.transition(ids[1], State.UPLOADING)
     index.forget(index.given_up([ids[0]]), "discarded")
+    manifest = read_manifest(index.layout, ids[2])
+    assert index.ingest([manifest]) == 0  # already there: not counted (nor are the triggers' writes)
     assert {k: v for k, v in index.counts().items() if v["count"]} == {"queued": {"count": 2, "bytes": 7},
                                                                         "uploading": {"count": 1, "bytes": 2}}
     index.close()
+
+
+def test_ingest_counts_the_new_rows(tmp_path: Path) -> None:
+    layout = SpoolLayout(tmp_path / "spool").ensure()
+    enqueuer = Enqueuer(make_settings(layout.root, inline_max=0), layout)
+    manifests = [put(enqueuer, b"x" * (i + 1), filename=f"f{i}.bin") for i in range(3)]
+    index = SpoolIndex(layout)
+    try:
+        assert index.ingest(manifests[:2]) == 2
+        assert index.ingest(manifests) == 1  # two of them were there already
+    finally:
+        index.close()

@@ -25,6 +25,7 @@ from mldash.spool.layout import SpoolLayout, directory_bytes
 from mldash.spool.lock import DaemonLock, holder_pid, holder_role, is_held, seconds_since_touched
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
 from mldash.spool.states import OUTSTANDING, State
+from mldash.store.base import StoreError
 from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, sync_targets
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
@@ -661,14 +662,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run_command(args)
+    # Also after an error: a store call past its deadline leaves its thread blocked (a hung mount), and Python
+    # would wait for it at exit, for ever.
+    exit_now_if_threads_are_stuck(code)
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
-        code = args.func(args)
-        exit_now_if_threads_are_stuck(code)
-        return code
+        return args.func(args)
     except DaemonBusyError as exc:
         print(f"mldash-syncd {args.command}: {exc}; stop it first (on SIGTERM it checkpoints and exits)",
               file=sys.stderr)
         return EXIT_BUSY
+    except StoreError as exc:
+        if not exc.transient:
+            print(f"mldash-syncd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        # Not a configuration problem: exit 1, which systemd's Restart=on-failure retries (2 would stop it).
+        print(f"mldash-syncd {args.command}: the store did not answer: {exc}; nothing spooled is lost — run "
+              "again once it answers", file=sys.stderr)
+        return EXIT_LEFT_FAILED
     except (ConfigError, MldashError) as exc:
         print(f"mldash-syncd: {exc}", file=sys.stderr)
         return EXIT_USAGE

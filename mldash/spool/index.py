@@ -286,9 +286,8 @@ class SpoolIndex:
         if not rows:
             return 0
         with self.transaction() as conn:
-            before = conn.total_changes
-            conn.executemany(_INSERT_FROM_MANIFEST, rows)
-            return conn.total_changes - before
+            # The statement's own rows: total_changes would count the state_counts triggers' writes as well.
+            return conn.executemany(_INSERT_FROM_MANIFEST, rows).rowcount
 
     def ingest_broken(self, file_id: int, reason: str, manifest: Manifest | None = None,
                       now: float | None = None) -> None:

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -68,6 +69,7 @@ from mldash.store.base import (
 from mldash.store.pacing import RateLimit, pace
 
 T = TypeVar("T")
+log = logging.getLogger("mldash.store")
 
 MIN_PART_SIZE = 5 * 2**20  # S3's minimum for every part but the last
 MAX_PART_NUMBER = 10_000
@@ -79,6 +81,9 @@ _PART_MAGIC = b"MLDPART1"
 _PART_HEADER = struct.Struct(">8sQ32s")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _DEBRIS_AGE = 3600.0  # seconds without a write before a temp file or half-created upload is debris
+# Deadline allowance per part file for calls whose work grows with the part count (list, abort): an open, read
+# and close of a header on NFS is a few round trips.
+_SECONDS_PER_PART_FILE = 0.01
 
 # OSErrors that may pass if retried later (space freed, device back); everything else needs a human.
 _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY,
@@ -113,6 +118,17 @@ class LocalStore(Store):
 
     async def open(self) -> None:
         await self._run("open", "", self._open_layout)
+        if self.read_only:
+            return
+        try:
+            # Its cost grows with the debris (a retired upload of 10,000 parts): a deadline for the whole sweep
+            # would fail the start of a daemon whose store is merely untidy, so one that runs out only says so.
+            await self._run("clean up", "", self._clean_up)
+        except TransientStoreError as exc:
+            if exc.code != "Timeout":
+                raise
+            log.warning("store %s: removing what crashed calls left behind takes longer than %gs; it goes on in "
+                        "the background", self.url, self.request_timeout)
 
     def key(self, relative_key: str) -> str:
         return relative_key  # a file:// store has no root prefix: its root is the directory
@@ -137,7 +153,7 @@ class LocalStore(Store):
                                nbytes=memoryview(data).nbytes)
 
     async def list_parts(self, key: str, upload_id: str) -> dict[int, PartReceipt]:
-        return await self._run("list_parts", key, self._list_parts, key, upload_id)
+        return await self._run("list_parts", key, self._list_parts, key, upload_id, per_part_files=True)
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[PartReceipt]) -> StoredObject:
         # The parts are copied together and the result hashed: the whole object's bytes, twice.
@@ -145,10 +161,10 @@ class LocalStore(Store):
                                nbytes=2 * sum(part.size for part in parts))
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
-        await self._run("abort_multipart", key, self._abort, key, upload_id)
+        await self._run("abort_multipart", key, self._abort, key, upload_id, per_part_files=True)
 
     async def list_multipart_uploads(self, prefix: str) -> list[PendingUpload]:
-        return await self._run("list_multipart_uploads", prefix, self._list_uploads, prefix)
+        return await self._run("list_multipart_uploads", prefix, self._list_uploads, prefix, per_part_files=True)
 
     async def download(self, key: str, dest: Path) -> StoredObject:
         return await self._run("download", key, self._download, key, Path(dest), deadline=False)
@@ -159,8 +175,13 @@ class LocalStore(Store):
     # -- plumbing -------------------------------------------------------------------------------
 
     async def _run(self, op: str, key: str, fn: Callable[..., T], *args: Any, nbytes: int = 0,
-                   deadline: bool = True) -> T:
+                   per_part_files: bool = False, deadline: bool = True) -> T:
+        """`fn(*args)` in a worker thread, within its deadline (module doc): `request_timeout`, plus time for the
+        bytes it moves, plus — for calls that open or remove one file per part (`per_part_files`) — time for
+        the most parts an upload can have."""
         seconds = self.request_timeout + nbytes / 2**20 * self.seconds_per_mib
+        if per_part_files:
+            seconds += MAX_PART_NUMBER * _SECONDS_PER_PART_FILE
         timeout = asyncio.timeout(seconds if deadline else None)
         try:
             async with timeout:
@@ -207,6 +228,8 @@ class LocalStore(Store):
             self._ensure_layout()
         except OSError as exc:
             raise self._open_error(exc, "create the directory") from exc
+
+    def _clean_up(self) -> None:
         try:
             self._sweep()
         except OSError as exc:
