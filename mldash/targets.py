@@ -7,10 +7,10 @@ MongoDB, would follow that daemon and exit 0 — "everything is synced" — with
 writes its targets into its heartbeat; `run --once` refuses to vouch for a daemon that sends elsewhere, and
 `status` shows the running daemon's targets when they differ from the configured ones. Each committed index row
 records them too (`committed_to`, a `fingerprint`), so a client's `wait()`/`flush()` does not report as
-committed what went to another store or catalog than its own settings name, and a daemon that has exited can
-still be held to account: `delivered_elsewhere` counts what it committed to other targets during its run — the
-job's whole output, when the job's environment lacked the settings its closing `run --once` has. Passwords never
-appear.
+committed what went to another store or catalog than its own settings name, and daemons that have exited can
+still be held to account: `delivered_elsewhere` counts what was committed to other targets since a daemon
+configured like the one asking last ran (`record_run`, in the index's meta) — the job's whole output, when the
+job's environment lacked the settings its closing `run --once` has. Passwords never appear.
 """
 
 from __future__ import annotations
@@ -73,28 +73,50 @@ def parse_fingerprint(text: str | None) -> dict[str, str] | None:
 
 
 
+RUNS_META = "runs"  # index meta: {fingerprint: start of the latest daemon that ran with those targets}
+
+
+def record_run(index: SpoolIndex, targets: dict[str, str], started_at: float) -> None:
+    """Note that a daemon sending to `targets` ran on this spool from `started_at` (at its first heartbeat): what
+    other daemons committed elsewhere before then has been seen by one configured like this."""
+    runs = _runs(index)
+    runs[fingerprint(targets)] = max(started_at, runs.get(fingerprint(targets), 0.0))
+    index.set_meta(RUNS_META, json.dumps(runs, sort_keys=True))
+
+
+def _runs(index: SpoolIndex) -> dict[str, float]:
+    try:
+        runs = json.loads(index.get_meta(RUNS_META) or "{}")
+    except ValueError:
+        return {}
+    return {k: v for k, v in runs.items() if isinstance(v, int | float)} if isinstance(runs, dict) else {}
+
+
 @dataclass(frozen=True)
 class DeliveredElsewhere:
-    """What the last daemon on a spool committed, during its run, to other targets than the configured ones."""
+    """Files committed to other targets than the configured ones, by daemons no daemon configured like this has
+    run after."""
 
     files: int
     bytes: int
-    where: str  # `mismatch`'s words: its targets, and ours
-    pid: int | None
-    last_seen: float | None  # its last heartbeat (Unix time)
+    where: str  # `mismatch`'s words: their targets, and ours
+    last_committed: float  # Unix time of the latest of them
 
 
-def delivered_elsewhere(index: SpoolIndex, beat: dict[str, Any], ours: dict[str, str]) -> DeliveredElsewhere | None:
-    """What the daemon whose heartbeat is `beat` committed since it started to targets other than `ours`; None
-    when its targets agree (or are not recorded) or it committed nothing. Only that daemon's run counts: rows an
-    earlier daemon committed under an old configuration are history, not a sign that something is wrong now."""
-    where = mismatch(ours, beat.get("targets"))
-    if where is None:
-        return None
+def delivered_elsewhere(index: SpoolIndex, ours: dict[str, str]) -> list[DeliveredElsewhere]:
+    """What was committed to targets other than `ours` since a daemon with `ours` last ran on the spool (or last
+    committed there), per other target. Rows committed elsewhere before that are history — a configuration
+    changed on purpose, already seen by one configured like this — not a sign that something is wrong now.
+    Restarts of a daemon configured apart (systemd, an autostart per job) do not hide what its earlier runs
+    committed."""
+    own = fingerprint(ours)
     try:
-        files, size = index.committed_to_since(fingerprint(beat["targets"]), beat.get("startedAt") or 0.0)
+        since = max(_runs(index).get(own, 0.0), index.last_committed_to(own) or 0.0)
+        groups = index.committed_elsewhere_since(own, since)
     except sqlite3.Error:  # an index older than the `committed_to` column, opened read-only: nothing recorded
-        return None
-    if not files:
-        return None
-    return DeliveredElsewhere(files, size, where, beat.get("pid"), beat.get("heartbeat"))
+        return []
+    found = []
+    for committed_to, files, size, last in groups:
+        if (where := mismatch(ours, parse_fingerprint(committed_to))) is not None:
+            found.append(DeliveredElsewhere(files, size, where, last))
+    return found

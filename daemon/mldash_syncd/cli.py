@@ -29,7 +29,7 @@ from mldash.store.base import StoreError
 from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, sync_targets
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
-from mldash_syncd.health import parse_duration, problems
+from mldash_syncd.health import elsewhere_words, parse_duration, problems
 from mldash_syncd.logfile import CappedLogFile
 from mldash_syncd.logs import redact, setup_logging
 from mldash_syncd.progress import ProgressBar, human_bytes, human_duration
@@ -114,8 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return run_loop(main())  # not asyncio.run: a stop must not wait for threads without a bound (runner.py)
 
-    # Read before our heartbeat replaces the last daemon's: did it commit this spool's entries elsewhere?
-    before = _last_daemon_delivered_elsewhere(settings) if args.once else None
+    # Read before this run is recorded: what went elsewhere since a daemon configured like this one last ran?
+    before = _delivered_elsewhere(settings) if args.once else []
     followed_other = False
     while True:
         try:
@@ -148,14 +148,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             done = f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent)"
         print(f"{done}; in spool: {left}", file=sys.stderr)
         # Exit 0 would say "everything is synced" to a job script whose files went to another store.
-        delivered_apart = before is not None and not followed_other
-        if before is not None and delivered_apart:
-            seen = f", last seen {human_duration(time.time() - before.last_seen)} ago" if before.last_seen else ""
-            print(f"mldash-syncd: the daemon that ran on this spool before (pid {before.pid}{seen}) committed "
-                  f"{before.files} files ({human_bytes(before.bytes)}) to {before.where}: they are there, not where "
-                  "this run sends (`mldash-syncd show ID` says where each went). If the configuration changed on "
-                  "purpose, nothing is wrong and the next run exits 0; otherwise save them again with this "
-                  "configuration.", file=sys.stderr)
+        delivered_apart = bool(before) and not followed_other
+        for apart in before if delivered_apart else []:
+            print(f"mldash-syncd: {elsewhere_words(_elsewhere_json(apart))}, not where this run sends "
+                  "(`mldash-syncd show ID` says where each went). If the configuration changed on purpose, "
+                  "nothing is wrong and the next run exits 0; otherwise save them again with this configuration.",
+                  file=sys.stderr)
         if not report.clean:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
                   "quarantined` for why, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
@@ -169,16 +167,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _last_daemon_delivered_elsewhere(settings: Settings) -> DeliveredElsewhere | None:
-    """What the last daemon on this spool committed, in its run, to other targets than these settings'."""
+def _delivered_elsewhere(settings: Settings) -> list[DeliveredElsewhere]:
+    """What daemons configured apart committed elsewhere since one configured like these settings last ran."""
     layout = SpoolLayout(settings.spool)
     index = SpoolIndex.open_readonly(layout) if layout.exists() else None
     if index is None:
-        return None
+        return []
     try:
-        return delivered_elsewhere(index, read_heartbeat(layout), sync_targets(settings))
+        return delivered_elsewhere(index, sync_targets(settings))
     finally:
         index.close()
+
+
+def _elsewhere_json(apart: DeliveredElsewhere) -> dict[str, Any]:
+    return {"files": apart.files, "bytes": apart.bytes, "where": apart.where, "lastCommitted": apart.last_committed}
 
 
 def _refuse_to_vouch(settings: Settings, busy: str, elsewhere: str) -> int:
@@ -250,6 +252,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         data["pendingBytes"] = sum(p["bytes"] for p in pending)
         _add_unindexed(data, unindexed(layout, index.known_ids()), index.oldest_outstanding_created_at())
         data["recentErrors"] = unresolved_errors(index)
+        data["deliveredElsewhere"] = [_elsewhere_json(d) for d in delivered_elsewhere(index, data["targets"])]
         beat = index.get_meta("daemon")
         if beat:
             info = json.loads(beat)
@@ -260,10 +263,6 @@ def status_data(settings: Settings) -> dict[str, Any]:
                                   catalogProblem=info.get("catalogGate"), uploadRateCap=info.get("uploadRateCap"))
             if data["daemon"]["running"]:
                 data["throughputBytesPerSecond"] = info.get("throughput", 0.0)
-            if elsewhere := delivered_elsewhere(index, info, data["targets"]):
-                data["deliveredElsewhere"] = {"files": elsewhere.files, "bytes": elsewhere.bytes,
-                                              "where": elsewhere.where, "pid": elsewhere.pid,
-                                              "lastSeen": elsewhere.last_seen}
     finally:
         index.close()
     return data

@@ -8,9 +8,9 @@ prints them on one line and exits 1, for a cron job, a job script's epilogue, or
 A problem is something that does not fix itself: entries failed or quarantined (a person must look), pending
 entries with no daemon to send them, a daemon that stopped writing its heartbeat (its loop is stuck) or never
 wrote its first (stuck while starting), a store or catalog the daemon cannot reach, a daemon that sends to
-another store or catalog than the configuration asking — or that did, and committed files there, before it
-exited —, a spool close to its quota or its filesystem close to full, and — only when asked for, since an
-offline node's backlog is normal — pending entries older than a limit.
+another store or catalog than the configuration asking — or files committed to other targets since a daemon
+configured like that last ran —, a spool close to its quota or its filesystem close to full, and — only when
+asked for, since an offline node's backlog is normal — pending entries older than a limit.
 """
 
 from __future__ import annotations
@@ -56,18 +56,12 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
     if data["pendingFiles"] and not daemon["running"]:
         found.append(f"{pending} and no daemon running: `mldash-syncd run --once` syncs them")
     own_beat = daemon["running"] and daemon.get("heartbeatPid") == daemon["pid"]
-    gone = data.get("deliveredElsewhere")
     if own_beat and (elsewhere := mismatch(data.get("targets"), daemon.get("targets"))):
         found.append(f"the running daemon (pid {daemon['pid']}) sends to {elsewhere}: it was started with "
-                     "another configuration; restart it with this one"
-                     + (f" (it committed {gone['files']} files, {human_bytes(gone['bytes'])}, there)" if gone else ""))
-    elif gone:
-        # The last daemon has exited (or its successor has not written its first heartbeat yet).
-        seen = f", last seen {human_duration(now - gone['lastSeen'])} ago" if gone.get("lastSeen") else ""
-        found.append(f"the last daemon on this spool (pid {gone['pid']}{seen}) committed {gone['files']} files "
-                     f"({human_bytes(gone['bytes'])}) to {gone['where']}: they are there, not where this "
-                     "configuration sends. If the configuration changed on purpose, a daemon run with this one "
-                     "clears this (`mldash-syncd run --once`)")
+                     "another configuration; restart it with this one")
+    for apart in data.get("deliveredElsewhere") or []:
+        found.append(f"{elsewhere_words(apart, now)}, not where this configuration sends. If the configuration "
+                     "changed on purpose, a daemon run with this one clears this (`mldash-syncd run --once`)")
     if daemon["running"]:
         beat = daemon.get("heartbeat")
         touched = daemon.get("lockTouchedSecondsAgo")
@@ -94,3 +88,11 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
         if disk["filesystemFreeBytes"] < FILESYSTEM_NEARLY_FULL:
             found.append(f"only {human_bytes(disk['filesystemFreeBytes'])} free on the spool's filesystem")
     return found
+
+
+def elsewhere_words(apart: dict[str, Any], now: float | None = None) -> str:
+    """'N files (B) were committed to X (configured here: Y), the last T ago, …: they are there' for one of
+    status's `deliveredElsewhere` (mldash.targets.delivered_elsewhere)."""
+    ago = human_duration((time.time() if now is None else now) - apart["lastCommitted"])
+    return (f"{apart['files']} files ({human_bytes(apart['bytes'])}) were committed to {apart['where']}, the last "
+            f"{ago} ago, and no daemon configured like this has run on the spool since: they are there")
