@@ -239,8 +239,9 @@ class SpoolIndex:
             conn.execute("DELETE FROM state_counts")
             conn.execute("INSERT INTO state_counts SELECT state, COUNT(*), COALESCE(SUM(size),0) FROM entries"
                          " GROUP BY state")
-            add = ("INSERT INTO state_counts(state, count, bytes) VALUES (NEW.state, 1, COALESCE(NEW.size,0))"
-                   " ON CONFLICT(state) DO UPDATE SET count=count+1, bytes=bytes+excluded.bytes;")
+            # Not an UPSERT: that needs SQLite 3.24, and a system Python may link an older one.
+            add = ("INSERT OR IGNORE INTO state_counts(state, count, bytes) VALUES (NEW.state, 0, 0);"
+                   " UPDATE state_counts SET count=count+1, bytes=bytes+COALESCE(NEW.size,0) WHERE state=NEW.state;")
             remove = ("UPDATE state_counts SET count=count-1, bytes=bytes-COALESCE(OLD.size,0)"
                       " WHERE state=OLD.state;")
             conn.execute(f"CREATE TRIGGER entries_count_insert AFTER INSERT ON entries BEGIN {add} END")
