@@ -110,13 +110,22 @@ def test_save_of_an_unsupported_type_lists_the_accepted_ones(exp, unchanged):
     (lambda f: f.save_image("cat.png", "i.png"), ("got str", "upload(path)")),
     (lambda f: f.save_image([[0, 1], [0]], "i.png"), ("not a rectangular array",)),
     (lambda f: f.save_fig(plt.figure(), "f.png", format=123), ("format must be a str", "123")),
+    (lambda f: f.save_json({"loss": float("nan")}, "j.json", allow_nan=False), ("Out of range float",)),
 ], ids=["text-bytes", "text-encoding", "blob-str", "blob-int", "json-set", "json-object", "pkl-lambda",
         "torch-lambda", "npy-object", "blob-object-array", "save-np-float", "save-np-int",
         "text-encoding-none", "json-deep", "blob-closed-file", "pkl-protocol-bool", "image-none", "image-str",
-        "image-ragged", "fig-format-int"])
+        "image-ragged", "fig-format-int", "json-nan-refused"])
 def test_serializer_refusals(exp, unchanged, call, fragments):
     with raises(InvalidInputError, *fragments):
         call(exp.files("x"))
+
+
+def test_a_diverged_loss_is_saved_as_json_writes_it(exp):
+    # A NaN loss must not crash the loop that records it: written as Python's json writes it (docs/client.md).
+    from mldash.serializers import json_payload
+
+    assert b'"loss": NaN' in bytes(json_payload({"loss": float("nan")}).data)
+    exp.files("m").save_json({"loss": float("nan")}, "m.json")
 
 
 def test_figure_refusals(exp, unchanged):
