@@ -263,6 +263,58 @@ def test_another_files_object_at_our_key_is_never_removed(backend: Settings, dra
     reads_follow(backend, entry.id, new_id, mine, tmp_path)
 
 
+class CatalogDownForReads(Wrapped):
+    """A catalog that cannot be reached for a while: its reads fail as an outage."""
+
+    def __init__(self, inner, failures: int) -> None:
+        super().__init__(inner)
+        self.failures = failures
+
+    async def get(self, file_id: str):
+        from mldash.catalog.base import TransientCatalogError
+
+        if self.failures > 0:
+            self.failures -= 1
+            raise TransientCatalogError("catalog at mongodb://db:27017: no server reachable")
+        return await self._inner.get(file_id)
+
+
+def test_a_catalog_outage_met_by_an_upload_is_the_catalogs(settings: Settings) -> None:
+    """Finding an object with other bytes at its key, an upload asks the catalog whose it is. The catalog being
+    down then is the catalog's outage: it used to close the store's gate (every upload paused, `status` said the
+    store was unreachable)."""
+    import asyncio
+
+    from mldash.catalog import make_catalog
+    from mldash.store import make_store
+    from mldash.store.base import b64_sha256
+    from mldash_syncd.service import Daemon
+
+    fast = settings.replace(retry_base_delay=0.01, retry_max_delay=0.05)
+    entry = enqueue_bytes(fast, b"mine", filename="m.bin")
+
+    async def plant() -> None:  # another file's bytes at our key, uncommitted
+        async with make_store(fast) as store:
+            await store.put(store.key(entry.key()), b"theirs", b64_sha256(b"theirs"))
+
+    asyncio.run(plant())
+    problems: list[tuple[str | None, str | None]] = []
+    daemon = Daemon(fast, catalog=CatalogDownForReads(make_catalog(fast), failures=1))
+    original = daemon._route_failure
+
+    def observed(row, exc, **kwargs):
+        original(row, exc, **kwargs)
+        problems.append((daemon.store_gate.last_error, daemon.catalog_gate.last_error))
+
+    daemon._route_failure = observed
+    report = asyncio.run(daemon.run(until_drained=True, max_wait=60))
+
+    assert problems and problems[0][0] is None, problems  # the store's gate stayed open
+    assert "no server reachable" in (problems[0][1] or ""), problems
+    assert report.committed == 1 and report.clean  # and then, the catalog back: re-saved under a new id
+    assert read_object(fast, dataclasses.replace(entry, id=resaved_as(fast, entry.id)).key()) == b"mine"
+
+
 def test_a_resave_a_crash_cut_short_is_finished_at_the_next_start(settings: Settings, drain) -> None:
     """The move is recorded before the new entry's files exist; a daemon killed in between leaves the old entry
     `resaved` with its files: the next start publishes the new entry and removes the old files — one delivery."""

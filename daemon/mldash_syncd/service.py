@@ -22,7 +22,7 @@ from typing import Any
 
 from mldash import ids
 from mldash.catalog import make_catalog
-from mldash.catalog.base import Catalog, FileDocument, TransientCatalogError
+from mldash.catalog.base import Catalog, CatalogError, FileDocument, TransientCatalogError
 from mldash.config import Settings
 from mldash.errors import SpoolCorruptError
 from mldash.spool.index import SpoolIndex, entry_path, manifest_fields
@@ -879,7 +879,9 @@ class Daemon:
         retry_state = State.QUEUED if stage == "upload" else State.UPLOADED
         now = time.time()
         if kind is Failure.OUTAGE:
-            gate = self.store_gate if stage == "upload" else self.catalog_gate
+            # The catalog's outage when an upload asked it (whose object is at our key?) is the catalog's: closing
+            # the store's gate for it would pause every upload and report the store unreachable.
+            gate = self.store_gate if stage == "upload" and not isinstance(exc, CatalogError) else self.catalog_gate
             delay = gate.failure(reason) if outage_delay is None else outage_delay
             # An outage is not the entry's fault: give the attempt back.
             self.index.transition(file_id, retry_state, attempts=max(0, attempts - 1), next_attempt_at=now + delay,
