@@ -16,6 +16,7 @@ nothing is in flight, so an idle daemon holds no part memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 from collections.abc import Callable
 
@@ -96,7 +97,7 @@ class ByteBudget:
         """Unmap idle buffers (of sizes nobody asked for now) until `amount` fits beside the rest."""
         while self._idle_bytes and self.used + amount > self.capacity:
             size, pool = next(iter(self._idle.items()))
-            pool.pop().close()
+            _unmap(pool.pop())
             if not pool:
                 del self._idle[size]
             self._idle_bytes -= size
@@ -113,7 +114,7 @@ class ByteBudget:
     def _unmap_idle(self) -> None:
         for pool in self._idle.values():
             for buffer in pool:
-                buffer.close()
+                _unmap(buffer)
         self.used -= self._idle_bytes
         self._idle.clear()
         self._idle_bytes = 0
@@ -129,6 +130,13 @@ class ByteBudget:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
                 raise
+
+
+def _unmap(buffer: mmap.mmap) -> None:
+    """Unmap an idle buffer — unless a late reader took a view of it meanwhile (close() refuses then): it is
+    unmapped when that reader lets go of it, as any buffer given back while read."""
+    with contextlib.suppress(BufferError):
+        buffer.close()
 
 
 def _has_views(buffer: mmap.mmap) -> bool | None:

@@ -54,6 +54,7 @@ from mldash.store.base import (
     Store,
     StoredObject,
     hex_to_b64,
+    holding_view,
 )
 from mldash_syncd.budget import ByteBudget
 from mldash_syncd.retry import ChecksumMismatchError, EntryRetryableError, IdClashError, VerificationError
@@ -332,10 +333,12 @@ class Uploader:
     async def _hash(self, data: Buffer, whole: Any = None, *, md5: bool) -> _PartHashes:
         """The part's SHA256, its MD5 (if asked for) and the whole-file digest's update, each on its own
         thread: hashlib releases the GIL, so they run side by side instead of one after another."""
+        # Views made here, on the loop, held until each thread is done (holding_view): a hash thread that starts
+        # after its cancelled caller gave the buffer back keeps it from being refilled under it.
         sha, md5_hex, *_ = await asyncio.gather(
-            asyncio.to_thread(_sha256_b64, data),
-            asyncio.to_thread(_md5_hex, data) if md5 else _nothing(),
-            *([asyncio.to_thread(whole.update, data)] if whole is not None else []))
+            asyncio.to_thread(holding_view(data, _sha256_b64)),
+            asyncio.to_thread(holding_view(data, _md5_hex)) if md5 else _nothing(),
+            *([asyncio.to_thread(holding_view(data, whole.update))] if whole is not None else []))
         return _PartHashes(sha, md5_hex)
 
     async def _reconcile(self, manifest: Manifest, have: PartReceipt, data: Buffer, hashes: _PartHashes) -> bool:
@@ -365,7 +368,7 @@ class Uploader:
                 and _etag(recorded.get("etag")) == _etag(have.etag)):
             return True
         if self.check_etag:
-            return _etag(have.etag) == (hashes.md5_hex or await asyncio.to_thread(_md5_hex, data))
+            return _etag(have.etag) == (hashes.md5_hex or await asyncio.to_thread(holding_view(data, _md5_hex)))
         return False
 
     # ---- verification -------------------------------------------------------------------------

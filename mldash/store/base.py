@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import abc
 import base64
+import contextlib
 import hashlib
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from mldash.errors import MldashError
 from mldash.store.pacing import RateLimit
+
+T = TypeVar("T")
 
 # Bytes a store sends or writes. The daemon passes its part buffers (anonymous mmaps) as they are: a store
 # must not keep a reference to them, nor a view, after the call returns — they are refilled with the next part.
@@ -83,6 +88,28 @@ class PartReceipt:
 class PendingUpload:
     key: str
     upload_id: str
+
+
+def holding_view(data: Buffer, fn: Callable[[memoryview], T]) -> Callable[[], T]:
+    """`fn(view of data)` for a worker thread, the view exported from now until the thread is done with it.
+
+    Why: the daemon's part buffers are pooled and refilled (mldash_syncd.budget), and a buffer is refilled only
+    when no view of it is left. A thread cannot be interrupted: a store call past its deadline, or a hash whose
+    caller was cancelled, returns control while its thread goes on. Without a view made before the thread
+    starts, a thread stalled before it read would read the next file's bytes — a local store wrote them under
+    this key, beside this file's checksum. The view is released as the thread's call ends, before its result
+    is delivered, so a buffer given back right after is reused at once.
+    """
+    view = memoryview(data)
+
+    def call() -> T:
+        try:
+            return fn(view)
+        finally:
+            with contextlib.suppress(BufferError):  # a view derived from it still alive: the GC releases it
+                view.release()
+
+    return call
 
 
 def b64_sha256(data: bytes | memoryview) -> str:

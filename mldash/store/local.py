@@ -65,6 +65,7 @@ from mldash.store.base import (
     TransientStoreError,
     b64_sha256,
     composite_sha256,
+    holding_view,
 )
 from mldash.store.pacing import RateLimit, pace
 
@@ -138,7 +139,7 @@ class LocalStore(Store):
 
     async def put(self, key: str, data: bytes, sha256_b64: str) -> StoredObject:
         await pace(self.rate_limit, len(data))
-        return await self._run("put", key, _holding(data, lambda view: self._put(key, view, sha256_b64)),
+        return await self._run("put", key, holding_view(data, lambda view: self._put(key, view, sha256_b64)),
                                nbytes=len(data))
 
     async def create_multipart(self, key: str) -> str:
@@ -148,7 +149,7 @@ class LocalStore(Store):
                           sha256_b64: str) -> PartReceipt:
         await pace(self.rate_limit, memoryview(data).nbytes)
         return await self._run("upload_part", key,
-                               _holding(data, lambda view: self._upload_part(key, upload_id, part_number, view,
+                               holding_view(data, lambda view: self._upload_part(key, upload_id, part_number, view,
                                                                              sha256_b64)),
                                nbytes=memoryview(data).nbytes)
 
@@ -590,24 +591,6 @@ class LocalStore(Store):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-def _holding(data: Buffer, fn: Callable[[memoryview], T]) -> Callable[[], T]:
-    """`fn(view of data)` for a worker thread, the view exported from now until the thread is done with it.
-    Why: the daemon's part buffers are pooled and refilled (mldash_syncd.budget), and a buffer is refilled only
-    when no view of it is left. A call past its deadline returns to the caller while its thread goes on (it
-    cannot be interrupted); without this view, a thread stalled before it wrote would have written the next
-    file's bytes under this key, next to this file's checksum."""
-    view = memoryview(data)
-
-    def call() -> T:
-        try:
-            return fn(view)
-        finally:
-            with suppress(BufferError):  # a view derived from it still alive: it goes with the garbage collector
-                view.release()
-
-    return call
-
 
 def store_error_from_os_error(exc: OSError, context: str) -> StoreError:
     """A local file error as a StoreError: transient if it may pass by itself (full disk), else permanent."""
