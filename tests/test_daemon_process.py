@@ -715,6 +715,65 @@ def _run_once(settings: Settings, *args: str) -> subprocess.Popen:
                             env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+_INJECTED = {
+    # What a start meets, injected into a real `mldash-syncd run` process → its exit status and what it says.
+    # systemd restarts the service on 1 and not on 2 (RestartPreventExitStatus=2): a problem that may pass must
+    # exit 1, one that restarting cannot fix must exit 2 and say what does.
+    "catalog-full": ("import sqlite3, mldash.catalog.sqlite as c\n"
+                     "def full(self, *a, **k): raise sqlite3.OperationalError('database or disk is full')\n"
+                     "c.SqliteCatalog._open_sync = full\n",
+                     1, "the catalog is not available: "),
+    "dead-fuse-mount": ("import errno, mldash.store.local as local\n"
+                        "def gone(path): raise OSError(errno.ENOTCONN, 'Transport endpoint is not connected', "
+                        "str(path))\n"
+                        "local.make_private_dir = gone\n",
+                        1, "the store is not available: "),
+    "unreadable-index": ("import os, sys\n"
+                         "spool = os.environ['MLDASH_SPOOL']\n"
+                         "open(os.path.join(spool, 'index.sqlite'), 'wb').write(os.urandom(8192))\n",
+                         2, "the spool's index cannot be read (file is not a database); `mldash-syncd reindex` "
+                            "rebuilds it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_INJECTED))
+def test_a_start_that_fails_exits_with_what_systemd_should_do(settings: Settings, case: str) -> None:
+    enqueue_bytes(settings, b"weights", filename="ckpt.pt")
+    inject, code, says = _INJECTED[case]
+    script = inject + "import sys\nfrom mldash_syncd.cli import main\nsys.exit(main(['run']))\n"
+    done = subprocess.run([sys.executable, "-c", script], env=settings_env(settings), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == code and says in done.stderr, (done.returncode, done.stderr)
+
+
+def test_an_unforeseen_error_does_not_wait_at_exit_for_a_blocked_thread(settings: Settings) -> None:
+    """A bug of ours while a thread is blocked in a hung mount: the traceback, exit 1 — not a process that
+    waits for the thread at exit for ever (the service's restart, a job's `run --once`, would hang)."""
+    script = ("import asyncio, sys, threading\n"
+              "import mldash_syncd.cli as cli\n"
+              "def broken(args):\n"
+              "    async def go():\n"
+              "        asyncio.get_running_loop().run_in_executor(None, threading.Event().wait)\n"
+              "        raise RuntimeError('a bug')\n"
+              "    return cli.run_loop(go())\n"
+              "cli.cmd_run = broken\n"
+              "parser = cli.build_parser\n"
+              "def patched():\n"
+              "    p = parser()\n"
+              "    p.set_defaults(func=broken)\n"
+              "    for action in p._subparsers._group_actions:\n"
+              "        for sub in action.choices.values():\n"
+              "            sub.set_defaults(func=broken)\n"
+              "    return p\n"
+              "cli.build_parser = patched\n"
+              "sys.exit(cli.main(['run']))\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], env=settings_env(settings), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "RuntimeError: a bug" in done.stderr, done.stderr
+    assert time.monotonic() - started < 30
+
+
 def test_retry_ends_the_backoff_of_an_entry_waiting_after_a_transient_error(settings: Settings) -> None:
     """A store was down; its entries wait out their backoff (up to retry_max_delay, 5 min by default). Once the
     cause is fixed, `retry ID` (or --all) makes them due now, attempts reset; entries in flight are left alone."""

@@ -13,11 +13,14 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import mldash
+from mldash.catalog.base import CatalogError
 from mldash.config import Settings
 from mldash.errors import ConfigError, DaemonBusyError, MldashError
 from mldash.spool.index import SpoolIndex, entry_path, read_heartbeat, unindexed_row
@@ -661,11 +664,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code = _run_command(args)
+    try:
+        code = _run_command(args)
+    except Exception:
+        # A bug of ours, or an error nobody foresaw: its traceback, and exit 1 (systemd restarts the service) —
+        # without first waiting for a thread blocked in a hung mount, which Python would do at exit for ever.
+        exit_now_if_threads_are_stuck(EXIT_LEFT_FAILED, before=traceback.print_exc)
+        raise
     # Also after an error: a store call past its deadline leaves its thread blocked (a hung mount), and Python
     # would wait for it at exit, for ever.
     exit_now_if_threads_are_stuck(code)
     return code
+
+
+def _index_unreadable(exc: sqlite3.DatabaseError) -> bool:
+    """SQLite's words for an index file that is not (or no longer) a database, as opposed to a busy or full one."""
+    return any(words in str(exc) for words in ("file is not a database", "database disk image is malformed"))
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -675,14 +689,22 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"mldash-syncd {args.command}: {exc}; stop it first (on SIGTERM it checkpoints and exits)",
               file=sys.stderr)
         return EXIT_BUSY
-    except StoreError as exc:
+    except (StoreError, CatalogError) as exc:
         if not exc.transient:
             print(f"mldash-syncd: {exc}", file=sys.stderr)
             return EXIT_USAGE
         # Not a configuration problem: exit 1, which systemd's Restart=on-failure retries (2 would stop it).
-        print(f"mldash-syncd {args.command}: the store did not answer: {exc}; nothing spooled is lost — run "
-              "again once it answers", file=sys.stderr)
+        what = "store" if isinstance(exc, StoreError) else "catalog"
+        print(f"mldash-syncd {args.command}: the {what} is not available: {exc}; nothing spooled is lost — run "
+              "again once it is", file=sys.stderr)
         return EXIT_LEFT_FAILED
+    except sqlite3.DatabaseError as exc:
+        if not _index_unreadable(exc):
+            raise
+        # Restarting into the same broken file would fail every 10 s for ever: exit 2, saying what helps.
+        print(f"mldash-syncd {args.command}: the spool's index cannot be read ({exc}); `mldash-syncd reindex` "
+              "rebuilds it from the manifests (nothing spooled is lost)", file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, MldashError) as exc:
         print(f"mldash-syncd: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -62,9 +62,12 @@ def busy_threads(grace: float = THREADS_GRACE) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
 
 
-def exit_now_if_threads_are_stuck(code: int) -> None:
-    """Exit with `code` at once if executor threads are still busy: Python would join them at exit, unbounded."""
+def exit_now_if_threads_are_stuck(code: int, before: Callable[[], object] | None = None) -> None:
+    """Exit with `code` at once if executor threads are still busy: Python would join them at exit, unbounded.
+    `before()` runs first in that case (the traceback of the error that ends the process)."""
     if stuck := busy_threads():
+        if before is not None:
+            before()
         log.warning("exiting without waiting for %d thread(s) still at work (hashing or file I/O that cannot be "
                     "interrupted): what they did is redone at the next start", len(stuck))
         logging.shutdown()
