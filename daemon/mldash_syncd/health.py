@@ -26,6 +26,9 @@ from mldash_syncd.progress import human_bytes, human_duration
 # The daemon writes its heartbeat every 2 s from its event loop (service.HEARTBEAT_INTERVAL). A minute without
 # one is a loop stuck well past any single blocking step, yet long enough not to flag a busy machine.
 STALE_HEARTBEAT_SECONDS = 60.0
+# A start may take long before the first heartbeat: recovering a large spool, a store's first clean-up of crash
+# debris (up to request_timeout), opening the store. Our units give a start TimeoutStartSec=10min.
+STARTING_GRACE_SECONDS = 600.0
 QUOTA_NEARLY_FULL = 0.9       # of the spool quota in use: saves are about to wait for space
 FILESYSTEM_NEARLY_FULL = 2**30  # bytes free on the spool's filesystem: the next checkpoint may not fit
 
@@ -69,7 +72,7 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
         if beat is not None and own_beat and now - beat > STALE_HEARTBEAT_SECONDS:
             found.append(f"the daemon (pid {daemon['pid']}) wrote no heartbeat for {human_duration(now - beat)}: "
                          "its loop is stuck; restart it (nothing spooled is lost)")
-        elif not own_beat and touched is not None and touched > STALE_HEARTBEAT_SECONDS:
+        elif not own_beat and touched is not None and touched > STARTING_GRACE_SECONDS:
             # It touched the lock as it took it, and writes its first heartbeat as its loop starts.
             found.append(f"the daemon (pid {daemon['pid']}) took the spool {human_duration(touched)} ago and has "
                          "written no heartbeat yet: it is stuck while starting (recovering the spool, opening its "
