@@ -8,9 +8,9 @@ writes its targets into its heartbeat; `run --once` refuses to vouch for a daemo
 `status` shows the running daemon's targets when they differ from the configured ones. Each committed index row
 records them too (`committed_to`, a `fingerprint`), so a client's `wait()`/`flush()` does not report as
 committed what went to another store or catalog than its own settings name, and daemons that have exited can
-still be held to account: `delivered_elsewhere` counts what was committed to other targets since a daemon
-configured like the one asking last ran (`record_run`, in the index's meta) — the job's whole output, when the
-job's environment lacked the settings its closing `run --once` has. Passwords never appear.
+still be held to account: `delivered_elsewhere` counts what was committed to other targets since a `run --once`
+configured like the one asking last reported them (`record_run`, in the index's meta) — the job's whole output,
+when the job's environment lacked the settings its closing `run --once` has. Passwords never appear.
 """
 
 from __future__ import annotations
@@ -73,14 +73,15 @@ def parse_fingerprint(text: str | None) -> dict[str, str] | None:
 
 
 
-RUNS_META = "runs"  # index meta: {fingerprint: start of the latest daemon that ran with those targets}
+RUNS_META = "runs"  # index meta: {fingerprint: when a `run --once` with those targets last reported}
 
 
-def record_run(index: SpoolIndex, targets: dict[str, str], started_at: float) -> None:
-    """Note that a daemon sending to `targets` ran on this spool from `started_at` (at its first heartbeat): what
-    other daemons committed elsewhere before then has been seen by one configured like this."""
+def record_run(index: SpoolIndex, targets: dict[str, str], seen_at: float) -> None:
+    """Note that `run --once` sending to `targets` reported, at `seen_at`, what had been committed elsewhere:
+    from then on only later commits elsewhere are news. Only a run that showed them to someone records this —
+    a service or an autostarted daemon that merely ran would clear the alarm unseen (it logs them, and goes on)."""
     runs = _runs(index)
-    runs[fingerprint(targets)] = max(started_at, runs.get(fingerprint(targets), 0.0))
+    runs[fingerprint(targets)] = max(seen_at, runs.get(fingerprint(targets), 0.0))
     index.set_meta(RUNS_META, json.dumps(runs, sort_keys=True))
 
 
@@ -94,8 +95,8 @@ def _runs(index: SpoolIndex) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class DeliveredElsewhere:
-    """Files committed to other targets than the configured ones, by daemons no daemon configured like this has
-    run after."""
+    """Files committed to other targets than the configured ones since a `run --once` configured like this last
+    reported such files."""
 
     files: int
     bytes: int
@@ -104,15 +105,13 @@ class DeliveredElsewhere:
 
 
 def delivered_elsewhere(index: SpoolIndex, ours: dict[str, str]) -> list[DeliveredElsewhere]:
-    """What was committed to targets other than `ours` since a daemon with `ours` last ran on the spool (or last
-    committed there), per other target. Rows committed elsewhere before that are history — a configuration
-    changed on purpose, already seen by one configured like this — not a sign that something is wrong now.
-    Restarts of a daemon configured apart (systemd, an autostart per job) do not hide what its earlier runs
-    committed."""
+    """What was committed to targets other than `ours` since a `run --once` with `ours` last reported such files
+    (`record_run`), per other target. What it reported is history — seen, or a configuration changed on
+    purpose — not news. Neither restarts of a daemon configured apart nor a daemon configured like this that
+    merely ran (a service, the next job's autostart) hide anything."""
     own = fingerprint(ours)
     try:
-        since = max(_runs(index).get(own, 0.0), index.last_committed_to(own) or 0.0)
-        groups = index.committed_elsewhere_since(own, since)
+        groups = index.committed_elsewhere_since(own, _runs(index).get(own, 0.0))
     except sqlite3.Error:  # an index older than the `committed_to` column, opened read-only: nothing recorded
         return []
     found = []

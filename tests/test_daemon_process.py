@@ -826,7 +826,7 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
                  "the last 0:0")
     gone = cli(epilogue, "status", "--check")  # no daemon any more: what it committed elsewhere is still a problem
     assert gone.returncode == 1 and elsewhere in gone.stdout, gone.stdout
-    assert "and no daemon configured like this has run on the spool since: they are there, not where this " \
+    assert "not reported yet to a `run --once` configured like this: they are there, not where this " \
         "configuration sends" in gone.stdout, gone.stdout
     assert cli(settings, "status", "--check").returncode == 0  # for its own configuration: all well
     # The misconfigured daemon starts again (the next job's autostart, a service restart) and commits nothing:
@@ -834,6 +834,13 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
     assert cli(settings, "run", "--once", "--quiet").returncode == 0
     again = cli(epilogue, "status", "--check")
     assert again.returncode == 1 and elsewhere in again.stdout, again.stdout
+    # A daemon configured like the script (the service restarting, the next job's autostart) that merely runs
+    # says so in its log and clears nothing: nobody has seen the alarm yet.
+    service = daemon_process(epilogue, "run")
+    wait_for(lambda: "1 files were committed to store" in service.log())
+    assert service.terminate() == 0
+    still = cli(epilogue, "status", "--check")
+    assert still.returncode == 1 and elsewhere in still.stdout, still.stdout
 
     later = enqueue_bytes(settings, os.urandom(1000), filename="late.pt")
     taken_over = cli(epilogue, "run", "--once", "--quiet")
@@ -846,10 +853,37 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
     assert (f"sent to     store {settings.store}; catalog " in shown and "not where this configuration sends: "
             f"store {settings.store} (configured here: {epilogue.store})" in shown), shown
     assert f"stored at   {epilogue.store}/files/" in cli(epilogue, "show", str(later.id)).stdout
-    # This configuration's daemon has run on the spool now: the earlier one's commits are history.
+    # Reported to this configuration's `run --once`: the earlier daemon's commits are history now.
     again = cli(epilogue, "run", "--once", "--quiet")
     assert again.returncode == 0 and "were committed to" not in again.stderr, again.stderr
     assert cli(epilogue, "status", "--check").returncode == 0
+
+
+def test_files_committed_elsewhere_are_still_reported_after_the_offline_guides_reindex(settings: Settings,
+                                                                                        tmp_path) -> None:
+    """An offline node's daemon committed to its default local store; the spool is copied to a host configured
+    for another store, which reindexes it (docs/operations.md). The rebuilt index used to forget the evicted
+    entries and where they went: `run --once` exited 0 with nothing where the host sends."""
+    node = settings
+    saved = enqueue_bytes(node, os.urandom(1000), filename="ckpt.pt")
+    assert cli(node, "run", "--once", "--quiet").returncode == 0  # committed to the node's store, evicted
+    copy = tmp_path / "copied-spool"
+    shutil.copytree(node.spool, copy)
+    host = node.replace(spool=copy, store=(tmp_path / "host-store").as_uri())
+    assert cli(host, "reindex").returncode == 0
+    assert row(host, saved.id)["state"] == "evicted" and row(host, saved.id)["committed_to"]
+    check = cli(host, "status", "--check")
+    assert check.returncode == 1 and f"1 files (1000 B) were committed to store {node.store}" in check.stdout
+    once = cli(host, "run", "--once", "--quiet")
+    assert once.returncode == 1 and f"were committed to store {node.store}" in once.stderr, once.stderr
+    assert cli(host, "run", "--once", "--quiet").returncode == 0  # reported once
+
+    # An index that is not a database any more (often why one reindexes): rebuilt from the manifests all the same.
+    (copy / "index.sqlite").write_bytes(os.urandom(8192))
+    later = enqueue_bytes(host, b"more", filename="later.pt")
+    rebuilt = cli(host, "reindex")
+    assert rebuilt.returncode == 0 and "cannot be read" in rebuilt.stderr, rebuilt.stderr
+    assert row(host, later.id)["state"] == "queued"
 
 
 def test_run_once_refuses_a_daemon_that_sends_elsewhere_even_when_it_starts_slowly(settings: Settings,

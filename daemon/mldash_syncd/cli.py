@@ -29,7 +29,7 @@ from mldash.spool.lock import DaemonLock, holder_pid, holder_role, is_held, seco
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store.base import StoreError
-from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, sync_targets
+from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, record_run, sync_targets
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
 from mldash_syncd.health import elsewhere_words, parse_duration, problems
@@ -117,7 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return run_loop(main())  # not asyncio.run: a stop must not wait for threads without a bound (runner.py)
 
-    # Read before this run is recorded: what went elsewhere since a daemon configured like this one last ran?
+    # What went elsewhere since a `run --once` configured like this one last reported it? Reported at the end.
+    looked_at = time.time()
     before = _delivered_elsewhere(settings) if args.once else []
     followed_other = False
     while True:
@@ -151,12 +152,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             done = f"committed {report.committed} files ({human_bytes(report.bytes_sent)} sent)"
         print(f"{done}; in spool: {left}", file=sys.stderr)
         # Exit 0 would say "everything is synced" to a job script whose files went to another store.
-        delivered_apart = bool(before) and not followed_other
-        for apart in before if delivered_apart else []:
+        for apart in before:
             print(f"mldash-syncd: {elsewhere_words(_elsewhere_json(apart))}, not where this run sends "
                   "(`mldash-syncd show ID` says where each went). If the configuration changed on purpose, "
                   "nothing is wrong and the next run exits 0; otherwise save them again with this configuration.",
                   file=sys.stderr)
+        if before:
+            _reported(settings, looked_at)
         if not report.clean:
             print("some entries are failed or quarantined: see `mldash-syncd ls --state failed --state "
                   "quarantined` for why, fix the cause, then `mldash-syncd retry --all`", file=sys.stderr)
@@ -166,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "retry helps only once they are restored; otherwise save the artifact again and give up on "
                       "the broken copy with `mldash-syncd discard ID`)", file=sys.stderr)
             return EXIT_LEFT_FAILED
-        return EXIT_LEFT_FAILED if report.pending or delivered_apart else EXIT_OK
+        return EXIT_LEFT_FAILED if report.pending or before else EXIT_OK
     return EXIT_OK
 
 
@@ -178,6 +180,16 @@ def _delivered_elsewhere(settings: Settings) -> list[DeliveredElsewhere]:
         return []
     try:
         return delivered_elsewhere(index, sync_targets(settings))
+    finally:
+        index.close()
+
+
+def _reported(settings: Settings, looked_at: float) -> None:
+    """Record that this configuration's `run --once` has shown what was committed elsewhere up to `looked_at`
+    (targets.record_run): the next run reports only later ones. Beside a running daemon, like `retry`."""
+    index = SpoolIndex(SpoolLayout(settings.spool), power_safe=settings.power_safe)
+    try:
+        record_run(index, sync_targets(settings), looked_at)
     finally:
         index.close()
 
@@ -515,6 +527,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         report = rebuild(layout, power_safe=settings.power_safe)
     print(f"reindexed {settings.spool}: {report.ingested} entries, {len(report.removed_tmp)} temp files and "
           f"{len(report.removed_orphan_blobs)} orphan blobs removed")
+    if report.history_lost:
+        print(f"note: {report.history_lost}; the history of evicted entries (where each went) is not carried over",
+              file=sys.stderr)
     return EXIT_OK
 
 

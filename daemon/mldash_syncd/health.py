@@ -63,8 +63,8 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
         found.append(f"the running daemon (pid {daemon['pid']}) sends to {elsewhere}: it was started with "
                      "another configuration; restart it with this one")
     for apart in data.get("deliveredElsewhere") or []:
-        found.append(f"{elsewhere_words(apart, now)}, not where this configuration sends. If the configuration "
-                     "changed on purpose, a daemon run with this one clears this (`mldash-syncd run --once`)")
+        found.append(f"{elsewhere_words(apart, now)}, not where this configuration sends. `mldash-syncd run --once` "
+                     "reports them (exit 1) and clears this; if the configuration changed on purpose, that is all")
     if daemon["running"]:
         beat = daemon.get("heartbeat")
         touched = daemon.get("lockTouchedSecondsAgo")
@@ -98,4 +98,4 @@ def elsewhere_words(apart: dict[str, Any], now: float | None = None) -> str:
     status's `deliveredElsewhere` (mldash.targets.delivered_elsewhere)."""
     ago = human_duration((time.time() if now is None else now) - apart["lastCommitted"])
     return (f"{apart['files']} files ({human_bytes(apart['bytes'])}) were committed to {apart['where']}, the last "
-            f"{ago} ago, and no daemon configured like this has run on the spool since: they are there")
+            f"{ago} ago, not reported yet to a `run --once` configured like this: they are there")

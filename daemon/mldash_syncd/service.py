@@ -34,7 +34,7 @@ from mldash.spool.resave import finish_resaves, publish_resaved, remove_old_file
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store import make_store
 from mldash.store.base import Store
-from mldash.targets import fingerprint, record_run, sync_targets
+from mldash.targets import delivered_elsewhere, fingerprint, sync_targets
 from mldash_syncd.budget import ByteBudget
 from mldash_syncd.collector import CollectorPause
 from mldash_syncd.commit import clash, document_for
@@ -137,7 +137,6 @@ class Daemon:
         self._side_tasks: set[asyncio.Task] = set()  # best-effort clean-ups (_remove_stale), settled at the end
         self._started = time.time()
         self._targets = sync_targets(settings)  # in the heartbeat (targets.py); a reload does not change them
-        self._run_recorded = False
         self._rate_window = RateWindow()
         self.index: SpoolIndex | None = None
         self._daemon_lock: DaemonLock | None = None
@@ -220,6 +219,9 @@ class Daemon:
                 log.info("started on %s (pid %d): %d new, %d leases released, %d debris removed, %d quarantined",
                          self.layout.root, os.getpid(), len(self._backlog), recovered.released_leases,
                          len(recovered.removed_tmp) + len(recovered.removed_orphan_blobs), len(recovered.quarantined))
+                for apart in delivered_elsewhere(self.index, self._targets):  # said, not acknowledged (targets.py)
+                    log.warning("%d files were committed to %s by a daemon configured apart: they are there, not "
+                                "where this daemon sends (`mldash-syncd status --check`)", apart.files, apart.where)
                 async with self.store:
                     # The catalog opens alongside the first uploads, which do not need it: MongoDB's index
                     # creation is a round trip, and up to its OPEN_TIMEOUT when MongoDB is down. Commits wait
@@ -1034,9 +1036,6 @@ class Daemon:
                 "uploadRateCap": self.settings.max_upload_rate, "targets": self._targets}
         with contextlib.suppress(Exception):
             self.index.set_meta("daemon", json.dumps(beat))
-            if not self._run_recorded:  # once per run: `delivered_elsewhere` (targets.py) counts from here
-                record_run(self.index, self._targets, self._started)
-                self._run_recorded = True
 
 
 def drain(settings: Settings, *, max_wait: float | None = 120.0, **kwargs: Any) -> RunReport:

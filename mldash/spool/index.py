@@ -344,11 +344,6 @@ class SpoolIndex:
         return [row[0] for row in self.conn.execute(
             "SELECT id FROM entries WHERE state='evicted' AND COALESCE(evicted_at, 0) < ?", (cutoff,))]
 
-    def last_committed_to(self, committed_to: str) -> float | None:
-        """When the latest entry committed to the targets `committed_to` (a targets.fingerprint) was committed."""
-        return self.conn.execute("SELECT MAX(committed_at) FROM entries WHERE committed_to=?"
-                                 " AND state IN ('committed','evicted')", (committed_to,)).fetchone()[0]
-
     def committed_elsewhere_since(self, committed_to: str, since: float) -> list[tuple[str, int, int, float]]:
         """(committed_to, files, bytes, latest committed_at) per other recorded targets than `committed_to`, of
         entries committed after `since`, evicted since or not."""
@@ -604,6 +599,25 @@ class SpoolIndex:
             for file_id in ids:
                 conn.execute("DELETE FROM parts WHERE entry_id=?", (file_id,))
                 conn.execute("DELETE FROM entries WHERE id=?", (file_id,))
+
+    def history(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """What a rebuild from the manifests cannot recover: the rows of evicted entries (their manifests are
+        gone; each says where its file went, `committed_to`) and the meta records other than the schema's and the
+        last heartbeat."""
+        rows = [dict(row) for row in self.conn.execute("SELECT * FROM entries WHERE state='evicted'")]
+        meta = {key: value for key, value in self.conn.execute("SELECT key, value FROM meta")
+                if key not in ("schema", "daemon")}
+        return rows, meta
+
+    def restore_history(self, rows: Iterable[dict[str, Any]], meta: dict[str, str]) -> None:
+        """`history()` of an earlier index, into this one: rows whose id is taken here are left alone."""
+        with self.transaction() as conn:
+            for row in rows:
+                known = {k: v for k, v in row.items() if k in _ENTRY_COLUMNS}
+                conn.execute(f"INSERT OR IGNORE INTO entries ({', '.join(known)}) VALUES "
+                             f"({', '.join('?' * len(known))})", list(known.values()))
+            for key, value in meta.items():
+                conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?,?)", (key, value))
 
     def get_meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

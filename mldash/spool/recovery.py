@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -166,6 +167,7 @@ class RecoveryReport:
     quarantined: list[int] = field(default_factory=list)
     released_leases: int = 0
     ingested: int = 0
+    history_lost: str | None = None  # `rebuild`: why the old index's history could not be carried over
 
 
 def _pid_alive(pid: int) -> bool:
@@ -272,16 +274,37 @@ def recover(index: SpoolIndex, layout: SpoolLayout, owner: str, *, now: float | 
 
 def rebuild(layout: SpoolLayout, *, power_safe: bool = False) -> RecoveryReport:
     """`reindex`: throw the index away and rebuild it from the manifests (all pending → queued). Directories a
-    copy left out (tmp/, or blobs/ of a spool of inline entries) are created again."""
+    copy left out (tmp/, or blobs/ of a spool of inline entries) are created again. What the manifests cannot
+    tell — evicted entries, where each went, which configurations have looked at them — is carried over from the
+    old index when it can still be read: a spool copied from an offline node whose daemon committed to another
+    store (its local default) must still say so after the `reindex` of the offline guide."""
     layout.ensure()
+    report = RecoveryReport()
+    rows, meta, report.history_lost = _readable_history(layout)
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(layout.index_path) + suffix)
     index = SpoolIndex(layout, power_safe=power_safe)
     try:
-        report = RecoveryReport()
         clean_debris(layout, report)
         report.ingested = len(ingest_new(index, layout, set()))
+        index.restore_history(rows, meta)
         return report
     finally:
         index.close()
+
+
+def _readable_history(layout: SpoolLayout) -> tuple[list[dict], dict[str, str], str | None]:
+    """The old index's `history()`, or nothing and why, when it is unreadable (often why one reindexes)."""
+    if not layout.index_path.exists():
+        return [], {}, None
+    try:
+        index = SpoolIndex.open_readonly(layout)
+        if index is None:
+            return [], {}, "the old index cannot be read (not a complete database)"
+        try:
+            return (*index.history(), None)
+        finally:
+            index.close()
+    except sqlite3.Error as exc:
+        return [], {}, f"the old index cannot be read: {exc}"
