@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+
+# OSErrors that may pass if retried later — space freed, a device or server back, a mount remounted, a ticket
+# renewed — as opposed to a path that cannot exist or is not allowed, which needs a person (a configuration).
+# ENOTCONN: a FUSE mount (sshfs, s3fs, rclone) whose daemon died; EKEYEXPIRED: an NFS mount's Kerberos ticket ran
+# out; ESTALE and the network errors: a network filesystem's server.
+TRANSIENT_OS_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE,
+    errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOTCONN, errno.EKEYEXPIRED, errno.EHOSTDOWN,
+    errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET, errno.ECONNREFUSED})
+
 
 class MldashError(Exception):
     """Root of every error mldash raises on purpose."""

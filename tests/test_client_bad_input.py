@@ -122,9 +122,13 @@ def test_serializer_refusals(exp, unchanged, call, fragments):
 
 def test_a_diverged_loss_is_saved_as_json_writes_it(exp):
     # A NaN loss must not crash the loop that records it: written as Python's json writes it (docs/client.md).
+    import io
+
     from mldash.serializers import json_payload
 
-    assert b'"loss": NaN' in bytes(json_payload({"loss": float("nan")}).data)
+    written = io.BytesIO()
+    json_payload({"loss": float("nan")}).write(written)
+    assert b'"loss": NaN' in written.getvalue()
     exp.files("m").save_json({"loss": float("nan")}, "m.json")
 
 

@@ -370,6 +370,6 @@ def test_a_store_that_never_answers_at_start_exits_1_and_does_not_hang(settings:
     done = subprocess.run([sys.executable, "-c", hung], env=settings_env(settings.replace(request_timeout=0.5)),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
-    assert "the store did not answer: open '' in " in done.stderr and "no answer from the filesystem in 0.5s" \
+    assert "the store is not available: open '' in " in done.stderr and "no answer from the filesystem in 0.5s" \
         in done.stderr, done.stderr
     assert time.monotonic() - started < 20

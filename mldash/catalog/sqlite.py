@@ -39,6 +39,7 @@ from mldash.catalog.base import (
     TransientCatalogError,
 )
 from mldash.catalog.query import Glob, folder
+from mldash.errors import TRANSIENT_OS_ERRNOS
 from mldash.spool.layout import make_private_dir, open_private
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,8 @@ def catalog_error(exc: BaseException, what: str, path: Path) -> CatalogError:
             return TransientCatalogError(message)
         return PermanentCatalogError(message)
     if isinstance(exc, OSError):
-        # EACCES/EROFS on the file or its folder will not fix themselves; EIO, ENOSPC… may.
-        if isinstance(exc, PermissionError):
-            return PermanentCatalogError(message)
-        return TransientCatalogError(message)
+        # EIO, ENOSPC, a hung or dead mount… may pass; EACCES, EROFS, a folder that cannot exist will not.
+        return (TransientCatalogError if exc.errno in TRANSIENT_OS_ERRNOS else PermanentCatalogError)(message)
     return PermanentCatalogError(message)
 
 

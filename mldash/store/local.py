@@ -50,6 +50,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mldash.errors import TRANSIENT_OS_ERRNOS
 from mldash.keys import MAX_KEY_BYTES
 from mldash.spool.layout import fsync_dir, make_private_dir, open_private
 from mldash.store.base import (
@@ -87,12 +88,7 @@ _DEBRIS_AGE = 3600.0  # seconds without a write before a temp file or half-creat
 _SECONDS_PER_PART_FILE = 0.01
 
 # OSErrors that may pass if retried later (space freed, device back); everything else needs a human.
-# ENOTCONN: a FUSE mount (sshfs, s3fs, rclone) whose daemon died, until it is mounted again; EKEYEXPIRED: an NFS
-# mount's Kerberos ticket ran out, until it is renewed; the network errors: a network filesystem's server.
-_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY,
-                               errno.ETIMEDOUT, errno.ESTALE, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
-                               errno.ENOTCONN, errno.EKEYEXPIRED, errno.EHOSTDOWN, errno.EHOSTUNREACH,
-                               errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET, errno.ECONNREFUSED})
+_TRANSIENT_ERRNOS = TRANSIENT_OS_ERRNOS  # a full disk, a hung or dead mount: may pass (mldash/errors.py)
 
 
 class LocalStore(Store):
