@@ -9,7 +9,7 @@ writes its targets into its heartbeat; `run --once` refuses to vouch for a daemo
 records them too (`committed_to`, a `fingerprint`), so a client's `wait()`/`flush()` does not report as
 committed what went to another store or catalog than its own settings name, and daemons that have exited can
 still be held to account: `delivered_elsewhere` counts what was committed to other targets since a `run --once`
-configured like the one asking last reported them (`record_run`, in the index's meta) — the job's whole output,
+configured like the one asking last reported them (`record_reported`, in the index's meta) — the job's whole output,
 when the job's environment lacked the settings its closing `run --once` has. Passwords never appear.
 """
 
@@ -72,25 +72,26 @@ def parse_fingerprint(text: str | None) -> dict[str, str] | None:
     return value if isinstance(value, dict) else None
 
 
+REPORTED_META = "elsewhereReported"  # index meta: {fingerprint: when a `run --once` sending there last reported}
 
-RUNS_META = "runs"  # index meta: {fingerprint: when a `run --once` with those targets last reported}
 
-
-def record_run(index: SpoolIndex, targets: dict[str, str], seen_at: float) -> None:
+def record_reported(index: SpoolIndex, targets: dict[str, str], seen_at: float) -> None:
     """Note that `run --once` sending to `targets` reported, at `seen_at`, what had been committed elsewhere:
     from then on only later commits elsewhere are news. Only a run that showed them to someone records this —
     a service or an autostarted daemon that merely ran would clear the alarm unseen (it logs them, and goes on)."""
-    runs = _runs(index)
-    runs[fingerprint(targets)] = max(seen_at, runs.get(fingerprint(targets), 0.0))
-    index.set_meta(RUNS_META, json.dumps(runs, sort_keys=True))
+    reported = _reported(index)
+    reported[fingerprint(targets)] = max(seen_at, reported.get(fingerprint(targets), 0.0))
+    index.set_meta(REPORTED_META, json.dumps(reported, sort_keys=True))
 
 
-def _runs(index: SpoolIndex) -> dict[str, float]:
+def _reported(index: SpoolIndex) -> dict[str, float]:
     try:
-        runs = json.loads(index.get_meta(RUNS_META) or "{}")
+        reported = json.loads(index.get_meta(REPORTED_META) or "{}")
     except ValueError:
         return {}
-    return {k: v for k, v in runs.items() if isinstance(v, int | float)} if isinstance(runs, dict) else {}
+    if not isinstance(reported, dict):
+        return {}
+    return {k: v for k, v in reported.items() if isinstance(v, int | float)}
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,12 @@ class DeliveredElsewhere:
 
 def delivered_elsewhere(index: SpoolIndex, ours: dict[str, str]) -> list[DeliveredElsewhere]:
     """What was committed to targets other than `ours` since a `run --once` with `ours` last reported such files
-    (`record_run`), per other target. What it reported is history — seen, or a configuration changed on
+    (`record_reported`), per other target. What it reported is history — seen, or a configuration changed on
     purpose — not news. Neither restarts of a daemon configured apart nor a daemon configured like this that
     merely ran (a service, the next job's autostart) hide anything."""
     own = fingerprint(ours)
     try:
-        groups = index.committed_elsewhere_since(own, _runs(index).get(own, 0.0))
+        groups = index.committed_elsewhere_since(own, _reported(index).get(own, 0.0))
     except sqlite3.Error:  # an index older than the `committed_to` column, opened read-only: nothing recorded
         return []
     found = []

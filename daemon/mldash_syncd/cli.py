@@ -29,7 +29,7 @@ from mldash.spool.lock import DaemonLock, holder_pid, holder_role, is_held, seco
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store.base import StoreError
-from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, record_run, sync_targets
+from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, record_reported, sync_targets
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
 from mldash_syncd.health import elsewhere_words, parse_duration, problems
@@ -186,10 +186,10 @@ def _delivered_elsewhere(settings: Settings) -> list[DeliveredElsewhere]:
 
 def _reported(settings: Settings, looked_at: float) -> None:
     """Record that this configuration's `run --once` has shown what was committed elsewhere up to `looked_at`
-    (targets.record_run): the next run reports only later ones. Beside a running daemon, like `retry`."""
+    (targets.record_reported): the next run reports only later ones. Beside a running daemon, like `retry`."""
     index = SpoolIndex(SpoolLayout(settings.spool), power_safe=settings.power_safe)
     try:
-        record_run(index, sync_targets(settings), looked_at)
+        record_reported(index, sync_targets(settings), looked_at)
     finally:
         index.close()
 

@@ -8,8 +8,8 @@ prints them on one line and exits 1, for a cron job, a job script's epilogue, or
 A problem is something that does not fix itself: entries failed or quarantined (a person must look), pending
 entries with no daemon to send them, a daemon that stopped writing its heartbeat (its loop is stuck) or never
 wrote its first (stuck while starting), a store or catalog the daemon cannot reach, a daemon that sends to
-another store or catalog than the configuration asking — or files committed to other targets since a daemon
-configured like that last ran —, a spool close to its quota or its filesystem close to full, and — only when
+another store or catalog than the configuration asking — or files committed to other targets that no `run --once`
+configured like that has reported yet —, a spool close to its quota or its filesystem close to full, and — only when
 asked for, since an offline node's backlog is normal — pending entries older than a limit.
 """
 
