@@ -455,6 +455,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from mldash_syncd.check import FAIL, check, render
+
+    settings = _settings(args)
+    findings = run_loop(check(settings))  # not asyncio.run: a hung local store must not hold the exit
+    if args.json:
+        print(json.dumps([f.as_json() for f in findings], indent=2))
+    else:
+        print(render(settings, findings))
+    return EXIT_LEFT_FAILED if any(f.verdict == FAIL for f in findings) else EXIT_OK
+
+
 # ---- retry / reindex / gc -------------------------------------------------------------------------
 def _named_ids(args: argparse.Namespace, verb: str) -> list[int] | None:
     """The ids `retry`/`discard` name; None for --all (every failed and quarantined entry; for `retry`, and every
@@ -645,6 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("id", help="the entry id (from `ls`, an error message, or a save's result['id'])")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_show)
+
+    check = command("check", help="try the store and catalog for what the daemon relies on",
+                    description="Write, read and remove a few small probe objects under mldash-check/ in the store "
+                                "(conditional creates, SHA256 checksums, multipart, a wrong checksum refused, "
+                                "deletes) and open and read the catalog (nothing is written there). Exit 1 if "
+                                "something the daemon relies on does not hold; warnings say what to set.")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=cmd_check)
 
     for name, func, summary, description in (
             ("retry", cmd_retry, "re-queue failed or quarantined entries; try waiting ones now",
