@@ -193,3 +193,23 @@ def test_status_shows_the_running_daemons_cap(settings: Settings, daemon_process
     wait_for(lambda: '"uploadRateCap": 3145728' in cli(settings, "status", "--json").stdout)
     shown = cli(settings, "status")
     assert shown.returncode == 0 and "capped at 3.0 MiB/s (max_upload_rate)" in shown.stdout, shown.stdout
+
+
+def test_status_shows_the_wire_rate_while_the_first_capped_part_is_sent(s3_settings: Settings,
+                                                                         daemon_process) -> None:
+    """Under a cap, `status`'s rate is what the pacer lets through as it happens. Counted by finished parts, it
+    read 0 B/s for as long as the first part took (here the whole 4 MiB file: 8 s at 512 KiB/s)."""
+    import json
+
+    from tests.test_daemon_process import cli, wait_for
+
+    capped = s3_settings.replace(max_upload_rate="512KiB/s")
+    entry = enqueue_bytes(capped, os.urandom(4 * 2**20), filename="ckpt.bin")
+    daemon = daemon_process(capped, "run")
+    wait_for(lambda: "started on" in daemon.log())
+    time.sleep(4.5)  # two heartbeats into the upload, which the cap makes last 8 s
+    status = json.loads(cli(capped, "status", "--json").stdout)
+    assert status["states"]["uploading"]["count"] == 1, status["states"]  # still in its first (only) part
+    # Not a speed check (the cap bounds it from above): was 0 until the part was done.
+    assert 0.25 * 512 * 1024 < status["throughputBytesPerSecond"] < 1.5 * 512 * 1024, status
+    assert entry.id and daemon.terminate() == 0

@@ -3,7 +3,8 @@
 Bytes are counted when a part or file has been sent, so each sample stands for a transfer that took place
 *before* its time stamp. The rate is therefore measured from the first sample in the window to now, over the
 bytes that came after it: counting the first sample's bytes too (without the time they took) over-read short
-runs — a 100 MB upload at a 10 MB/s cap showed 13.8 MB/s.
+runs — a 100 MB upload at a 10 MB/s cap showed 13.8 MB/s. Under a cap the daemon samples what the pacer let
+through at each heartbeat instead (Daemon.throughput): finished parts read 0 for as long as the first one takes.
 """
 
 from __future__ import annotations

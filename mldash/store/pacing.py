@@ -38,6 +38,9 @@ class RateLimit:
         self._clock = clock
         self._waiting: set[asyncio.Future[bool]] = set()  # senders waiting for their turn (woken by set_rate)
         self.rate: int | None = None
+        # Bytes let through under a cap, ever: the wire rate of paced uploads as it happens (the daemon's `status`
+        # rate), where counting finished parts would read 0 for the whole first part at a low cap.
+        self.granted = 0
         self.set_rate(rate)
 
     def __repr__(self) -> str:
@@ -128,6 +131,7 @@ async def pace(limit: RateLimit | None, nbytes: int) -> None:
     if limit is None or limit.rate is None or nbytes <= 0:
         return
     waited = await limit.take(nbytes)
+    limit.granted += nbytes
     deadline = current_deadline.get()
     if waited and deadline is not None:
         deadline.defer(waited)
