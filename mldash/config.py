@@ -389,6 +389,9 @@ class Settings:
     evict_after: float
     idle_exit: float
     log_level: str
+    # The settings given (the config file, the environment, arguments), not left to their defaults: what the user
+    # asked for. Where files went is judged only against an explicit store or catalog (mldash/targets.py).
+    explicit: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, *, check_catalog_uri: bool = False,
@@ -420,7 +423,7 @@ class Settings:
         for field in FIELDS:
             if field.name not in values:
                 values[field.name] = field.default()
-        settings = cls(**values)
+        settings = cls(**values, explicit=frozenset(sources))
         settings._check(sources)
         if check_catalog_uri:
             settings._check_catalog_uri(sources.get("catalog", "the default"))
@@ -441,7 +444,7 @@ class Settings:
             if name not in _BY_NAME:
                 raise ConfigError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
             parsed[name] = _parse(_BY_NAME[name], raw, "argument") if raw is not None else _BY_NAME[name].default()
-        settings = dataclasses.replace(self, **parsed)
+        settings = dataclasses.replace(self, **parsed, explicit=self.explicit | frozenset(parsed))
         settings._check(dict.fromkeys(parsed, "argument"), others="the settings replace() was called on")
         return settings
 

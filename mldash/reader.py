@@ -56,7 +56,7 @@ from mldash.spool.lock import is_held
 from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import manifest_ids, open_spooled, read_manifest
 from mldash.spool.states import TERMINAL, State
-from mldash.targets import mismatch, parse_fingerprint, sync_targets
+from mldash.targets import asked_targets, mismatch, parse_fingerprint
 
 log = logging.getLogger("mldash")
 
@@ -533,7 +533,7 @@ class Reader:
     def _check_committed_here(self, rows: dict[int, dict[str, Any]]) -> None:
         """Committed is not enough: committed by a daemon that sends where these settings read (mldash/targets.py).
         A row without the record (committed before it was kept) is taken as it is."""
-        ours = sync_targets(self.settings)
+        ours = asked_targets(self.settings)
         elsewhere = {i: where for i, row in rows.items()
                      if (where := mismatch(ours, parse_fingerprint(row.get("committed_to")))) is not None}
         if elsewhere:

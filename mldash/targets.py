@@ -20,7 +20,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from mldash.config import Settings
 from mldash.redact import redact_uri
@@ -31,34 +31,58 @@ if TYPE_CHECKING:
 
 def sync_targets(settings: Settings) -> dict[str, str]:
     """The store and catalog these settings send to, as people read them (an S3 store with its endpoint, a
-    MongoDB catalog with its hosts and database). Spellings of one target read the same: no trailing slash, no
-    URI options or credentials (they do not change where documents go), a normalised SQLite path."""
-    store = settings.store.rstrip("/")
-    if urlparse(store).scheme == "s3":
+    MongoDB catalog with its hosts and database). Spellings of one target read the same: no URI options or
+    credentials (they do not change where documents go), paths resolved (`//`, `..`, symlinks: `$HOME` is often
+    one on clusters), an S3 prefix without empty segments, MongoDB hosts with their port, sorted."""
+    parsed = urlparse(settings.store)
+    if parsed.scheme == "file":
+        store = "file://" + _real_path(unquote(parsed.path))
+    elif parsed.scheme == "s3":
+        prefix = "/".join(part for part in unquote(parsed.path).split("/") if part)
+        store = f"s3://{parsed.netloc}" + (f"/{prefix}" if prefix else "")
         store += f" at {(settings.s3_endpoint_url or 'AWS').rstrip('/')}"
+    else:
+        store = settings.store.rstrip("/")
     parsed = urlparse(settings.catalog)
     if parsed.scheme.startswith("mongodb"):
-        catalog = f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]} (database {settings.mongo_database})"
+        hosts = parsed.netloc.rpartition("@")[2].lower().split(",")
+        if parsed.scheme == "mongodb":  # mongodb+srv names a DNS record, never a port
+            hosts = [host if ":" in host.rpartition("]")[2] else f"{host}:27017" for host in hosts]
+        catalog = f"{parsed.scheme}://{','.join(sorted(hosts))} (database {settings.mongo_database})"
     elif parsed.scheme == "sqlite":
-        catalog = "sqlite://" + os.path.normpath(parsed.path)
+        catalog = "sqlite://" + _real_path(unquote(parsed.path))
     else:
         catalog = redact_uri(settings.catalog)
     return {"store": store, "catalog": catalog}
 
 
+def _real_path(path: str) -> str:
+    # "//x" is a path POSIX lets mean something else; here it is a doubled slash (sqlite:////abs, file:////abs).
+    return os.path.realpath("/" + path.lstrip("/"))
+
+
+def asked_targets(settings: Settings) -> dict[str, str]:
+    """The targets these settings name explicitly (`Settings.explicit`): what a client's `wait()`, `status` and
+    `run --once` hold a daemon's deliveries against. A store or catalog left to its default asks nothing — a job
+    under the per-researcher service, whose store settings sit in a file the job cannot read, sets only its spool
+    and must not see every file as delivered elsewhere."""
+    full = sync_targets(settings)
+    return {what: full[what] for what in ("store", "catalog") if what in settings.explicit}
+
+
 def mismatch(ours: dict[str, str] | None, theirs: dict[str, Any] | None) -> str | None:
-    """How a daemon's recorded targets differ from `ours`, in words; None when they agree or either is not known
-    (a heartbeat written before targets were recorded)."""
+    """How a daemon's recorded targets differ from `ours` (which may name only one of them), in words; None when
+    they agree or either is not known (a heartbeat written before targets were recorded)."""
     if not ours or not theirs or "store" not in theirs or "catalog" not in theirs:
         return None
     differ = [f"{what} {theirs[what]} (configured here: {ours[what]})" for what in ("store", "catalog")
-              if theirs[what] != ours[what]]
+              if what in ours and theirs[what] != ours[what]]
     return " and ".join(differ) if differ else None
 
 
 def fingerprint(targets: dict[str, str]) -> str:
-    """The targets as one string, for an index row's `committed_to` (compared whole)."""
-    return json.dumps({"store": targets["store"], "catalog": targets["catalog"]}, sort_keys=True)
+    """The targets (both, or the ones asked for) as one string, for an index row's `committed_to`."""
+    return json.dumps({what: targets[what] for what in ("store", "catalog") if what in targets}, sort_keys=True)
 
 
 def parse_fingerprint(text: str | None) -> dict[str, str] | None:
@@ -110,9 +134,10 @@ def delivered_elsewhere(index: SpoolIndex, ours: dict[str, str]) -> list[Deliver
     (`record_reported`), per other target. What it reported is history — seen, or a configuration changed on
     purpose — not news. Neither restarts of a daemon configured apart nor a daemon configured like this that
     merely ran (a service, the next job's autostart) hide anything."""
-    own = fingerprint(ours)
+    if not ours:
+        return []
     try:
-        groups = index.committed_elsewhere_since(own, _reported(index).get(own, 0.0))
+        groups = index.committed_since(_reported(index).get(fingerprint(ours), 0.0))
     except sqlite3.Error:  # an index older than the `committed_to` column, opened read-only: nothing recorded
         return []
     found = []

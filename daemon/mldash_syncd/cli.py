@@ -29,7 +29,14 @@ from mldash.spool.lock import DaemonLock, holder_pid, holder_role, is_held, seco
 from mldash.spool.recovery import Unindexed, manifest_ids, rebuild, unindexed, unindexed_manifests
 from mldash.spool.states import OUTSTANDING, State
 from mldash.store.base import StoreError
-from mldash.targets import DeliveredElsewhere, delivered_elsewhere, mismatch, record_reported, sync_targets
+from mldash.targets import (
+    DeliveredElsewhere,
+    asked_targets,
+    delivered_elsewhere,
+    mismatch,
+    record_reported,
+    sync_targets,
+)
 from mldash_syncd.evict import remove_files
 from mldash_syncd.follow import NOT_INDEXED, Progress, follow, progress
 from mldash_syncd.health import elsewhere_words, parse_duration, problems
@@ -179,7 +186,7 @@ def _delivered_elsewhere(settings: Settings) -> list[DeliveredElsewhere]:
     if index is None:
         return []
     try:
-        return delivered_elsewhere(index, sync_targets(settings))
+        return delivered_elsewhere(index, asked_targets(settings))
     finally:
         index.close()
 
@@ -189,7 +196,7 @@ def _reported(settings: Settings, looked_at: float) -> None:
     (targets.record_reported): the next run reports only later ones. Beside a running daemon, like `retry`."""
     index = SpoolIndex(SpoolLayout(settings.spool), power_safe=settings.power_safe)
     try:
-        record_reported(index, sync_targets(settings), looked_at)
+        record_reported(index, asked_targets(settings), looked_at)
     finally:
         index.close()
 
@@ -218,7 +225,7 @@ def _holder_sends_elsewhere(settings: Settings, wait: float = HEARTBEAT_WAIT) ->
     while is_held(layout):
         beat = read_heartbeat(layout)
         if beat.get("pid") is not None and beat.get("pid") == holder_pid(layout):
-            return mismatch(sync_targets(settings), beat.get("targets"))
+            return mismatch(asked_targets(settings), beat.get("targets"))
         if time.monotonic() >= give_up:
             return None
         time.sleep(0.1)
@@ -250,7 +257,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
     layout, index = _open_index(settings)
     data: dict[str, Any] = {
         "spool": str(settings.spool), "store": settings.store, "catalog": redact(settings.catalog),
-        "targets": sync_targets(settings),
+        "targets": sync_targets(settings), "askedTargets": asked_targets(settings),
         "daemon": _holder(layout),
         "states": {s.value: {"count": 0, "bytes": 0} for s in State}, "pendingFiles": 0, "pendingBytes": 0,
         "oldestPendingAgeSeconds": None, "recentErrors": [], "throughputBytesPerSecond": 0.0,
@@ -267,7 +274,7 @@ def status_data(settings: Settings) -> dict[str, Any]:
         data["pendingBytes"] = sum(p["bytes"] for p in pending)
         _add_unindexed(data, unindexed(layout, index.known_ids()), index.oldest_outstanding_created_at())
         data["recentErrors"] = unresolved_errors(index)
-        data["deliveredElsewhere"] = [_elsewhere_json(d) for d in delivered_elsewhere(index, data["targets"])]
+        data["deliveredElsewhere"] = [_elsewhere_json(d) for d in delivered_elsewhere(index, data["askedTargets"])]
         beat = index.get_meta("daemon")
         if beat:
             info = json.loads(beat)
@@ -447,7 +454,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise MldashError(f"{args.id!r}: an entry id is a decimal number (see `mldash-syncd ls`)") from None
     layout, index = _open_index(settings)
     try:
-        details = entry_details(layout, index, file_id, settings.store, sync_targets(settings))
+        details = entry_details(layout, index, file_id, settings.store, asked_targets(settings))
     finally:
         if index is not None:
             index.close()

@@ -59,7 +59,7 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
     if data["pendingFiles"] and not daemon["running"]:
         found.append(f"{pending} and no daemon running: `mldash-syncd run --once` syncs them")
     own_beat = daemon["running"] and daemon.get("heartbeatPid") == daemon["pid"]
-    if own_beat and (elsewhere := mismatch(data.get("targets"), daemon.get("targets"))):
+    if own_beat and (elsewhere := mismatch(data.get("askedTargets", data.get("targets")), daemon.get("targets"))):
         found.append(f"the running daemon (pid {daemon['pid']}) sends to {elsewhere}: it was started with "
                      "another configuration; restart it with this one")
     for apart in data.get("deliveredElsewhere") or []:

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mldash.config import Settings
+from mldash.config import FIELDS, Settings
 from mldash.redact import redact_uri
 from mldash.store.base import Store
 from mldash_syncd.progress import human_bytes
@@ -69,7 +69,7 @@ def reload_settings(running: Settings, reloaded: Settings, store: Store) -> Relo
     applied: list[str] = []
     need_restart: list[str] = []
     in_effect: dict[str, Any] = {}
-    for field in dataclasses.fields(Settings):
+    for field in FIELDS:
         old, new = getattr(running, field.name), getattr(reloaded, field.name)
         if old == new:
             continue

@@ -28,7 +28,7 @@ MAX_EVENTS = 50
 def entry_details(layout: SpoolLayout, index: SpoolIndex | None, file_id: int, store: str,
                   targets: dict[str, str] | None = None) -> dict[str, Any]:
     """The entry as a JSON-ready dict: its index row (None if not indexed), its manifest's fields while the
-    manifest is in the spool, its recorded parts and its events, newest last. `targets` (sync_targets of the
+    manifest is in the spool, its recorded parts and its events, newest last. `targets` (asked_targets of the
     configuration asking): a committed entry's store and catalog are compared with them."""
     row = index.get(file_id) if index is not None else None
     manifest: Manifest | None = None

@@ -344,14 +344,13 @@ class SpoolIndex:
         return [row[0] for row in self.conn.execute(
             "SELECT id FROM entries WHERE state='evicted' AND COALESCE(evicted_at, 0) < ?", (cutoff,))]
 
-    def committed_elsewhere_since(self, committed_to: str, since: float) -> list[tuple[str, int, int, float]]:
-        """(committed_to, files, bytes, latest committed_at) per other recorded targets than `committed_to`, of
-        entries committed after `since`, evicted since or not."""
+    def committed_since(self, since: float) -> list[tuple[str, int, int, float]]:
+        """(committed_to, files, bytes, latest committed_at) per recorded targets, of the entries committed after
+        `since`, evicted since or not."""
         return [tuple(row) for row in self.conn.execute(
             "SELECT committed_to, COUNT(*), COALESCE(SUM(size),0), MAX(committed_at) FROM entries"
-            " WHERE committed_to IS NOT NULL AND committed_to!=? AND committed_at>?"
-            " AND state IN ('committed','evicted')"
-            " GROUP BY committed_to ORDER BY MAX(committed_at)", (committed_to, since))]
+            " WHERE committed_to IS NOT NULL AND committed_at>? AND state IN ('committed','evicted')"
+            " GROUP BY committed_to ORDER BY MAX(committed_at)", (since,))]
 
     def evictable(self, keep: int, committed_by: float) -> list[int]:
         """Ids of the committed entries beyond the newest `keep` (by id) that were committed at or before
