@@ -21,6 +21,8 @@ def verdicts(findings) -> dict[str, str]:
 
 
 def test_the_local_store_and_catalog_pass_and_nothing_is_left(settings: Settings, tmp_path) -> None:
+    first = cli(settings, "check")  # creates the store's folder and the catalog, and says so (test below)
+    assert first.returncode == 0 and "did not exist" in first.stdout, first.stdout
     done = cli(settings, "check")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
@@ -74,7 +76,7 @@ def test_a_store_that_ignores_conditional_writes_fails_the_check(settings: Setti
 
 def test_credentials_without_delete_are_a_warning_naming_the_probes(settings: Settings, tmp_path) -> None:
     findings = asyncio.run(check(settings, store=CannotDelete(make_store(settings))))
-    warned = [f.what for f in findings if f.verdict == WARN]
+    warned = [f.what for f in findings if f.verdict == WARN and "did not exist" not in f.what]
     assert len(warned) == 1 and warned[0].startswith("probe objects could not be removed (no delete permission?")
     assert "mldash-check/" in warned[0] and not [f for f in findings if f.verdict == FAIL]
 
@@ -83,3 +85,14 @@ def test_credentials_without_delete_are_a_warning_naming_the_probes(settings: Se
 def test_a_store_that_cannot_be_used_fails_with_the_reason(s3_settings: Settings, store: str) -> None:
     done = cli(s3_settings.replace(store=store), "check")
     assert done.returncode == 1 and "  FAIL " in done.stdout, done.stdout + done.stderr
+
+
+def test_a_store_and_catalog_that_did_not_exist_are_said_to_be_new(settings: Settings, tmp_path) -> None:
+    typo = settings.replace(store=(tmp_path / "typo-store").as_uri(),
+                            catalog="sqlite://" + str(tmp_path / "typo-dir" / "catalog.sqlite"))
+    done = cli(typo, "check")
+    assert done.returncode == 0, done.stdout
+    assert f"  warn  {tmp_path / 'typo-store'} did not exist: this check created it, empty" in done.stdout
+    assert f"  warn  {tmp_path / 'typo-dir' / 'catalog.sqlite'} did not exist" in done.stdout
+    again = cli(typo, "check")  # they exist now: nothing to say
+    assert "did not exist" not in again.stdout

@@ -9,7 +9,9 @@ match the checksum sent with them; where it does not, the daemon needs `verify_e
 credentials may allow writes but not deletes (which gc needs).
 
 `check` writes a few small probe objects under `mldash-check/<random>/` in the store and removes them; it reads
-the catalog and writes nothing there. A failure exits 1 and says what it means; a warning says what to set.
+the catalog and writes no document there (a local store's folder or a SQLite catalog that does not exist yet is
+created, as the daemon would, and said: a mistyped path shows). A failure exits 1 and says what it means; a
+warning says what to set.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from mldash.catalog import make_catalog
 from mldash.catalog.base import Catalog, CatalogError
@@ -46,8 +50,22 @@ class Finding:
 
 async def check(settings: Settings, *, store: Store | None = None, catalog: Catalog | None = None) -> list[Finding]:
     """Every finding, store first. `store`/`catalog`: instead of the ones the settings name (tests)."""
-    return [*await _check_store(settings, store or make_store(settings)),
-            *await _check_catalog(catalog or make_catalog(settings))]
+    # A local store or SQLite catalog is created where it is named: a mistyped path would check as all ok.
+    new_store, new_catalog = (_local_path(uri) for uri in (settings.store, settings.catalog))
+    new_store = new_store if new_store is not None and not new_store.exists() else None
+    new_catalog = new_catalog if new_catalog is not None and not new_catalog.exists() else None
+    found = [*await _check_store(settings, store or make_store(settings)),
+             *await _check_catalog(catalog or make_catalog(settings))]
+    for target, path in (("store", new_store), ("catalog", new_catalog)):
+        if path is not None and path.exists():
+            found.append(Finding(target, WARN, f"{path} did not exist: this check created it, empty — if the "
+                                               "path is mistyped, fix it and remove what was created"))
+    return found
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("file", "sqlite") else None
 
 
 async def _check_store(settings: Settings, store: Store) -> list[Finding]:
