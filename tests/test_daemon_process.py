@@ -242,6 +242,30 @@ def test_retry_wakes_a_running_daemon_at_once(settings: Settings, monkeypatch: p
     assert cli(settings, "ls", "--state", "not-indexed").stdout.count("\n") == 1  # .wake is not an entry
 
 
+def test_retry_after_an_outage_goes_now_not_at_the_end_of_the_backoff(settings: Settings) -> None:
+    """The store was down; the daemon's store gate backs off (up to minutes). Once it is back, `retry --all` used
+    to re-queue the waiting entries and have them wait for the gate's next probe anyway."""
+    from tests.reliability.helpers import ServiceThread
+
+    layout = SpoolLayout(settings.spool)
+    service = ServiceThread(settings).start()
+    try:
+        wait_for(lambda: layout.lock_path.exists() and (time.sleep(0.5) or True))  # started, then idle
+        gate = service.daemon.store_gate
+        gate.failures, gate.last_error = 9, "upload: connection refused"
+        gate.open_until = gate.clock() + 600  # an outage's backoff, well past this test
+        entry = enqueue_bytes(settings, b"weights", filename="w.bin")
+        wait_for(lambda: row(settings, entry.id) is not None)  # indexed, held by the gate
+        index = SpoolIndex(layout)
+        index.update(entry.id, next_attempt_at=time.time() + 600, last_error="upload: connection refused")
+        index.close()
+        retried = cli(settings, "retry", "--all")
+        assert "re-queued 1 entries" in retried.stdout, retried
+        wait_for(lambda: row(settings, entry.id)["state"] in ("committed", "evicted"), timeout=20.0)
+    finally:
+        service.stop()
+
+
 def test_a_blob_missing_from_a_copied_spool_is_named_and_delivered_once_put_back(settings: Settings,
                                                                                   tmp_path) -> None:
     """A spool copied while the job wrote: a manifest without its blob. `ls` used to show "0 B (unreadable

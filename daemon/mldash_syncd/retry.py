@@ -128,6 +128,11 @@ class Gate:
         self.open_until = max(self.open_until, self.clock() + delay)
         return delay
 
+    def probe_now(self) -> None:
+        """A person says the dependency is back (`retry`): the next request goes now, not at the end of the
+        backoff; a failure then carries on the backoff where it was."""
+        self.open_until = min(self.open_until, self.clock())
+
     def success(self) -> bool:
         """The dependency answered; True when that ends an outage (it had failed since its last success)."""
         recovered = self.failures > 0

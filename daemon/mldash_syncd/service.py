@@ -417,8 +417,12 @@ class Daemon:
             # No stop_event: awatch sets the one it is given when it is cancelled, and ours would turn the end
             # of every run (max wait included) into a stop request whose grace waits for in-flight work.
             # Cancelling the task (see _loop) ends it.
-            async for _changes in watchfiles.awatch(self.layout.manifests_dir, debounce=20, step=10,
-                                                    recursive=False):
+            async for changes in watchfiles.awatch(self.layout.manifests_dir, debounce=20, step=10,
+                                                   recursive=False):
+                if any(path == str(self.layout.wake_path) for _change, path in changes):
+                    # `retry`: someone fixed the cause; an outage's backoff must not keep the entries waiting.
+                    self.store_gate.probe_now()
+                    self.catalog_gate.probe_now()
                 self._scan_requested = True
                 self._wake.set()
         except asyncio.CancelledError:
