@@ -205,3 +205,17 @@ def test_a_local_store_that_stops_answering_is_reported_then_drained(settings: S
     assert stored.read_bytes() == b"w" * 5000
     wait_for(lambda: cli(settings, "status", "--check").returncode == 0, timeout=30)
     assert daemon.terminate() == 0
+
+
+def test_a_store_that_accepts_connections_and_never_answers_is_reported_before_its_deadline(
+        s3_settings: Settings, blackhole_server, daemon_process) -> None:
+    """A firewall that drops, a wedged proxy: every call waits for its whole deadline (60 s here) before it
+    fails, and `status --check` read OK all that time. Past 10 s without an answer it is a problem now."""
+    silent = s3_settings.replace(s3_endpoint_url=blackhole_server.url)
+    enqueue_bytes(silent, b"w" * 5000, filename="ckpt.pt")
+    daemon = daemon_process(silent, "run")
+    wait_for(lambda: "started on" in daemon.log(), timeout=60)
+    check = wait_for(lambda: (c := cli(silent, "status", "--check")).returncode == 1 and c, timeout=40)
+    assert check.stdout.startswith(f"mldash PROBLEM: store unreachable: {silent.store}: no answer to "), check.stdout
+    assert "no answer to " in check.stdout and "(waiting up to its deadline)" in check.stdout, check.stdout
+    daemon.kill()

@@ -1047,7 +1047,7 @@ class Daemon:
         self.notifier.status(f"{pending} pending, {self.report.committed} committed, {rate / 2**20:.1f} MiB/s")
         beat = {"owner": self.owner, "pid": os.getpid(), "startedAt": self._started, "heartbeat": time.time(),
                 "stopping": stopping, "bytesSent": self.report.bytes_sent, "committed": self.report.committed,
-                "throughput": rate, "storeGate": self.store_gate.last_error,
+                "throughput": rate, "storeGate": self.store_gate.last_error or self.store.unanswered(),
                 "catalogGate": self.catalog_gate.last_error, "autostarted": self.autostarted,
                 "uploadRateCap": self.settings.max_upload_rate, "targets": self._targets}
         with contextlib.suppress(Exception):

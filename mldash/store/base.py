@@ -174,6 +174,11 @@ class Store(abc.ABC):
     def key(self, relative_key: str) -> str:
         """The full key for a layout key from `mldash.keys` (prepends the store's root prefix, if any)."""
 
+    def unanswered(self) -> str | None:
+        """A call waiting long for an answer, in words (a store that accepts connections and never answers), or
+        None: what `status` shows before the call's deadline turns it into an error."""
+        return None
+
     @abc.abstractmethod
     async def head(self, key: str) -> StoredObject | None:
         """Size and checksum of an existing object, or None when there is none."""

@@ -139,6 +139,7 @@ class S3Store(Store):
         self._exit: contextlib.AsyncExitStack | None = None
         self.target = S3Target(bucket, endpoint_url)  # what configuration errors name: botocore's answers once open
         self._slow_warned_at = -1e9  # time.monotonic() of the last "no answer" warning (see _call)
+        self._unanswered: dict[object, tuple[float, str, str]] = {}  # call → (since, operation, key): see unanswered
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint_url={self.endpoint_url!r})"
@@ -210,12 +211,13 @@ class S3Store(Store):
         # A body's transfer time is allowed for as in the deadline (deadline - request_timeout: its size share).
         loop = asyncio.get_running_loop()
         after = SLOW_CALL_WARNING + max(0.0, deadline - self.request_timeout)
-        slow = [loop.call_later(after, self._warn_slow, operation, key, after, deadline)]
+        call = object()  # this call's mark in `_unanswered`
+        slow = [loop.call_later(after, self._warn_slow, call, operation, key, after, deadline)]
 
         def paced(seconds: float) -> None:  # time waiting for the upload rate cap is not the store's (pacing.py)
             when = slow[0].when() + seconds
             slow[0].cancel()
-            slow[0] = loop.call_at(when, self._warn_slow, operation, key, after, deadline)
+            slow[0] = loop.call_at(when, self._warn_slow, call, operation, key, after, deadline)
 
         token = None
         try:
@@ -227,11 +229,23 @@ class S3Store(Store):
             raise classify_error(exc, operation=operation, key=key, target=self.target) from exc
         finally:
             slow[0].cancel()
+            self._unanswered.pop(call, None)
             if token is not None:
                 current_deadline.reset(token)
 
-    def _warn_slow(self, operation: str, key: str, after: float, deadline: float) -> None:
+    def unanswered(self) -> str | None:
+        """The oldest call still waiting for an answer past SLOW_CALL_WARNING, in words, or None. Why: a store
+        that accepts connections and never answers fails a call only at its deadline (60 s by default, more for a
+        large body); until then the daemon's status would read as healthy."""
+        if not self._unanswered:
+            return None
+        since, operation, key = min(self._unanswered.values())
+        return (f"{self.url}: no answer to {operation} {key[-80:]!r} for {time.monotonic() - since:.0f}s "
+                "(waiting up to its deadline)")
+
+    def _warn_slow(self, call: object, operation: str, key: str, after: float, deadline: float) -> None:
         now = time.monotonic()
+        self._unanswered.setdefault(call, (now - after, operation, key))
         if now - self._slow_warned_at < SLOW_CALL_WARNING * 3:
             return
         self._slow_warned_at = now
