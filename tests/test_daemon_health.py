@@ -75,7 +75,8 @@ def test_a_healthy_spool_has_no_problems() -> None:
                               "where": "store file:///home/a/store (configured here: s3://ckpts at AWS)"}]},
      "3 files (3.0 MiB) were committed to store file:///home/a/store (configured here: s3://ckpts at AWS), the "
      "last 10:00 ago, not reported yet to a `run --once` configured like this: they are there, not where this "
-     "configuration sends. `mldash-syncd run --once` reports them (exit 1) and clears this"),
+     "configuration sends (`mldash-syncd ls --elsewhere` lists them). `mldash-syncd run --once` reports them "
+     "(exit 1) and clears this"),
 ], ids=["failed", "no-daemon", "stuck", "store", "catalog", "quota", "disk", "elsewhere", "stuck-starting",
         "delivered-elsewhere"])
 def test_each_problem_is_named_with_what_to_do(changes: dict, says: str) -> None:

@@ -871,6 +871,8 @@ def test_run_once_will_not_vouch_for_a_daemon_that_sends_elsewhere(settings: Set
     assert taken_over.returncode == 1, taken_over.stderr  # everything is committed, but not all of it here
     assert elsewhere in taken_over.stderr and "they are there, not where this run sends" in taken_over.stderr, \
         taken_over.stderr
+    listed = cli(epilogue, "ls", "--elsewhere")  # which files: the one the other daemon committed, not `later`
+    assert str(saved.id) in listed.stdout and str(later.id) not in listed.stdout, listed.stdout
     assert row(epilogue, later.id)["state"] in ("committed", "evicted")
     shown = cli(epilogue, "show", str(saved.id)).stdout  # where that one went: not the store configured here
     assert f"stored at   {settings.store}/files/" in shown, shown

@@ -34,6 +34,7 @@ from mldash.targets import (
     asked_targets,
     delivered_elsewhere,
     mismatch,
+    parse_fingerprint,
     record_reported,
     sync_targets,
 )
@@ -161,9 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Exit 0 would say "everything is synced" to a job script whose files went to another store.
         for apart in before:
             print(f"mldash-syncd: {elsewhere_words(_elsewhere_json(apart))}, not where this run sends "
-                  "(`mldash-syncd show ID` says where each went). If the configuration changed on purpose, "
-                  "nothing is wrong and the next run exits 0; otherwise save them again with this configuration.",
-                  file=sys.stderr)
+                  "(`mldash-syncd ls --elsewhere` lists them). If the configuration changed on purpose, nothing "
+                  "is wrong and the next run exits 0; otherwise they are only there: copy them over, or save them "
+                  "again with this configuration.", file=sys.stderr)
         if before:
             _reported(settings, looked_at)
         if not report.clean:
@@ -409,7 +410,8 @@ def _unindexed_rows(layout: SpoolLayout, known: set[int],
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    layout, index = _open_index(_settings(args))
+    settings = _settings(args)
+    layout, index = _open_index(settings)
     chosen = set(args.state or ())
     experiment = tuple(args.experiment.strip("/").split("/")) if args.experiment else None
     if experiment is not None and len(experiment) != 3:
@@ -420,13 +422,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
         try:
             states = [State(s) for s in chosen - {NOT_INDEXED_CHOICE}] if chosen else None
             if states is None or states:
-                rows = index.rows(states=states, experiment=experiment, limit=args.limit)
+                rows = index.rows(states=states, experiment=experiment, limit=None if args.elsewhere else args.limit)
             known = index.known_ids()
         finally:
             index.close()
     listed_unindexed = NOT_INDEXED_CHOICE in chosen
     if listed_unindexed:
         rows = sorted(rows + _unindexed_rows(layout, known, experiment), key=lambda r: r["id"])[:args.limit]
+    if args.elsewhere:  # committed to other targets than this configuration names (targets.py)
+        ours = asked_targets(settings)
+        rows = [r for r in rows if mismatch(ours, parse_fingerprint(r.get("committed_to"))) is not None][:args.limit]
     if args.json:
         print(json.dumps([{**r, "id": str(r["id"])} for r in rows], indent=2))
         return EXIT_OK
@@ -655,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "indexed yet (e.g. an offline node's)")
     ls.add_argument("--experiment", metavar="NS/PROJECT/EXP", help="only this experiment")
     ls.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    ls.add_argument("--elsewhere", action="store_true",
+                    help="only entries committed to another store or catalog than this configuration names "
+                         "(`show ID` says where)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 

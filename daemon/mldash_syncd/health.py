@@ -63,8 +63,9 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
         found.append(f"the running daemon (pid {daemon['pid']}) sends to {elsewhere}: it was started with "
                      "another configuration; restart it with this one")
     for apart in data.get("deliveredElsewhere") or []:
-        found.append(f"{elsewhere_words(apart, now)}, not where this configuration sends. `mldash-syncd run --once` "
-                     "reports them (exit 1) and clears this; if the configuration changed on purpose, that is all")
+        found.append(f"{elsewhere_words(apart, now)}, not where this configuration sends (`mldash-syncd ls "
+                     "--elsewhere` lists them). `mldash-syncd run --once` reports them (exit 1) and clears this; if "
+                     "the configuration changed on purpose, that is all")
     if daemon["running"]:
         beat = daemon.get("heartbeat")
         touched = daemon.get("lockTouchedSecondsAgo")
