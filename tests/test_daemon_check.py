@@ -36,7 +36,9 @@ def test_the_local_store_and_catalog_pass_and_nothing_is_left(settings: Settings
     store_root = tmp_path / "store"
     assert not [p for p in store_root.rglob("*") if p.is_file() and p.name != ".lock"]
     as_json = json.loads(cli(settings, "check", "--json").stdout)
-    assert {f["target"] for f in as_json} == {"store", "catalog"} and all(f["verdict"] == OK for f in as_json)
+    assert as_json["store"] == f"file://{store_root}" and as_json["catalog"].startswith("sqlite://")
+    findings = as_json["findings"]
+    assert {f["target"] for f in findings} == {"store", "catalog"} and all(f["verdict"] == OK for f in findings)
 
 
 def test_moto_s3_passes_what_it_honours(s3_settings: Settings) -> None:

@@ -896,8 +896,11 @@ def test_files_committed_elsewhere_are_still_reported_after_the_offline_guides_r
     copy = tmp_path / "copied-spool"
     shutil.copytree(node.spool, copy)
     host = node.replace(spool=copy, store=(tmp_path / "host-store").as_uri())
-    assert cli(host, "reindex").returncode == 0
+    reindexed = cli(host, "reindex")
+    assert reindexed.returncode == 0 and "; the history of 1 evicted entries kept" in reindexed.stdout, reindexed
     assert row(host, saved.id)["state"] == "evicted" and row(host, saved.id)["committed_to"]
+    listed = json.loads(cli(host, "ls", "--elsewhere", "--json").stdout)
+    assert [r["id"] for r in listed] == [str(saved.id)] and listed[0]["committed_to"]["store"] == node.store
     check = cli(host, "status", "--check")
     assert check.returncode == 1 and f"1 files (1000 B) were committed to store {node.store}" in check.stdout
     once = cli(host, "run", "--once", "--quiet")
@@ -1097,7 +1100,9 @@ def test_run_max_wait_is_checked(settings: Settings) -> None:
     result = cli(settings, "run", "--max-wait", "2")
     assert result.returncode == 2 and "--max-wait goes with --once" in result.stderr
     result = cli(settings, "run", "--once", "--max-wait", "-5")
-    assert result.returncode == 2 and "--max-wait -5: expected a number of seconds ≥ 0" in result.stderr
+    assert result.returncode == 2 and "--max-wait '-5' is not a duration; use seconds or a number with s, m, h " \
+        "or d (e.g. 900, 30m, 2h, 1d)" in result.stderr, result.stderr
+    assert cli(settings, "run", "--once", "--quiet", "--max-wait", "1m").returncode == 0  # as --max-pending-age
 
 
 def test_a_read_only_spool_is_a_usage_error_not_a_traceback(settings: Settings, small_fs) -> None:

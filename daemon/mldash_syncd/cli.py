@@ -87,8 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.max_wait is not None and not args.once:
         raise MldashError("--max-wait goes with --once (a service keeps retrying for as long as it runs)")
-    if args.max_wait is not None and not args.max_wait >= 0:
-        raise MldashError(f"--max-wait {args.max_wait:g}: expected a number of seconds ≥ 0, e.g. 600")
+    if args.max_wait is not None:  # seconds, or a duration like --max-pending-age's (30m, 2h)
+        args.max_wait = parse_duration(args.max_wait, option="--max-wait")
     if args.once and not args.autostarted:
         # A typo (or a copy that failed) must not become an empty spool reported as fully synced: the offline
         # guide frees a node's spool after exit 0. The service (`run`) still creates its spool.
@@ -433,7 +433,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ours = asked_targets(settings)
         rows = [r for r in rows if mismatch(ours, parse_fingerprint(r.get("committed_to"))) is not None][:args.limit]
     if args.json:
-        print(json.dumps([{**r, "id": str(r["id"])} for r in rows], indent=2))
+        print(json.dumps([{**r, "id": str(r["id"]), "committed_to": parse_fingerprint(r.get("committed_to"))}
+                          for r in rows], indent=2))
         return EXIT_OK
     print(f"{'id':<20} {'state':<12}{'size':>11}  {'att':>3}  path / error")
     for r in rows:
@@ -473,7 +474,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     findings = run_loop(check(settings))  # not asyncio.run: a hung local store must not hold the exit
     if args.json:
-        print(json.dumps([f.as_json() for f in findings], indent=2))
+        print(json.dumps({**sync_targets(settings), "findings": [f.as_json() for f in findings]}, indent=2))
     else:
         print(render(settings, findings))
     return EXIT_LEFT_FAILED if any(f.verdict == FAIL for f in findings) else EXIT_OK
@@ -550,7 +551,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     with DaemonLock(layout, role="reindex"):  # never rebuild under a running daemon
         report = rebuild(layout, power_safe=settings.power_safe)
     print(f"reindexed {settings.spool}: {report.ingested} entries, {len(report.removed_tmp)} temp files and "
-          f"{len(report.removed_orphan_blobs)} orphan blobs removed")
+          f"{len(report.removed_orphan_blobs)} orphan blobs removed"
+          + (f"; the history of {report.history_kept} evicted entries kept" if report.history_kept else ""))
     if report.history_lost:
         print(f"note: {report.history_lost}; the history of evicted entries (where each went) is not carried over",
               file=sys.stderr)
@@ -632,11 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "gracefully on SIGTERM/SIGINT, checkpointing in-flight multipart uploads.")
     run.add_argument("--once", action="store_true",
                      help="drain what is spooled, then exit: 0 if everything committed, 1 if anything is left "
-                          "failed/quarantined (or pending at --max-wait). If another daemon holds the spool, "
-                          "follow it until the spool is drained (take over if it exits first)")
-    run.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
-                     help="with --once: give up after this long (e.g. while the store is unreachable); exit 1 "
-                          "if anything is left pending")
+                          "failed/quarantined (or pending at --max-wait), or files were committed to another "
+                          "store or catalog than this configuration names (reported once), 2 if the daemon "
+                          "holding the spool sends elsewhere. If another daemon holds the spool, follow it until "
+                          "the spool is drained (take over if it exits first)")
+    run.add_argument("--max-wait", default=None, metavar="DURATION",
+                     help="with --once: give up after this long (seconds, or 30m, 2h…; e.g. while the store is "
+                          "unreachable); exit 1 if anything is left pending")
     run.add_argument("--quiet", action="store_true", help="no progress bar; warnings and errors only")
     run.add_argument("--autostarted", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
@@ -649,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--check", action="store_true",
                         help="health check: one line, exit 1 if anything needs attention (failed or quarantined "
                              "entries, pending entries and no daemon, a stuck daemon, store or catalog "
-                             "unreachable, spool quota or filesystem nearly full)")
+                             "unreachable or not answering, a daemon sending to another store or catalog or files "
+                             "committed there, spool quota or filesystem nearly full)")
     status.add_argument("--max-pending-age", metavar="DURATION", default=None,
                         help="also a problem: an entry pending longer than this (e.g. 30m, 2h, 1d)")
     status.set_defaults(func=cmd_status)

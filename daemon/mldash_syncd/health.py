@@ -36,12 +36,12 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(value: str) -> float:
-    """'90', '90s', '30m', '2h', '1.5d' → seconds."""
+def parse_duration(value: str, option: str | None = None) -> float:
+    """'90', '90s', '30m', '2h', '1.5d' → seconds. `option`: named in the error."""
     match = _DURATION.match(value.lower())
     if not match:
-        raise MldashError(f"{value!r} is not a duration; use seconds or a number with s, m, h or d "
-                          "(e.g. 900, 30m, 2h, 1d)")
+        raise MldashError(f"{option + ' ' if option else ''}{value!r} is not a duration; use seconds or a number "
+                          "with s, m, h or d (e.g. 900, 30m, 2h, 1d)")
     return float(match[1]) * _UNIT_SECONDS[match[2]]
 
 

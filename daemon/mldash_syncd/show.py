@@ -116,8 +116,9 @@ def render(details: dict[str, Any], now: float | None = None) -> str:
     if row.get("resaved_as"):
         lines.append(f"re-saved as {row['resaved_as']} (its id belonged to another file: `mldash-syncd show "
                      f"{row['resaved_as']}`)")
-    if "storageUri" in details:
-        lines.append(f"stored at   {details['storageUri']}")
+    if "storageUri" in details:  # a queued or uploading entry has its key already, and no object yet
+        stored = row.get("state") in ("committed", "evicted", "uploaded")
+        lines.append(f"{'stored at' if stored else 'goes to':<12}{details['storageUri']}")
     if sent_to := details.get("committedTo"):
         lines.append(f"sent to     store {sent_to['store']}; catalog {sent_to['catalog']}")
         if "committedElsewhere" in details:

@@ -168,6 +168,7 @@ class RecoveryReport:
     released_leases: int = 0
     ingested: int = 0
     history_lost: str | None = None  # `rebuild`: why the old index's history could not be carried over
+    history_kept: int = 0  # `rebuild`: evicted entries carried over from the old index
 
 
 def _pid_alive(pid: int) -> bool:
@@ -289,6 +290,7 @@ def rebuild(layout: SpoolLayout, *, power_safe: bool = False) -> RecoveryReport:
         clean_debris(layout, report)
         report.ingested = len(ingest_new(index, layout, set()))
         index.restore_history(rows, meta)
+        report.history_kept = len(rows)
         return report
     finally:
         index.close()
