@@ -108,7 +108,11 @@ def test_status_names_what_holds_the_spool_and_a_daemon_stuck_while_starting(set
         shown = cli(settings, "status")
         assert f"daemon   not running: `mldash-syncd reindex` (pid {os.getpid()}) holds the spool" in shown.stdout
         check = cli(settings, "status", "--check")  # pending, and no daemon: the usual problem, nothing stuck
-        assert check.returncode == 1 and "pending and no daemon running" in check.stdout, check.stdout
+        assert check.returncode == 1 and "pending and no daemon running: `mldash-syncd run --once` syncs them " \
+            "(`mldash-syncd reindex` holds the spool for now)" in check.stdout, check.stdout
+        busy = cli(settings, "gc")
+        assert busy.returncode == 3 and f"another mldash-syncd (pid {os.getpid()}) (`mldash-syncd reindex`) holds" \
+            in busy.stderr, busy.stderr
         assert "stuck" not in check.stdout
     # A daemon that took the lock (touching it) twelve minutes ago and never got to its first heartbeat.
     with DaemonLock(layout) as held:

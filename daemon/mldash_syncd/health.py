@@ -57,7 +57,9 @@ def problems(data: dict[str, Any], *, max_pending_age: float | None = None,
                      "--state quarantined`, then `retry` them once the cause is fixed")
     pending = f"{data['pendingFiles']} files ({human_bytes(data['pendingBytes'])}) pending"
     if data["pendingFiles"] and not daemon["running"]:
-        found.append(f"{pending} and no daemon running: `mldash-syncd run --once` syncs them")
+        holder = daemon.get("role")
+        found.append(f"{pending} and no daemon running: `mldash-syncd run --once` syncs them"
+                     + (f" (`mldash-syncd {holder}` holds the spool for now)" if holder else ""))
     own_beat = daemon["running"] and daemon.get("heartbeatPid") == daemon["pid"]
     if own_beat and (elsewhere := mismatch(data.get("askedTargets", data.get("targets")), daemon.get("targets"))):
         found.append(f"the running daemon (pid {daemon['pid']}) sends to {elsewhere}: it was started with "

@@ -39,8 +39,9 @@ class DaemonLock:
                 # microseconds: try again briefly before calling the spool busy. A daemon holds it for good.
                 if attempt + 1 == ACQUIRE_ATTEMPTS:
                     os.close(fd)
-                    holder = holder_pid(self.layout)
-                    raise DaemonBusyError(f"another mldash-syncd (pid {holder}) is draining {self.layout.root}"
+                    holder, role = holder_pid(self.layout), holder_role(self.layout)
+                    doing = "is draining" if role == "daemon" else f"(`mldash-syncd {role}`) holds"
+                    raise DaemonBusyError(f"another mldash-syncd (pid {holder}) {doing} {self.layout.root}"
                                           ) from None
                 time.sleep(0.02)
         before = os.fstat(fd)
