@@ -56,7 +56,7 @@ from mldash.spool.lock import is_held
 from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import manifest_ids, open_spooled, read_manifest
 from mldash.spool.states import TERMINAL, State
-from mldash.targets import asked_targets, mismatch, parse_fingerprint
+from mldash.targets import asked_targets, committed_elsewhere
 
 log = logging.getLogger("mldash")
 
@@ -535,7 +535,7 @@ class Reader:
         A row without the record (committed before it was kept) is taken as it is."""
         ours = asked_targets(self.settings)
         elsewhere = {i: where for i, row in rows.items()
-                     if (where := mismatch(ours, parse_fingerprint(row.get("committed_to")))) is not None}
+                     if (where := committed_elsewhere(ours, row.get("committed_to"))) is not None}
         if elsewhere:
             first = next(iter(elsewhere.values()))
             raise CommittedElsewhereError(

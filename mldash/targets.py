@@ -80,6 +80,17 @@ def mismatch(ours: dict[str, str] | None, theirs: dict[str, Any] | None) -> str 
     return " and ".join(differ) if differ else None
 
 
+def committed_elsewhere(ours: dict[str, str] | None, committed_to: str | None) -> str | None:
+    """How an index row's `committed_to` differs from `ours`, in words (`mismatch`); None when it does not or the
+    row has no record."""
+    return mismatch(ours, parse_fingerprint(committed_to))
+
+
+def store_url(targets: dict[str, str]) -> str:
+    """The store's URL in `sync_targets`' words (an S3 store's without the endpoint appended to it)."""
+    return targets["store"].partition(" at ")[0]
+
+
 def fingerprint(targets: dict[str, str]) -> str:
     """The targets (both, or the ones asked for) as one string, for an index row's `committed_to`."""
     return json.dumps({what: targets[what] for what in ("store", "catalog") if what in targets}, sort_keys=True)
@@ -140,8 +151,11 @@ def delivered_elsewhere(index: SpoolIndex, ours: dict[str, str]) -> list[Deliver
         groups = index.committed_since(_reported(index).get(fingerprint(ours), 0.0))
     except sqlite3.Error:  # an index older than the `committed_to` column, opened read-only: nothing recorded
         return []
-    found = []
+    # Merged by what differs: targets unlike each other may differ from `ours` alike (it may name only the store).
+    found: dict[str, DeliveredElsewhere] = {}
     for committed_to, files, size, last in groups:
-        if (where := mismatch(ours, parse_fingerprint(committed_to))) is not None:
-            found.append(DeliveredElsewhere(files, size, where, last))
-    return found
+        if (where := committed_elsewhere(ours, committed_to)) is not None:
+            seen = found.get(where)
+            found[where] = DeliveredElsewhere(files, size, where, last) if seen is None else DeliveredElsewhere(
+                seen.files + files, seen.bytes + size, where, max(seen.last_committed, last))
+    return sorted(found.values(), key=lambda apart: apart.last_committed)

@@ -92,3 +92,23 @@ def test_a_process_that_names_no_store_asks_nothing_of_where_files_went(settings
     shell = subprocess.run([sys.executable, "-m", "mldash_syncd", "status", "--check"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert shell.returncode == 0 and "committed to" not in shell.stdout, shell.stdout
+
+
+def test_files_committed_to_targets_that_differ_from_ours_alike_are_counted_together(tmp_path) -> None:
+    """A configuration that names only its store: two daemons with that other store and different catalogs
+    differ from it alike, and used to be reported as two identical lines."""
+    from mldash.spool.states import State
+    from mldash.targets import delivered_elsewhere, fingerprint
+    from tests.test_spool_lifecycle import _index_with_entries
+
+    index, ids = _index_with_entries(tmp_path, 3)
+    try:
+        for file_id, catalog in zip(ids, ("sqlite:///c1", "sqlite:///c2", "sqlite:///c1"), strict=True):
+            index.transition(file_id, State.UPLOADED)
+            index.transition(file_id, State.COMMITTED, committed_at=100.0 + file_id % 7,
+                             committed_to=fingerprint({"store": "file:///x", "catalog": catalog}))
+        found = delivered_elsewhere(index, {"store": "file:///ours"})
+    finally:
+        index.close()
+    assert len(found) == 1 and found[0].files == 3 and found[0].bytes == 1 + 2 + 3, found
+    assert found[0].where == "store file:///x (configured here: file:///ours)"

@@ -32,6 +32,7 @@ from mldash.store.base import StoreError
 from mldash.targets import (
     DeliveredElsewhere,
     asked_targets,
+    committed_elsewhere,
     delivered_elsewhere,
     mismatch,
     parse_fingerprint,
@@ -181,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _delivered_elsewhere(settings: Settings) -> list[DeliveredElsewhere]:
-    """What daemons configured apart committed elsewhere since one configured like these settings last ran."""
+    """What was committed elsewhere than these settings name since their `run --once` last reported it."""
     layout = SpoolLayout(settings.spool)
     index = SpoolIndex.open_readonly(layout) if layout.exists() else None
     if index is None:
@@ -431,7 +432,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = sorted(rows + _unindexed_rows(layout, known, experiment), key=lambda r: r["id"])[:args.limit]
     if args.elsewhere:  # committed to other targets than this configuration names (targets.py)
         ours = asked_targets(settings)
-        rows = [r for r in rows if mismatch(ours, parse_fingerprint(r.get("committed_to"))) is not None][:args.limit]
+        rows = [r for r in rows if committed_elsewhere(ours, r.get("committed_to")) is not None][:args.limit]
     if args.json:
         print(json.dumps([{**r, "id": str(r["id"]), "committed_to": parse_fingerprint(r.get("committed_to"))}
                           for r in rows], indent=2))

@@ -18,7 +18,7 @@ from mldash.spool.index import SpoolIndex, entry_path
 from mldash.spool.layout import SpoolLayout
 from mldash.spool.manifest import Manifest
 from mldash.spool.recovery import read_manifest
-from mldash.targets import mismatch, parse_fingerprint
+from mldash.targets import mismatch, parse_fingerprint, store_url
 from mldash_syncd.follow import NOT_INDEXED
 from mldash_syncd.progress import human_bytes, human_duration
 
@@ -61,7 +61,7 @@ def entry_details(layout: SpoolLayout, index: SpoolIndex | None, file_id: int, s
         details["committedTo"] = sent_to
         if elsewhere := mismatch(targets, sent_to):
             details["committedElsewhere"] = elsewhere
-        store = sent_to["store"].partition(" at ")[0]  # its URL, without the endpoint sync_targets adds
+        store = store_url(sent_to)
     key = (row or {}).get("store_key")
     if key is None and manifest is not None:  # not uploaded yet: where it will go (the store's root not included)
         key = manifest.key()

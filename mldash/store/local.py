@@ -87,9 +87,6 @@ _DEBRIS_AGE = 3600.0  # seconds without a write before a temp file or half-creat
 # and close of a header on NFS is a few round trips.
 _SECONDS_PER_PART_FILE = 0.01
 
-# OSErrors that may pass if retried later (space freed, device back); everything else needs a human.
-_TRANSIENT_ERRNOS = TRANSIENT_OS_ERRNOS  # a full disk, a hung or dead mount: may pass (mldash/errors.py)
-
 
 class LocalStore(Store):
     def __init__(self, root: Path | str, *, fsync: bool = False, read_only: bool = False,
@@ -190,10 +187,9 @@ class LocalStore(Store):
         except TimeoutError as exc:
             if not timeout.expired():  # the call's own ETIMEDOUT (an OSError), not our deadline
                 raise store_error_from_os_error(exc, f"{op} {key!r} in {self.root}") from exc
-            raise TransientStoreError(
-                f"{op} {key!r} in {self.root}: no answer from the filesystem in "
-                f"{seconds:.1f}s (its deadline; "
-                "a hung network mount or a failing disk?)", code="Timeout") from None
+            raise TransientStoreError(f"{op} {key!r} in {self.root}: no answer from the filesystem in {seconds:.1f}s "
+                                      "(its deadline; a hung network mount or a failing disk?)", code="Timeout"
+                                      ) from None
         except StoreError:
             raise
         except OSError as exc:
@@ -240,7 +236,7 @@ class LocalStore(Store):
         """Opening touches no key: the message names the store, the directory that failed and the setting to
         change (a store that cannot be opened is a configuration problem, unless the disk is full)."""
         message = f"store {self.url}: cannot {doing} {exc.filename or self.root}: {exc.strerror or exc}"
-        if exc.errno not in _TRANSIENT_ERRNOS:  # a full disk is no reason to move the store
+        if exc.errno not in TRANSIENT_OS_ERRNOS:  # a full disk is no reason to move the store
             message += "; set the store setting (MLDASH_STORE) to a directory this user can create and write"
         return _store_error(exc, message)
 
@@ -598,7 +594,7 @@ def store_error_from_os_error(exc: OSError, context: str) -> StoreError:
 
 
 def _store_error(exc: OSError, message: str) -> StoreError:
-    kind = TransientStoreError if exc.errno in _TRANSIENT_ERRNOS else PermanentStoreError
+    kind = TransientStoreError if exc.errno in TRANSIENT_OS_ERRNOS else PermanentStoreError
     return kind(message, code=errno.errorcode.get(exc.errno or 0, "OSError"))
 
 
